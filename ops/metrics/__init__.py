@@ -1,0 +1,1 @@
+"""Image metrics. ``basic`` holds the reference-based pixel metrics every command records per file."""

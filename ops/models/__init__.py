@@ -1,0 +1,122 @@
+"""Model loading: ``load_pipeline(model, device, dtype)`` for every way a user names Stable Diffusion weights.
+
+Accepted ``model`` values:
+  * ``tiny`` — the tiny random pipeline built in code (:mod:`.tiny`), offline;
+  * a local diffusers folder (has ``model_index.json``);
+  * a single checkpoint file: ``.safetensors`` always, ``.ckpt``/``.pt``/``.bin`` only with ``trust_pickle``
+    (pickle can run code);
+  * a Hugging Face Hub id (default ``stable-diffusion-v1-5/stable-diffusion-v1-5``), honouring ``HF_HUB_OFFLINE``
+    and the local cache.
+Missing weights raise :class:`ModelNotFoundError` with one line: what, where, and how to provide it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFoundError, UsageError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+BUILTIN_MODELS = ("tiny",)
+
+
+def default_model() -> str:
+    return os.environ.get("CLOAK_MODEL", DEFAULT_MODEL)
+
+
+@dataclass
+class ModelInfo:
+    """What the manifest records about the model: the name given, its kind, and a revision or content hash."""
+
+    name: str
+    kind: str
+    revision: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "revision": self.revision}
+
+
+def _missing(model: str, where: str) -> ModelNotFoundError:
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
+    return ModelNotFoundError(
+        f"model {model!r} not found {where}{offline}: download it into the Hugging Face cache (HF_HOME) on a "
+        "connected machine, pass a local diffusers folder or .safetensors file, or use --model tiny for a demo"
+    )
+
+
+def model_info(model: str) -> ModelInfo:
+    """Describe ``model`` for the manifest without loading it."""
+    if model in BUILTIN_MODELS:
+        return ModelInfo(model, "builtin", "seed0")
+    path = Path(model)
+    if path.is_dir():
+        return ModelInfo(str(path.resolve()), "folder")
+    if path.is_file():
+        stat = path.stat()
+        return ModelInfo(str(path.resolve()), "file", f"{stat.st_size}-{int(stat.st_mtime)}")
+    return ModelInfo(model, "hub")
+
+
+def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = None, *, trust_pickle: bool = False,
+                  pipeline_class: Any = None, **kwargs: Any):
+    """Load a diffusers text-to-image pipeline onto ``device`` in ``dtype`` (fp32 when ``None``).
+
+    ``pipeline_class`` defaults to ``DiffusionPipeline`` for folders and Hub ids (so SD 1.x/2.x/XL all load) and to
+    ``StableDiffusionPipeline`` for single files.
+    """
+    import torch
+
+    model = model or default_model()
+    dtype = dtype or torch.float32
+    if model == "tiny":
+        from .tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline()
+    else:
+        pipe = _load_external(model, dtype, trust_pickle, pipeline_class, **kwargs)
+    pipe = pipe.to(device=device, dtype=dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # research outputs are judged by metrics, not filtered
+    return pipe
+
+
+def _load_external(model: str, dtype: Any, trust_pickle: bool, pipeline_class: Any, **kwargs: Any):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    path = Path(model)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not trust_pickle:
+            raise UsageError(f"{model} is a pickle checkpoint, which can run code when loaded: convert it to "
+                             ".safetensors, or pass --trust-pickle if you trust its source")
+        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+            raise UsageError(f"{model}: single-file checkpoints must be .safetensors (or .ckpt with --trust-pickle)")
+        loader = pipeline_class or StableDiffusionPipeline
+        try:
+            return loader.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(
+                f"could not load single-file checkpoint {model}: {str(exc).splitlines()[0]} (single files need the "
+                "model's config: keep the original model's config in the HF cache, or convert to a diffusers folder)"
+            ) from None
+    loader = pipeline_class or DiffusionPipeline
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+        where = f"in folder {model}"
+    elif model.count("/") > 1 or model.startswith((".", "/", "~")):
+        raise _missing(model, "on disk")
+    else:
+        where = "in the Hugging Face cache" if os.environ.get("HF_HUB_OFFLINE") else "locally or on the Hub"
+    try:
+        return loader.from_pretrained(model, torch_dtype=dtype, safety_checker=None, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as exc:
+        if path.is_dir():
+            raise ModelNotFoundError(f"could not load pipeline folder {model}: {str(exc).splitlines()[0]}") from None
+        raise _missing(model, where) from None

@@ -1,0 +1,167 @@
+"""The folder loop every image-to-image command shares: resume, decode, batch, process, write, record.
+
+A method supplies ``process(jobs) -> [ProcessedImage]``; the runner owns everything else, so ``purify`` and
+``poison`` behave identically for skips, bad files, partial runs and the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import CloakError, RejectedInput
+from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, read_image, \
+    write_image
+from .manifest import Manifest
+
+
+@dataclass
+class ImageJob:
+    """One decoded input on its way through a method; ``seed`` is per file (see :func:`ops.io.item_seed`)."""
+
+    item: InputItem
+    image: LoadedImage
+    seed: int
+    output: Path
+    source_sha256: str
+
+
+@dataclass
+class ProcessedImage:
+    rgb: Any  # torch.Tensor (3, H, W) in [0, 1], at the input's size
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done · 1 a fault left outputs unwritten · 3 some inputs rejected, the rest done."""
+        if self.failed:
+            return 1
+        return 3 if self.rejected else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "skipped": self.skipped,
+            "rejected": [{"file": name, "reason": why} for name, why in self.rejected],
+            "failed": [{"file": name, "reason": why} for name, why in self.failed],
+            "exit_code": self.exit_code,
+        }
+
+
+Event = Callable[[str, str, dict], None]
+
+
+def _no_event(kind: str, name: str, info: dict) -> None:
+    return None
+
+
+def process_folder(
+    items: Sequence[InputItem],
+    out_dir: Path,
+    manifest: Manifest,
+    process: Callable[[list[ImageJob]], list[ProcessedImage]],
+    *,
+    seed: int = 0,
+    batch_size: int = 1,
+    overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = 1,
+    verify: Callable[[ImageJob, np.ndarray], dict[str, Any]] | None = None,
+    on_event: Event = _no_event,
+) -> RunSummary:
+    """Run ``process`` over ``items`` and write ``OUT/<rel>.png`` for each, recording everything in ``manifest``.
+
+    ``verify(job, stored)`` sees the integer array actually written and returns extra stats (or raises
+    :class:`CloakError` to fail that file). Images smaller than ``min_size`` on either side are rejected.
+    """
+    summary = RunSummary()
+    manifest.start_run()
+    on_event("start", "", {"total": len(items)})
+    claimed: dict[str, str] = {}
+    pending: list[ImageJob] = []
+
+    def reject(item: InputItem, reason: str) -> None:
+        summary.rejected.append((str(item.path), reason))
+        manifest.record(item.output_rel.as_posix(), source=str(item.path), output=None, status="rejected",
+                        error=reason)
+        on_event("reject", str(item.path), {"reason": reason})
+
+    for item in items:
+        out_rel = item.output_rel.as_posix()
+        if out_rel in claimed:
+            reject(item, f"its output name {out_rel} is already taken by {claimed[out_rel]}; rename one of them")
+            continue
+        claimed[out_rel] = str(item.path)
+        output = out_dir / item.output_rel
+        try:
+            digest = file_sha256(item.path)
+        except OSError as exc:
+            reject(item, f"cannot read file ({exc.strerror or exc})")
+            continue
+        if not overwrite and manifest.is_done(out_rel, digest, output):
+            summary.skipped.append(out_rel)
+            on_event("skip", out_rel, {})
+            continue
+        try:
+            image = read_image(item.path, max_pixels)
+            width, height = image.size
+            if min(width, height) < min_size:
+                raise RejectedInput(f"image is {width}x{height}; this method needs at least {min_size} px per side")
+        except RejectedInput as exc:
+            reject(item, str(exc))
+            continue
+        for note in image.warnings:
+            on_event("warn", str(item.path), {"message": note})
+        pending.append(ImageJob(item, image, item_seed(seed, item.rel), output, digest))
+
+    for batch in iter_chunks(pending, batch_size):
+        started = time.perf_counter()
+        try:
+            results = process(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"method returned {len(results)} results for {len(batch)} images")
+        except CloakError:
+            raise
+        except Exception as exc:  # a fault in the method: record it for these files, go on with the others
+            for job in batch:
+                _fail(summary, manifest, job, f"{type(exc).__name__}: {exc}", on_event)
+            continue
+        seconds = (time.perf_counter() - started) / len(batch)
+        for job, result in zip(batch, results):
+            try:
+                stored = write_image(job.output, result.rgb, job.image)
+                stats = dict(result.stats)
+                if verify is not None:
+                    stats.update(verify(job, stored))
+            except Exception as exc:
+                job.output.unlink(missing_ok=True)
+                _fail(summary, manifest, job, f"{type(exc).__name__}: {exc}", on_event)
+                continue
+            out_rel = job.item.output_rel.as_posix()
+            manifest.record(out_rel, source=str(job.item.path), source_sha256=job.source_sha256, output=out_rel,
+                            status="done", error=None, seconds=round(seconds, 4), size=list(job.image.size),
+                            seed=job.seed, stats=stats, warnings=job.image.warnings)
+            summary.done.append(out_rel)
+            on_event("done", out_rel, {"seconds": seconds, "stats": stats})
+    manifest.update(last_summary={k: len(v) for k, v in summary.as_dict().items() if isinstance(v, list)})
+    return summary
+
+
+def _fail(summary: RunSummary, manifest: Manifest, job: ImageJob, reason: str, on_event: Event) -> None:
+    out_rel = job.item.output_rel.as_posix()
+    summary.failed.append((str(job.item.path), reason))
+    manifest.record(out_rel, source=str(job.item.path), source_sha256=job.source_sha256, output=None,
+                    status="error", error=reason)
+    on_event("error", str(job.item.path), {"reason": reason})

@@ -1,0 +1,28 @@
+"""Map the repository's top-level folders into the single import package ``cloaklab``.
+
+The repository keeps ``cli/``, ``ops/``, ``tests/``, ``completions/`` and ``man/`` at its top level (the product's
+layout); installed, they become ``cloaklab.cli``, ``cloaklab.ops`` … so no generic top-level module names are taken.
+``cloaklab`` itself is an implicit namespace package.
+"""
+
+from setuptools import find_packages, setup
+
+FOLDERS = ("cli", "ops", "tests", "completions", "man")
+
+packages = []
+package_dir = {}
+for folder in FOLDERS:
+    package_dir[f"cloaklab.{folder}"] = folder
+    packages.append(f"cloaklab.{folder}")
+    packages += [f"cloaklab.{folder}.{sub}" for sub in find_packages(folder)]
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={
+        "cloaklab.ops": ["**/*.safetensors", "**/*.json", "**/*.txt"],
+        "cloaklab.completions": ["*.bash", "*.zsh", "*.fish"],
+        "cloaklab.man": ["*.1"],
+        "cloaklab.tests": ["data/*"],
+    },
+)

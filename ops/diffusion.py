@@ -32,6 +32,14 @@ def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
     return (latents - shift) * vae.config.scaling_factor
 
 
+def latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(B, 3, H, W)`` in [0, 1] → scaled posterior ``(mean, std)`` of the VAE, so a trainer can cache them
+    and draw ``mean + std · n`` per step (the same law as ``latent_dist.sample()``) without re-running the encoder."""
+    posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents → images in [0, 1]."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -126,10 +134,22 @@ def encode_prompts(pipe, prompts: list[str], device: Any = None) -> torch.Tensor
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor, timesteps: torch.Tensor,
                    noise: torch.Tensor, mask: torch.Tensor | None = None, **unet_kwargs: Any) -> torch.Tensor:
     """Per-sample denoising loss ``‖f_θ(z_t, t, c) − target‖²`` ``(B,)``, optionally latent-masked."""
+    prediction, target = denoise_prediction(unet, scheduler, latents, text_embeddings, timesteps, noise,
+                                            **unet_kwargs)
+    return masked_mse(prediction, target, mask)
+
+
+def denoise_prediction(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
+                       timesteps: torch.Tensor, noise: torch.Tensor, *, input_mask: torch.Tensor | None = None,
+                       **unet_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f_θ(z_t, t, c), target)`` — the two sides of :func:`diffusion_loss`, for callers that need both (per-region
+    losses). ``input_mask`` multiplies ``z_t`` before the denoiser (ZM of paper 000 App. I: ``ε_θ(z_t ⊙ M_z)``)."""
     noisy = add_noise(scheduler, latents, noise, timesteps)
+    if input_mask is not None:
+        noisy = noisy * input_mask.to(noisy.dtype)
     prediction = unet(noisy.to(unet.dtype), timestep_for_model(scheduler, timesteps).to(latents.device),
                       encoder_hidden_states=text_embeddings.to(unet.dtype), **unet_kwargs).sample
-    return masked_mse(prediction, training_target(scheduler, latents, noise, timesteps), mask)
+    return prediction, training_target(scheduler, latents, noise, timesteps)
 
 
 # ------------------------------------------------------------------------------------------- t sampling

@@ -1,0 +1,121 @@
+"""Protective perturbations (``cloak poison --attack NAME``): one small module each over the shared PGD engine.
+
+This registry is stdlib-only so the CLI can list attacks without importing torch. Budgets and step sizes are in
+pixel units on the 0-255 scale everywhere (``eps=16`` means 16/255 of the [0, 1] range; public codes that work in
+[-1, 1] units state 2× the number for the same budget: their 0.05 is 6.375/255 here).
+
+Module contract (``spec.load()`` returns the module):
+
+* single-image attacks (``set_level=False``) expose
+  ``attack(images, *, models, generators, masks=None, eot=None, grad_transform=None, targets=None, **params)
+  -> engine.PGDResult`` on float ``(B, 3, H, W)`` batches in [0, 1] (one ``torch.Generator`` per image, so batching
+  never changes an image's random draws);
+* set-level attacks (``set_level=True``) expose
+  ``attack_set(images, *, models, generators, masks=None, eot=None, grad_transform=None, clean_images=None,
+  progress=None, **params) -> list[engine.PGDResult]`` where ``images`` is the whole protected folder as a list of
+  ``(3, H, W)`` tensors at the working resolution (sizes may differ), ``clean_images`` the optional set A
+  (``--clean-dir``), and ``progress(text)`` reports rounds; results come back in the same order and shapes.
+
+``lf-<attack>`` names are derived on demand (:func:`get_attack`): the base attack with its gradient projected on the
+low-frequency DCT block (paper 004 Eq. 5-8, :mod:`.lowfreq`), adding the parameter ``lf_ratio`` (η).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000).
+PGD_DEFAULTS: dict[str, Any] = {"eps": 16.0, "step_size": 1.0, "steps": 100, "random_start": False}
+DIFFUSION_DEFAULTS: dict[str, Any] = {"t_range": None, "prompt": "a photo"}
+LF_RATIO = 0.25  # η of LF-PGD (Guo et al. 2020 kept a quarter of the spectrum); paper 004 does not state its value
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack's name, module, one-line summary, published defaults, and how the folder run must call it."""
+
+    name: str
+    module: str
+    summary: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    set_level: bool = False
+    needs_target: bool = False  # takes --target (pattern | gray | zero | PATH)
+    sdxl: bool = True  # defined on the UNet/VAE alone, so SDXL works
+    base: str | None = None  # for lf-<attack>: the attack whose gradient is low-pass projected
+
+    def load(self):
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Merge user-given parameters (``None`` = not given) over the defaults; reject ones that do not apply."""
+        from ..errors import UsageError
+
+        params = dict(self.defaults)
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key not in self.defaults:
+                applies = ", ".join("--" + k.replace("_", "-") for k in sorted(self.defaults)) or "none"
+                raise UsageError(f"--{key.replace('_', '-')} does not apply to --attack {self.name} "
+                                 f"(its parameters: {applies})")
+            params[key] = value
+        return params
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register(spec: AttackSpec) -> AttackSpec:
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def get_attack(name: str) -> AttackSpec:
+    """The spec of ``name``; ``lf-<attack>`` is built from the base attack (low-frequency gradient, η = 0.25)."""
+    from ..errors import UsageError
+
+    if name in ATTACKS:
+        return ATTACKS[name]
+    if name.startswith("lf-") and name[3:] in ATTACKS and not name[3:].startswith("lf-"):
+        base = ATTACKS[name[3:]]
+        return replace(base, name=name, base=base.name,
+                       summary=f"{base.name} with its gradient kept on the low-frequency DCT block "
+                               f"(LF-PGD, paper 004 Eq. 8).",
+                       defaults={**base.defaults, "lf_ratio": LF_RATIO})
+    raise UsageError(f"unknown attack {name!r}; choose one of: {', '.join(attack_names())}")
+
+
+def attack_names(with_lf: bool = True) -> list[str]:
+    names = list(ATTACKS)
+    return names + [f"lf-{name}" for name in ATTACKS if name not in ("inmark",)] if with_lf else names
+
+
+# ------------------------------------------------------------------------------------------ single image
+register(AttackSpec("adm+", "adm", "AdvDM: maximize the noise-prediction loss E_t,ε ‖ε_θ(z'_t,t,c) − ε‖² "
+                    "(paper 000 Eq. 4; Liang et al. 2023). ε 16, α 1, 100 steps.",
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+register(AttackSpec("adm-", "adm", "AdvDM descent: minimize the same loss (paper 000 App. F).",
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+register(AttackSpec("sds+", "sds", "SDS(+) of Diff-Protect (Xue et al. 2024): AdvDM's direction with the UNet "
+                    "Jacobian dropped — (ε_θ − ε) is a constant pushed back through the VAE encoder only.",
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+register(AttackSpec("sds-", "sds", "SDS(−): the descent version of sds+ (Diff-Protect's strongest).",
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+register(AttackSpec("ea", "ea", "PhotoGuard encoder attack: minimize ‖E(x') − E(x_target)‖² (paper 000 Eq. 5); "
+                    "target: our high-contrast pattern, gray, zero or an image.",
+                    {**PGD_DEFAULTS, "target": "pattern"}, needs_target=True))
+register(AttackSpec("da", "da", "PhotoGuard diffusion attack: back-propagate through a 4-step img2img run (CFG 7.5) "
+                    "and pull its output to the target; L2 PGD (ε 16, step 1 in [-1,1] units), 200 iterations, "
+                    "10 gradient samples averaged, inside the L∞ budget.",
+                    {"eps": 16.0, "l2_eps": 16.0, "l2_step": 1.0, "steps": 200, "grad_samples": 10,
+                     "sampling_steps": 4, "guidance": 7.5, "strength": 0.5, "random_start": False,
+                     "prompt": "a photo", "target": "pattern"}, needs_target=True, sdxl=False))
+register(AttackSpec("mist", "mist", "Mist v1 fused mode: minimize ‖E(x') − E(x_target)‖² − 1e4 · AdvDM loss "
+                    "(textual + semantic loss).",
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS, "target": "pattern", "fused_weight": 1e4},
+                    needs_target=True))
+
+# ------------------------------------------------------------------------------------------- set level
+# (aspl, fsmg, e-aspl, metacloak, caat, ace, inmark: registered below by their modules' author)

@@ -1,0 +1,216 @@
+"""Seeded text-to-image generation from a base model, a TI embedding, a LoRA, or a DreamBooth pipeline folder.
+
+Every image has its own seed, drawn from ``(seed, prompt index, image index)`` (:func:`image_seed`), so image ``k``
+of prompt ``j`` comes out the same whether it is generated in a batch, in a shard, or alone after deleting it.
+Outputs are ``OUT/p{j:02d}_i{k:03d}.png`` (0-based indices); ``cloak.json`` records, per file, the prompt with the
+token filled in, its template, the token, the seed, both indices, the negative prompt and the sampler settings.
+
+Sampling is the diffusers pipeline call itself (DDIM with η = 0 by default, or DPM-Solver++), 50 steps, CFG 7.5
+(METHODS.md § Generation). With a negative prompt, diffusers' guidance ``ε_neg + g (ε_c − ε_neg)`` equals paper 001
+Eq. 6 ``(1 + w) ε_c − w ε_neg`` with ``w = g − 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import CloakError, UsageError
+from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_chunks, quantize
+from .manifest import Manifest
+from .prompts import fill
+from .runner import RunSummary
+
+SCHEDULERS = ("ddim", "dpm", "pndm", "euler", "model")
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One image to generate: ``p{prompt_index:02d}_i{image_index:03d}.png``."""
+
+    prompt_index: int
+    image_index: int
+    template: str
+    token: str
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return output_name(self.prompt_index, self.image_index)
+
+
+def output_name(prompt_index: int, image_index: int) -> str:
+    return f"p{prompt_index:02d}_i{image_index:03d}.png"
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_index`` (independent of batching and sharding)."""
+    digest = hashlib.sha256(f"generate:{seed}:{prompt_index}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
+def plan_jobs(templates: Sequence[str], token: str, num_per_prompt: int, seed: int,
+              negative_prompt: str | None = None) -> list[GenerationJob]:
+    """All images of a run, prompt-major: ``len(templates) × num_per_prompt`` jobs."""
+    if num_per_prompt < 1:
+        raise UsageError("--num-per-prompt must be at least 1")
+    return [GenerationJob(j, k, template, token, fill(template, token), negative_prompt or None, image_seed(seed, j, k))
+            for j, template in enumerate(templates) for k in range(num_per_prompt)]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def embedding_token(path: Path) -> str | None:
+    """The token a diffusers TI file (``{token: tensor}``) was saved under, or ``None`` for other layouts."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"--embedding {path}: not a readable .safetensors file ({exc})") from None
+    known = {"emb_params", "string_to_param", "clip_l", "clip_g"}
+    return keys[0] if len(keys) == 1 and keys[0] not in known else None
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler, keeping the model's noise schedule (``model`` keeps its own sampler)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler,
+               "euler": EulerDiscreteScheduler}
+    if name == "model":
+        return
+    if name not in classes:
+        raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+
+
+def load_generation_pipeline(model: str | None, device: Any, dtype: Any, *, embedding: Path | None = None,
+                             token: str | None = None, lora: Path | None = None, scheduler: str = "ddim",
+                             trust_pickle: bool = False):
+    """Base pipeline (Hub id, folder — a DreamBooth output included — file, or ``tiny``) + optional TI and LoRA.
+
+    Returns ``(pipe, token)`` where ``token`` is the embedding's token when ``token`` was not given.
+    """
+    from .models import load_pipeline
+
+    pipe = load_pipeline(model, device, dtype, trust_pickle=trust_pickle)
+    if embedding is not None:
+        embedding = Path(embedding)
+        if not embedding.is_file():
+            raise UsageError(f"--embedding {embedding}: file not found")
+        stored = embedding_token(embedding) if embedding.suffix == ".safetensors" else None
+        if embedding.suffix != ".safetensors" and not trust_pickle:
+            raise UsageError(f"--embedding {embedding}: only .safetensors (pass --trust-pickle for a .bin/.pt)")
+        token = token or stored
+        if not token:
+            raise UsageError(f"--embedding {embedding}: cannot tell its token; pass --token")
+        try:
+            pipe.load_textual_inversion(str(embedding), token=token if token != stored else None)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CloakError(f"--embedding {embedding}: {str(exc).splitlines()[0]}") from None
+    if lora is not None:
+        lora = Path(lora)
+        weights = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
+        if not weights.is_file():
+            raise UsageError(f"--lora {lora}: no pytorch_lora_weights.safetensors there")
+        try:
+            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            raise CloakError(f"--lora {lora}: {str(exc).splitlines()[0]}") from None
+    set_scheduler(pipe, scheduler)
+    return pipe, token
+
+
+def artifact_digest(path: Path | None) -> str | None:
+    """Content hash of an embedding or LoRA (so a retrained one is not mistaken for the old one on resume)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    return file_sha256(path)[:16]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(pipe, jobs: Sequence[GenerationJob], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+           height: int | None = None, width: int | None = None, eta: float = 0.0,
+           lora_scale: float | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] for ``jobs``, each from its own ``torch.Generator`` (CPU-seeded)."""
+    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+    negatives = [job.negative_prompt or "" for job in jobs]
+    kwargs: dict[str, Any] = {"eta": eta}  # the pipeline passes η only to samplers that take it (DDIM)
+    if lora_scale is not None:
+        kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
+    result = pipe(prompt=[job.prompt for job in jobs],
+                  negative_prompt=negatives if any(negatives) else None,
+                  num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                  generator=generators, output_type="pt", **kwargs)
+    return result.images.float().clamp(0, 1)
+
+
+def _is_done(manifest: Manifest, job: GenerationJob, output: Path) -> bool:
+    record = manifest.files.get(job.name)
+    return bool(record and record.get("status") == "done" and record.get("params_hash") == manifest.hash
+                and record.get("prompt") == job.prompt and record.get("seed") == job.seed
+                and record.get("negative_prompt") == job.negative_prompt and output.exists())
+
+
+def generate_folder(pipe, jobs: Sequence[GenerationJob], out_dir: Path, manifest: Manifest, *,
+                    settings: dict[str, Any], batch_size: int = 1, overwrite: bool = False,
+                    on_event: Callable[[str, str, dict], None] = lambda kind, name, info: None) -> RunSummary:
+    """Generate ``jobs`` into ``out_dir`` (resume skips finished images), recording each in ``manifest``.
+
+    ``settings`` are the sampler keyword arguments of :func:`sample` (steps, guidance, height, width, eta,
+    lora_scale); they are also stored in every file record.
+    """
+    summary = RunSummary()
+    manifest.start_run()
+    out_dir = Path(out_dir)
+    todo = []
+    for job in jobs:
+        if not overwrite and _is_done(manifest, job, out_dir / job.name):
+            summary.skipped.append(job.name)
+            on_event("skip", job.name, {})
+        else:
+            todo.append(job)
+    on_event("start", "", {"total": len(todo)})
+    like = LoadedImage(torch.zeros(3, 1, 1), None, None, False, 8, "RGB")
+    for batch in iter_chunks(todo, batch_size):
+        started = time.perf_counter()
+        try:
+            images = sample(pipe, batch, **settings)
+        except CloakError:
+            raise
+        except Exception as exc:  # a fault in sampling: record it for these images, go on with the others
+            for job in batch:
+                summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+                manifest.record(job.name, output=None, status="error", error=f"{type(exc).__name__}: {exc}",
+                                **_job_fields(job))
+                on_event("error", job.name, {"reason": str(exc)})
+            continue
+        seconds = (time.perf_counter() - started) / len(batch)
+        for job, image in zip(batch, images):
+            atomic_write_bytes(out_dir / job.name, encode_png(quantize(image, like), like))
+            manifest.record(job.name, output=job.name, status="done", error=None, seconds=round(seconds, 4),
+                            size=[int(image.shape[2]), int(image.shape[1])], settings=settings, **_job_fields(job))
+            summary.done.append(job.name)
+            on_event("done", job.name, {"seconds": seconds, "stats": {}})
+    manifest.update(last_summary={k: len(v) for k, v in summary.as_dict().items() if isinstance(v, list)})
+    return summary
+
+
+def _job_fields(job: GenerationJob) -> dict[str, Any]:
+    return {"prompt": job.prompt, "prompt_template": job.template, "token": job.token, "seed": job.seed,
+            "prompt_index": job.prompt_index, "image_index": job.image_index,
+            "negative_prompt": job.negative_prompt}

@@ -1,0 +1,1 @@
+"""Training loops shared by commands and attacks (DreamBooth surrogates now; ``cloak train-db`` reuses them)."""

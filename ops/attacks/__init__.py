@@ -4,17 +4,23 @@ This registry is stdlib-only so the CLI can list attacks without importing torch
 pixel units on the 0-255 scale everywhere (``eps=16`` means 16/255 of the [0, 1] range; public codes that work in
 [-1, 1] units state 2× the number for the same budget: their 0.05 is 6.375/255 here).
 
-Module contract (``spec.load()`` returns the module):
+Module contract (``spec.load()`` returns the module; :mod:`.engine` has the shared PGD pieces):
 
 * single-image attacks (``set_level=False``) expose
-  ``attack(images, *, models, generators, masks=None, eot=None, grad_transform=None, targets=None, **params)
-  -> engine.PGDResult`` on float ``(B, 3, H, W)`` batches in [0, 1] (one ``torch.Generator`` per image, so batching
-  never changes an image's random draws);
+  ``attack(images, *, models, generators, **params, **options) -> engine.PGDResult`` on float ``(B, 3, H, W)``
+  batches in [0, 1]. ``models`` is an :class:`engine.AttackModels`; ``generators`` one ``torch.Generator`` per
+  image (batching never changes an image's random draws); ``params`` are the spec's defaults after user overrides,
+  minus the model-level ones (``prompt``, ``t_range``, which configure ``models``), plus ``spec.fixed``;
+  ``options`` are the engine's (``mask`` ``(B,1,H,W)``, ``eot``, ``eot_samples``, ``grad_transform``,
+  ``delta_transform``, ``on_step``) and must be passed on to :func:`engine.pgd`. Targeted attacks also get
+  ``targets`` ``(B, 3, H, W)`` in [0, 1] (built by :func:`.ea.make_target` from ``--target``).
 * set-level attacks (``set_level=True``) expose
-  ``attack_set(images, *, models, generators, masks=None, eot=None, grad_transform=None, clean_images=None,
-  progress=None, **params) -> list[engine.PGDResult]`` where ``images`` is the whole protected folder as a list of
-  ``(3, H, W)`` tensors at the working resolution (sizes may differ), ``clean_images`` the optional set A
-  (``--clean-dir``), and ``progress(text)`` reports rounds; results come back in the same order and shapes.
+  ``attack_set(images, *, models, generators, clean_images=None, progress=None, **params, **options)
+  -> list[engine.PGDResult]`` where ``images`` is the whole protected folder as a list of ``(3, H, W)`` tensors at
+  the working resolution (sizes may differ; group or resize as the method needs, and map back), ``generators``
+  one per image, ``clean_images`` the optional set A (``--clean-dir``, same form, or ``None``), ``progress(text)``
+  reports rounds, and ``options`` as above except that ``mask`` is a list of ``(1, H, W)`` tensors or ``None``.
+  Results come back in the same order and shapes (each ``PGDResult`` with a batch of one).
 
 ``lf-<attack>`` names are derived on demand (:func:`get_attack`): the base attack with its gradient projected on the
 low-frequency DCT block (paper 004 Eq. 5-8, :mod:`.lowfreq`), adding the parameter ``lf_ratio`` (η).
@@ -44,6 +50,7 @@ class AttackSpec:
     needs_target: bool = False  # takes --target (pattern | gray | zero | PATH)
     sdxl: bool = True  # defined on the UNet/VAE alone, so SDXL works
     base: str | None = None  # for lf-<attack>: the attack whose gradient is low-pass projected
+    fixed: dict[str, Any] = field(default_factory=dict)  # passed to the module, not user-settable (adm-: ascent)
 
     def load(self):
         return importlib.import_module(f"{__name__}.{self.module}")
@@ -80,7 +87,7 @@ def get_attack(name: str) -> AttackSpec:
         return ATTACKS[name]
     if name.startswith("lf-") and name[3:] in ATTACKS and not name[3:].startswith("lf-"):
         base = ATTACKS[name[3:]]
-        return replace(base, name=name, base=base.name,
+        return replace(base, name=name, base=base.name, module="lowfreq", fixed={**base.fixed, "base": base.name},
                        summary=f"{base.name} with its gradient kept on the low-frequency DCT block "
                                f"(LF-PGD, paper 004 Eq. 8).",
                        defaults={**base.defaults, "lf_ratio": LF_RATIO})
@@ -97,12 +104,12 @@ register(AttackSpec("adm+", "adm", "AdvDM: maximize the noise-prediction loss E_
                     "(paper 000 Eq. 4; Liang et al. 2023). ε 16, α 1, 100 steps.",
                     {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
 register(AttackSpec("adm-", "adm", "AdvDM descent: minimize the same loss (paper 000 App. F).",
-                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}, fixed={"ascent": False}))
 register(AttackSpec("sds+", "sds", "SDS(+) of Diff-Protect (Xue et al. 2024): AdvDM's direction with the UNet "
                     "Jacobian dropped — (ε_θ − ε) is a constant pushed back through the VAE encoder only.",
                     {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
 register(AttackSpec("sds-", "sds", "SDS(−): the descent version of sds+ (Diff-Protect's strongest).",
-                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}))
+                    {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS}, fixed={"ascent": False}))
 register(AttackSpec("ea", "ea", "PhotoGuard encoder attack: minimize ‖E(x') − E(x_target)‖² (paper 000 Eq. 5); "
                     "target: our high-contrast pattern, gray, zero or an image.",
                     {**PGD_DEFAULTS, "target": "pattern"}, needs_target=True))

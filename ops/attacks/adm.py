@@ -18,14 +18,18 @@ from typing import Sequence
 
 import torch
 
-from .engine import AttackModels, GradTransform, PGDResult, Transform, pgd
+from typing import Any
+
+from .engine import AttackModels, PGDResult, pgd
 
 
 def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[torch.Generator],
-           masks: torch.Tensor | None = None, eot: Transform | None = None, eot_samples: int = 1,
-           grad_transform: GradTransform | None = None, ascent: bool = True, eps: float = 16.0,
-           step_size: float = 1.0, steps: int = 100, random_start: bool = False, **_: object) -> PGDResult:
-    """Run AdvDM on ``images`` ``(B, 3, H, W)`` in [0, 1]; ``ascent=False`` is ``adm-``."""
+           ascent: bool = True, eps: float = 16.0, step_size: float = 1.0, steps: int = 100,
+           random_start: bool = False, **options: Any) -> PGDResult:
+    """Run AdvDM on ``images`` ``(B, 3, H, W)`` in [0, 1]; ``ascent=False`` is ``adm-``.
+
+    ``options`` go to :func:`engine.pgd` (``mask``, ``eot``, ``eot_samples``, ``grad_transform``,
+    ``delta_transform``, ``on_step``).
+    """
     return pgd(images, models.denoise_loss, generators=generators, eps=eps, step_size=step_size, steps=steps,
-               ascent=ascent, random_init=random_start, mask=masks, eot=eot, eot_samples=eot_samples,
-               grad_transform=grad_transform)
+               ascent=ascent, random_init=random_start, **options)

@@ -84,15 +84,22 @@ def loss_gradient(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
 
 
 def pgd_step(images: torch.Tensor, grad: torch.Tensor, clean: torch.Tensor, *, eps: float, step_size: float,
-             ascent: bool = True, mask: torch.Tensor | None = None,
-             grad_transform: GradTransform | None = None) -> torch.Tensor:
-    """One L∞ sign step of ``step_size``/255 up (``ascent``) or down the gradient, then projection."""
+             ascent: bool = True, mask: torch.Tensor | None = None, grad_transform: GradTransform | None = None,
+             delta_transform: GradTransform | None = None) -> torch.Tensor:
+    """One L∞ sign step of ``step_size``/255 up (``ascent``) or down the gradient, then projection.
+
+    ``grad_transform`` acts on the gradient before the sign; ``delta_transform`` on the perturbation before the
+    ε-ball projection (e.g. keeping it in a subspace).
+    """
     if grad_transform is not None:
         grad = grad_transform(grad)
     if mask is not None:
         grad = grad * mask
     direction = grad.sign() if ascent else -grad.sign()
-    return project_linf(images.detach() + to_unit(step_size) * direction, clean, eps, mask).detach()
+    stepped = images.detach() + to_unit(step_size) * direction
+    if delta_transform is not None:
+        stepped = clean + delta_transform(stepped - clean)
+    return project_linf(stepped, clean, eps, mask).detach()
 
 
 def _eval_generators(generators: Sequence[torch.Generator]) -> list[torch.Generator]:
@@ -111,7 +118,8 @@ def evaluate_loss(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
 def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Generator], eps: float = 16.0,
         step_size: float = 1.0, steps: int = 100, ascent: bool = True, random_init: bool = False,
         mask: torch.Tensor | None = None, eot: Transform | None = None, eot_samples: int = 1,
-        grad_transform: GradTransform | None = None, start: torch.Tensor | None = None, eval_draws: int = 4,
+        grad_transform: GradTransform | None = None, delta_transform: GradTransform | None = None,
+        start: torch.Tensor | None = None, eval_draws: int = 4,
         on_step: Callable[[int, torch.Tensor], None] | None = None) -> PGDResult:
     """Projected sign-gradient ascent (``ascent=True``) or descent on ``loss_fn`` — torchattacks' PGD, batched.
 
@@ -125,6 +133,7 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
         mask: ``(B, 1, H, W)`` in {0, 1}; pixels outside stay exactly clean.
         eot, eot_samples: differentiable random transform applied before the loss, averaged over that many draws.
         grad_transform: applied to the gradient before the sign (e.g. :func:`ops.attacks.lowfreq.lowpass`).
+        delta_transform: applied to the perturbation after each step, before the ε-ball projection.
         start: an explicit starting point (continue an earlier run), projected first.
         on_step: called as ``on_step(i, loss)`` after every step.
     """
@@ -138,12 +147,14 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
         images = project_linf(start.detach().float(), clean, eps, mask)
     elif random_init:
         images = random_start(clean, eps, generators, mask)
+        if delta_transform is not None:
+            images = project_linf(clean + delta_transform(images - clean), clean, eps, mask)
     else:
         images = clean.clone()
     for index in range(steps):
         grad, loss = loss_gradient(images, loss_fn, generators, eot=eot, eot_samples=eot_samples)
         images = pgd_step(images, grad, clean, eps=eps, step_size=step_size, ascent=ascent, mask=mask,
-                          grad_transform=grad_transform)
+                          grad_transform=grad_transform, delta_transform=delta_transform)
         if on_step is not None:
             on_step(index, loss)
     loss_end = evaluate_loss(images, loss_fn, generators, eval_draws)

@@ -301,11 +301,10 @@ def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     if like.bits == 16:
         if array.shape[2] != 1:
             raise ValueError("16-bit output is written for grayscale images only")
-        image = Image.fromarray(np.ascontiguousarray(array[..., 0]).astype(np.uint16), mode="I;16")
+        image = Image.fromarray(np.ascontiguousarray(array[..., 0]).astype(np.uint16))  # → mode I;16
     else:
-        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[2]]
         data = array[..., 0] if array.shape[2] == 1 else array
-        image = Image.fromarray(np.ascontiguousarray(data), mode=mode)
+        image = Image.fromarray(np.ascontiguousarray(data).astype(np.uint8))  # L, LA, RGB or RGBA by shape
     buffer = io.BytesIO()
     params = {"icc_profile": like.icc_profile} if like.icc_profile else {}
     image.save(buffer, format="PNG", **params)

@@ -78,7 +78,9 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         pipe = build_tiny_pipeline()
     else:
         pipe = _load_external(model, dtype, trust_pickle, pipeline_class, **kwargs)
-    pipe = pipe.to(device=device, dtype=dtype)
+    pipe = pipe.to(device)
+    if dtype != torch.float32 or model != "tiny":
+        pipe = pipe.to(dtype=dtype)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:

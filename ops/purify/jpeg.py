@@ -21,7 +21,7 @@ def compress(images: torch.Tensor, quality: int, fmt: str = "JPEG") -> torch.Ten
     for image in images:
         array = np.rint(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(array, "RGB").save(buffer, format=fmt, quality=int(quality))
+        Image.fromarray(array).save(buffer, format=fmt, quality=int(quality))
         buffer.seek(0)
         decoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255.0
         outputs.append(torch.from_numpy(decoded).permute(2, 0, 1))

@@ -144,18 +144,25 @@ class InstanceData:
 
 
 def load_instance_images(items: Sequence[InputItem], resolution: int, *, jpeg_quality: int | None = None,
-                         mask_dir: Path | None = None, dilate: int = 0,
-                         max_pixels: int | None = None) -> InstanceData:
+                         mask_dir: Path | None = None, dilate: int = 0, max_pixels: int | None = None,
+                         rejected: list[tuple[str, str]] | None = None) -> InstanceData:
     """Load, JPEG-compress (``jpeg_quality``), resize/crop the instance images and their masks (``mask_dir``).
 
     A mask whose size differs from its (EXIF-oriented) image is an error that names both sizes: masks are made per
-    image by ``cloak mask`` and must line up pixel for pixel.
+    image by ``cloak mask`` and must line up pixel for pixel. Unreadable images raise :class:`RejectedInput`, or,
+    when ``rejected`` is a list, are appended to it as ``(name, reason)`` and skipped.
     """
     if resolution < 8 or resolution % 8:
         raise UsageError(f"--resolution must be a positive multiple of 8, got {resolution}")
     images, masks, names, areas = [], [], [], []
     for item in items:
-        loaded = read_image(item.path, **({"max_pixels": max_pixels} if max_pixels else {}))
+        try:
+            loaded = read_image(item.path, **({"max_pixels": max_pixels} if max_pixels else {}))
+        except RejectedInput as exc:
+            if rejected is None:
+                raise
+            rejected.append((item.rel.as_posix(), str(exc)))
+            continue
         rgb = loaded.rgb
         if jpeg_quality is not None:
             rgb = jpeg_compress(rgb, jpeg_quality)
@@ -175,5 +182,7 @@ def load_instance_images(items: Sequence[InputItem], resolution: int, *, jpeg_qu
                                       Image.NEAREST)
             masks.append((resized > 0.5).float())
             areas.append(float(masks[-1].mean()))
+    if not images:
+        raise CloakError("no readable training images")
     return InstanceData(torch.stack(images), torch.stack(masks) if masks else None, names,
                         areas if masks else None)

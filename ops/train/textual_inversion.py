@@ -55,7 +55,7 @@ class _TokenSlot:
                              "word that is one token (e.g. 'object', 'dog', 'toy')")
         tokenizer.add_tokens(names)
         self.ids = tokenizer.convert_tokens_to_ids(names)
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set just below
         self.embedding = encoder.get_input_embeddings()
         self.embedding.weight.requires_grad_(False)
         with torch.no_grad():

@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int = 1
     log_grad_by_t: bool = False
     grad_bins: int = 10
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes; train-db --use-8bit-adam)
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
@@ -216,8 +217,7 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
         mean, std = _latent_cache(vae, images * masks, device)
 
     params = trainable.parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_epsilon,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     generator = torch.Generator().manual_seed(config.seed)
     order = DataOrder(len(data))
     bins = torch.zeros(config.grad_bins, dtype=torch.float64)
@@ -336,6 +336,21 @@ def _save_checkpoint(out_dir: Path, step: int, trainable: Trainable, optimizer, 
     temporary.replace(path)
     for old in sorted(path.parent.glob("step-*.pt"))[:-2]:  # keep the last two
         old.unlink()
+
+
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig):
+    """AdamW over ``params``; ``config.optimizer == "adamw8bit"`` uses bitsandbytes' 8-bit AdamW (same update rule,
+    8-bit optimizer states; papers 001/004 train DreamBooth with it)."""
+    options = dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, **options)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
+        return bitsandbytes.optim.AdamW8bit(params, **options)
+    raise UsageError(f"unknown optimizer {config.optimizer!r}: adamw or adamw8bit")
 
 
 def _training_scheduler(pipe):

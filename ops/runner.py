@@ -34,6 +34,7 @@ class ImageJob:
 class ProcessedImage:
     rgb: Any  # torch.Tensor (3, H, W) in [0, 1], at the input's size
     stats: dict[str, Any] = field(default_factory=dict)
+    like: LoadedImage | None = None  # write in this image's format instead of the input's (e.g. binary masks)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def process_folder(
         seconds = (time.perf_counter() - started) / len(batch)
         for job, result in zip(batch, results):
             try:
-                stored = write_image(job.output, result.rgb, job.image)
+                stored = write_image(job.output, result.rgb, result.like or job.image)
                 stats = dict(result.stats)
                 if verify is not None:
                     stats.update(verify(job, stored))

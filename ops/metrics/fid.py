@@ -1,0 +1,97 @@
+"""FID (Heusel et al. 2017) per concept — generated images vs the concept's clean training images (paper 000
+§5.1.3, App. K) — through torchmetrics' ``FrechetInceptionDistance``.
+
+Default features: the 2048-d pool3 of the TF-ported InceptionV3 that torchmetrics takes from torch-fidelity
+(``pip install torch-fidelity``; its weights ``pt_inception-2015-12-05`` are downloaded on first use). Reference
+features are extracted once per concept per run (``reset_real_features=False``). Statistics in float64. With few
+images per concept (paper 000: 5 generated per prompt) the covariances are rank-deficient and FID is biased upwards;
+it is comparable only between runs with the same counts. A concept with < 2 images on either side gets ``None``.
+
+``features="tiny"`` uses a small random conv net built in code (offline; tests and demos only).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ImageContext, Metric, finite
+
+
+class TinyFeatures(nn.Module):
+    """A random, fixed 16-d conv feature extractor on 64² inputs (float ``(B, 3, H, W)`` in [0, 1])."""
+
+    num_features = 16
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scale = 255.0 if images.dtype == torch.uint8 else 1.0
+        images = images.to(self.conv1.weight.dtype) / scale  # torchmetrics may move the extractor to float64
+        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        return self.conv2(torch.relu(self.conv1(images * 2 - 1))).mean((2, 3))
+
+
+def _new_fid(features: str | nn.Module, device):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ..errors import ModelNotFoundError
+
+    try:
+        fid = FrechetInceptionDistance(feature=2048 if features == "inception" else features,
+                                       reset_real_features=False, normalize=True)
+    except ModuleNotFoundError as exc:
+        raise ModelNotFoundError(f"fid needs torch-fidelity for the standard InceptionV3 features ({exc}): "
+                                 "pip install torch-fidelity, or use --fid-features tiny for a demo") from None
+    except Exception as exc:  # the weight download failed
+        raise ModelNotFoundError(f"fid: InceptionV3 weights could not be loaded ({type(exc).__name__}: {exc}); "
+                                 "run once on a connected machine (TORCH_HOME cache)") from None
+    return fid.set_dtype(torch.float64).to(device)
+
+
+class FidMetric(Metric):
+    name = "fid"
+
+    def __init__(self, features: str = "inception", device="cpu"):
+        self.device = torch.device(device)
+        self.extractor: str | nn.Module = TinyFeatures() if features == "tiny" else features
+        self.per_concept: dict[str, object] = {}
+
+    def _fid(self, concept: str):
+        if concept not in self.per_concept:
+            self.per_concept[concept] = _new_fid(self.extractor, self.device)
+        return self.per_concept[concept]
+
+    @torch.no_grad()
+    def prepare(self, references: dict[str, list[torch.Tensor]]) -> None:
+        for concept, images in references.items():
+            fid = self._fid(concept)
+            for image in images:
+                fid.update(image[None].to(self.device), real=True)
+
+    @torch.no_grad()
+    def score(self, images: Sequence[torch.Tensor], contexts: Sequence[ImageContext]) -> list[float | None]:
+        for image, context in zip(images, contexts):
+            self._fid(context.concept).update(image[None].to(self.device), real=False)
+        return [None] * len(images)  # FID is a set statistic: see concept_values
+
+    def concept_values(self) -> dict[str, float | None]:
+        values: dict[str, float | None] = {}
+        for concept, fid in self.per_concept.items():
+            enough = int(fid.real_features_num_samples) >= 2 and int(fid.fake_features_num_samples) >= 2
+            values[concept] = finite(fid.compute().item()) if enough else None
+        return values
+
+
+def build(name: str, fid_features: str = "inception", device="cpu", **_options) -> FidMetric:
+    return FidMetric(fid_features, device)

@@ -15,6 +15,7 @@ app = typer.Typer(
          "PNGs and a cloak.json manifest; reruns skip finished files.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

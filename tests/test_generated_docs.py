@@ -1,0 +1,37 @@
+"""completions/ and man/ are generated from the app; a stale copy fails here (`make completions` fixes it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from cloaklab.cli import docgen
+
+
+def test_completions_and_man_pages_are_fresh():
+    stale = [str(path.relative_to(docgen.ROOT)) for path in docgen.stale_files()]
+    assert stale == [], f"regenerate with `make completions`: {stale}"
+
+
+def test_generator_notices_a_changed_flag(monkeypatch):
+    app_help, docs = docgen.command_docs()
+    docs[0].options[0].names = ["--renamed-flag"]
+    monkeypatch.setattr(docgen, "command_docs", lambda: (app_help, docs))
+    assert docgen.stale_files(), "a renamed option must make the committed files stale"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_completion_completes_commands_options_and_choices():
+    script = docgen.ROOT / "completions" / "cloak.bash"
+
+    def complete(*words: str) -> set[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        program = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _cloak; "
+                   'printf "%s\\n" "${COMPREPLY[@]}"')
+        return set(subprocess.run(["bash", "-c", program], capture_output=True, text=True).stdout.split())
+
+    assert {"poison", "purify"} <= complete("cloak", "p")
+    assert "--method" in complete("cloak", "purify", "--me")
+    assert {"jpeg", "webp"} <= complete("cloak", "purify", "--method", "")

@@ -23,52 +23,78 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train.dreambooth import DreamBoothConfig, Surrogate
+from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate
+from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf
 
-RoundCallback = Callable[[int, int, dict], None]
-"""``on_round(index, total, info)`` — called after each outer round (1-based index); ``info`` holds losses."""
+# ------------------------------------------------------------------------------------------- the set
+class ProtectedSet:
+    """The protected folder B as clean/perturbed image lists ``[(3, H_i, W_i)]`` in [0, 1] (sizes may differ).
+
+    PGD runs in minibatches of same-sized images (:meth:`groups`); surrogate training sees each image the way
+    DreamBooth's data loader does — centre-cropped to a square and resized to the training resolution
+    (:meth:`squares`).
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], masks: Any = None, device: Any = "cpu") -> None:
+        if not len(images):
+            raise ValueError("the protected set is empty")
+        self.clean = [image.detach().float().to(device) for image in images]
+        self.adv = [image.clone() for image in self.clean]
+        self.masks = None if masks is None else [m.detach().float().to(device).reshape(1, *m.shape[-2:])
+                                                 for m in masks]
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def groups(self, batch_size: int) -> list[list[int]]:
+        """Index minibatches of same-shaped images, in input order within each shape."""
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(self.clean):
+            by_shape.setdefault(tuple(image.shape[-2:]), []).append(index)
+        size = max(1, batch_size)
+        return [members[i:i + size] for members in by_shape.values() for i in range(0, len(members), size)]
+
+    def gather(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        mask = None if self.masks is None else torch.stack([self.masks[i] for i in index])
+        return torch.stack([self.clean[i] for i in index]), torch.stack([self.adv[i] for i in index]), mask
+
+    def scatter(self, index: list[int], adv: torch.Tensor) -> None:
+        for position, i in enumerate(index):
+            self.adv[i] = adv[position].detach()
+
+    def squares(self, resolution: int, clean: bool = False) -> torch.Tensor:
+        """``(N, 3, R, R)``: centre square crop resized to ``resolution`` (what a DreamBooth trainer sees)."""
+        return square_crops(self.clean if clean else self.adv, resolution)
 
 
-def _no_round(index: int, total: int, info: dict) -> None:
-    return None
-
-
-# -------------------------------------------------------------------------------------- working resolution
-def working_size(resolution: int) -> int:
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"working resolution must be a positive multiple of 8, got {resolution}")
-    return resolution
-
-
-def to_working(images: list[torch.Tensor], resolution: int) -> torch.Tensor:
-    """Photos ``[(3, H_i, W_i)]`` in [0, 1] → one batch ``(N, 3, R, R)`` (bicubic with antialias, clamped)."""
-    size = working_size(resolution)
+def square_crops(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
+    """Centre-crop each ``(3, H, W)`` to a square and resize to ``resolution`` (bicubic, antialiased)."""
     out = []
     for image in images:
-        if image.shape[-2:] == (size, size):
-            out.append(image.float())
-        else:
-            resized = F.interpolate(image[None].float(), size=(size, size), mode="bicubic", antialias=True,
-                                    align_corners=False)[0]
-            out.append(resized.clamp(0, 1))
+        height, width = image.shape[-2:]
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        crop = image[None, :, top:top + side, left:left + side].float()
+        if side != resolution:
+            crop = F.interpolate(crop, size=(resolution, resolution), mode="bicubic", antialias=True,
+                                 align_corners=False).clamp(0, 1)
+        out.append(crop[0])
     return torch.stack(out)
 
 
-def from_working(original: torch.Tensor, clean_work: torch.Tensor, adv_work: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    """Add a working-resolution perturbation to the photo at its own size: ``clip(x + resize(δ))`` projected on the
-    ε-ball of ``original`` ``(3, H, W)``. When the sizes match this is ``adv_work`` itself (projected)."""
-    delta = (adv_work - clean_work).float()
-    if delta.shape[-2:] != original.shape[-2:]:
-        delta = F.interpolate(delta[None], size=original.shape[-2:], mode="bilinear", align_corners=False)[0]
-    delta = delta.to(original.device).clamp(-eps, eps)
-    return (original.float() + delta).clamp(0, 1)
+def training_resolution(images: Sequence[torch.Tensor]) -> int:
+    """The surrogate's square training size: the smallest short side in the set, down to a multiple of 8."""
+    side = min(min(image.shape[-2:]) for image in images)
+    if side < 8:
+        raise ValueError(f"images must be at least 8 px on each side, got {side}")
+    return side // 8 * 8
 
 
 # ------------------------------------------------------------------------------------------ class images
@@ -131,30 +157,150 @@ def class_images(pipe, prompt: str, count: int, *, cache_dir: Path | None = None
     return torch.stack(images)
 
 
-# --------------------------------------------------------------------------------------------- context
+# ---------------------------------------------------------------------------------------- run context
+SET_DEFAULTS: dict[str, Any] = {
+    "instance_prompt": "a photo of sks person",  # papers 001/004, Anti-DreamBooth
+    "class_prompt": "a photo of person",
+    "num_class_images": 200,  # papers 001/004
+    "class_dir": None,  # cache folder for class images (default $XDG_CACHE_HOME/cloaklab/class-images)
+    "class_steps": 50,  # sampler steps for class images (DDIM, CFG 7.5: the diffusers DreamBooth example)
+    "prior_weight": 1.0,
+    "db_lr": 5e-7,  # DreamBooth surrogate learning rate
+    "train_text_encoder": True,
+    "t_range": None,
+}
+
+
 @dataclass
-class SetContext:
-    """Everything a set-level attack gets besides its own hyper-parameters.
+class SetRun:
+    """What every set-level attack builds first: the set, the seeds, the class images and a round reporter."""
 
-    ``surrogates``: one base model per ensemble member (one for all but E-ASPL), each a
-    :class:`~ops.train.dreambooth.Surrogate` the attack may train in place. ``clean``: set A ``(M, 3, R, R)`` (the
-    protected set itself when no ``--clean-dir`` was given). ``class_images``: per surrogate, ``(K, 3, R, R)``.
-    ``mask``: optional pixel mask ``(N, 1, R, R)`` (perturb only where 1).
-    """
-
-    surrogates: list[Surrogate]
-    clean: torch.Tensor
-    class_images: list[torch.Tensor | None]
-    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
-    generator: torch.Generator | None = None
-    on_round: RoundCallback = _no_round
-    mask: torch.Tensor | None = None
-    t_range: tuple[int, int] | None = None
+    pset: ProtectedSet
+    generators: list[torch.Generator]
+    generator: torch.Generator  # for surrogate training (one stream, seeded from the per-image seeds)
+    resolution: int
+    clean_squares: torch.Tensor  # set A at the training resolution
+    class_images: torch.Tensor | None
+    dreambooth: DreamBoothConfig
+    progress: Callable[[str], None]
+    eot: Any = None
+    eot_samples: int = 1
+    grad_transform: Any = None
     batch_size: int = 4
-    robust: Any = None
+    t_range: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def prompt_embeddings(self, surrogate: Surrogate, prompt: str | None = None) -> torch.Tensor:
-        """``(1, 77, D)`` embedding of the instance prompt under ``surrogate``'s (possibly trained) text encoder."""
-        with torch.no_grad():
-            return surrogate.encode_prompts([prompt or self.dreambooth.instance_prompt])
+    def report(self, name: str, index: int, total: int, **info: float) -> None:
+        details = " ".join(f"{key} {value:.4g}" for key, value in info.items())
+        self.progress(f"{name}: round {index}/{total} {details}".rstrip())
+
+
+def _quiet(text: str) -> None:
+    return None
+
+
+def model_fingerprint(pipe) -> str:
+    """A short content hash of a pipeline's UNet (config + first/last weights): the class-image cache key."""
+    digest = hashlib.sha256(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
+    params = list(pipe.unet.parameters())
+    for tensor in (params[0], params[-1]):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torch.Generator], masks: Any = None,
+              clean_images: Sequence[torch.Tensor] | None = None, progress: Callable[[str], None] | None = None,
+              eot: Any = None, eot_samples: int = 1, grad_transform: Any = None, batch_size: int = 4,
+              instance_prompt: str = SET_DEFAULTS["instance_prompt"],
+              class_prompt: str = SET_DEFAULTS["class_prompt"], num_class_images: int = 200,
+              class_dir: str | Path | None = None, class_steps: int = 50, prior_weight: float = 1.0,
+              db_lr: float = 5e-7, train_text_encoder: bool = True, t_range: tuple[int, int] | None = None,
+              db_batch_size: int = 1, **extra: Any) -> SetRun:
+    """Validate the inputs and prepare everything the attack loops need (class images generated or reused)."""
+    if len(generators) != len(images):
+        raise ValueError(f"need one generator per image: {len(generators)} for {len(images)} images")
+    device = pipe.unet.device
+    progress = progress or _quiet
+    pset = ProtectedSet(images, masks, device)
+    resolution = training_resolution(images)
+    seed = 0
+    for g in generators:
+        seed = (seed * 1000003 + g.initial_seed()) % 2**63
+    generator = torch.Generator().manual_seed(seed)
+    clean = list(clean_images) if clean_images else pset.clean
+    clean_squares = square_crops([c.float().to(device) for c in clean], resolution)
+    prior = None
+    if prior_weight and num_class_images > 0:
+        def tell(done: int, total: int) -> None:
+            if done == total or done % 20 == 0:
+                progress(f"class images: {done}/{total}")
+
+        prior = class_images(pipe, class_prompt, num_class_images, cache_dir=Path(class_dir) if class_dir else None,
+                             model_id=model_fingerprint(pipe), resolution=resolution, steps=class_steps,
+                             seed=0, on_image=tell).to(device)
+    config = DreamBoothConfig(instance_prompt=instance_prompt, class_prompt=class_prompt, learning_rate=db_lr,
+                              prior_weight=prior_weight, batch_size=db_batch_size,
+                              train_text_encoder=train_text_encoder, t_range=t_range)
+    return SetRun(pset, list(generators), generator, resolution, clean_squares, prior, config, progress, eot,
+                  eot_samples, grad_transform, batch_size, t_range, extra)
+
+
+def base_surrogate(pipe) -> Surrogate:
+    """A trainable copy of ``pipe``'s UNet and text encoder (the caller's pipeline is never modified)."""
+    return Surrogate.from_pipe(pipe).clone()
+
+
+def trainer(run: SetRun, surrogate: Surrogate, *, learning_rate: float | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> DreamBoothTrainer:
+    """A fresh DreamBooth optimizer over ``surrogate`` (Anti-DreamBooth re-creates AdamW at every call)."""
+    config = run.dreambooth if learning_rate is None else replace(run.dreambooth, learning_rate=learning_rate)
+    return DreamBoothTrainer(surrogate, config, run.class_images, generator=run.generator, on_step=on_step)
+
+
+def attack_models(surrogate: Surrogate, run: SetRun) -> AttackModels:
+    """The frozen view of ``surrogate`` PGD runs against (conditioned on the instance prompt)."""
+    return AttackModels(surrogate, prompt=run.dreambooth.instance_prompt, t_range=run.t_range)
+
+
+def pgd_over_set(run: SetRun, models: AttackModels, steps: int, *, eps: float, step_size: float,
+                 ascent: bool = True, loss_fn: LossFn | None = None,
+                 on_step: Callable[[int], None] | None = None) -> float:
+    """``steps`` L∞ sign steps on every image of the set against ``models`` (minibatches of same-sized images,
+    each image's (t, ε) and EoT draws from its own generator); returns the mean loss of the last step."""
+    last = []
+    for index in run.pset.groups(run.batch_size):
+        clean, adv, mask = run.pset.gather(index)
+        gens = [run.generators[i] for i in index]
+
+        def loss(x: torch.Tensor, g: Sequence[torch.Generator], mask=mask) -> torch.Tensor:
+            return loss_fn(x, g, mask) if loss_fn is not None else models.denoise_loss(x, g, mask)
+
+        values = torch.zeros(len(index))
+        for _ in range(steps):
+            grad, values = loss_gradient(adv, loss, gens, eot=run.eot, eot_samples=run.eot_samples)
+            adv = pgd_step(adv, grad, clean, eps=eps, step_size=step_size, ascent=ascent, mask=mask,
+                           grad_transform=run.grad_transform)
+            if on_step is not None:
+                on_step(len(index))
+        run.pset.scatter(index, adv)
+        last.append(values.float().cpu())
+    return float(torch.cat(last).mean()) if last else 0.0
+
+
+def results(run: SetRun, models: AttackModels, eps: float, **stats: Any) -> list[PGDResult]:
+    """One :class:`PGDResult` per image ``(1, 3, H, W)``, with the loss of the clean and the final image under
+    ``models`` (the attack's final surrogate) on fixed draws; the budget is re-asserted by projection."""
+    out: list[PGDResult] = [None] * len(run.pset)  # type: ignore[list-item]
+    for index in run.pset.groups(run.batch_size):
+        clean, adv, mask = run.pset.gather(index)
+        adv = project_linf(adv, clean, eps, mask)
+        gens = [run.generators[i] for i in index]
+
+        def loss(x: torch.Tensor, g: Sequence[torch.Generator], mask=mask) -> torch.Tensor:
+            return models.denoise_loss(x, g, mask)
+
+        start, end = evaluate_loss(clean, loss, gens), evaluate_loss(adv, loss, gens)
+        for position, i in enumerate(index):
+            out[i] = PGDResult(adv[position:position + 1].detach(), start[position:position + 1],
+                               end[position:position + 1], dict(stats))
+    return out

@@ -119,7 +119,7 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
         step_size: float = 1.0, steps: int = 100, ascent: bool = True, random_init: bool = False,
         mask: torch.Tensor | None = None, eot: Transform | None = None, eot_samples: int = 1,
         grad_transform: GradTransform | None = None, delta_transform: GradTransform | None = None,
-        start: torch.Tensor | None = None, eval_draws: int = 4,
+        start: torch.Tensor | None = None, eval_draws: int = 4, eval_fn: LossFn | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None) -> PGDResult:
     """Projected sign-gradient ascent (``ascent=True``) or descent on ``loss_fn`` — torchattacks' PGD, batched.
 
@@ -135,6 +135,8 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
         grad_transform: applied to the gradient before the sign (e.g. :func:`ops.attacks.lowfreq.lowpass`).
         delta_transform: applied to the perturbation after each step, before the ε-ball projection.
         start: an explicit starting point (continue an earlier run), projected first.
+        eval_fn: the loss reported as ``loss_start``/``loss_end`` when it differs from the one differentiated
+            (SDS differentiates a surrogate but reports the diffusion loss).
         on_step: called as ``on_step(i, loss)`` after every step.
     """
     if clean.ndim != 4 or clean.shape[1] != 3:
@@ -142,7 +144,8 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
     if len(generators) != clean.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for {clean.shape[0]} images")
     clean = clean.detach().float()
-    loss_start = evaluate_loss(clean, loss_fn, generators, eval_draws)
+    eval_fn = eval_fn or loss_fn
+    loss_start = evaluate_loss(clean, eval_fn, generators, eval_draws)
     if start is not None:
         images = project_linf(start.detach().float(), clean, eps, mask)
     elif random_init:
@@ -157,7 +160,7 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
                           grad_transform=grad_transform, delta_transform=delta_transform)
         if on_step is not None:
             on_step(index, loss)
-    loss_end = evaluate_loss(images, loss_fn, generators, eval_draws)
+    loss_end = evaluate_loss(images, eval_fn, generators, eval_draws)
     return PGDResult(images, loss_start, loss_end)
 
 

@@ -229,20 +229,29 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
     generator = torch.Generator().manual_seed(seed)
     clean = list(clean_images) if clean_images else pset.clean
     clean_squares = square_crops([c.float().to(device) for c in clean], resolution)
-    prior = None
-    if prior_weight and num_class_images > 0:
-        def tell(done: int, total: int) -> None:
-            if done == total or done % 20 == 0:
-                progress(f"class images: {done}/{total}")
-
-        prior = class_images(pipe, class_prompt, num_class_images, cache_dir=Path(class_dir) if class_dir else None,
-                             model_id=model_fingerprint(pipe), resolution=resolution, steps=class_steps,
-                             seed=0, on_image=tell).to(device)
+    class_settings = {"prompt": class_prompt, "count": num_class_images if prior_weight else 0,
+                      "cache_dir": Path(class_dir) if class_dir else None, "steps": class_steps}
+    prior = prior_images(pipe, resolution, class_settings, progress)
     config = DreamBoothConfig(instance_prompt=instance_prompt, class_prompt=class_prompt, learning_rate=db_lr,
                               prior_weight=prior_weight, batch_size=db_batch_size,
                               train_text_encoder=train_text_encoder, t_range=t_range)
     return SetRun(pset, list(generators), generator, resolution, clean_squares, prior, config, progress, eot,
-                  eot_samples, grad_transform, batch_size, t_range, extra)
+                  eot_samples, grad_transform, batch_size, t_range, {**extra, "class_settings": class_settings})
+
+
+def prior_images(pipe, resolution: int, settings: dict[str, Any],
+                 progress: Callable[[str], None] = _quiet) -> torch.Tensor | None:
+    """The class images of ``pipe`` (generated once, then read from the cache), on its device; None if unused."""
+    if not settings["count"]:
+        return None
+
+    def tell(done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            progress(f"class images: {done}/{total}")
+
+    return class_images(pipe, settings["prompt"], settings["count"], cache_dir=settings["cache_dir"],
+                        model_id=model_fingerprint(pipe), resolution=resolution, steps=settings["steps"], seed=0,
+                        on_image=tell).to(pipe.unet.device)
 
 
 def base_surrogate(pipe) -> Surrogate:

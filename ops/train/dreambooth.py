@@ -111,13 +111,16 @@ class DreamBoothTrainer:
     ``class_images`` ``(M, 3, H, W)`` in [0, 1] are the prior-preservation set (see
     :func:`ops.attacks.setlevel.class_images`); their latents are encoded once. Each :meth:`step` takes
     ``config.batch_size`` instance images in turn (cycling through the set it is given) and as many class images,
-    and makes one AdamW update. ``on_step(index, loss)`` is called after every step (spies and progress use it).
+    and makes one AdamW update. ``parameters`` restricts training to a subset (LoRA weights, K/V projections …);
+    a custom ``optimizer`` may be passed instead of the default AdamW. ``on_step(index, loss)`` is called after every step (spies and progress use it).
     """
 
     def __init__(self, surrogate: Surrogate, config: DreamBoothConfig | None = None,
                  class_images: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-                 on_step: Callable[[int, float], None] | None = None, optimizer: Any = None) -> None:
+                 on_step: Callable[[int, float], None] | None = None, optimizer: Any = None,
+                 parameters: list[torch.nn.Parameter] | None = None) -> None:
         self.surrogate = surrogate
+        self._parameters = parameters
         self.config = config or DreamBoothConfig()
         self.generator = generator
         self.on_step = on_step
@@ -133,6 +136,9 @@ class DreamBoothTrainer:
                 self.class_latents = torch.cat([self._latents(chunk) for chunk in class_images.split(8)])
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the given ``parameters`` (e.g. LoRA weights), else UNet (+ text encoder)."""
+        if self._parameters is not None:
+            return list(self._parameters)
         params = list(self.surrogate.unet.parameters())
         if self.config.train_text_encoder:
             params += list(self.surrogate.text_encoder.parameters())
@@ -155,14 +161,12 @@ class DreamBoothTrainer:
         unet, text_encoder = parts.unet, parts.text_encoder
         unet.train()
         text_encoder.train(cfg.train_text_encoder)
-        for p in text_encoder.parameters():
-            p.requires_grad_(cfg.train_text_encoder)
-        for p in unet.parameters():
+        for p in self.parameters():
             p.requires_grad_(True)
         batch = instance_images[self._take(len(instance_images), "_cursor")].detach()
         with torch.no_grad():
             latents = self._latents(batch)
-        with torch.set_grad_enabled(cfg.train_text_encoder):
+        with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             texts = parts.encode_prompts([cfg.instance_prompt, cfg.class_prompt])
         class_latents = None
         if self.class_latents is not None:

@@ -20,10 +20,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from ..errors import CloakError, RejectedInput, UsageError
 from ..io import InputItem, read_image
+from ..masks import dilate_mask, read_mask, scaled_dilation
 
 # Object templates of the Textual Inversion paper (Gal et al. 2022), the "object" set of the diffusers TI example
 # that paper 000 trains with (§5.1.2). "{}" is replaced by the placeholder token.
@@ -45,7 +46,6 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
 )
 TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-DILATION_REFERENCE = 512  # paper 000 App. J dilates 512×512 masks
 
 
 def fill_templates(templates: Sequence[str], placeholder: str) -> list[str]:
@@ -85,40 +85,6 @@ def resize_and_crop(rgb: torch.Tensor, resolution: int, resample: int = Image.BI
 
 
 # ------------------------------------------------------------------------------------------------------ masks
-def scaled_dilation(pixels_at_512: int, size: tuple[int, int]) -> int:
-    """Dilation radius for an image of ``size`` (W, H): ``N · max(W, H) / 512``, rounded (0 stays 0)."""
-    if pixels_at_512 < 0:
-        raise UsageError(f"--dilate must be >= 0, got {pixels_at_512}")
-    return int(round(pixels_at_512 * max(size) / DILATION_REFERENCE))
-
-
-def dilate_mask(mask: Image.Image | np.ndarray, radius: int) -> np.ndarray:
-    """Binary mask ``(H, W)`` → dilated boolean ``(H, W)``: Pillow ``ImageFilter.MaxFilter(2·radius + 1)``.
-
-    A single on-pixel grows into a (2·radius+1)² square (clipped at the border). ``radius`` is in this mask's pixels
-    (use :func:`scaled_dilation` for the 512²-relative ``--dilate`` of paper 000 App. J).
-    """
-    array = np.asarray(mask)
-    binary = Image.fromarray(((array > 127) if array.dtype == np.uint8 else (array > 0.5)).astype(np.uint8) * 255)
-    if radius > 0:
-        binary = binary.filter(ImageFilter.MaxFilter(2 * radius + 1))
-    return np.asarray(binary) > 127
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file → boolean ``(H, W)`` (grey > 127, or alpha when the file has only transparency)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("LA", "RGBA", "PA") and np.asarray(image.convert("L")).max() == 0:
-                gray = image.getchannel("A")
-            else:
-                gray = image.convert("L")
-            return np.asarray(gray) > 127
-    except (OSError, ValueError) as exc:
-        raise RejectedInput(f"mask {path} is unreadable ({exc})") from None
-
-
 def find_mask(mask_dir: Path, rel: str | Path) -> Path:
     """The mask for image ``rel``: ``MASKS/<same relative path, .png>`` (what ``cloak mask`` writes)."""
     rel = Path(rel)

@@ -296,9 +296,11 @@ def pgd_over_set(run: SetRun, models: AttackModels, steps: int, *, eps: float, s
     return float(torch.cat(last).mean()) if last else 0.0
 
 
-def results(run: SetRun, models: AttackModels, eps: float, **stats: Any) -> list[PGDResult]:
-    """One :class:`PGDResult` per image ``(1, 3, H, W)``, with the loss of the clean and the final image under
-    ``models`` (the attack's final surrogate) on fixed draws; the budget is re-asserted by projection."""
+def results(run: SetRun, models: AttackModels, eps: float, loss_fn: LossFn | None = None,
+            **stats: Any) -> list[PGDResult]:
+    """One :class:`PGDResult` per image ``(1, 3, H, W)``, with the loss (``loss_fn(x, generators, mask)``, default
+    the denoising loss) of the clean and the final image under ``models`` (the attack's final surrogate) on fixed
+    draws; the budget is re-asserted by projection."""
     out: list[PGDResult] = [None] * len(run.pset)  # type: ignore[list-item]
     for index in run.pset.groups(run.batch_size):
         clean, adv, mask = run.pset.gather(index)
@@ -306,7 +308,7 @@ def results(run: SetRun, models: AttackModels, eps: float, **stats: Any) -> list
         gens = [run.generators[i] for i in index]
 
         def loss(x: torch.Tensor, g: Sequence[torch.Generator], mask=mask) -> torch.Tensor:
-            return models.denoise_loss(x, g, mask)
+            return loss_fn(x, g, mask) if loss_fn is not None else models.denoise_loss(x, g, mask)
 
         start, end = evaluate_loss(clean, loss, gens), evaluate_loss(adv, loss, gens)
         for position, i in enumerate(index):

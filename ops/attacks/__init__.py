@@ -126,3 +126,46 @@ register(AttackSpec("mist", "mist", "Mist v1 fused mode: minimize ‖E(x') − E
 
 # ------------------------------------------------------------------------------------------- set level
 # (aspl, fsmg, e-aspl, metacloak, caat, ace, inmark: registered below by their modules' author)
+# Shared by the DreamBooth-surrogate attacks (ops/attacks/setlevel.py): prompts of papers 001/004, 200 class images
+# of the base model (cached, resumable), DreamBooth lr 5e-7 with prior weight 1.0. Anti-DreamBooth's budget 0.05 /
+# step 0.005 in [-1, 1] units is 6.375 / 0.6375 here.
+SET_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "class_prompt": "a photo of person",
+                                "num_class_images": 200, "class_dir": None, "class_steps": 50, "prior_weight": 1.0,
+                                "db_lr": 5e-7, "train_text_encoder": True, "t_range": None}
+NO_PRIOR_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "t_range": None}
+ANTI_DREAMBOOTH_BUDGET: dict[str, Any] = {"eps": 6.375, "step_size": 0.6375}
+register(AttackSpec("aspl", "aspl", "Anti-DreamBooth ASPL: 50 rounds of [copy f→f′, 3 DreamBooth steps of f′ on clean "
+                    "set A, 6 PGD steps on the set against f′, 3 DreamBooth steps of f on the perturbed set]; "
+                    "ε 6.375, α 0.6375.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "rounds": 50, "surrogate_steps": 3, "pgd_steps": 6, **SET_DEFAULTS},
+                    set_level=True, sdxl=False))
+register(AttackSpec("fsmg", "fsmg", "Anti-DreamBooth FSMG: DreamBooth-train a surrogate on clean set A (1000 steps), "
+                    "then 100 PGD steps against it; ε 6.375, α 0.6375.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "steps": 100, "surrogate_steps": 1000, **SET_DEFAULTS},
+                    set_level=True, sdxl=False))
+register(AttackSpec("e-aspl", "e_aspl", "Ensemble ASPL: one ASPL round per base model (--model + --ensemble, default "
+                    "SD 1.4 and SD 2.1-base) from the shared images each round, perturbations averaged.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "rounds": 50, "surrogate_steps": 3, "pgd_steps": 6,
+                     "ensemble": "CompVis/stable-diffusion-v1-4,stabilityai/stable-diffusion-2-1-base",
+                     **SET_DEFAULTS}, set_level=True, sdxl=False))
+register(AttackSpec("metacloak", "metacloak", "MetaCloak: pool of DreamBooth snapshots (every 200 of 1000 steps); "
+                    "trials × snapshots × [6 EoT-PGD steps (crop-resize, blur k7, flip) + 2 unrolled training "
+                    "steps]; ε 11, α 1.1.",
+                    {"eps": 11.0, "step_size": 1.1, "pgd_steps": 6, "unroll_steps": 2, "trials": 4,
+                     "inner_iterations": 1, "pool_steps": 1000, "pool_interval": 200, "rotation": 0.0,
+                     **SET_DEFAULTS}, set_level=True, sdxl=False))
+register(AttackSpec("caat", "caat", "CAAT: only cross-attention K/V train; each of 250 steps one backward gives an "
+                    "image sign-ascent step and an AdamW step (lr 1e-5) on K/V; ε 6.375, α 0.6375.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "steps": 250, "lr": 1e-5, **NO_PRIOR_DEFAULTS},
+                    set_level=True, sdxl=False))
+register(AttackSpec("ace", "ace", "ACE (Mist v2 lunet): pull the noise prediction toward the target latent; "
+                    "5 epochs × (30 PGD steps + 10 LoRA steps, rank 4, lr 1e-4); ε 16, α 1.",
+                    {"eps": 16.0, "step_size": 1.0, "epochs": 5, "pgd_steps": 30, "lora_steps": 10, "lora_rank": 4,
+                     "lora_lr": 1e-4, "target": "pattern", **NO_PRIOR_DEFAULTS},
+                    set_level=True, needs_target=True, sdxl=False))
+register(AttackSpec("inmark", "inmark", "InMark (paper 004 Alg. 1): epochs alternate DCT low-frequency PGD (η 0.25) "
+                    "and self-influence steps (H⁻¹ by damped CG on cross-attention K/V; identity/LiSSA options), "
+                    "DreamBooth update each epoch; ε 6.375, α 0.6375.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "epochs": 10, "iterations": 10, "surrogate_steps": 3,
+                     "lf_ratio": 0.25, "influence": "cg", "hvp_steps": 5, "damping": 0.01, "lissa_scale": 10.0,
+                     "influence_params": "attn2.to_k,attn2.to_v", **SET_DEFAULTS}, set_level=True, sdxl=False))

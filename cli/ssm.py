@@ -1,15 +1,136 @@
-"""``cloak ssm``: Semantic sensitivity maps and timestep/spatial analyses. Not built yet — the command exits 2 without doing any work."""
+"""``cloak ssm``: semantic sensitivity maps (paper 000 Eq. 6) and the timestep/spatial/frequency analyses."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from . import common
 
+PROFILE_NAMES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")
+Profile = common.choices("Profile", list(PROFILE_NAMES))
+
+
+@common.handle_errors
+def ssm(
+    inputs: common.Inputs,
+    output: common.Output,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt the maps are conditioned on, e.g. 'a <R*> on the "
+                                        "grass'.")] = "a photo of a <R*>",
+    token: Annotated[Optional[list[str]], typer.Option("--token", help="Token or word of the prompt to map "
+                                                       "(repeatable; default: every token of the prompt). A token "
+                                                       "unknown to the tokenizer is added, initialised from "
+                                                       "--init-word, unless --embedding provides it.")] = None,
+    embedding: Annotated[Optional[Path], typer.Option("--embedding", help="Learned TI embedding "
+                                                      "(learned_embeds.safetensors) for the token.")] = None,
+    init_word: Annotated[str, typer.Option(help="Initial embedding of a new token without --embedding.")] = "object",
+    timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated timesteps (paper 000 Fig. 3).")] =
+    "100,200,300,400,500,600,700,800,1000",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Draws of (random dictionary embedding, noise) "
+                                         "averaged per map / per profile point.")] = 8,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Concept masks named like the images: adds "
+                                                  "R_{n,M} (Eq. 16) to each map; needed by --profile mask-loss.")]
+    = None,
+    profile: Annotated[Optional[Profile], typer.Option("--profile", help="Run an analysis instead of maps: loss "  # type: ignore[valid-type]
+                                                       "(Fig. 4), grad (Fig. 5), mask-loss (Fig. 6), jpeg-hist "
+                                                       "(Fig. 7/12, needs --clean), spectrum (Fig. 13).")] = None,
+    clean: Annotated[Optional[Path], typer.Option("--clean", help="Clean twins of the (poisoned) inputs, named "
+                                                  "alike: a second series in the profiles.")] = None,
+    quality: Annotated[int, typer.Option(help="JPEG quality for jpeg-hist and spectrum (SZT's 25).", min=1,
+                                         max=100)] = 25,
+    resolution: Annotated[Optional[int], typer.Option(help="Working resolution (default: the model's, 512 for "
+                                                      "SD 1.5); images are resized and centre-cropped.")] = None,
+    model: common.Model = None,
+    trust_pickle: common.TrustPickle = False,
+    recursive: common.Recursive = False,
+    overwrite: common.Overwrite = False,
+    shard: common.Shard = None,
+    device: common.Device = "auto",
+    dtype: common.Dtype = "auto",
+    seed: common.Seed = 0,
+    max_pixels: common.MaxPixels = None,
+    json_out: common.JsonOut = False,
+    debug: common.Debug = False,
+) -> None:
+    """Semantic sensitivity maps: per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000
+    Eq. 6) → OUTPUT/<name>.npy (T × N × h × w), OUTPUT/<name>.png (timesteps × tokens grid), cloak.json (means,
+    and R_{n,M} of Eq. 16 with --masks). With --profile: one analysis over the folder → profile-NAME.png + .json.
+
+    Examples:  cloak ssm poisoned -o maps --prompt "a <R*> on the grass" --token '<R*>' --embedding
+    ti/learned_embeds.safetensors --masks masks ·  cloak ssm poisoned -o prof --profile loss --clean clean ·
+    cloak ssm poisoned -o prof --profile jpeg-hist --clean clean --quality 25
+    """
+    import json
+
+    from cloaklab.ops import diffusion
+    from cloaklab.ops.device import resolve_device, resolve_dtype
+    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.manifest import Manifest
+    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
+    from cloaklab.ops.ssm_run import run_maps, run_profile, working_resolution
+
+    shard_spec = parse_shard(shard)
+    check_output_location(inputs, output)
+    items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    items = select_shard(items, shard_spec)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model_name = model or default_model()
+    pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)
+    tokens = list(token or [])
+    if embedding is not None:
+        if len(tokens) < 1:
+            from cloaklab.ops.errors import UsageError
+
+            raise UsageError("--embedding needs --token (the token it is stored under, e.g. '<R*>')")
+        load_embedding(pipe, embedding, tokens[0])
+    for word in tokens:
+        ensure_token(pipe, word, init_word)
+    size = working_resolution(pipe, resolution)
+    output.mkdir(parents=True, exist_ok=True)
+    profile_name = common.value(profile) if profile is not None else None
+    with common.Reporter("ssm") as reporter:
+        for note in notes:
+            reporter.line(f"cloak: note: {note}")
+        if profile_name:
+            data = run_profile(pipe, profile_name, items, output, prompt=prompt, token=tokens[0] if tokens else None,
+                               clean=clean, masks=masks, samples=samples, seed=seed, resolution=size,
+                               quality=quality, max_pixels=max_pixels)
+            for name, reason in data["rejected"]:
+                reporter.line(f"  rejected {name}: {reason}")
+            reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][1]}")
+            code = 3 if data["rejected"] else 0
+            sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": code})
+                              if json_out else str(output)) + "\n")
+            raise typer.Exit(code)
+        steps = parse_timesteps(timesteps, diffusion.num_train_timesteps(pipe.scheduler))
+        manifest = Manifest(output, "ssm", {"prompt": prompt, "tokens": tokens, "timesteps": steps,
+                                            "samples": samples, "resolution": size, "init_word": init_word,
+                                            "embedding": str(embedding) if embedding else None,
+                                            "masks": str(masks) if masks else None, "model": model_name},
+                            seed=seed, model=model_info(model_name).as_dict(),
+                            extra={"device": str(torch_device), "shard": shard})
+        manifest.start_run()
+        summary = run_maps(pipe, items, output, manifest, prompt=prompt, tokens=tokens, timesteps=steps,
+                           samples=samples, seed=seed, resolution=size, masks=masks, overwrite=overwrite,
+                           max_pixels=max_pixels, on_event=reporter.event)
+        reporter.line(f"ssm: {len(summary['done'])} mapped, {len(summary['skipped'])} skipped (already done), "
+                      f"{len(summary['rejected'])} rejected → {output}")
+        for name, reason in summary["rejected"]:
+            reporter.line(f"  rejected {name}: {reason}")
+    code = 3 if summary["rejected"] else 0
+    if json_out:
+        sys.stdout.write(json.dumps({"output": str(output), "done": summary["done"], "skipped": summary["skipped"],
+                                     "rejected": [{"file": n, "reason": r} for n, r in summary["rejected"]],
+                                     "exit_code": code}) + "\n")
+    else:
+        sys.stdout.write(f"{output}\n")
+    raise typer.Exit(code)
+
 
 def register(app: typer.Typer) -> None:
-    def ssm(ctx: typer.Context) -> None:
-        """Semantic sensitivity maps and timestep/spatial analyses (not implemented yet: exits 2)."""
-        common.not_implemented("ssm")
-
-    app.command("ssm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(ssm)
+    app.command("ssm")(ssm)

@@ -1,0 +1,237 @@
+"""``cloak score``: offline metrics against their libraries, averaging order, table merge, tiny-backbone metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloaklab.tests.conftest import photo, photo_tensor
+
+
+def _jpeg(image: Image.Image, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------------- pixel metrics
+def test_psnr_ssim_agree_with_skimage_on_photos():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from cloaklab.ops.metrics.basic import psnr, ssim
+
+    clean = np.asarray(photo("chelsea", 96))
+    degraded = _jpeg(photo("chelsea", 96), 30)
+    expected_psnr = peak_signal_noise_ratio(clean, degraded, data_range=255)
+    expected_ssim = structural_similarity(clean, degraded, data_range=255, channel_axis=2)
+    assert psnr(degraded, clean) == pytest.approx(expected_psnr, abs=1e-3)
+    assert ssim(degraded, clean) == pytest.approx(expected_ssim, abs=1e-5)
+    as_tensor = torch.from_numpy(degraded.astype(np.float32) / 255).permute(2, 0, 1)
+    assert psnr(as_tensor, clean) == pytest.approx(expected_psnr, abs=1e-3)
+
+
+def test_uint8_inputs_do_not_overflow():
+    from cloaklab.ops.metrics.basic import psnr, rmse
+
+    a = np.full((16, 16, 3), 10, np.uint8)
+    b = np.full((16, 16, 3), 250, np.uint8)  # uint8 a - b wraps to 16: a naive PSNR would read ~24 dB
+    assert psnr(a, b) == pytest.approx(20 * math.log10(255 / 240), abs=1e-3)
+    assert rmse(a, b) == pytest.approx(240 / 255, abs=1e-6)
+
+
+def test_brisque_rises_with_jpeg_degradation():
+    from cloaklab.ops.metrics.brisque_score import _scorer, brisque
+
+    scorer = _scorer()
+    image = photo("astronaut", 128)
+    scores = [brisque(_jpeg(image, q), scorer) for q in (95, 15, 3)]
+    assert scores[0] < scores[1] < scores[2]
+
+
+def test_face_detection_finds_astronaut_and_fails_on_flat_image():
+    from cloaklab.ops.metrics.faces import FaceMetric, detect_faces
+
+    astronaut = photo_tensor("astronaut", 256)
+    boxes = detect_faces(astronaut)
+    assert len(boxes) >= 1
+    x, y, w, h = boxes[0]
+    assert 70 < x + w / 2 < 150 and 30 < y + h / 2 < 90  # Eileen Collins' face, upper middle of the photo
+    flat = torch.full((3, 256, 256), 0.5)
+    assert detect_faces(flat) == []
+    fdfr = FaceMetric("fdfr")
+    assert fdfr.score([astronaut, flat], [None, None]) == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------- averaging
+def test_per_concept_then_dataset_averaging_is_exact():
+    from cloaklab.ops.score import aggregate
+
+    records = [{"concept": "a", "metrics": {"m": 1.0}}, {"concept": "a", "metrics": {"m": 2.0}},
+               {"concept": "a", "metrics": {"m": 3.0}}, {"concept": "a", "metrics": {"m": None}},
+               {"concept": "b", "metrics": {"m": 10.0}}]
+    concepts, dataset = aggregate(records, ["m", "fid"], {"fid": {"a": 4.0, "b": None}})
+    assert concepts["a"]["m"] == 2.0 and concepts["b"]["m"] == 10.0
+    assert dataset["m"] == 6.0  # mean of concept means, not the pooled mean 4.0
+    assert dataset["fid"] == 4.0 and dataset["concepts"] == 2 and dataset["images"] == 5
+
+
+def test_table_merge_produces_expected_cells(tmp_path):
+    from cloaklab.ops.score import merge_tables, table_csv, table_markdown, write_table
+
+    runs = [("clean", "nominal", 0.46), ("adm+", "nominal", 0.21), ("adm+", "szt", 0.45), ("ea", "nominal", 0.29),
+            ("ea", "szt", 0.47), ("clean", "szt", 0.50)]
+    paths = []
+    for poison, defense, value in runs:
+        path = tmp_path / f"{poison}-{defense}.json"
+        path.write_text(json.dumps({"metrics": ["dinov2"], "labels": {"poison": poison, "defense": defense},
+                                    "dataset": {"dinov2": value}}))
+        paths.append(path)
+    table = merge_tables(paths, "poison", "defense", average_row="Psn Avg", exclude=["clean"])
+    assert table["rows"] == ["clean", "adm+", "ea", "Psn Avg"] and table["cols"] == ["nominal", "szt"]
+    assert table["cells"]["ea"]["szt"] == 0.47
+    assert table["cells"]["Psn Avg"]["nominal"] == pytest.approx(0.25)
+    assert table["cells"]["Psn Avg"]["szt"] == pytest.approx(0.46)
+    assert "| adm+ | 0.21 | 0.45 |" in table_markdown(table)
+    rows = list(csv.reader(io.StringIO(table_csv(table))))
+    assert rows[0] == ["poison\\defense", "nominal", "szt"] and rows[2] == ["adm+", "0.210000", "0.450000"]
+    written = write_table(table, tmp_path / "table1.md")
+    with Image.open(written[2]) as heatmap:
+        assert heatmap.format == "PNG" and heatmap.size[0] > 100
+
+
+def test_table_cli_names_missing_label(cli, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"metrics": ["psnr"], "labels": {"poison": "adm+"}, "dataset": {"psnr": 30.0}}))
+    code, out, err = cli(["score", "--table", path, "--rows", "poison", "--cols", "defense", "-o", tmp_path / "t"])
+    assert code == 2 and "defense" in err
+
+
+# ---------------------------------------------------------------------------------------- CLI, offline metrics
+@pytest.fixture
+def scored_folders(tmp_path):
+    """gen/<concept>/*.png (noisy copies) and ref/<concept>/*.png (clean), 64 px."""
+    rng = np.random.default_rng(0)
+    for name, concept in (("astronaut", "person"), ("coffee", "person"), ("chelsea", "cat"), ("rocket", "cat")):
+        clean = np.asarray(photo(name, 64))
+        (tmp_path / "ref" / concept).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gen" / concept).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(clean).save(tmp_path / "ref" / concept / f"{name}.png")
+        noisy = np.clip(clean.astype(int) + rng.integers(-6, 7, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(tmp_path / "gen" / concept / f"{name}.png")
+    return tmp_path
+
+
+def test_score_cli_records_means_csv_and_partial_exit(cli, scored_folders):
+    root = scored_folders
+    (root / "gen" / "cat" / "extra.png").write_bytes((root / "gen" / "cat" / "rocket.png").read_bytes())  # no pair
+    (root / "gen" / "cat" / "broken.png").write_bytes(b"not an image")
+    out = root / "scores.json"
+    code, stdout, err = cli(["score", root / "gen", "-r", "--ref", root / "ref", "-m", "psnr,rmse", "-o", out,
+                             "--csv", root / "scores.csv", "--label", "poison=noise"])
+    assert code == 3, err
+    assert stdout.strip() == str(out)
+    data = json.loads(out.read_text())
+    by_image = {r["image"]: r for r in data["images"]}
+    assert by_image["cat/extra.png"]["status"] == "partial" and by_image["cat/extra.png"]["metrics"]["psnr"] is None
+    assert {r["file"] for r in data["rejected"]} == {"cat/broken.png", "cat/extra.png"}
+    expected = np.mean([by_image[f"cat/{n}.png"]["metrics"]["psnr"] for n in ("chelsea", "rocket")])
+    assert data["concepts"]["cat"]["psnr"] == pytest.approx(expected)
+    assert data["dataset"]["psnr"] == pytest.approx((data["concepts"]["cat"]["psnr"] +
+                                                      data["concepts"]["person"]["psnr"]) / 2)
+    assert 30 < data["dataset"]["psnr"] < 45 and data["labels"] == {"poison": "noise"}
+    rows = list(csv.DictReader((root / "scores.csv").open()))
+    assert rows[-1]["level"] == "dataset" and float(rows[-1]["psnr"]) == pytest.approx(data["dataset"]["psnr"],
+                                                                                         abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------- tiny-backbone metrics
+def test_dinov2_similarity_reference_features_computed_once():
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.dino import DinoSimilarity, tiny_dinov2
+
+    model = tiny_dinov2()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    metric = DinoSimilarity(model=model)
+    astronaut, rocket = photo_tensor("astronaut"), photo_tensor("rocket")
+    metric.prepare({"a": [astronaut], "b": [astronaut]})  # a shared reference is embedded once
+    assert len(calls) == 1
+    values = metric.score([astronaut, rocket], [ImageContext("x", "a"), ImageContext("y", "a")])
+    assert values[0] == pytest.approx(1.0, abs=1e-5) and values[1] < values[0] - 1e-4
+    assert len(calls) == 2
+
+
+def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
+    from cloaklab.ops.metrics.base import cosine_matrix
+    from cloaklab.ops.metrics.clip import backbone
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    photo("chelsea", 64).save(gen / "p00_i000.png")
+    (gen / "cloak.json").write_text(json.dumps({"command": "generate", "params": {"token": "<R*>"}, "files": {
+        "p00_i000.png": {"prompt": "a <R*> on the beach", "seed": 1, "status": "done"}}}))
+    out = tmp_path / "s.json"
+    code, _, err = cli(["score", gen, "-m", "clip,clip-iqa,clip-iqac,liqe,q", "--clip-model", "tiny", "--class", "cat",
+                        "-o", out])
+    assert code == 0, err
+    record = json.loads(out.read_text())["images"][0]
+    assert record["prompt"] == "a on the beach"
+    clip = backbone("tiny", torch.device("cpu"))
+    image = clip.images([photo_tensor("chelsea")], ("check",))
+    expected = 100 * max(cosine_matrix(image, clip.text(["a on the beach"])).item(), 0)
+    metrics = record["metrics"]
+    assert metrics["clip"] == pytest.approx(expected, abs=1e-3)
+    assert 0 <= metrics["clip-iqa"] <= 1 and -1 <= metrics["clip-iqac"] <= 1 and 1 <= metrics["liqe"] <= 5
+    assert metrics["q"] == pytest.approx((((metrics["liqe"] - 1) / 4) * 2 - 1) / 2 + metrics["clip-iqac"] / 2,
+                                         abs=1e-5)
+
+
+def test_q_formula_endpoints():
+    from cloaklab.ops.metrics.clip import liqe_prompts, q_score
+
+    assert q_score(5, 1) == 1 and q_score(1, -1) == -1 and q_score(3, 0) == 0
+    assert len(liqe_prompts()) == 9 * 11 * 5
+
+
+def test_lpips_and_fid_order_with_tiny_backbones():
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.fid import FidMetric
+    from cloaklab.ops.metrics.lpips import LpipsMetric
+
+    clean = photo_tensor("coffee")
+    generator = torch.Generator().manual_seed(0)
+    slight = (clean + 0.02 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    strong = (clean + 0.3 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    lpips = LpipsMetric("tiny")
+    values = lpips.score([clean, slight, strong], [ImageContext(n, "c", clean) for n in "abc"])
+    assert values[0] == pytest.approx(0, abs=1e-6) and values[0] < values[1] < values[2]
+
+    refs = [photo_tensor(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    fid = FidMetric("tiny")
+    fid.prepare({"same": refs, "noisy": refs})
+    fid.score(refs, [ImageContext(str(i), "same") for i in range(4)])
+    fid.score([(r + 0.3 * torch.randn(r.shape, generator=generator)).clamp(0, 1) for r in refs],
+              [ImageContext(str(i), "noisy") for i in range(4)])
+    values = fid.concept_values()
+    assert values["same"] == pytest.approx(0, abs=1e-3) and values["noisy"] > values["same"] + 1e-3
+
+
+def test_identity_metrics_exclude_or_penalize_faceless_images():
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.faces import FaceMetric
+
+    face, flat = photo_tensor("astronaut", 256), torch.full((3, 256, 256), 0.5)
+    ism, ims = FaceMetric("ism", arcface="tiny"), FaceMetric("ims", arcface="tiny", vggface="tiny")
+    for metric in (ism, ims):
+        metric.prepare({"p": [face]})
+    contexts = [ImageContext("a", "p"), ImageContext("b", "p")]
+    assert ism.score([face, flat], contexts)[0] == pytest.approx(1.0, abs=1e-5)
+    assert ism.score([face, flat], contexts)[1] is None  # excluded from the mean, not counted as 0
+    assert ims.score([face, flat], contexts) == [pytest.approx(1.0, abs=1e-5), -1.0]

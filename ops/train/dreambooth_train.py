@@ -78,7 +78,8 @@ class DreamBoothModel:
     """
 
     def __init__(self, pipe, settings: DreamBoothSettings, *, batch_size: int = 2,
-                 class_latents: tuple[torch.Tensor, torch.Tensor] | None = None, sample_latents: bool = True):
+                 class_latents: tuple[torch.Tensor, torch.Tensor] | None = None, sample_latents: bool = True,
+                 seed: int = 0):
         self.pipe, self.settings, self.batch_size = pipe, settings, batch_size
         self.instance_prompt, self.class_prompt = settings.prompts()
         self.class_latents = class_latents if settings.prior_weight else None
@@ -92,7 +93,9 @@ class DreamBoothModel:
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         if settings.lora_rank is not None:
-            self._add_lora(settings.lora_rank)
+            with torch.random.fork_rng(devices=[]):  # adapter init is a function of the run's seed
+                torch.manual_seed(seed)
+                self._add_lora(settings.lora_rank)
         else:
             for module in self.modules.values():
                 module.requires_grad_(True)
@@ -278,7 +281,7 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
         class_data = load_instance_images(class_items, resolution)
         class_latents = _posterior(pipe.vae, class_data.images)
     trainable = DreamBoothModel(pipe, settings, batch_size=config.batch_size, class_latents=class_latents,
-                                sample_latents=config.sample_latents)
+                                sample_latents=config.sample_latents, seed=config.seed)
     instance_prompt, _ = settings.prompts()
     with autocast_context(settings.mixed_precision, device):
         return train(pipe, trainable, data, [instance_prompt], config, out_dir, resume=resume,

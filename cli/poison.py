@@ -1,15 +1,201 @@
-"""``cloak poison``: Add a protective perturbation (AdvDM, PhotoGuard, Mist, Anti-DreamBooth, MetaCloak, InMark …). Not built yet — the command exits 2 without doing any work."""
+"""``cloak poison``: add a protective perturbation (AdvDM, SDS, PhotoGuard, Mist, Anti-DreamBooth, MetaCloak, InMark …)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from cloaklab.ops.attacks import ARTIST_PRESET, ATTACKS, attack_names
 
 from . import common
 
+Attack = common.choices("Attack", attack_names())
+ATTACK_LIST = "\n\n".join(f"{spec.name}{' (set-level)' if spec.set_level else ''}: {spec.summary}"
+                          for spec in ATTACKS.values())
+PRESET_TEXT = ", ".join(f"{key} {value}" for key, value in ARTIST_PRESET.items())
+
+
+def _opt(help_text: str, **kwargs):
+    return typer.Option(help=help_text, show_default=False, **kwargs)
+
+
+def _parse_t_range(text: str | None) -> list[int] | None:
+    from cloaklab.ops.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.replace(":", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--t-range {text!r}: give two integers LO,HI (e.g. 0,1000)") from None
+    return [low, high]
+
+
+def _parse_params(pairs: list[str] | None, defaults: dict) -> dict:
+    """``--param key=value`` for method parameters without a flag, typed like the default."""
+    from cloaklab.ops.errors import UsageError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--param {pair!r}: write KEY=VALUE (e.g. --param rounds=10)")
+        key, text = (part.strip() for part in pair.split("=", 1))
+        key = key.replace("-", "_")
+        default = defaults.get(key)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                value = text.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                value = int(text)
+            elif isinstance(default, float):
+                value = float(text)
+            else:
+                value = None if text.lower() == "none" else text
+        except ValueError:
+            raise UsageError(f"--param {key}={text!r}: expected a {type(default).__name__}") from None
+        out[key] = value
+    return out
+
+
+@common.handle_errors
+def poison(
+    inputs: common.Inputs,
+    output: common.Output,
+    attack: Annotated[Optional[Attack], typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
+                                                     help="Attack (list below). Without it: the artist preset "
+                                                          f"({PRESET_TEXT}).")] = None,
+    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, "
+                                          "MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
+    step_size: Annotated[Optional[float], _opt("PGD step in /255 units (1).", min=0)] = None,
+    steps: Annotated[Optional[int], _opt("PGD iterations (100; da 200).", min=0)] = None,
+    random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", show_default=False,
+                                                         help="Start from a uniform draw in the ε-ball (off).")] = None,
+    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).",
+                                           metavar="LO,HI")] = None,
+    prompt: Annotated[Optional[str], _opt("Prompt conditioning the UNet ('a photo').")] = None,
+    target: Annotated[Optional[str], _opt("ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, "
+                                          "or an image path (pattern).")] = None,
+    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η (0.25).", min=0,
+                                              max=1)] = None,
+    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term (1e4).")] = None,
+    mask: Annotated[Optional[Path], _opt("Perturb only inside this mask (white = perturb): one image for all "
+                                         "inputs, or a folder of <name>.png masks as `cloak mask` writes.")] = None,
+    robust: Annotated[Optional[str], _opt("EoT transforms inside the loss, comma-separated: jpeg "
+                                          "(differentiable), resize, blur; 'none' to switch off the preset's.",
+                                          metavar="LIST")] = None,
+    eot_samples: Annotated[int, typer.Option(help="EoT draws averaged per step.", min=1)] = 1,
+    jpeg_quality: Annotated[Optional[int], _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
+                                                max=100)] = None,
+    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px, aspect kept, multiples "
+                                                 "of 8; 0 = native size.", min=0)] = 512,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
+                                          "cloaked | amplified difference.")] = False,
+    clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="KEY=VALUE", show_default=False,
+                                                       help="Any other method parameter (see the list below), e.g. "
+                                                            "-p rounds=10 -p l2_eps=8.")] = None,
+    checkpointing: Annotated[bool, typer.Option(help="Gradient checkpointing in UNet/VAE (less GPU memory).")
+                             ] = False,
+    model: common.Model = None,
+    trust_pickle: common.TrustPickle = False,
+    recursive: common.Recursive = False,
+    overwrite: common.Overwrite = False,
+    shard: common.Shard = None,
+    device: common.Device = "auto",
+    dtype: common.Dtype = "auto",
+    seed: common.Seed = 0,
+    batch_size: common.BatchSize = 1,
+    max_pixels: common.MaxPixels = None,
+    json_out: common.JsonOut = False,
+    debug: common.Debug = False,
+) -> None:
+    """Protect images: every input becomes OUTPUT/<same name>.png, same size, mode, orientation, alpha and ICC,
+    within ε of the input on the saved bytes; per-file loss, L∞, L2, PSNR, SSIM in OUTPUT/cloak.json.
+
+    Examples:  cloak poison photos -o cloaked  (artist preset) ·
+    cloak poison photos -o out -a adm+ --eps 8 --steps 50 ·
+    cloak poison photos -o out -a ea --target gray --robust jpeg,resize ·
+    cloak poison faces -o out -a aspl --clean-dir faces_a -p rounds=20 ·
+    cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model tiny --resolution 64
+    """
+    import sys
+
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.robust import parse_robust
+    from cloaklab.ops.device import resolve_device, resolve_dtype
+    from cloaklab.ops.errors import UsageError
+    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.manifest import Manifest
+    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.poison import poison_folder
+
+    preset = None
+    if attack is None:
+        preset = "artist"
+        name = ARTIST_PRESET["attack"]
+        robust = ARTIST_PRESET["robust"] if robust is None else robust
+    else:
+        name = common.value(attack)
+    spec = get_attack(name)
+    given = {"eps": eps, "step_size": step_size, "steps": steps, "random_start": random_start,
+             "t_range": _parse_t_range(t_range), "prompt": prompt, "target": target, "lf_ratio": lf_ratio,
+             "fused_weight": fused_weight}
+    extra = _parse_params(param, spec.defaults)
+    overlap = sorted(set(extra) & {k for k, v in given.items() if v is not None})
+    if overlap:
+        raise UsageError(f"--param {overlap[0]} repeats a flag; give it once")
+    params = spec.resolve({**given, **extra})
+    if params.get("t_range") is not None:
+        params["t_range"] = list(params["t_range"])
+    if spec.needs_target and params.get("target") not in ("pattern", "gray", "zero") and \
+            not Path(str(params.get("target"))).is_file():
+        raise UsageError(f"--target {params.get('target')!r} is neither pattern, gray, zero nor an image file")
+    if clean_dir is not None and not spec.set_level:
+        raise UsageError(f"--clean-dir applies to set-level attacks only, not --attack {spec.name}")
+    transforms = parse_robust(robust)
+    shard_spec = parse_shard(shard)
+    check_output_location(inputs, output)
+    items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    items = select_shard(items, shard_spec)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model_name = model or default_model()
+    model_record = model_info(model_name).as_dict()
+    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "robust": transforms,
+                  "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
+                  "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
+                  "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
+    manifest = Manifest(output, "poison", run_params, seed=seed, model=model_record,
+                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard,
+                               "preview": preview, "checkpointing": checkpointing})
+    with common.Reporter("poison") as reporter:
+        for note in notes:
+            reporter.line(f"cloak: note: {note}")
+        if preset:
+            reporter.line(f"cloak: note: no --attack given: artist preset ({PRESET_TEXT})")
+        pipe = load_pipeline(model_name, device=torch_device, dtype=torch_dtype, trust_pickle=trust_pickle)
+        summary = poison_folder(items, output, spec.name, params, pipe=pipe, manifest=manifest, seed=seed,
+                                batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels,
+                                resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
+                                jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
+                                clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
+                                checkpointing=checkpointing, on_event=reporter.event,
+                                progress=lambda text: reporter.line(f"poison: {text}"))
+        code = reporter.summary(summary, output, json_out)
+    raise typer.Exit(code)
+
+
+poison.__doc__ = (poison.__doc__ or "") + (
+    "\n\nBudgets and steps are in /255 pixel units (public codes in [-1,1] units state twice the number). "
+    "lf-<attack> runs any attack with the DCT low-frequency gradient mask (paper 004). Method parameters without a "
+    "flag: --param KEY=VALUE.\n\nAttacks (published defaults):\n\n" + ATTACK_LIST + "\n\n"
+    + "\n\n".join(f"{name} parameters: " + ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+                  for name, spec in ATTACKS.items()))
+
 
 def register(app: typer.Typer) -> None:
-    def poison(ctx: typer.Context) -> None:
-        """Add a protective perturbation (AdvDM, PhotoGuard, Mist, Anti-DreamBooth, MetaCloak, InMark …) (not implemented yet: exits 2)."""
-        common.not_implemented("poison")
-
-    app.command("poison", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(poison)
+    app.command("poison")(poison)

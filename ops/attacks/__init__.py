@@ -35,6 +35,11 @@ from typing import Any
 # PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000).
 PGD_DEFAULTS: dict[str, Any] = {"eps": 16.0, "step_size": 1.0, "steps": 100, "random_start": False}
 DIFFUSION_DEFAULTS: dict[str, Any] = {"t_range": None, "prompt": "a photo"}
+# `cloak poison photos -o cloaked` with no --attack: AdvDM (ε 16, α 1, 100 steps, 512 px) with EoT over our
+# differentiable JPEG. Why: ADM+ and EA are the strongest poisons against Textual Inversion in paper 000 (Table 2,
+# DINOv2 similarity 0.44 clean → ~0.10), ADM+ needs no target image and works on any SD UNet; JPEG is the cheapest
+# effective purifier (paper 000 Table 1; paper 004 §1), and EoT over it costs no extra UNet pass. See docs/poison.md.
+ARTIST_PRESET: dict[str, Any] = {"attack": "adm+", "robust": "jpeg"}
 LF_RATIO = 0.25  # η of LF-PGD (Guo et al. 2020 kept a quarter of the spectrum); paper 004 does not state its value
 
 

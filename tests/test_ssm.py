@@ -1,0 +1,157 @@
+"""``cloak ssm``: SSM (Eq. 6) zero/positive, R (Eq. 16), spectra, JPEG histograms, profiles, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cloaklab.tests.conftest import photo, photo_tensor
+
+
+@pytest.fixture(scope="module")
+def dog_prompt(tiny_pipe):
+    from cloaklab.ops import diffusion, ssm
+
+    ids = ssm.prompt_ids(tiny_pipe, "a dog on the grass")
+    latents = diffusion.encode_images(tiny_pipe.vae, photo_tensor("chelsea")[None].to(tiny_pipe.device))
+    return ids, latents
+
+
+def test_ssm_is_exactly_zero_for_identical_replacement_and_positive_otherwise(tiny_pipe, dog_prompt):
+    from cloaklab.ops import ssm
+
+    ids, latents = dog_prompt
+    dog, grass = ssm.token_positions(tiny_pipe, ids, "dog"), ssm.token_positions(tiny_pipe, ids, "grass")
+    same = ids[0, dog]  # the "random" dictionary entry is the original embedding
+    maps = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog], [100, 700], samples=2, candidates=same)
+    assert maps.shape == (2, 1, 8, 8)
+    assert torch.count_nonzero(maps) == 0
+    maps = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=2,
+                                    generator=torch.Generator().manual_seed(1))
+    assert maps.shape == (2, 2, 8, 8) and bool((maps > 0).all())
+    again = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=2,
+                                     generator=torch.Generator().manual_seed(1))
+    assert torch.equal(maps, again)  # deterministic for a seed
+
+
+def test_ratio_is_a_share_and_one_for_full_mask():
+    from cloaklab.ops.ssm import sensitivity_ratio
+
+    maps = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(8, 8)
+    mask[2:6, 1:5] = 1
+    ratio = sensitivity_ratio(maps, mask)
+    assert ratio.shape == (3, 2) and bool(((ratio >= 0) & (ratio <= 1)).all())
+    assert torch.allclose(ratio + sensitivity_ratio(maps, 1 - mask), torch.ones(3, 2))
+    assert torch.allclose(sensitivity_ratio(maps, torch.ones(8, 8)), torch.ones(3, 2))
+    concentrated = torch.zeros(8, 8)
+    concentrated[3, 3] = 5.0
+    assert sensitivity_ratio(concentrated, mask).item() == 1.0
+
+
+def test_white_noise_spectrum_is_flat():
+    from cloaklab.ops.ssm import radial_power_spectrum
+
+    noise = torch.randn(256, 32, 32, generator=torch.Generator().manual_seed(0)) * 2.0
+    spectrum = radial_power_spectrum(noise)
+    assert spectrum.shape == (17,)
+    assert torch.allclose(spectrum[1:], torch.full_like(spectrum[1:], 4.0), rtol=0.1)
+    smooth = torch.nn.functional.avg_pool2d(noise[:, None], 3, 1, 1)[:, 0]  # low-pass: high radii lose power
+    assert radial_power_spectrum(smooth)[-1] < 0.2 * radial_power_spectrum(smooth)[1]
+
+
+def test_jpeg_turns_bimodal_perturbation_unimodal():
+    from cloaklab.ops.ssm import perturbation_histogram
+
+    clean = photo_tensor("coffee", 64) * 0.8 + 0.1  # away from 0/1 so ±ε is never clipped
+    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    poisoned = (clean + signs * 8 / 255).round(decimals=6)
+    histogram = perturbation_histogram([clean], [poisoned], quality=25, bins=41)
+    assert histogram["poisoned"]["modes"] == 2
+    assert histogram["jpeg"]["modes"] == 1
+    counts = np.array(histogram["jpeg"]["counts"])
+    assert abs(int(counts.argmax()) - 20) <= 4  # the single mode sits near zero perturbation
+
+
+def test_mask_loss_profile_splits_the_loss(tiny_pipe, dog_prompt):
+    from cloaklab.ops import diffusion, ssm
+
+    _, latents = dog_prompt
+    context = diffusion.encode_prompts(tiny_pipe, ["a dog on the grass"])
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :3, :] = 1
+    out = ssm.loss_profile(tiny_pipe, latents, context, [50, 500], 2, torch.Generator().manual_seed(0), mask)
+    inside_share = 3 / 8
+    combined = inside_share * out["inside"] + (1 - inside_share) * out["outside"]
+    assert np.allclose(combined, out["loss"], rtol=1e-4)
+    assert ssm.profile_timesteps(1000) == list(range(0, 1000, 50)) + [999]
+
+
+def test_gradient_profile_measures_the_new_token(fresh_tiny_pipe):
+    from cloaklab.ops import diffusion, ssm
+
+    pipe = fresh_tiny_pipe
+    ssm.ensure_token(pipe, "<R*>", init_word="dog")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    new_id = len(pipe.tokenizer) - 1
+    dog_id = pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
+    assert torch.equal(table[new_id], table[dog_id])  # an untrained token starts from its init word
+    ids = ssm.prompt_ids(pipe, "a <R*> on the grass")
+    positions = ssm.token_positions(pipe, ids, "<R*>")
+    assert len(positions) == 1 and int(ids[0, positions[0]]) == new_id
+    latents = diffusion.encode_images(pipe.vae, photo_tensor("astronaut")[None])
+    before = table.requires_grad
+    grads = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 2, torch.Generator().manual_seed(0))
+    again = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 2, torch.Generator().manual_seed(0))
+    assert grads.shape == (1, 2, 2) and (grads > 0).all() and np.array_equal(grads, again)
+    assert table.requires_grad == before
+
+
+def test_ssm_cli_writes_maps_ratio_and_resumes(cli, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    photo("astronaut", 64).save(images / "astronaut.png")
+    (images / "broken.png").write_bytes(b"nope")
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masks / "astronaut.png")
+    out = tmp_path / "maps"
+    args = ["ssm", images, "-o", out, "--model", "tiny", "--prompt", "a <R*> on the grass", "--token", "<R*>",
+            "--token", "grass", "--timesteps", "200,800", "--samples", "1", "--masks", masks]
+    code, stdout, err = cli(args)
+    assert code == 3, err  # the broken file is rejected, the photo is mapped
+    maps = np.load(out / "astronaut.npy")
+    assert maps.shape == (2, 2, 8, 8) and (maps >= 0).all() and maps.sum() > 0
+    record = json.loads((out / "cloak.json").read_text())["files"]["astronaut.png"]
+    assert record["stats"]["tokens"] == ["<R*>", "grass"]
+    assert np.allclose(record["stats"]["R"], 1.0)  # an all-ones mask holds the whole map
+    assert (out / "astronaut.png").stat().st_size > 0
+    code, _, err = cli(args)
+    assert "1 skipped" in err
+
+
+def test_ssm_cli_loss_profile_with_clean_series(cli, tmp_path):
+    poisoned, clean = tmp_path / "poisoned", tmp_path / "clean"
+    poisoned.mkdir()
+    clean.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("astronaut", "rocket"):
+        base = np.asarray(photo(name, 64))
+        photo(name, 64).save(clean / f"{name}.jpg", quality=98)
+        noisy = np.clip(base.astype(int) + rng.choice([-8, 8], base.shape), 0, 255).astype(np.uint8)
+        from PIL import Image
+
+        Image.fromarray(noisy).save(poisoned / f"{name}.png")
+    out = tmp_path / "profile"
+    code, _, err = cli(["ssm", poisoned, "-o", out, "--model", "tiny", "--profile", "loss", "--clean", clean,
+                        "--samples", "1", "--prompt", "a photo"])
+    assert code == 0, err
+    data = json.loads((out / "profile-loss.json").read_text())
+    assert len(data["timesteps"]) == 21 and set(data["series"]) == {"images", "clean"}
+    series = data["series"]["images"]
+    assert all(a <= b <= c for a, b, c in zip(series["q25"], series["median"], series["q75"]))
+    assert (out / "profile-loss.png").stat().st_size > 0

@@ -24,15 +24,74 @@ def purify(
     quality: Annotated[Optional[int], typer.Option(help="jpeg/webp: encoder quality 1-100 (75; SZT uses 25).",
                                                    min=1, max=100)] = None,
     kernel: Annotated[Optional[int], typer.Option(help="gaussian: odd kernel size (5).")] = None,
-    sigma: Annotated[Optional[float], typer.Option(help="gaussian: blur sigma (from the kernel size).")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="tvm: working resolution (64).")] = None,
+    sigma: Annotated[Optional[float], typer.Option(
+        help="gaussian: blur sigma (from the kernel size). ddspure: perturbation radius σ on the 0-255 scale (11); "
+             "t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel model's own schedule.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        help="tvm: working resolution (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
+             "for the default). pdm-pure: stage-II size (256).")] = None,
     drop: Annotated[Optional[float], typer.Option(help="tvm: fraction of pixels dropped (0.02).")] = None,
     tv_weight: Annotated[Optional[float], typer.Option(help="tvm: TV weight λ (0.01).")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="tvm: optimizer steps (200; more = smoother, slower).")] = None,
+    iters: Annotated[Optional[int], typer.Option(
+        help="Iterations — speed/quality trade-off. tvm: optimizer steps (200). gridpure: purify-and-blend rounds "
+             "(10; official README 20). impress: Adam steps (3000 as in the paper; 500 is ~6× faster).",
+        min=1)] = None,
     bilateral_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: bilateral passes (64).")] = None,
     guided_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter passes (4).")] = None,
     radius: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter radius (4).")] = None,
     eps: Annotated[Optional[float], typer.Option(help="adverse-cleaner: guided-filter eps, 0-255 scale (16).")] = None,
+    t: Annotated[Optional[int], typer.Option(
+        "--t", help="Noise step (strength) in the model's 1000-step schedule; higher = stronger, less faithful. "
+                    "regen 60, diffpure-latent 300, diffpure-pixel 100, gridpure 10, pdm-pure 444.",
+        min=0, max=999)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Length of the sampling schedule; denoising runs its part below --t (fewer = faster). regen/"
+             "diffpure-latent 50 (DDIM), diffpure-pixel/ddspure/gridpure 1000 (every step, DDPM), pdm-pure 100 "
+             "(stage II; stride 10). codeformer-sr/noisy-upscale: upscaler steps (75).", min=1)] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance. regen/diffpure-latent 7.5, pdm-pure stage II 7, codeformer-sr/"
+             "noisy-upscale upscaler 9.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        help="Text prompt ({class} is replaced by --class-name; without it such a prompt becomes \"\"). regen "
+             "\"\", diffpure-latent \"a photo of a {class}, clear, high resolution, high quality, noise-free\", "
+             "pdm-pure \"a picture\", codeformer-sr \"A photo of a {class}\", noisy-upscale \"\".")] = None,
+    class_name: Annotated[Optional[str], typer.Option(
+        help="diffpure-latent, codeformer-sr: the class for {class} in the prompt (e.g. person).")] = None,
+    eta: Annotated[Optional[float], typer.Option(
+        help="diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).",
+        min=0.0)] = None,
+    window: Annotated[Optional[int], typer.Option(help="gridpure: window size in pixels (256).", min=2)] = None,
+    stride: Annotated[Optional[int], typer.Option(help="gridpure: window stride (128).", min=1)] = None,
+    gamma: Annotated[Optional[float], typer.Option(
+        help="gridpure: weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).", min=0.0, max=1.0)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="impress: Adam learning rate, cosine-annealed (0.01).")] = None,
+    lpips_weight: Annotated[Optional[float], typer.Option(help="impress: LPIPS hinge weight α (0.1).")] = None,
+    lpips_budget: Annotated[Optional[float], typer.Option(help="impress: LPIPS budget Δ of the hinge (0.1).")] = None,
+    lpips_model: Annotated[Optional[str], typer.Option(
+        help="impress: LPIPS backbone vgg (default), alex, squeeze (torchvision ImageNet weights from TORCH_HOME), "
+             "or tiny (random, demo).")] = None,
+    fidelity: Annotated[Optional[float], typer.Option(
+        help="codeformer-sr: CodeFormer fidelity weight w (0.5; 1 = keep the input).", min=0.0, max=1.0)] = None,
+    noise: Annotated[Optional[float], typer.Option(
+        help="noisy-upscale: Gaussian noise std as a fraction of the [0,1] range (0.05; robust-style-mimicry uses "
+             "0.05-0.1).", min=0.0)] = None,
+    noise_level: Annotated[Optional[int], typer.Option(
+        help="x4 upscaler noise level (0-350): noisy-upscale 320, codeformer-sr 20, pdm-pure 20.",
+        min=0, max=350)] = None,
+    upscaler_steps: Annotated[Optional[int], typer.Option(help="pdm-pure: x4 upscaler steps (50).", min=1)] = None,
+    upscaler_guidance: Annotated[Optional[float], typer.Option(help="pdm-pure: x4 upscaler guidance (4).")] = None,
+    pixel_model: Annotated[Optional[str], typer.Option(
+        help="diffpure-pixel/ddspure/gridpure: pixel diffusion model — Hub id or diffusers folder (UNet2DModel + "
+             "DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 001 used guided-diffusion ImageNet 256 "
+             "uncond, converted), or tiny.")] = None,
+    upscaler_model: Annotated[Optional[str], typer.Option(
+        help="pdm-pure/codeformer-sr/noisy-upscale: x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), "
+             "or tiny.")] = None,
+    stage2_model: Annotated[Optional[str], typer.Option(
+        help="pdm-pure: pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.")] = None,
+    face_model: Annotated[Optional[str], typer.Option(
+        help="codeformer-sr: face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a "
+             "TorchScript file f(x, w) (needs --trust-pickle), none (skip restoration), or tiny.")] = None,
     model: common.Model = None,
     trust_pickle: common.TrustPickle = False,
     recursive: common.Recursive = False,
@@ -49,11 +108,14 @@ def purify(
     """Purify images: every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.
 
     Examples:  cloak purify photos -o out --method jpeg --quality 25 ·
-    cloak purify photos -o out -m gaussian --kernel 7 · chain methods with the shell (a && b).
+    cloak purify photos -o out -m gaussian --kernel 7 · cloak purify photos -o out -m regen ·
+    cloak purify photos -o out -m impress --iters 500 · cloak purify photos -o out -m gridpure --pixel-model DIR ·
+    chain methods with the shell (a && b). Model-based methods load their networks once per run; flags that do
+    not apply to the chosen method are refused.
     """
     import sys
 
-    from cloaklab.ops.device import resolve_device
+    from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.purify import get_purifier
@@ -62,12 +124,19 @@ def purify(
     spec = get_purifier(common.value(method))
     params = spec.resolve({"quality": quality, "kernel": kernel, "sigma": sigma, "resolution": resolution,
                            "drop": drop, "tv_weight": tv_weight, "iters": iters, "bilateral_iters": bilateral_iters,
-                           "guided_iters": guided_iters, "radius": radius, "eps": eps})
+                           "guided_iters": guided_iters, "radius": radius, "eps": eps, "t": t, "steps": steps,
+                           "guidance": guidance, "prompt": prompt, "class_name": class_name, "eta": eta,
+                           "window": window, "stride": stride, "gamma": gamma, "lr": lr, "lpips_weight": lpips_weight,
+                           "lpips_budget": lpips_budget, "lpips_model": lpips_model, "fidelity": fidelity,
+                           "noise": noise, "noise_level": noise_level, "upscaler_steps": upscaler_steps,
+                           "upscaler_guidance": upscaler_guidance, "pixel_model": pixel_model,
+                           "upscaler_model": upscaler_model, "stage2_model": stage2_model, "face_model": face_model})
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     model_record = None
     if spec.needs_model:
         from cloaklab.ops.models import default_model, model_info
@@ -76,13 +145,15 @@ def purify(
     manifest = Manifest(output, "purify", {"method": spec.name, **params, **({"model": model_record} if model_record
                                                                             else {})},
                         seed=seed, model=model_record,
-                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard})
+                        extra={"device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", ""),
+                               "batch_size": batch_size, "shard": shard})
     with common.Reporter("purify") as reporter:
         for note in notes:
             reporter.line(f"cloak: note: {note}")
         summary = purify_folder(items, output, spec.name, params, manifest=manifest, seed=seed,
                                 device=torch_device, batch_size=batch_size, overwrite=overwrite,
-                                max_pixels=max_pixels, on_event=reporter.event)
+                                max_pixels=max_pixels, model=model, dtype=torch_dtype, trust_pickle=trust_pickle,
+                                on_event=reporter.event)
         code = reporter.summary(summary, output, json_out)
     raise typer.Exit(code)
 

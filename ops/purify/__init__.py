@@ -71,3 +71,48 @@ register(PurifierSpec("tvm", "tvm", "Total-variance minimization (Guo et al. 201
 register(PurifierSpec("adverse-cleaner", "adverse_cleaner", "AdverseCleaner: 64 × bilateral filter (d 5, σc 8, "
                       "σs 8) then 4 × guided filter with the input as guide (r 4, eps 16).",
                       {"bilateral_iters": 64, "guided_iters": 4, "radius": 4, "eps": 16.0}))
+
+# ---------------------------------------------------------------------------- diffusion, optimization, restoration
+# Network defaults (Hub ids / names) live here too so the CLI can show them without importing torch.
+PIXEL_MODEL = "google/ddpm-ema-celebahq-256"
+UPSCALER_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
+STAGE2_MODEL = "DeepFloyd/IF-II-L-v1.0"
+DIFFPURE_PROMPT = "a photo of a {class}, clear, high resolution, high quality, noise-free"
+
+register(PurifierSpec("regen", "regen", "Diffusion regeneration (WatermarkAttacker): SD VAE latent noised to step 60, "
+                      "denoised over the rest of a 50-step DDIM schedule, CFG 7.5, prompt \"\".",
+                      {"t": 60, "steps": 50, "guidance": 7.5, "prompt": ""}, needs_model=True, min_size=8))
+register(PurifierSpec("diffpure-latent", "diffpure_latent", "LatentDiffPure (paper 001): SDEdit with SD from t=300 "
+                      "(50-step DDIM schedule), CFG 7.5, prompt with {class} (empty without --class-name).",
+                      {"t": 300, "steps": 50, "guidance": 7.5, "prompt": DIFFPURE_PROMPT, "class_name": None},
+                      needs_model=True, min_size=8))
+register(PurifierSpec("diffpure-pixel", "diffpure_pixel", "PixelDiffPure (Nie et al.): pixel diffusion model "
+                      "(--pixel-model), resize to its 256² and back, noise to t=100, DDPM reverse over every step.",
+                      {"t": 100, "steps": 1000, "eta": 1.0, "resolution": None, "pixel_model": PIXEL_MODEL}))
+register(PurifierSpec("ddspure", "ddspure", "DDSPure (Carlini et al.): t* with (1−ᾱ)/ᾱ = σ² in the model's own "
+                      "1000-step schedule, σ = 11/255 (×2 for [-1,1]), then one pixel SDEdit from t*.",
+                      {"sigma": 11.0, "steps": 1000, "eta": 1.0, "resolution": None, "pixel_model": PIXEL_MODEL}))
+register(PurifierSpec("gridpure", "gridpure", "GrIDPure: 256² windows, stride 128, plus the stitched corner "
+                      "patches; DiffPure t=10 per window, overlaps averaged, x ← 0.9·x̃ + 0.1·x, 10 iterations "
+                      "(official README: 20).",
+                      {"window": 256, "stride": 128, "t": 10, "steps": 1000, "gamma": 0.1, "iters": 10, "eta": 1.0,
+                       "pixel_model": PIXEL_MODEL}, min_size=8))
+register(PurifierSpec("pdm-pure", "pdm_pure", "PDM-Pure: DeepFloyd IF stage II SDEdit at 256² (t≈444, guidance 7, "
+                      "prompt \"a picture\"), then SD x4 upscaler (50 steps, guidance 4), resized back.",
+                      {"t": 444, "steps": 100, "guidance": 7.0, "prompt": "a picture", "resolution": 256,
+                       "upscaler_steps": 50, "upscaler_guidance": 4.0, "noise_level": 20,
+                       "stage2_model": STAGE2_MODEL, "upscaler_model": UPSCALER_MODEL}, min_size=8))
+register(PurifierSpec("impress", "impress", "IMPRESS: min ‖x − D(E(x))‖² + 0.1·max(LPIPS(x, x_ptb) − 0.1, 0), Adam "
+                      "lr 0.01 cosine, 3000 iterations (paper; --iters 500 is ~6× faster, most of the effect).",
+                      {"iters": 3000, "lr": 0.01, "lpips_weight": 0.1, "lpips_budget": 0.1, "lpips_model": "vgg"},
+                      needs_model=True, min_size=8))
+register(PurifierSpec("codeformer-sr", "codeformer_sr", "DiffShortcut purification: CodeFormer face restoration "
+                      "(fidelity 0.5; non-faces skipped), resize to 1/4 (128² for 512²), SD x4 upscaler (75 steps, "
+                      "guidance 9, noise level 20), prompt \"A photo of a {class}\".",
+                      {"fidelity": 0.5, "steps": 75, "guidance": 9.0, "noise_level": 20,
+                       "prompt": "A photo of a {class}", "class_name": None, "face_model": "codeformer",
+                       "upscaler_model": UPSCALER_MODEL}, min_size=8))
+register(PurifierSpec("noisy-upscale", "noisy_upscale", "Noisy upscaling (robust-style-mimicry): Gaussian noise "
+                      "σ 0.05, then SD x4 upscaler at noise level 320 (75 steps, guidance 9) from 1/4 size.",
+                      {"noise": 0.05, "noise_level": 320, "steps": 75, "guidance": 9.0, "prompt": "",
+                       "upscaler_model": UPSCALER_MODEL}, min_size=8))

@@ -17,23 +17,38 @@ from . import get_purifier
 def purify_folder(items: Sequence[InputItem], out_dir: Path, method: str, params: dict[str, Any], *,
                   manifest: Manifest, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 1,
                   overwrite: bool = False, max_pixels: int | None = None, models: Any = None,
+                  model: str | None = None, dtype: torch.dtype | None = None, trust_pickle: bool = False,
                   on_event=None) -> RunSummary:
-    """Purify every item into ``out_dir`` with ``method`` (parameters already resolved against its defaults)."""
+    """Purify every item into ``out_dir`` with ``method`` (parameters already resolved against its defaults).
+
+    Model-based methods get their networks from ``module.load_models(device=, dtype=, model=, trust_pickle=,
+    **params)`` — once per run, lazily (a rerun that skips every file loads nothing) — or from ``models``.
+    ``module.purify`` returns images, or ``(images, [per-image stats])`` recorded next to PSNR/SSIM.
+    """
     spec = get_purifier(method)
     module = spec.load()
-    if models is None and hasattr(module, "load_models"):
-        models = module.load_models(device=device, **params)  # once per run, never per image
-    extra = {"models": models} if models is not None else {}
+    loaded: dict[str, Any] = {"models": models}
+
+    def networks() -> dict[str, Any]:
+        if loaded["models"] is None and hasattr(module, "load_models"):
+            loaded["models"] = module.load_models(device=device, dtype=dtype, model=model,
+                                                  trust_pickle=trust_pickle, **params)
+        return {"models": loaded["models"]} if loaded["models"] is not None else {}
 
     def process(jobs: list[ImageJob]) -> list[ProcessedImage]:
         results = []
+        extra = networks()
         for group in _same_size_groups(jobs):
             images = torch.stack([job.image.rgb for job in group]).to(device)
             generators = [torch.Generator().manual_seed(job.seed) for job in group]
             with torch.no_grad():
                 purified = module.purify(images, generators=generators, **params, **extra)
-            for job, output, source in zip(group, purified.float().cpu(), images.float().cpu()):
-                results.append((job, ProcessedImage(output, {"psnr": psnr(output, source), "ssim": ssim(output, source)})))
+            method_stats = [{}] * len(group)
+            if isinstance(purified, tuple):
+                purified, method_stats = purified
+            for job, output, source, more in zip(group, purified.float().cpu(), images.float().cpu(), method_stats):
+                stats = {"psnr": psnr(output, source), "ssim": ssim(output, source), **more}
+                results.append((job, ProcessedImage(output, stats)))
         order = {id(job): index for index, job in enumerate(jobs)}
         return [result for _, result in sorted(results, key=lambda pair: order[id(pair[0])])]
 

@@ -1,0 +1,329 @@
+"""Model-based purifiers (issue 4): regen, diffpure-latent/-pixel, ddspure, gridpure, pdm-pure, impress, codeformer-sr,
+noisy-upscale — on tiny stand-in networks built in code, offline."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloaklab.ops.purify import PURIFIERS, get_purifier
+from cloaklab.ops.purify import sdedit as sdedit_module
+from cloaklab.ops.purify.models import PurifierModels, TinyLPIPS, build_tiny_pixel_model, build_tiny_upscaler
+from cloaklab.tests.conftest import photo, photo_tensor
+
+MODEL_METHODS = ("regen", "diffpure-latent", "diffpure-pixel", "ddspure", "gridpure", "pdm-pure", "impress",
+                 "codeformer-sr", "noisy-upscale")
+
+
+@pytest.fixture(scope="module")
+def pixel_model():
+    return build_tiny_pixel_model()
+
+
+@pytest.fixture(scope="module")
+def upscaler():
+    return build_tiny_upscaler()
+
+
+class SpyDenoiser:
+    """Wraps a denoiser (UNet or ``PixelDiffusion.predict``) and records the timesteps it is called with."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.dtype = getattr(inner, "dtype", torch.float32)
+
+    def __call__(self, x, t, *args, **kwargs):
+        self.calls.append((int(t[0]), x.shape[0]))
+        return self.inner(x, t, *args, **kwargs)
+
+
+def spy_add_noise(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    original = sdedit_module.add_noise
+
+    def add_noise(scheduler, latents, noise, timesteps):
+        seen.extend(int(t) for t in timesteps)
+        return original(scheduler, latents, noise, timesteps)
+
+    monkeypatch.setattr(sdedit_module, "add_noise", add_noise)
+    return seen
+
+
+def spied_pipe(pipe):
+    spy = SpyDenoiser(pipe.unet)
+    proxy = SimpleNamespace(vae=pipe.vae, unet=spy, scheduler=pipe.scheduler, tokenizer=pipe.tokenizer,
+                            text_encoder=pipe.text_encoder)
+    return proxy, spy
+
+
+def run(name, images, models, seeds=(0, 1), **given):
+    spec = get_purifier(name)
+    params = spec.resolve(given)
+    generators = [torch.Generator().manual_seed(s) for s in seeds[: images.shape[0]]]
+    with torch.no_grad():
+        return spec.load().purify(images, generators=generators, models=models, **params)
+
+
+# ------------------------------------------------------------------------------- where denoising starts
+def test_schedules_start_at_the_documented_steps():
+    regen, latent = get_purifier("regen").defaults, get_purifier("diffpure-latent").defaults
+    assert (regen["t"], regen["steps"], regen["guidance"], regen["prompt"]) == (60, 50, 7.5, "")
+    assert sdedit_module.denoise_timesteps(regen["t"], 1000, regen["steps"]) == [60, 40, 20, 0]
+    assert sdedit_module.denoise_timesteps(latent["t"], 1000, latent["steps"]) == list(range(300, -1, -20))
+    grid = get_purifier("gridpure").defaults
+    assert sdedit_module.denoise_timesteps(grid["t"], 1000, grid["steps"]) == list(range(10, -1, -1))
+
+
+def test_regen_noises_to_step_60_and_denoises_from_there(tiny_pipe, monkeypatch):
+    seen = spy_add_noise(monkeypatch)
+    proxy, spy = spied_pipe(tiny_pipe)
+    images = torch.stack([photo_tensor("astronaut", 32)])
+    out = run("regen", images, PurifierModels(pipe=proxy))
+    assert seen == [60]
+    assert [t for t, _ in spy.calls] == [60, 40, 20, 0]
+    assert all(batch == 1 for _, batch in spy.calls)  # empty prompt: CFG is the identity, one pass per step
+    assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_diffpure_latent_starts_at_300_with_guidance(tiny_pipe, monkeypatch):
+    seen = spy_add_noise(monkeypatch)
+    proxy, spy = spied_pipe(tiny_pipe)
+    images = torch.stack([photo_tensor("astronaut", 32), photo_tensor("rocket", 32)])
+    out, stats = run("diffpure-latent", images, PurifierModels(pipe=proxy), class_name="person")
+    assert seen == [300, 300]
+    assert [t for t, _ in spy.calls] == list(range(300, -1, -20))
+    assert all(batch == 4 for _, batch in spy.calls)  # unconditional + conditional halves
+    assert stats[0]["prompt"] == "a photo of a person, clear, high resolution, high quality, noise-free"
+    _, stats = run("diffpure-latent", images[:1], PurifierModels(pipe=proxy), steps=10)
+    assert stats[0]["prompt"] == ""  # no class name: the paper's LatentDiffPure-∅
+
+
+# -------------------------------------------------------------------------------------------- ddspure
+@pytest.mark.parametrize("betas", ["linear", "scaled_linear"])
+def test_ddspure_t_star_is_the_closed_form_in_the_own_schedule(betas):
+    from diffusers import DDPMScheduler
+
+    from cloaklab.ops.purify.ddspure import dds_timestep
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=betas,
+                              beta_start=1e-4 if betas == "linear" else 0.00085,
+                              beta_end=0.02 if betas == "linear" else 0.012)
+    if betas == "linear":
+        beta = np.linspace(1e-4, 0.02, 1000)
+    else:
+        beta = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    alpha_bar = np.cumprod(1 - beta)
+    ratio = (1 - alpha_bar) / alpha_bar
+    for sigma in (4.0, 11.0, 16.0, 64.0):
+        target = (2 * sigma / 255) ** 2  # σ on the [-1, 1] data scale
+        expected = int(np.argmin(np.abs(ratio - target)))
+        t_star = dds_timestep(scheduler, sigma)
+        assert t_star == expected
+        assert ratio[max(t_star - 1, 0)] <= target <= ratio[t_star + 1]
+    scheduler.set_timesteps(50)  # a respaced sampling schedule must not change t*
+    assert dds_timestep(scheduler, 11.0) == int(np.argmin(np.abs(ratio - (22 / 255) ** 2)))
+    assert dds_timestep(scheduler, 1e6) == 999  # clipped to the schedule
+
+
+def test_ddspure_runs_one_sdedit_from_t_star(pixel_model, monkeypatch):
+    from cloaklab.ops.purify.ddspure import dds_timestep
+
+    seen = spy_add_noise(monkeypatch)
+    spy = SpyDenoiser(pixel_model.predict)
+    model = SimpleNamespace(predict=spy, scheduler=pixel_model.scheduler, resolution=pixel_model.resolution)
+    images = torch.stack([photo_tensor("coffee", 48)])
+    out, stats = run("ddspure", images, PurifierModels(pixel=model), steps=1)
+    t_star = dds_timestep(pixel_model.scheduler, 11.0)
+    assert stats[0]["t_star"] == t_star and seen == [t_star] and [t for t, _ in spy.calls] == [t_star]
+    assert out.shape == images.shape
+
+
+# ------------------------------------------------------------------------------------------- gridpure
+@pytest.mark.parametrize("size,window,stride", [((64, 64), 32, 16), ((80, 72), 32, 16), ((50, 37), 32, 20),
+                                                ((512, 512), 256, 128)])
+def test_gridpure_windows_cover_every_pixel(size, window, stride):
+    from cloaklab.ops.purify.gridpure import grid_windows
+
+    covered = np.zeros(size, dtype=int)
+    for top, left in grid_windows(*size, window, stride):
+        assert top + window <= size[0] and left + window <= size[1]
+        covered[top:top + window, left:left + window] += 1
+    assert covered.min() >= 1
+    if size == (512, 512):
+        assert len(grid_windows(*size, window, stride)) == 9  # the paper's 3 × 3 grid
+
+
+def test_gridpure_overlap_averaging_is_exact():
+    from cloaklab.ops.purify.gridpure import grid_purify
+
+    images = torch.stack([photo_tensor("astronaut", 64), photo_tensor("chelsea", 64)])
+    same = grid_purify(images, lambda w, owner: w, window=32, stride=16, gamma=0.1, iters=3)
+    assert torch.allclose(same, images, atol=1e-6)  # identity denoiser → identity purifier
+    shifted = grid_purify(images * 0.5, lambda w, owner: w + 0.25, window=32, stride=16, gamma=0.1, iters=1)
+    assert torch.allclose(shifted, images * 0.5 + 0.9 * 0.25, atol=1e-6)  # every pixel averaged with weight 1
+    # Only the stitched corner window changes (+1): corner pixels are covered by one grid window and the corner
+    # patch, so they move by 1/2; the centre (four grid windows, no corner patch) does not move.
+    def corner_only(windows, owner):
+        out = windows.clone()
+        out[-1] += 1
+        return out
+
+    marked = grid_purify(torch.zeros(1, 3, 64, 64), corner_only, window=32, stride=16, gamma=0.0, iters=1)[0]
+    for rows, cols in ((slice(0, 16), slice(0, 16)), (slice(0, 16), slice(48, 64)), (slice(48, 64), slice(0, 16)),
+                       (slice(48, 64), slice(48, 64))):
+        assert torch.allclose(marked[:, rows, cols], torch.full_like(marked[:, rows, cols], 0.5))
+    assert float(marked[:, 16:48, 16:48].abs().max()) == 0.0
+
+
+def test_gridpure_keeps_each_images_windows_with_its_generator(pixel_model):
+    images = torch.stack([photo_tensor("astronaut", 48), photo_tensor("coffee", 48)])
+    params = dict(window=32, stride=16, iters=1, t=3)
+    pair = run("gridpure", images, PurifierModels(pixel=pixel_model), seeds=(5, 6), **params)
+    alone = run("gridpure", images[1:], PurifierModels(pixel=pixel_model), seeds=(6,), **params)
+    assert torch.allclose(pair[1], alone[0], atol=1e-5)  # batching changes nothing
+
+
+# -------------------------------------------------------------------------------------------- impress
+def test_impress_lowers_its_objective_and_respects_the_lpips_hinge(tiny_pipe):
+    from cloaklab.ops.purify.impress import objective
+
+    lpips = TinyLPIPS()
+    models = PurifierModels(pipe=tiny_pipe, lpips=lpips)
+    images = torch.stack([photo_tensor("astronaut", 32), photo_tensor("chelsea", 32)])
+    out, stats = run("impress", images, models, iters=12)
+    total, _, _ = objective(tiny_pipe.vae, lpips, out, images, 0.1, 0.1)
+    start, _, _ = objective(tiny_pipe.vae, lpips, images, images, 0.1, 0.1)
+    assert bool((total < start).all())
+    assert all(s["objective"] < s["objective_start"] for s in stats)
+    # Inactive hinge (LPIPS far below Δ): the LPIPS term has no gradient, the run equals α = 0.
+    far, _ = run("impress", images, models, iters=12, lpips_budget=100.0)
+    none, stats_none = run("impress", images, models, iters=12, lpips_weight=0.0)
+    assert torch.equal(far, none)
+    # Active hinge (Δ = 0, large α): the purified image stays perceptually closer to the input.
+    tight, stats_tight = run("impress", images, models, iters=12, lpips_weight=50.0, lpips_budget=0.0)
+    assert all(a["lpips"] < b["lpips"] for a, b in zip(stats_tight, stats_none))
+
+
+# -------------------------------------------------------------------------------------- codeformer-sr
+def test_codeformer_sr_restores_faces_only(upscaler):
+    from cloaklab.ops.purify.models import TinyFaceRestorer
+
+    calls = []
+    restorer = TinyFaceRestorer()
+
+    def face(x, w):
+        calls.append((x.shape, w))
+        return restorer(x, w)
+
+    images = torch.stack([photo_tensor("astronaut", 32), photo_tensor("coffee", 32)])
+    models = PurifierModels(upscaler=upscaler, face=face, detect_faces=lambda imgs: [True, False])
+    out, stats = run("codeformer-sr", images, models, steps=2)
+    assert [s["face_restored"] for s in stats] == [True, False]
+    assert calls == [((1, 3, 512, 512), 0.5)]  # only the face image, at CodeFormer's 512², fidelity 0.5
+    assert out.shape == images.shape
+    calls.clear()
+    models.detect_faces = lambda imgs: [False] * len(imgs)
+    run("codeformer-sr", images, models, steps=2)
+    assert calls == []
+
+
+# --------------------------------------------------------------------------- end to end through the CLI
+@pytest.fixture
+def mixed_dir(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgba = np.dstack([np.asarray(photo("astronaut", 64)), np.tile(np.linspace(60, 255, 64, dtype=np.uint8), (64, 1))])
+    Image.fromarray(rgba, "RGBA").save(folder / "astro.png")
+    photo("chelsea").resize((72, 56)).save(folder / "cat.jpg", quality=95)
+    return folder
+
+
+FAST = {
+    "regen": ["--model", "tiny"],
+    "diffpure-latent": ["--model", "tiny", "--steps", "10", "--class-name", "cat"],
+    "diffpure-pixel": ["--pixel-model", "tiny", "--steps", "50"],
+    "ddspure": ["--pixel-model", "tiny", "--steps", "10"],
+    "gridpure": ["--pixel-model", "tiny", "--window", "32", "--stride", "16", "--iters", "1", "--t", "2"],
+    "pdm-pure": ["--stage2-model", "tiny", "--upscaler-model", "tiny", "--t", "100", "--steps", "20",
+                 "--upscaler-steps", "2"],
+    "impress": ["--model", "tiny", "--lpips-model", "tiny", "--iters", "3"],
+    "codeformer-sr": ["--upscaler-model", "tiny", "--face-model", "tiny", "--steps", "2"],
+    "noisy-upscale": ["--upscaler-model", "tiny", "--steps", "2"],
+}
+
+
+def test_every_model_method_is_registered_with_fast_flags():
+    assert set(MODEL_METHODS) <= set(PURIFIERS) and set(FAST) == set(MODEL_METHODS)
+
+
+@pytest.mark.parametrize("method", MODEL_METHODS)
+def test_model_purifiers_end_to_end_keep_names_sizes_alpha(method, mixed_dir, tmp_path, cli):
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(["purify", mixed_dir, "-o", out, "-m", method, "--batch-size", "2", *FAST[method]])
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["astro.png", "cat.png",
+                                                                                   "cloak.json"]
+    with Image.open(out / "astro.png") as image, Image.open(mixed_dir / "astro.png") as source:
+        assert image.mode == "RGBA" and image.size == (64, 64)
+        assert np.array_equal(np.asarray(image)[..., 3], np.asarray(source)[..., 3])
+    with Image.open(out / "cat.png") as image:
+        assert image.size == (72, 56)
+    manifest = json.loads((out / "cloak.json").read_text())
+    for record in manifest["files"].values():
+        assert record["status"] == "done" and {"psnr", "ssim"} <= set(record["stats"])
+        assert record["seconds"] >= 0
+
+
+def test_seeded_runs_repeat_exactly_with_batches(photo_dir, tmp_path, cli):
+    outputs = []
+    for name, batch in (("a", "2"), ("b", "2"), ("c", "1")):
+        out = tmp_path / name
+        code, _, stderr = cli(["purify", photo_dir, "-o", out, "-m", "regen", "--model", "tiny", "--seed", "3",
+                               "--batch-size", batch])
+        assert code == 0, stderr
+        outputs.append({p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))})
+    assert outputs[0].keys() == outputs[1].keys() == outputs[2].keys() and len(outputs[0]) == 4
+    for key in outputs[0]:
+        assert np.array_equal(outputs[0][key], outputs[1][key])  # same seed → same bytes
+        diff = np.abs(outputs[0][key].astype(int) - outputs[2][key].astype(int)).max()
+        assert diff <= 1  # batching only reorders float sums; each image has its own generator
+
+
+def test_rerun_skips_without_loading_networks(photo_dir, tmp_path, cli, monkeypatch):
+    out = tmp_path / "out"
+    args = ["purify", photo_dir, "-o", out, "-m", "ddspure", "--pixel-model", "tiny", "--steps", "10"]
+    assert cli(args)[0] == 0
+    import cloaklab.ops.purify.diffpure_pixel as diffpure_pixel
+
+    def refuse(**_):
+        raise AssertionError("networks loaded although every output was done")
+
+    monkeypatch.setattr(diffpure_pixel, "load_models", refuse)
+    monkeypatch.setattr("cloaklab.ops.purify.ddspure.load_models", refuse)
+    code, _, stderr = cli(args)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-m", "diffpure-pixel", "--pixel-model", "{tmp}/no-such-model"], "pixel diffusion model"),
+    (["-m", "noisy-upscale", "--upscaler-model", "nobody/no-such-upscaler"], "x4 upscaler"),
+    (["-m", "codeformer-sr", "--upscaler-model", "tiny", "--face-model", "{tmp}/missing.pt"], "face restorer"),
+    (["-m", "regen", "--model", "{tmp}/no-such-sd"], "not found"),
+])
+def test_missing_weights_fail_in_one_line(args, needle, photo_dir, tmp_path, cli):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, stdout, stderr = cli(["purify", photo_dir, "-o", tmp_path / "out", *args])
+    assert code == 1 and stdout == ""
+    lines = [line for line in stderr.splitlines() if line.startswith("cloak: error")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in stderr
+
+
+def test_flags_of_other_methods_are_refused(photo_dir, tmp_path, cli):
+    code, _, stderr = cli(["purify", photo_dir, "-o", tmp_path / "out", "-m", "regen", "--window", "64"])
+    assert code == 2 and "--window does not apply to --method regen" in stderr

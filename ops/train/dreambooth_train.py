@@ -104,7 +104,8 @@ class DreamBoothModel:
         if settings.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             if settings.train_text_encoder:
-                pipe.text_encoder.gradient_checkpointing_enable()
+                encoder = pipe.text_encoder  # transformers >= 5 renamed the switch
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         self._named = [(f"{name}.{key}", p) for name, module in self.modules.items()
                        for key, p in module.named_parameters() if p.requires_grad]
 

@@ -58,7 +58,8 @@ def generate(
     shard: common.Shard = None,
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
-    seed: common.Seed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed; image K of prompt J is seeded from (seed, J, K), "
+                                      "whatever the batch size or shard.")] = 0,
     batch_size: common.BatchSize = 1,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,

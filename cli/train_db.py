@@ -79,7 +79,8 @@ def train_db(
                                                 "001/004; 1e-4 LoRA).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Instance images per step (2); as many "
                                             "class images.")] = 2,
-    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1)] = 1,
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Batches accumulated per "
+                                                   "optimizer step (1).")] = 1,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip (1.0; 0 = off).")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (1e-2).")] = 1e-2,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training size (the model's: 512 for "
@@ -120,7 +121,8 @@ def train_db(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an earlier run in "
                                             "OUTPUT and start again.")] = False,
     device: common.Device = "auto",
-    seed: common.Seed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed: data order, timesteps, noise, LoRA init and the "
+                                      "class images all follow from it.")] = 0,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,

@@ -46,7 +46,9 @@ class _TokenSlot:
 
     def __init__(self, tokenizer, encoder, token: str, init_token: str, num_vectors: int):
         names = placeholder_tokens(token, num_vectors)
-        clashes = [name for name in names if name in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()
+        # a name that is already a token (or a whole word of the vocabulary) would hijack that word in every prompt
+        clashes = [name for name in names if name in vocab or len(tokenizer.tokenize(name)) == 1]
         if clashes:
             raise UsageError(f"token {clashes[0]!r} already exists in the tokenizer: pick a new --token such as '<R*>'")
         init_ids = tokenizer.encode(init_token, add_special_tokens=False)

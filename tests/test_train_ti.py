@@ -1,0 +1,162 @@
+"""``cloak train-ti``: only the new token trains, its file loads with diffusers' own loader and changes generations,
+presets reproduce paper 000 Table 1, masks are checked against their images, and --resume continues bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cloaklab.ops.train.presets import PRESETS, resolve_preset
+from cloaklab.ops.train.textual_inversion import TextualInversion
+from cloaklab.tests.conftest import photo
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def concept(tmp_path):
+    """Three 64-px photos and rectangular masks of their size (one non-square)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name, size in (("astronaut", (64, 64)), ("chelsea", (80, 64)), ("rocket", (64, 64))):
+        photo(name).resize(size).save(images / f"{name}.png")
+        mask = np.zeros(size[::-1], np.uint8)
+        mask[16:48, 20:50] = 255
+        Image.fromarray(mask).save(masks / f"{name}.png")
+    return images, masks
+
+
+BASE = ["--model", "tiny", "--device", "cpu", "--checkpoint-every", "2", "--snapshot-every", "2"]
+
+
+def test_only_the_new_row_changes(fresh_tiny_pipe, tmp_path):
+    from cloaklab.ops.train.data import InstanceData
+    from cloaklab.ops.train.loop import TrainConfig, train
+    from cloaklab.tests.conftest import photo_tensor
+
+    before = fresh_tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    ti = TextualInversion(fresh_tiny_pipe, "<R*>", "object")
+    init_row = fresh_tiny_pipe.text_encoder.get_input_embeddings().weight[ti.slots[0].ids[0]].detach().clone()
+    data = InstanceData(photo_tensor("astronaut")[None], None, ["astronaut.png"])
+    train(fresh_tiny_pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=3, lr=5e-2, checkpoint_every=0),
+          tmp_path)
+    ti.finalize()
+    after = fresh_tiny_pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert after.shape[0] == before.shape[0] + 1
+    assert torch.equal(after[:-1], before)  # every old row bit-identical
+    assert not torch.equal(after[-1], init_row)  # the new row trained
+    saved = load_file(str(tmp_path / "learned_embeds.safetensors"))
+    assert list(saved) == ["<R*>"] and torch.equal(saved["<R*>"][0], after[-1])
+
+
+def _generate(pipe, prompt):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=generator, output_type="np").images[0]
+
+
+def test_embedding_loads_with_diffusers_and_changes_generation(cli, concept, tmp_path):
+    from cloaklab.ops.models import load_pipeline
+
+    images, _ = concept
+    out = tmp_path / "ti"
+    code, stdout, stderr = cli(["train-ti", images, "-o", out, "--steps", "3", "--lr", "0.05", *BASE])
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    learned = load_file(str(out / "learned_embeds.safetensors"))["<R*>"]
+    pipe = load_pipeline("tiny")
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("object")]
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<R*>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], learned[0])
+    trained_image = _generate(pipe, "a photo of a <R*>")
+    baseline = load_pipeline("tiny")
+    baseline.load_textual_inversion({"<R*>": init.detach()[None].clone()})
+    untrained_image = _generate(baseline, "a photo of a <R*>")
+    assert np.abs(trained_image - untrained_image).max() > 1e-3
+    record = json.loads((out / "cloak.json").read_text())["files"]["learned_embeds.safetensors"]
+    assert record["status"] == "done" and record["steps"] == 3
+    assert (out / "snapshots" / "learned_embeds-step-000002.safetensors").exists()
+
+
+def test_presets_match_table_1():
+    assert list(PRESETS) == ["nominal", "jpeg", "t600", "lm", "jpeg+t600", "jpeg+lm", "szt"]
+    assert resolve_preset("szt", {}) == {"jpeg": 25, "t_sampler": "threshold-high", "t_param": 0.5,
+                                         "mask_mode": "lm", "dilate": 16}
+    assert resolve_preset("t600", {})["t_param"] == 0.6 and resolve_preset("jpeg+lm", {})["jpeg"] == 25
+    assert resolve_preset("nominal", {}) == {"jpeg": None, "t_sampler": "uniform", "t_param": None,
+                                             "mask_mode": "none", "dilate": 0}
+    assert resolve_preset("szt", {"dilate": 8})["dilate"] == 8  # explicit flags win
+
+
+def test_szt_preset_end_to_end_then_rerun_skips(cli, concept, tmp_path):
+    images, masks = concept
+    out = tmp_path / "szt"
+    args = ["train-ti", images, "-o", out, "--preset", "szt", "--masks", masks, "--steps", "4", "--json", *BASE]
+    code, stdout, stderr = cli(args)
+    assert code == 0, stderr
+    assert json.loads(stdout)["steps"] == 4
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(t >= 500 for record in log for t in record["t"])
+    assert all("loss_inside" in record and "loss_outside" in record for record in log)
+    manifest = json.loads((out / "cloak.json").read_text())
+    assert manifest["params"]["jpeg"] == 25 and manifest["params"]["dilate"] == 16
+    assert 0 < min(manifest["files"]["learned_embeds.safetensors"]["mask_area"]) < 1
+    code, stdout, stderr = cli(args)
+    assert code == 0 and "already trained" in stderr and json.loads(stdout)["skipped"]
+
+
+def test_resume_continues_bit_exactly(cli, concept, tmp_path):
+    images, masks = concept
+    common = ["--masks", masks, "--t-sampler", "power", "--t-param", "2", *BASE]
+    assert cli(["train-ti", images, "-o", tmp_path / "full", "--steps", "4", *common])[0] == 0
+    assert cli(["train-ti", images, "-o", tmp_path / "split", "--steps", "2", *common])[0] == 0
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "split", "--steps", "4", *common])
+    assert code == 2 and "--resume" in stderr  # checkpoints present: resume or overwrite, never silently restart
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "split", "--steps", "4", "--resume", *common])
+    assert code == 0 and "resumed from step 2" in stderr
+    full = load_file(str(tmp_path / "full" / "learned_embeds.safetensors"))["<R*>"]
+    split = load_file(str(tmp_path / "split" / "learned_embeds.safetensors"))["<R*>"]
+    assert torch.equal(full, split)
+
+
+def test_bad_masks_and_arguments_fail_clearly(cli, concept, tmp_path):
+    images, masks = concept
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "a", "--preset", "lm", "--steps", "1", *BASE])
+    assert code == 2 and "--masks" in stderr
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(masks / "rocket.png")
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "b", "--masks", masks, "--steps", "1", *BASE])
+    assert code == 1 and "32x32" in stderr and "64x64" in stderr and "Traceback" not in stderr
+    (masks / "rocket.png").unlink()
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "c", "--masks", masks, "--steps", "1", *BASE])
+    assert code == 1 and "no mask for rocket.png" in stderr
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "d", "--init-token", "a red toy", "--steps", "1", *BASE])
+    assert code == 2 and "--init-token" in stderr
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "e", "--token", "object", "--steps", "1", *BASE])
+    assert code == 2 and "already exists" in stderr
+
+
+def test_multi_vector_token_loads_as_diffusers_expects(cli, concept, tmp_path):
+    from cloaklab.ops.models import load_pipeline
+
+    images, _ = concept
+    out = tmp_path / "multi"
+    code, _, stderr = cli(["train-ti", images, "-o", out, "--steps", "2", "--num-vectors", "2", *BASE])
+    assert code == 0, stderr
+    learned = load_file(str(out / "learned_embeds.safetensors"))["<R*>"]
+    assert learned.shape == (2, 32)
+    pipe = load_pipeline("tiny")
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<R*>", "<R*>_1"])
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], learned, rtol=0, atol=0)

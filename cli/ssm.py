@@ -12,6 +12,7 @@ from . import common
 
 PROFILE_NAMES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")
 Profile = common.choices("Profile", list(PROFILE_NAMES))
+DEFAULT_TIMESTEPS = "100,200,300,400,500,600,700,800,1000"
 
 
 @common.handle_errors
@@ -27,8 +28,9 @@ def ssm(
     embedding: Annotated[Optional[Path], typer.Option("--embedding", help="Learned TI embedding "
                                                       "(learned_embeds.safetensors) for the token.")] = None,
     init_word: Annotated[str, typer.Option(help="Initial embedding of a new token without --embedding.")] = "object",
-    timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated timesteps (paper 000 Fig. 3).")] =
-    "100,200,300,400,500,600,700,800,1000",
+    timesteps: Annotated[Optional[str], typer.Option("--timesteps", help="Comma-separated timesteps (default: "
+                                                     "100,200,…,800,1000 as paper 000 Fig. 3 for maps; 21 equally "
+                                                     "spaced, 0…1000, for profiles as Fig. 4).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Draws of (random dictionary embedding, noise) "
                                          "averaged per map / per profile point.")] = 8,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Concept masks named like the images: adds "
@@ -97,9 +99,10 @@ def ssm(
         for note in notes:
             reporter.line(f"cloak: note: {note}")
         if profile_name:
+            chosen = parse_timesteps(timesteps, diffusion.num_train_timesteps(pipe.scheduler)) if timesteps else None
             data = run_profile(pipe, profile_name, items, output, prompt=prompt, token=tokens[0] if tokens else None,
                                clean=clean, masks=masks, samples=samples, seed=seed, resolution=size,
-                               quality=quality, max_pixels=max_pixels)
+                               quality=quality, max_pixels=max_pixels, timesteps=chosen)
             for name, reason in data["rejected"]:
                 reporter.line(f"  rejected {name}: {reason}")
             reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][1]}")
@@ -107,7 +110,7 @@ def ssm(
             sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": code})
                               if json_out else str(output)) + "\n")
             raise typer.Exit(code)
-        steps = parse_timesteps(timesteps, diffusion.num_train_timesteps(pipe.scheduler))
+        steps = parse_timesteps(timesteps or DEFAULT_TIMESTEPS, diffusion.num_train_timesteps(pipe.scheduler))
         manifest = Manifest(output, "ssm", {"prompt": prompt, "tokens": tokens, "timesteps": steps,
                                             "samples": samples, "resolution": size, "init_word": init_word,
                                             "embedding": str(embedding) if embedding else None,

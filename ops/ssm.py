@@ -193,25 +193,33 @@ def loss_profile(pipe, latents: torch.Tensor, context: torch.Tensor, timesteps: 
 
 def gradient_profile(pipe, latents: torch.Tensor, ids: torch.Tensor, positions: Sequence[int],
                      timesteps: Sequence[int], samples: int, generator: torch.Generator) -> np.ndarray:
-    """‖∂L/∂e‖₂ of the denoising loss w.r.t. the token's input embedding rows, ``(B, T, S)`` (paper 000 Fig. 5)."""
+    """‖∂L/∂e‖₂ of the denoising loss w.r.t. the input embedding vectors of the token (its ``positions`` in
+    ``ids``), ``(B, T, S)`` (paper 000 Fig. 5). The embedding layer's output is made a leaf through a forward hook,
+    so only ``(1, L, D)`` gradients are formed, not a gradient of the whole dictionary."""
     encoder = pipe.text_encoder
-    table = encoder.get_input_embeddings()
-    token_ids = ids[0, list(positions)].to(table.weight.device)
+    captured: list[torch.Tensor] = []
+
+    def make_leaf(module, args, output):
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf
+
     out = np.zeros((latents.shape[0], len(timesteps), samples))
-    was = table.weight.requires_grad
-    table.weight.requires_grad_(True)
+    handle = encoder.get_input_embeddings().register_forward_hook(make_leaf)
     try:
         for b in range(latents.shape[0]):
             for ti, t in enumerate(timesteps):
                 for s in range(samples):
                     noise = torch.randn(latents[b:b + 1].shape, generator=generator).to(latents.device, latents.dtype)
-                    context = _text_embeddings(encoder, ids)
-                    loss = diffusion.diffusion_loss(pipe.unet, pipe.scheduler, latents[b:b + 1], context,
-                                                    torch.tensor([int(t)]), noise).sum()
-                    (grad,) = torch.autograd.grad(loss, table.weight)
-                    out[b, ti, s] = float(grad[token_ids].double().norm())
+                    captured.clear()
+                    with torch.enable_grad():
+                        context = _text_embeddings(encoder, ids)
+                        loss = diffusion.diffusion_loss(pipe.unet, pipe.scheduler, latents[b:b + 1], context,
+                                                        torch.tensor([int(t)]), noise).sum()
+                        (grad,) = torch.autograd.grad(loss, captured[0])
+                    out[b, ti, s] = float(grad[0, list(positions)].double().norm())
     finally:
-        table.weight.requires_grad_(was)
+        handle.remove()
     return out
 
 

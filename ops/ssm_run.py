@@ -202,7 +202,8 @@ def _band_plot(series: dict[str, dict], timesteps: Sequence[int], ylabel: str, p
 
 def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *, prompt: str,
                 token: str | None, clean: Path | None, masks: Path | None, samples: int, seed: int,
-                resolution: int, quality: int, max_pixels: int | None = None) -> dict[str, Any]:
+                resolution: int, quality: int, max_pixels: int | None = None,
+                timesteps: Sequence[int] | None = None) -> dict[str, Any]:
     """One ``--profile`` analysis over a folder → ``OUT/profile-<name>.json`` and ``.png``; returns the data."""
     if profile not in PROFILES:
         raise UsageError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -212,7 +213,7 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
         raise CloakError("no readable images to profile")
     generator = torch.Generator().manual_seed(seed)
     num_t = diffusion.num_train_timesteps(pipe.scheduler)
-    timesteps = ssm.profile_timesteps(num_t)
+    timesteps = list(timesteps) if timesteps else ssm.profile_timesteps(num_t)
     data: dict[str, Any] = {"profile": profile, "images": [item.rel.as_posix() for item, _ in loaded],
                             "rejected": rejected, "timesteps": timesteps, "samples": samples, "prompt": prompt}
     images = [image for _, image in loaded]

@@ -29,10 +29,10 @@ def test_ssm_is_exactly_zero_for_identical_replacement_and_positive_otherwise(ti
     maps = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog], [100, 700], samples=2, candidates=same)
     assert maps.shape == (2, 1, 8, 8)
     assert torch.count_nonzero(maps) == 0
-    maps = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=2,
+    maps = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=1,
                                     generator=torch.Generator().manual_seed(1))
     assert maps.shape == (2, 2, 8, 8) and bool((maps > 0).all())
-    again = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=2,
+    again = ssm.semantic_sensitivity(tiny_pipe, latents, ids, [dog, grass], [100, 700], samples=1,
                                      generator=torch.Generator().manual_seed(1))
     assert torch.equal(maps, again)  # deterministic for a seed
 
@@ -103,11 +103,16 @@ def test_gradient_profile_measures_the_new_token(fresh_tiny_pipe):
     positions = ssm.token_positions(pipe, ids, "<R*>")
     assert len(positions) == 1 and int(ids[0, positions[0]]) == new_id
     latents = diffusion.encode_images(pipe.vae, photo_tensor("astronaut")[None])
-    before = table.requires_grad
-    grads = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 2, torch.Generator().manual_seed(0))
-    again = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 2, torch.Generator().manual_seed(0))
-    assert grads.shape == (1, 2, 2) and (grads > 0).all() and np.array_equal(grads, again)
-    assert table.requires_grad == before
+    grads = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 1, torch.Generator().manual_seed(0))
+    again = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 1, torch.Generator().manual_seed(0))
+    assert grads.shape == (1, 2, 1) and (grads > 0).all() and np.array_equal(grads, again)
+    # the norm is that of the gradient w.r.t. the token's embedding row (it appears once in the prompt)
+    table.requires_grad_(True)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    loss = diffusion.diffusion_loss(pipe.unet, pipe.scheduler, latents, diffusion.encode_prompts(
+        pipe, ["a <R*> on the grass"]), torch.tensor([300]), noise).sum()
+    (row_grad,) = torch.autograd.grad(loss, table)
+    assert float(row_grad[new_id].norm()) == pytest.approx(grads[0, 0, 0], rel=1e-4)
 
 
 def test_ssm_cli_writes_maps_ratio_and_resumes(cli, tmp_path):
@@ -148,10 +153,10 @@ def test_ssm_cli_loss_profile_with_clean_series(cli, tmp_path):
         Image.fromarray(noisy).save(poisoned / f"{name}.png")
     out = tmp_path / "profile"
     code, _, err = cli(["ssm", poisoned, "-o", out, "--model", "tiny", "--profile", "loss", "--clean", clean,
-                        "--samples", "1", "--prompt", "a photo"])
+                        "--samples", "1", "--prompt", "a photo", "--timesteps", "0,500,1000"])
     assert code == 0, err
     data = json.loads((out / "profile-loss.json").read_text())
-    assert len(data["timesteps"]) == 21 and set(data["series"]) == {"images", "clean"}
+    assert data["timesteps"] == [0, 500, 999] and set(data["series"]) == {"images", "clean"}
     series = data["series"]["images"]
     assert all(a <= b <= c for a, b, c in zip(series["q25"], series["median"], series["q75"]))
     assert (out / "profile-loss.png").stat().st_size > 0

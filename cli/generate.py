@@ -33,6 +33,10 @@ def generate(
     lora: Annotated[Optional[Path], typer.Option("--lora", help="Folder (or file) with "
                                                  "pytorch_lora_weights.safetensors, loaded with diffusers' "
                                                  "load_lora_weights.")] = None,
+    unet: Annotated[Optional[Path], typer.Option("--unet", help="A trained UNet folder replacing the model's "
+                                                 "(train-db --save-trained-only writes OUT/unet).")] = None,
+    text_encoder: Annotated[Optional[Path], typer.Option("--text-encoder", help="A trained text-encoder folder "
+                                                         "replacing the model's (OUT/text_encoder).")] = None,
     lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength (1.0).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (50; METHODS.md: 50-100).")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale g (7.5). With a "
@@ -110,11 +114,13 @@ def generate(
         index, total = shard_spec
         jobs = [job for position, job in enumerate(jobs) if position % total == index - 1]
     pipe, _ = load_generation_pipeline(model_name, torch_device, torch_dtype, embedding=embedding, token=token,
-                                       lora=lora, scheduler=common.value(scheduler), trust_pickle=trust_pickle)
+                                       lora=lora, scheduler=common.value(scheduler), unet=unet,
+                                       text_encoder=text_encoder, trust_pickle=trust_pickle)
     settings = {"steps": steps, "guidance": guidance, "height": resolution, "width": resolution, "eta": eta,
                 "lora_scale": lora_scale}
     model_record = model_info(model_name).as_dict()
     params = {"model": model_record, "embedding": artifact_digest(embedding), "lora": artifact_digest(lora),
+              "unet": artifact_digest(unet), "text_encoder": artifact_digest(text_encoder),
               "scheduler": common.value(scheduler), "dtype": str(torch_dtype), **settings}
     manifest = Manifest(output, "generate", params, seed=seed, model=model_record,
                         extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard,

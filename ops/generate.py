@@ -96,14 +96,20 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_generation_pipeline(model: str | None, device: Any, dtype: Any, *, embedding: Path | None = None,
                              token: str | None = None, lora: Path | None = None, scheduler: str = "ddim",
+                             unet: Path | None = None, text_encoder: Path | None = None,
                              trust_pickle: bool = False):
     """Base pipeline (Hub id, folder — a DreamBooth output included — file, or ``tiny``) + optional TI and LoRA.
 
-    Returns ``(pipe, token)`` where ``token`` is the embedding's token when ``token`` was not given.
+    ``unet`` / ``text_encoder`` are diffusers/transformers model folders that replace the base model's parts (what
+    ``cloak train-db --save-trained-only`` writes). Returns ``(pipe, token)`` where ``token`` is the embedding's
+    token when ``token`` was not given.
     """
     from .models import load_pipeline
 
     pipe = load_pipeline(model, device, dtype, trust_pickle=trust_pickle)
+    for name, folder in (("unet", unet), ("text_encoder", text_encoder)):
+        if folder is not None:
+            _replace_part(pipe, name, Path(folder))
     if embedding is not None:
         embedding = Path(embedding)
         if not embedding.is_file():
@@ -131,13 +137,27 @@ def load_generation_pipeline(model: str | None, device: Any, dtype: Any, *, embe
     return pipe, token
 
 
+def _replace_part(pipe, name: str, folder: Path) -> None:
+    """Swap ``pipe.<name>`` for the model saved in ``folder`` (same class, same device and dtype)."""
+    current = getattr(pipe, name)
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--{name.replace('_', '-')} {folder}: not a saved model folder (no config.json)")
+    try:
+        replacement = type(current).from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CloakError(f"--{name.replace('_', '-')} {folder}: {str(exc).splitlines()[0]}") from None
+    setattr(pipe, name, replacement.to(device=current.device, dtype=current.dtype).eval())
+    pipe.register_modules(**{name: getattr(pipe, name)})
+
+
 def artifact_digest(path: Path | None) -> str | None:
     """Content hash of an embedding or LoRA (so a retrained one is not mistaken for the old one on resume)."""
     if path is None:
         return None
     path = Path(path)
     if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return "-".join(file_sha256(file)[:16] for file in weights) or None
     return file_sha256(path)[:16]
 
 

@@ -150,3 +150,21 @@ def test_cli_records_decoupled_prompts_and_refuses_a_second_run_without_resume(c
         import bitsandbytes  # noqa: F401
     except ImportError:
         assert code == 2 and "bitsandbytes" in err
+
+
+def test_trained_parts_only_load_back_into_the_base_model(tmp_path, instances):
+    from cloaklab.ops.generate import load_generation_pipeline
+
+    pipe = load_pipeline("tiny")
+    settings = DreamBoothSettings(prior_weight=0.0, class_prompt=None, train_text_encoder=True,
+                                  save_trained_only=True)
+    out = tmp_path / "parts"
+    result = train_dreambooth(pipe, instances, out, settings, _config(steps=1), model_record=TINY)
+    assert result.files == ["unet", "text_encoder"] and not (out / "pipeline").exists()
+    loaded, _ = load_generation_pipeline("tiny", "cpu", torch.float32, unet=out / "unet",
+                                         text_encoder=out / "text_encoder")
+    for name in ("unet", "text_encoder"):
+        trained, saved = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(trained[k], saved[k]) for k in trained)
+    base = load_pipeline("tiny").unet.state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in loaded.unet.state_dict().items())

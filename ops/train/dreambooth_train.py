@@ -84,6 +84,7 @@ class DreamBoothModel:
         self.instance_prompt, self.class_prompt = settings.prompts()
         self.class_latents = class_latents if settings.prior_weight else None
         self.sample_latents = sample_latents
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         if settings.prior_weight and class_latents is None:
             raise UsageError("prior preservation needs class images (give --class-prompt, or --prior-weight 0)")
         self.scheduler = _training_scheduler(pipe)
@@ -126,8 +127,13 @@ class DreamBoothModel:
         return [p for _, p in self._named]
 
     def condition(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-        with torch.set_grad_enabled(self.settings.train_text_encoder and torch.is_grad_enabled()):
+        if self.settings.train_text_encoder:
             return diffusion.encode_prompts(self.pipe, prompts), {}
+        key = tuple(prompts)  # a frozen text encoder: each prompt batch is encoded once per run
+        if key not in self._text_cache:
+            with torch.no_grad():
+                self._text_cache[key] = diffusion.encode_prompts(self.pipe, prompts)
+        return self._text_cache[key], {}
 
     def after_step(self) -> None:
         return None

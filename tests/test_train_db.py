@@ -168,3 +168,24 @@ def test_trained_parts_only_load_back_into_the_base_model(tmp_path, instances):
         assert all(torch.equal(trained[k], saved[k]) for k in trained)
     base = load_pipeline("tiny").unet.state_dict()
     assert any(not torch.equal(base[k], v) for k, v in loaded.unet.state_dict().items())
+
+
+def test_szt_preset_reaches_the_loop(cli, tmp_path, instances):
+    import numpy as np
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for item in instances:
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 16:48] = 255
+        Image.fromarray(mask).save(masks / item.path.name)
+    out = tmp_path / "szt"
+    code, _, err = cli(["train-db", instances[0].path.parent, "-o", out, "--model", "tiny", "--device", "cpu",
+                        "--lora", "2", "--steps", "3", "--preset", "szt", "--masks", masks])
+    assert code == 0, err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(t >= 500 for record in log for t in record["t"])  # threshold-high ρ = 0.5
+    assert all("loss_inside" in record and "loss_outside" in record for record in log)  # LM with masks
+    params = json.loads((out / "cloak.json").read_text())["params"]
+    assert (params["jpeg"], params["dilate"], params["mask_mode"]) == (25, 16, "lm")

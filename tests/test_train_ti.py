@@ -160,3 +160,79 @@ def test_multi_vector_token_loads_as_diffusers_expects(cli, concept, tmp_path):
     pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
     ids = pipe.tokenizer.convert_tokens_to_ids(["<R*>", "<R*>_1"])
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], learned, rtol=0, atol=0)
+
+
+def _tiny_sdxl():
+    """A tiny SDXL-architecture pipeline (two text encoders, text_time conditioning), random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    config = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=49406,
+                  eos_token_id=49407, pad_token_id=49407)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+
+
+def test_sdxl_token_trains_in_both_encoders_and_loads(tmp_path):
+    import copy
+
+    from cloaklab.ops.train.data import InstanceData
+    from cloaklab.ops.train.loop import TrainConfig, train
+    from cloaklab.tests.conftest import photo_tensor
+
+    pipe = _tiny_sdxl()
+    fresh = copy.deepcopy(pipe)
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    before = [encoder.get_input_embeddings().weight.detach().clone() for encoder in encoders]
+    ti = TextualInversion(pipe, "<R*>", "object", resolution=32)
+    initial = [vectors.detach().clone() for vectors in ti.parameters()]
+    data = InstanceData(photo_tensor("astronaut", 32)[None], None, ["astronaut.png"])
+    train(pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=2, lr=0.05, checkpoint_every=0), tmp_path)
+    ti.finalize()
+    for encoder, old, init in zip(encoders, before, initial):
+        weight = encoder.get_input_embeddings().weight.detach()
+        assert torch.equal(weight[:-1], old) and not torch.equal(weight[-1:], init)
+    saved = load_file(str(tmp_path / "learned_embeds.safetensors"))
+    assert set(saved) == {"clip_l", "clip_g"}
+    for key, encoder, tokenizer in (("clip_l", fresh.text_encoder, fresh.tokenizer),
+                                    ("clip_g", fresh.text_encoder_2, fresh.tokenizer_2)):
+        fresh.load_textual_inversion(saved[key], token="<R*>", text_encoder=encoder, tokenizer=tokenizer)
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<R*>")]
+        assert torch.equal(row, saved[key][0])
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "flow"])
+def test_training_schedule_keeps_the_model_target(kind, fresh_tiny_pipe, tmp_path):
+    """v-prediction (SD2.x) and rectified flow (paper 000 App. O) train against their own targets."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from cloaklab.ops import diffusion
+    from cloaklab.ops.train.data import InstanceData
+    from cloaklab.ops.train.loop import TrainConfig, _training_scheduler, train
+    from cloaklab.tests.conftest import photo_tensor
+
+    if kind == "flow":
+        fresh_tiny_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    else:
+        fresh_tiny_pipe.scheduler = DDIMScheduler.from_config(fresh_tiny_pipe.scheduler.config,
+                                                              prediction_type="v_prediction")
+    assert diffusion.prediction_type(_training_scheduler(fresh_tiny_pipe)) == kind
+    ti = TextualInversion(fresh_tiny_pipe, "<R*>", "object")
+    data = InstanceData(photo_tensor("rocket")[None], None, ["rocket.png"])
+    result = train(fresh_tiny_pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=2, checkpoint_every=0),
+                   tmp_path)
+    assert np.isfinite(result.final_loss)

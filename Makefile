@@ -1,7 +1,7 @@
 # Developer tasks for cloaklab. `make help` lists them.
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help install test completions man docs-check bench
+.PHONY: help install test completions man docs-check bench toy-model
 help:  ## list the developer tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
@@ -18,3 +18,6 @@ man: completions  ## (same generator as completions)
 
 bench:  ## run the benchmarks (prints ratios; not tests)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+toy-model:  ## train the offline toy text-to-image model into ops/toy/weights (2-core CPU: <= 90 min)
+	nice -n 19 $(PY) -m cloaklab.ops.toy.train --out ops/toy/weights $(TOY_ARGS)

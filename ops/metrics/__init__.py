@@ -112,3 +112,9 @@ register(MetricSpec("ism", "faces", "identity score matching: cosine of ArcFace 
 register(MetricSpec("ims", "faces", "identity similarity 0.7·cos(ArcFace) + 0.3·cos(VGG-Face) to the mean clean "
                     "embedding; no face → −1 (paper 001 §5.1)", "set", "ArcFace + VGG-Face (ONNX via onnxruntime)",
                     "antelopev2 glintr100.onnx + a VGG-Face ONNX export (user-supplied)", False, True))
+register(MetricSpec("toy-acc", "toy", "toy world: 1 when the toy classifier names the concept's shape (--class, or "
+                    "the majority shape of its clean references), else 0", "set", "toy classifier CNN (ops/toy)",
+                    "bundled ops/toy/classifier.safetensors", True, True))
+register(MetricSpec("toy-sim", "toy", "toy world's DINOv2: cosine of colour-blind toy-classifier shape features to "
+                    "every clean reference of the concept, averaged", "set", "toy classifier CNN (ops/toy)",
+                    "bundled ops/toy/classifier.safetensors", True, True))

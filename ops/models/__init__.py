@@ -2,6 +2,7 @@
 
 Accepted ``model`` values:
   * ``tiny`` — the tiny random pipeline built in code (:mod:`.tiny`), offline;
+  * ``toy`` — the project-trained toy-world model shipped in ``ops/toy/weights`` (a diffusers folder), offline;
   * a local diffusers folder (has ``model_index.json``);
   * a single checkpoint file: ``.safetensors`` always, ``.ckpt``/``.pt``/``.bin`` only with ``trust_pickle``
     (pickle can run code);
@@ -21,7 +22,7 @@ from ..errors import ModelNotFoundError, UsageError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "toy")
 
 
 def default_model() -> str:
@@ -50,6 +51,10 @@ def _missing(model: str, where: str) -> ModelNotFoundError:
 
 def model_info(model: str) -> ModelInfo:
     """Describe ``model`` for the manifest without loading it."""
+    if model == "toy":
+        from ..toy import weights_revision
+
+        return ModelInfo(model, "builtin", weights_revision())
     if model in BUILTIN_MODELS:
         return ModelInfo(model, "builtin", "seed0")
     path = Path(model)
@@ -76,6 +81,10 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         from .tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline()
+    elif model == "toy":
+        from ..toy import weights_folder
+
+        pipe = _load_external(str(weights_folder()), dtype, trust_pickle, pipeline_class, **kwargs)
     else:
         pipe = _load_external(model, dtype, trust_pickle, pipeline_class, **kwargs)
     pipe = pipe.to(device)

@@ -1,0 +1,239 @@
+"""Training recipe for ``--model toy``: a small Stable-Diffusion-architecture model trained on the toy world.
+
+Stages, run one after another (two torch jobs on 2 cores slow each other 2-3×):
+
+1. ``AutoencoderKL`` with 4× downsampling (64 px → 16×16×4 latents), block_out_channels (16, 32, 64): L1 + MSE
+   reconstruction and a tiny KL weight (1e-6, as SD's VAE), no GAN. ``scaling_factor`` = 1/std of the dataset's
+   latents (unit-variance latents, as SD's 0.18215). Latent posteriors (mean, std) are then cached once.
+2. ``UNet2DConditionModel`` (32, 64, 64) with cross-attention at 16×16 and 8×8 (cross_attention_dim 64) and a
+   2-layer ``CLIPTextModel`` (hidden 64) with the real CLIP tokenizer, trained jointly with the ε-prediction loss of
+   :func:`cloaklab.ops.diffusion.diffusion_loss` on SD 1.5's scaled-linear schedule; AdamW 1e-3, batch 64, 10%
+   caption dropout (so classifier-free guidance works), EMA of the weights.
+
+Each stage stops at its wall-clock budget (``--vae-minutes``, ``--unet-minutes``) or step cap, whichever comes first,
+so the recipe fits a 2-core CPU in ≤ 90 min; a lent GPU (``--device cuda``) runs the same recipe many times faster.
+The result is a diffusers folder (fp16 weights, ~11 MB + tokenizer) loadable with ``from_pretrained``.
+
+    nice -n 19 python -m cloaklab.ops.toy.train --out ops/toy/weights      # or: make toy-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..diffusion import diffusion_loss, sample_timesteps
+from . import dataset
+
+TEXT_HIDDEN = 64
+
+
+def build_components(seed: int = 0):
+    """Fresh (untrained) VAE, UNet, text encoder, tokenizer and DDIM scheduler of the toy architecture."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+        norm_num_groups=8, sample_size=dataset.RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=dataset.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_HIDDEN, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = DDIMScheduler(  # Stable Diffusion 1.x's schedule
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    return vae, unet, text_encoder, clip_tokenizer(), scheduler
+
+
+def _images_tensor(items: list[dataset.ToyItem]) -> torch.Tensor:
+    """(N,3,64,64) float in [-1, 1]."""
+    images, _, _ = dataset.as_arrays(items)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def train_vae(vae, images: torch.Tensor, *, minutes: float, max_steps: int, batch_size: int, device, seed: int):
+    """Reconstruction training of the VAE until the time budget or step cap; returns (steps, last loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    vae.to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    deadline, step, smooth = time.time() + minutes * 60, 0, None
+    while step < max_steps and time.time() < deadline:
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        batch = images[idx].to(device)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        if step % 50 == 0:
+            _log(f"vae step {step} loss {smooth:.4f}")
+    vae.eval()
+    return step, smooth
+
+
+@torch.no_grad()
+def cache_latents(vae, images: torch.Tensor, device, batch_size: int = 256):
+    """Posterior means and stds (N,4,16,16) of all images, unscaled."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        dist = vae.encode(images[start:start + batch_size].to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: torch.Tensor, device) -> float:
+    recon = vae.decode(vae.encode(images.to(device)).latent_dist.mean).sample.clamp(-1, 1)
+    mse = (((recon - images.to(device)) / 2) ** 2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, *, scale: float, minutes: float,
+               max_steps: int, batch_size: int, device, seed: int, save_fn=None, save_every_min: float = 5.0):
+    """Joint UNet + text-encoder training; returns (EMA unet, EMA text encoder, steps, last loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    caption_ids, empty_ids = ids[:-1], ids[-1:]
+    embeddings = text_encoder.get_input_embeddings().weight
+    params = [{"params": list(unet.parameters()), "weight_decay": 1e-2},
+              {"params": [p for p in text_encoder.parameters() if p is not embeddings], "weight_decay": 1e-2},
+              {"params": [embeddings], "weight_decay": 0.0}]  # unused token rows must not decay away
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    live = list(unet.parameters()) + list(text_encoder.parameters())
+    shadow = list(ema_unet.parameters()) + list(ema_text.parameters())
+    start = time.time()
+    deadline, next_save, step, smooth = start + minutes * 60, start + save_every_min * 60, 0, None
+    while step < max_steps and time.time() < deadline:
+        idx = torch.randint(len(means), (batch_size,), generator=generator)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scale
+        tokens = caption_ids[idx].clone()
+        dropped = torch.rand(batch_size, generator=generator) < 0.1
+        tokens[dropped] = empty_ids
+        noise = torch.randn(z0.shape, generator=generator)
+        t = sample_timesteps(batch_size, "uniform", generator=generator)
+        text_emb = text_encoder(tokens.to(device))[0]
+        loss = diffusion_loss(unet, scheduler, z0.to(device), text_emb, t.to(device), noise.to(device)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live, 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(shadow, [p.detach() for p in live], 1 - decay)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 25 == 0:
+            _log(f"unet step {step} loss {smooth:.4f} ({(time.time() - start) / step:.2f} s/step)")
+        if save_fn is not None and time.time() > next_save:
+            save_fn(ema_unet, ema_text, step, smooth)
+            next_save = time.time() + save_every_min * 60
+    return ema_unet, ema_text, step, smooth
+
+
+def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, info: dict) -> None:
+    """Write a diffusers ``StableDiffusionPipeline`` folder with fp16 safetensors (atomic per folder swap)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).cpu().half(), text_encoder=copy.deepcopy(text_encoder).cpu().half(), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).cpu().half(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "toy_train.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the toy world's text-to-image model (--model toy).")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=6000)
+    parser.add_argument("--vae-minutes", type=float, default=7.0)
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--unet-minutes", type=float, default=60.0)
+    parser.add_argument("--unet-steps", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    _log(f"generating {args.num_images} toy images (seed {args.seed})")
+    items = dataset.generate(args.num_images, seed=args.seed)
+    images = _images_tensor(items)
+    captions = [it.caption for it in items]
+    vae, unet, text_encoder, tokenizer, scheduler = build_components(args.seed)
+
+    vae_steps, vae_loss = train_vae(vae, images, minutes=args.vae_minutes, max_steps=args.vae_steps, batch_size=32,
+                                    device=device, seed=args.seed)
+    psnr = vae_psnr(vae, images[:256], device)
+    _log(f"vae done: {vae_steps} steps, PSNR {psnr:.2f} dB")
+    means, stds = cache_latents(vae, images, device)
+    scale = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scale)
+    _log(f"latents cached, scaling factor {scale:.4f}")
+    vae.requires_grad_(False)
+
+    info = {"seed": args.seed, "num_images": args.num_images, "vae_steps": vae_steps, "vae_psnr_db": round(psnr, 2),
+            "scaling_factor": scale, "batch_size": args.batch_size, "device": str(device)}
+
+    def save(ema_unet, ema_text, step, loss):
+        save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler,
+                      {**info, "unet_steps": step, "unet_loss": round(float(loss), 5), "final": False})
+        _log(f"checkpoint saved at step {step}")
+
+    t0 = time.time()
+    ema_unet, ema_text, steps, loss = train_unet(
+        unet, text_encoder, tokenizer, scheduler, means, stds, captions, scale=scale,
+        minutes=args.unet_minutes, max_steps=args.unet_steps, batch_size=args.batch_size, device=device,
+        seed=args.seed, save_fn=save)
+    info.update(unet_steps=steps, unet_loss=round(float(loss), 5), unet_minutes=round((time.time() - t0) / 60, 1),
+                final=True)
+    save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler, info)
+    _log(f"done: {steps} UNet steps, weights in {out}")
+
+
+if __name__ == "__main__":
+    main()

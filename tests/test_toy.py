@@ -1,0 +1,152 @@
+"""Toy world: dataset determinism and ground truth, the toy classifier and its metrics, ``--model toy``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cloaklab.ops.toy import dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_WEIGHTS = ROOT / "ops" / "toy" / "weights" / "model_index.json"
+JUDGE_WEIGHTS = ROOT / "ops" / "toy" / "classifier.safetensors"
+needs_judge = pytest.mark.skipif(not JUDGE_WEIGHTS.exists(), reason="toy classifier weights not trained")
+needs_toy = pytest.mark.skipif(not TOY_WEIGHTS.exists(), reason="toy model weights not trained (make toy-model)")
+
+
+def test_dataset_is_deterministic_per_seed_and_index():
+    first, again = dataset.generate(6, seed=3), dataset.generate(6, seed=3)
+    for a, b in zip(first, again):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.caption == b.caption
+    # item i depends only on (seed, i): a longer run starts with the same items
+    assert np.array_equal(dataset.generate(8, seed=3)[5].image, first[5].image)
+    other = dataset.generate(6, seed=4)
+    assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
+
+
+def test_captions_name_only_the_named_shapes():
+    items = dataset.generate(120, seed=0)
+    novel = [it for it in items if it.shape in dataset.NOVEL_SHAPES]
+    named = [it for it in items if it.shape in dataset.SHAPES]
+    assert novel and named
+    for it in novel:  # unnamed concepts: in the data, never named by a caption word
+        assert it.caption.split()[-1] == dataset.UNNAMED_WORD
+        assert not any(word in it.caption for word in dataset.NOVEL_SHAPES)
+    for it in named:
+        assert it.caption.split()[-1] == it.shape and it.colour in it.caption
+        assert (it.texture in it.caption) == (it.texture != "solid")
+
+
+@pytest.mark.parametrize("shape", dataset.ALL_SHAPES)
+def test_ground_truth_mask_and_colour_match_the_pixels(shape):
+    it = dataset.item(7, 1, shape=shape, colour="blue", texture="solid")
+    assert it.image.shape == (64, 64, 3) and it.image.dtype == np.uint8 and it.mask.shape == (64, 64)
+    assert 0.03 < it.mask.mean() < 0.6
+    inside = it.image[it.mask].astype(float).mean(0)
+    outside = it.image[~it.mask].astype(float).mean(0)
+    assert np.abs(inside - dataset.COLOURS["blue"]).max() < 25  # the object is drawn in its labelled colour
+    assert np.abs(outside - dataset.COLOURS["blue"]).max() > 40  # the muted background is not
+    x0, y0, x1, y1 = it.box
+    ys, xs = np.nonzero(it.mask)
+    assert x0 == xs.min() and y0 == ys.min() and x1 == xs.max() + 1 and y1 == ys.max() + 1
+
+
+def test_textures_put_a_darker_tone_inside_the_object():
+    solid = dataset.item(5, 0, shape="square", colour="yellow", texture="solid")
+    striped = dataset.item(5, 0, shape="square", colour="yellow", texture="striped")
+    assert np.array_equal(solid.mask, striped.mask)
+    assert striped.image[striped.mask].std(0).mean() > 3 * solid.image[solid.mask].std(0).mean()
+    with pytest.raises(ValueError, match="unknown toy label"):
+        dataset.item(0, 0, shape="hexagon")
+
+
+@needs_judge
+def test_classifier_reads_ground_truth_and_shape_features_are_colour_blind():
+    from cloaklab.ops.toy.classifier import accuracy, load_judge
+
+    judge = load_judge()
+    acc = accuracy(judge, dataset.generate(60, seed=11, novel_fraction=0.4))
+    assert acc["shape"] >= 0.85 and acc["colour"] >= 0.9
+    same_shape = [dataset.item(12, i, shape="star", colour=c) for i, c in enumerate(("red", "green", "blue"))]
+    same_colour = [dataset.item(12, i, shape=s, colour="red") for i, s in enumerate(("circle", "cross", "moon"))]
+    to_tensor = lambda items: torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2) / 255.0
+    feats_shape = torch.nn.functional.normalize(judge.features(to_tensor(same_shape)), dim=1)
+    feats_colour = torch.nn.functional.normalize(judge.features(to_tensor(same_colour)), dim=1)
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)
+    assert (feats_shape @ feats_shape.T)[off_diagonal].mean() > (feats_colour @ feats_colour.T)[off_diagonal].mean()
+
+
+@needs_judge
+def test_toy_metrics_on_ground_truth_images():
+    from cloaklab.ops.metrics import get_metric
+    from cloaklab.ops.metrics.base import ImageContext
+
+    def tensors(shape, colour, seed):
+        return [torch.from_numpy(it.image).permute(2, 0, 1).float() / 255
+                for it in dataset.generate(4, seed=seed, shape=shape, colour=colour, texture="solid")]
+
+    refs = {"heart": tensors("heart", "red", 20)}
+    acc, sim = get_metric("toy-acc").build(), get_metric("toy-sim").build()
+    for metric in (acc, sim):
+        metric.prepare(refs)
+    hearts, rings = tensors("heart", "green", 21), tensors("ring", "red", 22)
+    contexts = [ImageContext(f"{i}.png", "heart") for i in range(4)]
+    assert acc.score(hearts, contexts) == [1.0] * 4
+    assert acc.score(rings, contexts) == [0.0] * 4
+    # same shape in another colour is more similar than another shape in the concept's own colour
+    assert min(sim.score(hearts, contexts)) > max(sim.score(rings, contexts))
+    # --class names the shape directly
+    assert acc.score(rings, [ImageContext("x.png", "other", class_name="ring")]) == [1.0]
+
+
+def test_toy_model_missing_weights_is_one_line(monkeypatch, tmp_path):
+    from cloaklab.ops.errors import ModelNotFoundError
+    from cloaklab.ops.models import load_pipeline, model_info
+
+    monkeypatch.setenv("CLOAK_TOY_WEIGHTS", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="make toy-model"):
+        load_pipeline("toy")
+    assert model_info("toy").kind == "builtin" and model_info("toy").revision is None
+
+
+@needs_toy
+@needs_judge
+def test_model_toy_loads_offline_and_draws_the_requested_colour(monkeypatch):
+    from cloaklab.ops.models import load_pipeline
+    from cloaklab.ops.toy.classifier import load_judge
+    from cloaklab.ops.toy.evaluate import sample
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline("toy")
+    assert pipe.unet.config.cross_attention_dim == 64 and pipe.vae_scale_factor == 4
+    colours = list(dataset.COLOUR_NAMES) * 2
+    images = sample(pipe, [f"a {c} circle" for c in colours], steps=10, guidance=5.0, seed=0)
+    assert images.shape == (12, 3, 64, 64)
+    hits = sum(p["colour"] == c for p, c in zip(load_judge().predict(images), colours))
+    # chance is 1/6 (2 of 12); P(>= 6 of 12 by chance) < 1%
+    assert hits >= 6, f"only {hits}/12 samples in the requested colour"
+
+
+def test_sd15_table1_makefile_dry_run(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    folder = ROOT / "examples" / "sd15-table1"
+    data = tmp_path / "NovelConcepts10"
+    for concept in ("dog", "teapot"):
+        (data / concept).mkdir(parents=True)
+        (data / concept / "00.jpg").write_bytes(b"")
+    result = subprocess.run([make, "-n", "-C", str(folder), f"DATA={data}", f"WORK={tmp_path / 'work'}",
+                             "POISONS=none adm+", "DEFENCES=nominal szt", "table"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "cloak poison" in out and "-a adm+" in out and "--eps 16" in out
+    assert "cloak train-ti" in out and "--preset szt" in out and "--steps 5000" in out and "--lr 0.0005" in out
+    assert "cloak generate" in out and "objects24" in out and "cloak score --table" in out
+    assert out.count("cloak train-ti") == 2 * 2 * 2  # concepts × poisons × defences

@@ -60,21 +60,32 @@ def preprocess(images: Sequence[torch.Tensor], resize: int, crop: int, mean: Seq
                device: Any = "cpu") -> torch.Tensor:
     """Resize the short side to ``resize`` (bicubic, antialiased), centre-crop ``crop``², normalize.
 
-    ``images``: ``(3, H, W)`` tensors in [0, 1] of any sizes → ``(B, 3, crop, crop)`` on ``device``.
+    ``images``: ``(3, H, W)`` tensors in [0, 1] of any sizes → ``(B, 3, crop, crop)`` on ``device``; images of the
+    same size are resized in one call.
     """
-    batch = []
-    for image in images:
-        image = image.to(device=device, dtype=torch.float32)
-        height, width = image.shape[-2:]
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for shape, indices in same_size_groups(images).items():
+        batch = torch.stack([images[i] for i in indices]).to(device=device, dtype=torch.float32)
+        height, width = shape[-2:]
         scale = resize / min(height, width)
         size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
-        resized = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)
+        if size != (height, width):
+            batch = F.interpolate(batch, size=size, mode="bicubic", antialias=True, align_corners=False)
         top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-        batch.append(resized[0, :, top:top + crop, left:left + crop].clamp(0, 1))
-    stacked = torch.stack(batch)
+        for index, image in zip(indices, batch[:, :, top:top + crop, left:left + crop].clamp(0, 1)):
+            out[index] = image
+    stacked = torch.stack(out)  # type: ignore[arg-type]
     mean_t = torch.tensor(mean, device=stacked.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=stacked.device).view(1, 3, 1, 1)
     return (stacked - mean_t) / std_t
+
+
+def same_size_groups(images: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``images`` grouped by shape (order kept), so each group can go through a network as one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return groups
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

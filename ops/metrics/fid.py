@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ImageContext, Metric, finite
+from .base import ImageContext, Metric, finite, same_size_groups
 
 
 class TinyFeatures(nn.Module):
@@ -76,13 +76,17 @@ class FidMetric(Metric):
     def prepare(self, references: dict[str, list[torch.Tensor]]) -> None:
         for concept, images in references.items():
             fid = self._fid(concept)
-            for image in images:
-                fid.update(image[None].to(self.device), real=True)
+            for indices in same_size_groups(images).values():
+                fid.update(torch.stack([images[i] for i in indices]).to(self.device), real=True)
 
     @torch.no_grad()
     def score(self, images: Sequence[torch.Tensor], contexts: Sequence[ImageContext]) -> list[float | None]:
+        by_concept: dict[str, list[torch.Tensor]] = {}
         for image, context in zip(images, contexts):
-            self._fid(context.concept).update(image[None].to(self.device), real=False)
+            by_concept.setdefault(context.concept, []).append(image)
+        for concept, group in by_concept.items():
+            for indices in same_size_groups(group).values():
+                self._fid(concept).update(torch.stack([group[i] for i in indices]).to(self.device), real=False)
         return [None] * len(images)  # FID is a set statistic: see concept_values
 
     def concept_values(self) -> dict[str, float | None]:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .base import ImageContext, Metric, finite
+from .base import ImageContext, Metric, finite, same_size_groups
 from .pixel import require_reference
 
 
@@ -41,12 +41,13 @@ class LpipsMetric(Metric):
 
     @torch.no_grad()
     def score(self, images: Sequence[torch.Tensor], contexts: Sequence[ImageContext]) -> list[float | None]:
-        values = []
-        for image, context in zip(images, contexts):
-            reference = require_reference(self.name, image, context)
-            a = image[None].to(self.device, torch.float32) * 2 - 1
-            b = reference[None].to(self.device, torch.float32) * 2 - 1
-            values.append(finite(self.model(a, b).flatten()[0].item()))
+        references = [require_reference(self.name, image, context) for image, context in zip(images, contexts)]
+        values: list[float | None] = [None] * len(images)
+        for indices in same_size_groups(images).values():  # one forward per image size
+            a = torch.stack([images[i] for i in indices]).to(self.device, torch.float32) * 2 - 1
+            b = torch.stack([references[i] for i in indices]).to(self.device, torch.float32) * 2 - 1
+            for index, value in zip(indices, self.model(a, b).flatten().tolist()):
+                values[index] = finite(value)
         return values
 
 

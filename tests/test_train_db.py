@@ -143,6 +143,9 @@ def test_cli_records_decoupled_prompts_and_refuses_a_second_run_without_resume(c
     assert params["instance_prompt"] == f"a photo of *, {NEG}" and params["prior_weight"] == 0.0
     code, _, err = cli(args)
     assert code == 2 and "--resume" in err
+    changed = [("a photo of #" if a == "a photo of *" else a) for a in args]
+    code, _, err = cli(changed + ["--resume"])
+    assert code == 1 and "instance_prompt" in err
     code, _, err = cli(args + ["--preset", "szt"])
     assert code == 2 and "--masks" in err
     code, _, err = cli(args + ["--overwrite", "--use-8bit-adam"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
@@ -35,7 +35,7 @@ from ..io import InputItem
 from ..prompts import decoupled_prompts
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
-from .loop import TrainConfig, TrainResult, _training_scheduler, latest_checkpoint, train
+from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, _training_scheduler, latest_checkpoint, train
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
@@ -255,6 +255,27 @@ def autocast_context(mixed_precision: str, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------- run
+RUN_SETTINGS = "train_db_settings.json"
+_NOT_RESUME_RELEVANT = ("save_trained_only", "class_steps", "class_guidance", "gradient_checkpointing")
+
+
+def _check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -> None:
+    """The DreamBooth settings a checkpoint was made with must match on ``--resume`` (the loop checks its own)."""
+    import json
+
+    path = out_dir / CHECKPOINT_DIR / RUN_SETTINGS
+    current = json.loads(json.dumps({k: v for k, v in current.items() if k not in _NOT_RESUME_RELEVANT},
+                                    default=str))
+    if resuming and path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+        if changed:
+            raise CloakError(f"cannot resume {out_dir}: it was trained with other settings ({', '.join(changed)}); "
+                             "use the same ones, or --overwrite to start again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
 def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: DreamBoothSettings,
                      config: TrainConfig, *, model_record: dict[str, Any], resolution: int | None = None,
                      class_dir: Path | None = None, jpeg: int | None = None, mask_dir: Path | None = None,
@@ -272,6 +293,9 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
         shutil.rmtree(out_dir / "checkpoints")
     resolution = resolution or default_resolution(pipe)
     device = pipe.unet.device
+    _check_run_settings(out_dir, {**asdict(settings), "resolution": resolution, "jpeg": jpeg, "dilate": dilate,
+                                  "masks": str(mask_dir) if mask_dir else None, "model": model_record},
+                        resume and latest_checkpoint(out_dir) is not None)
     data = load_instance_images(items, resolution, jpeg_quality=jpeg, mask_dir=mask_dir, dilate=dilate,
                                 max_pixels=max_pixels, rejected=rejected)
     class_latents = None

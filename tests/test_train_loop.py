@@ -212,3 +212,27 @@ def test_resume_is_bit_exact(tmp_path):
     assert sum(grad["count"]) == 5 and grad["count"][:5] == [0] * 5  # t >= 500 only
     other, _ = _run(tmp_path / "seed1", 5, seed=1)
     assert not torch.equal(full, other)
+
+
+def test_instance_loading_jpegs_then_dilates_masks_at_512_scale(tmp_path):
+    from pathlib import PurePosixPath
+
+    from cloaklab.ops.io import InputItem
+    from cloaklab.ops.train.data import load_instance_images
+    from cloaklab.tests.conftest import photo
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    path = tmp_path / "images" / "rocket.png"
+    photo("rocket", 128).save(path)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:80, 50:70] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "rocket.png")
+    item = [InputItem(path, PurePosixPath("rocket.png"))]
+    data = load_instance_images(item, 128, jpeg_quality=25, mask_dir=tmp_path / "masks", dilate=16)
+    radius = 4  # 16 px at 512² → 4 px at 128²
+    assert data.masks[0, 0].sum() == (40 + 2 * radius) * (20 + 2 * radius)
+    assert torch.equal(data.images[0], jpeg_compress(torch.from_numpy(
+        np.asarray(Image.open(path), dtype=np.float32) / 255).permute(2, 0, 1), 25))
+    half = load_instance_images(item, 64, mask_dir=tmp_path / "masks")
+    assert half.images.shape == (1, 3, 64, 64) and half.masks[0, 0].sum() == 20 * 10

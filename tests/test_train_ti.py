@@ -236,3 +236,14 @@ def test_training_schedule_keeps_the_model_target(kind, fresh_tiny_pipe, tmp_pat
     result = train(fresh_tiny_pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=2, checkpoint_every=0),
                    tmp_path)
     assert np.isfinite(result.final_loss)
+
+
+def test_unreadable_image_is_rejected_and_the_rest_trains(cli, concept, tmp_path):
+    images, _ = concept
+    (images / "broken.png").write_bytes(b"")
+    out = tmp_path / "partial"
+    code, _, stderr = cli(["train-ti", images, "-o", out, "--steps", "1", *BASE])
+    assert code == 3 and "rejected broken.png" in stderr
+    manifest = json.loads((out / "cloak.json").read_text())
+    assert manifest["files"]["broken.png"]["status"] == "rejected"
+    assert manifest["files"]["learned_embeds.safetensors"]["images"] == ["astronaut.png", "chelsea.png", "rocket.png"]

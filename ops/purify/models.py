@@ -151,6 +151,7 @@ def build_tiny_upscaler(seed: int = 0):
                                 beta_end=0.02, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                 prediction_type="v_prediction"),
         max_noise_level=350)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

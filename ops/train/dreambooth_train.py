@@ -116,11 +116,20 @@ class DreamBoothModel:
         if rank < 1:
             raise UsageError(f"--lora rank must be >= 1, got {rank}")
         self.pipe.unet.requires_grad_(False)
+        if self.settings.mixed_precision != "no":
+            # frozen base weights in the compute dtype (the diffusers LoRA examples do this); adapters stay fp32
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.mixed_precision]
+            for module in (self.pipe.unet, self.pipe.text_encoder, self.pipe.vae):
+                module.to(dtype=half)
         self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                               target_modules=UNET_LORA_TARGETS))
         if self.settings.train_text_encoder:
             self.pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                                           target_modules=TEXT_LORA_TARGETS))
+        for module in self.modules.values():
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
 
     # ------------------------------------------------------------------------------------------- Trainable
     def parameters(self) -> list[torch.Tensor]:

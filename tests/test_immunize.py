@@ -145,3 +145,24 @@ def test_cli_class_word_count_must_match_concepts(cli, tmp_path, photo_dir):
     code, _, stderr = cli(["immunize", photo_dir, photo_dir, "-o", tmp_path / "out", "--against", "ti", "--multi-concept",
                            "--class-word", "a", "--class-word", "b", "--class-word", "c", "--model", "tiny"])
     assert code == 2 and "--class-word" in stderr
+
+
+def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path, tiny_pipe):
+    """An interrupted run (checkpoint at step 2 of 4) is refused without --resume and continued with it."""
+    from cloaklab.ops.io import collect_inputs
+
+    folder = tmp_path / "purse"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea"):
+        photo(name, 64).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    items, _ = collect_inputs([str(folder)])
+    im.immunize(tiny_pipe, load_instance_images(items, 64), _config("ti", 4), out, stop_after=2)
+    args = ["immunize", folder, "-o", out, "--against", "ti", "--model", "tiny", "--steps", "4", "--defence-lr",
+            str(DEFENCE_LR), "--checkpoint-every", "0", "--device", "cpu", "--json"]
+    code, _, stderr = cli(args)
+    assert code == 2 and "--resume" in stderr
+    code, stdout, stderr = cli([*args, "--resume"])
+    assert code == 0, stderr
+    assert json.loads(stdout)["concepts"][0]["resumed_from"] == 2
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 4

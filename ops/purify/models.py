@@ -46,7 +46,7 @@ class PurifierModels:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _place(module, device: Any, dtype: Any):
+def place_on(module, device: Any, dtype: Any):
     """Move a model or pipeline to ``device``; cast only when ``dtype`` differs (diffusers warns on every cast)."""
     module = module.to(device)
     current = getattr(module, "dtype", None)
@@ -119,7 +119,7 @@ def load_pixel_model(name: str, device: Any = "cpu", dtype: Any = None) -> Pixel
         except (OSError, EnvironmentError, ValueError):
             raise _missing("pixel diffusion model", name, "--pixel-model") from None
         model = PixelDiffusion(pipe.unet, pipe.scheduler, int(pipe.unet.config.sample_size), name)
-    model.unet = _place(model.unet, device, dtype)
+    model.unet = place_on(model.unet, device, dtype)
     return model
 
 
@@ -166,7 +166,7 @@ def load_upscaler(name: str, device: Any = "cpu", dtype: Any = None):
                 pipe = StableDiffusionUpscalePipeline.from_pretrained(name, torch_dtype=dtype or torch.float32)
         except (OSError, EnvironmentError, ValueError):
             raise _missing("x4 upscaler", name, "--upscaler-model") from None
-    pipe = _place(pipe, device, dtype)
+    pipe = place_on(pipe, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

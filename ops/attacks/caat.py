@@ -54,7 +54,8 @@ def attack_set(images: Sequence[torch.Tensor], *, models: AttackModels, generato
             optimizer.zero_grad(set_to_none=True)
             loss.mean().backward()
             pset.scatter(group, pgd_step(x.detach(), x.grad, clean, eps=eps, step_size=step_size, mask=mask,
-                                         grad_transform=run.grad_transform))
+                                         grad_transform=run.grad_transform,
+                                         delta_transform=run.delta_transform))
             optimizer.step()
             losses.append(loss.detach().float().cpu())
         if (index + 1) % report_every == 0 or index + 1 == steps:

@@ -130,7 +130,8 @@ def attack_set(images: Sequence[torch.Tensor], *, models: AttackModels, generato
     """Protect the set ``images`` ``[(3, H, W)]`` in [0, 1]; one result per image, in order."""
     if influence not in SOLVERS:
         raise ValueError(f"unknown influence solver {influence!r}; choose one of {', '.join(SOLVERS)}")
-    params.pop("grad_transform", None)  # InMark's low-pass is part of the method
+    for option in ("grad_transform", "delta_transform"):  # InMark's low-pass (gradient only, Eq. 8) is built in
+        params.pop(option, None)
     run = start_run(images, pipe=models.pipe, generators=generators, progress=progress,
                     grad_transform=lambda grad: lowpass(grad, lf_ratio), **params)
     theta = base_surrogate(models.pipe)

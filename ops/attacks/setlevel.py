@@ -186,6 +186,7 @@ class SetRun:
     eot: Any = None
     eot_samples: int = 1
     grad_transform: Any = None
+    delta_transform: Any = None
     batch_size: int = 4
     t_range: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -209,14 +210,21 @@ def model_fingerprint(pipe) -> str:
 
 
 def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torch.Generator], masks: Any = None,
-              clean_images: Sequence[torch.Tensor] | None = None, progress: Callable[[str], None] | None = None,
-              eot: Any = None, eot_samples: int = 1, grad_transform: Any = None, batch_size: int = 4,
+              mask: Any = None, clean_images: Sequence[torch.Tensor] | None = None,
+              progress: Callable[[str], None] | None = None, eot: Any = None, eot_samples: int = 1,
+              grad_transform: Any = None, delta_transform: Any = None, batch_size: int = 4,
               instance_prompt: str = SET_DEFAULTS["instance_prompt"],
               class_prompt: str = SET_DEFAULTS["class_prompt"], num_class_images: int = 200,
               class_dir: str | Path | None = None, class_steps: int = 50, prior_weight: float = 1.0,
               db_lr: float = 5e-7, train_text_encoder: bool = True, t_range: tuple[int, int] | None = None,
               db_batch_size: int = 1, **extra: Any) -> SetRun:
-    """Validate the inputs and prepare everything the attack loops need (class images generated or reused)."""
+    """Validate the inputs and prepare everything the attack loops need (class images generated or reused).
+
+    ``masks`` (or its alias ``mask``): ``None`` or one ``(1, H, W)`` pixel mask per image. ``grad_transform`` /
+    ``delta_transform`` are the engine's (``lf-<attack>`` passes the DCT projections). Unknown keyword options
+    (e.g. ``on_step``, ``lf_ratio``) are kept in ``SetRun.extra``.
+    """
+    masks = masks if masks is not None else mask
     if len(generators) != len(images):
         raise ValueError(f"need one generator per image: {len(generators)} for {len(images)} images")
     device = pipe.unet.device
@@ -236,7 +244,8 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
                               prior_weight=prior_weight, batch_size=db_batch_size,
                               train_text_encoder=train_text_encoder, t_range=t_range)
     return SetRun(pset, list(generators), generator, resolution, clean_squares, prior, config, progress, eot,
-                  eot_samples, grad_transform, batch_size, t_range, {**extra, "class_settings": class_settings})
+                  eot_samples, grad_transform, delta_transform, batch_size, t_range,
+                  {**extra, "class_settings": class_settings})
 
 
 def prior_images(pipe, resolution: int, settings: dict[str, Any],
@@ -288,7 +297,7 @@ def pgd_over_set(run: SetRun, models: AttackModels, steps: int, *, eps: float, s
         for _ in range(steps):
             grad, values = loss_gradient(adv, loss, gens, eot=run.eot, eot_samples=run.eot_samples)
             adv = pgd_step(adv, grad, clean, eps=eps, step_size=step_size, ascent=ascent, mask=mask,
-                           grad_transform=run.grad_transform)
+                           grad_transform=run.grad_transform, delta_transform=run.delta_transform)
             if on_step is not None:
                 on_step(len(index))
         run.pset.scatter(index, adv)

@@ -1,0 +1,320 @@
+"""Set-level poisons (aspl, fsmg, e-aspl, metacloak, caat, ace, inmark) and the DreamBooth surrogate trainer.
+
+Tiny model, 32-px photos, a handful of steps: each test checks a behaviour that would break if the method were
+implemented wrongly (budget, determinism, the alternation schedule, which weights train, the DCT subspace, the
+class-image cache, the DreamBooth loss algebra, the inverse-HVP solver)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cloaklab.tests.conftest import photo_tensor
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many tiny ops: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe):
+    """The shared tiny pipeline: set-level attacks train copies, never the caller's model (checked below)."""
+    return tiny_pipe
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("class-images")
+
+
+def photos(size: int = SIZE) -> list[torch.Tensor]:
+    """Two real photos: one square, one non-square (size × 1.25 size), in [0, 1]."""
+    wide = size * 5 // 4
+    coffee = F.interpolate(photo_tensor("coffee", wide)[None], size=(size, wide), mode="bilinear")[0].clamp(0, 1)
+    return [photo_tensor("astronaut", size), coffee]
+
+
+def generators(seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(2)]
+
+
+FAST = {
+    "aspl": {"rounds": 2, "surrogate_steps": 1, "pgd_steps": 2},
+    "fsmg": {"surrogate_steps": 2, "steps": 3},
+    "e-aspl": {"rounds": 1, "surrogate_steps": 1, "pgd_steps": 2, "ensemble": "tiny"},
+    "metacloak": {"trials": 1, "pool_steps": 2, "pool_interval": 2, "pgd_steps": 2, "unroll_steps": 1},
+    "caat": {"steps": 3},
+    "ace": {"epochs": 2, "pgd_steps": 2, "lora_steps": 1},
+    "inmark": {"epochs": 2, "iterations": 2, "surrogate_steps": 1, "hvp_steps": 2},
+}
+
+
+def run_attack(name, pipe, class_dir, seed=0, size=SIZE, **overrides):
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.engine import AttackModels
+
+    spec = get_attack(name)
+    params = spec.resolve({**FAST[name], "eps": 8.0, "step_size": 2.0, **overrides})
+    if "num_class_images" in params:
+        params.update(num_class_images=2, class_steps=2, class_dir=str(class_dir))
+    return spec.load().attack_set(photos(size), models=AttackModels(pipe), generators=generators(seed), **params)
+
+
+# ------------------------------------------------------------------------------------------- every attack
+@pytest.mark.parametrize("name", list(FAST))
+def test_budget_holds_and_shapes_kept(name, pipe, class_dir):
+    results = run_attack(name, pipe, class_dir)
+    assert len(results) == 2
+    for result, clean in zip(results, photos()):
+        assert result.images.shape == (1, *clean.shape)
+        delta = (result.images[0] - clean).abs().max().item()
+        assert 0 < delta <= 8 / 255 + 1e-6
+        assert result.images.min() >= 0 and result.images.max() <= 1
+        assert result.loss_start.shape == result.loss_end.shape == (1,)
+
+
+@pytest.mark.parametrize("name, overrides", [("aspl", {"rounds": 1}),
+                                             ("inmark", {"iterations": 1, "influence": "identity"})])
+def test_deterministic_for_a_seed(name, overrides, pipe, class_dir):
+    first = run_attack(name, pipe, class_dir, seed=3, **overrides)
+    second = run_attack(name, pipe, class_dir, seed=3, **overrides)
+    other = run_attack(name, pipe, class_dir, seed=4, **overrides)
+    for a, b, c in zip(first, second, other):
+        assert torch.equal(a.images, b.images)
+        assert not torch.equal(a.images, c.images)
+
+
+def test_registry_defaults_match_modules():
+    import importlib
+
+    from cloaklab.ops.attacks import get_attack
+
+    for name in FAST:
+        spec = get_attack(name)
+        assert spec.set_level
+        module_defaults = importlib.import_module(f"cloaklab.ops.attacks.{spec.module}").DEFAULTS
+        for key, value in module_defaults.items():
+            assert spec.defaults[key] == value, (name, key)
+    # Anti-DreamBooth's 0.05 / 0.005 in [-1, 1] units, converted to pixel units /255
+    assert get_attack("aspl").defaults["eps"] == pytest.approx(0.05 / 2 * 255)
+    assert get_attack("aspl").defaults["step_size"] == pytest.approx(0.005 / 2 * 255)
+
+
+def test_ace_pulls_toward_target_and_fsmg_raises_surrogate_loss(pipe, class_dir):
+    ace = run_attack("ace", pipe, class_dir, epochs=2, pgd_steps=4)
+    assert all(r.loss_end.item() < r.loss_start.item() for r in ace)  # target loss goes down
+    # 64 px: the calibrated tiny model's native size (at 4×4 latents the loss barely moves)
+    fsmg = run_attack("fsmg", pipe, class_dir, size=64, surrogate_steps=1, steps=4)
+    assert all(r.loss_end.item() > r.loss_start.item() for r in fsmg)  # denoising loss of θ_clean goes up
+
+
+# ---------------------------------------------------------------------------------------- the schedules
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every DreamBooth step (with the images it trained on) and every PGD step, in order."""
+    from cloaklab.ops.attacks import inmark, setlevel
+    from cloaklab.ops.train.dreambooth import DreamBoothTrainer
+
+    events: list[tuple[str, object]] = []
+    original_step, original_pgd = DreamBoothTrainer.step, setlevel.pgd_step
+
+    def step(self, instance_images):
+        events.append(("train", instance_images.detach().clone()))
+        return original_step(self, instance_images)
+
+    def pgd_step(images, grad, clean, **kw):
+        events.append(("pgd", (grad.detach().clone(), kw)))
+        return original_pgd(images, grad, clean, **kw)
+
+    monkeypatch.setattr(DreamBoothTrainer, "step", step)
+    monkeypatch.setattr(setlevel, "pgd_step", pgd_step)
+    monkeypatch.setattr(inmark, "pgd_step", pgd_step)  # its self-influence steps
+    return events
+
+
+def test_aspl_alternates_as_specified(spy, pipe, class_dir):
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    run_attack("aspl", pipe, class_dir, rounds=2, surrogate_steps=2, pgd_steps=3)
+    kinds = [kind for kind, _ in spy]
+    one_round = ["train"] * 2 + ["pgd"] * 3 * 2 + ["train"] * 2  # 2 shapes → 2 minibatches per PGD step
+    assert kinds == one_round * 2
+    clean = square_crops(photos(), SIZE)
+    trained_on = [data for kind, data in spy if kind == "train"]
+    # f′ learns from clean set A; f learns from the perturbed set
+    assert all(torch.equal(t, clean) for t in trained_on[0:2] + trained_on[4:6])
+    assert not any(torch.equal(t, clean) for t in trained_on[2:4] + trained_on[6:8])
+
+
+def test_fsmg_trains_first_then_attacks_a_fixed_model(spy, pipe, class_dir):
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    run_attack("fsmg", pipe, class_dir, surrogate_steps=3, steps=4)
+    kinds = [kind for kind, _ in spy]
+    assert kinds == ["train"] * 3 + ["pgd"] * 4 * 2
+    clean = square_crops(photos(), SIZE)
+    assert all(torch.equal(data, clean) for kind, data in spy if kind == "train")
+
+
+def test_inmark_lowfreq_steps_use_the_dct_block(spy, pipe, class_dir):
+    from cloaklab.ops.attacks.lowfreq import highfreq_energy
+
+    run_attack("inmark", pipe, class_dir, epochs=1, iterations=2, lf_ratio=0.25)
+    steps = [data for kind, data in spy if kind == "pgd"]
+    assert len(steps) == 2 * 2
+    for grad, kw in steps:
+        projected = kw["grad_transform"](grad)
+        assert highfreq_energy(projected, 0.25).max() < 1e-6  # the step direction lies in the kept block
+        assert highfreq_energy(grad, 0.25).min() > 0.05  # … while the raw gradient did not
+
+
+def test_inmark_alternates_lowfreq_and_influence_epochs(spy, pipe, class_dir):
+    run_attack("inmark", pipe, class_dir, epochs=2, iterations=1, surrogate_steps=1, influence="identity")
+    kinds = [kind for kind, _ in spy]
+    # epoch 0: DreamBooth step, LF-PGD (2 minibatches); epoch 1: DreamBooth step, influence step per image
+    assert kinds == ["train", "pgd", "pgd", "train", "pgd", "pgd"]
+    influence_steps = [data[1] for kind, data in spy if kind == "pgd"][2:]
+    assert all(kw.get("grad_transform") is None for kw in influence_steps)
+
+
+def test_caat_updates_only_cross_attention_kv(monkeypatch, pipe, class_dir):
+    from cloaklab.ops.attacks import caat
+
+    captured = {}
+    original = caat.base_surrogate
+
+    def capture(p):
+        captured["surrogate"] = original(p)
+        return captured["surrogate"]
+
+    monkeypatch.setattr(caat, "base_surrogate", capture)
+    before_unet = copy.deepcopy(pipe.unet.state_dict())
+    before_text = copy.deepcopy(pipe.text_encoder.state_dict())
+    run_attack("caat", pipe, class_dir, steps=3, lr=1e-3)
+    trained = captured["surrogate"]
+    changed = {k for k, v in trained.unet.state_dict().items() if not torch.equal(v, before_unet[k])}
+    kv = set(caat.kv_parameters(trained.unet))
+    assert changed and changed <= kv
+    assert any(".attn2.to_k." in k for k in changed) and any(".attn2.to_v." in k for k in changed)
+    assert all(torch.equal(v, before_text[k]) for k, v in trained.text_encoder.state_dict().items())
+    assert all(torch.equal(v, before_unet[k]) for k, v in pipe.unet.state_dict().items())  # caller's model kept
+
+
+# ------------------------------------------------------------------------------------------ class images
+def test_class_image_cache_is_reused(monkeypatch, pipe, tmp_path):
+    from cloaklab.ops.attacks.setlevel import class_images, model_fingerprint
+
+    calls = []
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("latents"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    key = model_fingerprint(pipe)
+    first = class_images(pipe, "a photo of person", 2, cache_dir=tmp_path, model_id=key, resolution=SIZE, steps=2)
+    assert len(calls) == 2 and first.shape == (2, 3, SIZE, SIZE)
+    again = class_images(pipe, "a photo of person", 2, cache_dir=tmp_path, model_id=key, resolution=SIZE, steps=2)
+    assert len(calls) == 2 and torch.equal(first, again)  # rerun: nothing generated
+    more = class_images(pipe, "a photo of person", 3, cache_dir=tmp_path, model_id=key, resolution=SIZE, steps=2)
+    assert len(calls) == 3 and torch.equal(more[:2], first)  # only the missing one
+    other = class_images(pipe, "a photo of dog", 1, cache_dir=tmp_path, model_id=key, resolution=SIZE, steps=2)
+    assert len(calls) == 4 and other.shape[0] == 1  # another prompt is another cache entry
+
+
+# ------------------------------------------------------------------------------------ DreamBooth + HVP
+def test_dreambooth_loss_is_instance_plus_weighted_prior(pipe):
+    from cloaklab.ops.diffusion import encode_images, encode_prompts
+    from cloaklab.ops.train.dreambooth import dreambooth_loss
+
+    with torch.no_grad():
+        latents = encode_images(pipe.vae, torch.stack(photos()[:1] * 2))
+        text = encode_prompts(pipe, ["a photo of sks person", "a photo of person"])
+
+        def loss(weight):
+            return dreambooth_loss(pipe.unet, pipe.scheduler, latents, text[:1], latents.flip(0), text[1:],
+                                   prior_weight=weight, generator=torch.Generator().manual_seed(0)).item()
+
+        instance, one, two = loss(0.0), loss(1.0), loss(2.0)
+    assert one > instance
+    assert two - instance == pytest.approx(2 * (one - instance), rel=1e-4)
+
+
+def test_dreambooth_trainer_learns_and_respects_parameter_subset(pipe):
+    from cloaklab.ops.diffusion import encode_images
+    from cloaklab.ops.train.dreambooth import (DreamBoothConfig, DreamBoothTrainer, Surrogate, dreambooth_loss)
+
+    surrogate = Surrogate.from_pipe(pipe).clone()
+    images = torch.stack([photos()[0]] * 2)
+
+    def fixed_loss():
+        with torch.no_grad():
+            z = encode_images(pipe.vae, images)
+            text = surrogate.encode_prompts(["a photo of sks person"])
+            return sum(dreambooth_loss(surrogate.unet, pipe.scheduler, z, text,
+                                       generator=torch.Generator().manual_seed(s)).item() for s in range(4))
+
+    config = DreamBoothConfig(learning_rate=3e-3, prior_weight=0.0, train_text_encoder=False)
+    before = fixed_loss()
+    DreamBoothTrainer(surrogate, config, generator=torch.Generator().manual_seed(0)).train(images, 12)
+    assert fixed_loss() < before
+    subset = [p for n, p in surrogate.unet.named_parameters() if n.startswith("conv_out")]
+    snapshot = copy.deepcopy(surrogate.unet.state_dict())
+    DreamBoothTrainer(surrogate, config, parameters=subset, generator=torch.Generator().manual_seed(1)).train(images, 2)
+    changed = {k for k, v in surrogate.unet.state_dict().items() if not torch.equal(v, snapshot[k])}
+    assert changed == {"conv_out.weight", "conv_out.bias"}
+
+
+def test_inverse_hvp_solves_damped_system():
+    from cloaklab.ops.attacks.inmark import inverse_hvp
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    hessian = basis @ basis.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    g = torch.randn(6, generator=generator, dtype=torch.float64)
+
+    def hvp(v):
+        return [hessian @ v[0]]
+
+    (cg,) = inverse_hvp(hvp, [g], solver="cg", steps=12, damping=0.1)
+    expected = torch.linalg.solve(hessian + 0.1 * torch.eye(6, dtype=torch.float64), g)
+    assert torch.allclose(cg, expected, atol=1e-6)
+    scale = float(torch.linalg.eigvalsh(hessian).max()) * 1.1
+    (lissa,) = inverse_hvp(hvp, [g], solver="lissa", steps=600, damping=0.0, scale=scale)
+    assert torch.allclose(lissa, torch.linalg.solve(hessian, g), atol=1e-4)
+    (identity,) = inverse_hvp(hvp, [g], solver="identity", steps=5, damping=0.1)
+    assert torch.equal(identity, g)
+
+
+def test_self_influence_identity_is_gradient_norm_descent(pipe):
+    """With H = I, I(x) = −∇_x ½‖∇_θ SE(x)‖²: check it against autograd of that expression."""
+    from cloaklab.ops.attacks.engine import AttackModels
+    from cloaklab.ops.attacks.inmark import influence_parameters, self_influence, twice_differentiable
+    from cloaklab.ops.train.dreambooth import Surrogate
+
+    surrogate = Surrogate.from_pipe(pipe).clone()
+    models = AttackModels(surrogate, prompt="a photo of sks person")
+    params = influence_parameters(surrogate.unet, "attn2.to_k,attn2.to_v")
+    for p in params:
+        p.requires_grad_(True)
+    image = photos()[0][None]
+    got = self_influence(models, image, torch.Generator().manual_seed(5), params, None, solver="identity", steps=0,
+                         damping=0.0, scale=1.0)
+    x = image.clone().requires_grad_(True)
+    with twice_differentiable():
+        se = models.denoise_loss(x, [torch.Generator().manual_seed(5)]).sum()
+    grads = torch.autograd.grad(se, params, create_graph=True)
+    (expected,) = torch.autograd.grad(-0.5 * sum(g.pow(2).sum() for g in grads), x)
+    assert got.abs().max() > 0
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-10)

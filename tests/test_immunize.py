@@ -29,6 +29,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact on the CPU; GPU kernels (atomic adds in backward) may differ in the last bits between runs."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6) if torch.cuda.is_initialized() else torch.equal(a, b)
+
+
+def _cpu_pipe():
+    """The tiny pipeline on the CPU, where the in-process CLI runs (``--device cpu``) in these tests."""
+    from cloaklab.ops.models import load_pipeline
+
+    return load_pipeline("tiny", "cpu")
+
+
 def _concept(*names: str) -> InstanceData:
     return InstanceData(torch.stack([photo_tensor(name) for name in names]), None, [f"{n}.png" for n in names])
 
@@ -61,7 +74,7 @@ def test_only_attention_weights_change(tiny_pipe, tmp_path, against):
     result = im.immunize(tiny_pipe, _concept("astronaut", "chelsea"), _config(against, 4), tmp_path,
                          token=_token(against))
     assert set(result.state) == set(im.attention_parameters(tiny_pipe.unet))
-    assert all(not torch.equal(before[name], value) for name, value in result.state.items())
+    assert all(not torch.equal(before[name].cpu(), value) for name, value in result.state.items())
     assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
     assert len(tiny_pipe.tokenizer) == vocabulary  # the attacker's token went to the working copy only
     immunized = im.working_copy(tiny_pipe)
@@ -103,13 +116,15 @@ def test_resume_is_bit_exact(tiny_pipe, tmp_path):
     assert first.steps_done == 3
     rest = im.immunize(tiny_pipe, data, config, tmp_path / "split", resume=True)
     assert rest.resumed_from == 3 and rest.steps_done == 6
-    assert all(torch.equal(whole.state[name], rest.state[name]) for name in whole.state)
+    assert all(_same(whole.state[name], rest.state[name]) for name in whole.state)
     assert len((tmp_path / "split" / "train_log.jsonl").read_text().splitlines()) == 6
 
 
-def test_cli_multi_concept_saves_loadable_pipeline_and_skips_rerun(cli, tmp_path, tiny_pipe):
+def test_cli_multi_concept_saves_loadable_pipeline_and_skips_rerun(cli, tmp_path):
     from cloaklab.ops.io import InputItem
     from cloaklab.ops.models import load_pipeline
+
+    base_pipe = _cpu_pipe()
 
     concepts = []
     for folder, names in (("castle", ("astronaut", "rocket")), ("chair", ("chelsea", "coffee"))):
@@ -129,12 +144,12 @@ def test_cli_multi_concept_saves_loadable_pipeline_and_skips_rerun(cli, tmp_path
     assert all(torch.equal(final[k], stage2[k]) for k in final)
     # stage 2 started from stage 1's weights (paper 003 A1.3): redo it from there and get the same tensors
     items = [InputItem(p, PurePosixPath(p.name)) for p in sorted(concepts[1].iterdir())]
-    again = im.immunize(tiny_pipe, load_instance_images(items, 64), _config("ti", 4), tmp_path / "redo",
+    again = im.immunize(base_pipe, load_instance_images(items, 64), _config("ti", 4), tmp_path / "redo",
                         init_state=stage1)
     assert all(torch.equal(again.state[k], stage2[k]) for k in final)
     # the folder loads as --model does; only the attention tensors differ from the base model
     loaded = load_pipeline(str(out / "pipeline"))
-    base = tiny_pipe.unet.state_dict()
+    base = base_pipe.unet.state_dict()
     for name, value in loaded.unet.state_dict().items():
         assert torch.equal(value, final[name]) if name in final else torch.equal(value, base[name]), name
     code, stdout, stderr = cli(args)
@@ -147,7 +162,7 @@ def test_cli_class_word_count_must_match_concepts(cli, tmp_path, photo_dir):
     assert code == 2 and "--class-word" in stderr
 
 
-def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path, tiny_pipe):
+def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path):
     """An interrupted run (checkpoint at step 2 of 4) is refused without --resume and continued with it."""
     from cloaklab.ops.io import collect_inputs
 
@@ -157,7 +172,7 @@ def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path, tiny_pipe
         photo(name, 64).save(folder / f"{name}.png")
     out = tmp_path / "out"
     items, _ = collect_inputs([str(folder)])
-    im.immunize(tiny_pipe, load_instance_images(items, 64), _config("ti", 4), out, stop_after=2)
+    im.immunize(_cpu_pipe(), load_instance_images(items, 64), _config("ti", 4), out, stop_after=2)
     args = ["immunize", folder, "-o", out, "--against", "ti", "--model", "tiny", "--steps", "4", "--defence-lr",
             str(DEFENCE_LR), "--checkpoint-every", "0", "--device", "cpu", "--json"]
     code, _, stderr = cli(args)

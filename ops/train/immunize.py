@@ -209,8 +209,9 @@ def make_adaptation(work, against: str, *, token: str, class_word: str, instance
 
 def _adaptation_loss(work, scheduler, trainable, prompts: list[str], mean: torch.Tensor, std: torch.Tensor,
                      order: DataOrder, batch_size: int, sample_latents: bool, generator: torch.Generator
-                     ) -> torch.Tensor:
-    """One batch of the adaptation loss, with the random draws in :func:`~.loop.train`'s order."""
+                     ) -> tuple[torch.Tensor, list[int]]:
+    """One batch of the adaptation loss and its timesteps, with the random draws in :func:`~.loop.train`'s
+    order."""
     device = work.unet.device
     index = order.next(batch_size, generator)
     batch_mean, batch_std = mean[index], std[index]
@@ -225,7 +226,7 @@ def _adaptation_loss(work, scheduler, trainable, prompts: list[str], mean: torch
                                   **unet_kwargs)
     loss = loss.mean()
     extra = trainable.extra_loss(generator)
-    return loss + extra if extra is not None else loss
+    return (loss + extra if extra is not None else loss), timesteps.tolist()
 
 
 def _optimizer(params: list[torch.Tensor], lr: float, config: ImmunizeConfig):
@@ -300,8 +301,8 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
                 p.requires_grad_(phase == "outer" or (phase == "inner" and id(p) in inner_ids))
             params, optimizer = (inner_params, inner_opt) if phase == "inner" else (outer_params, outer_opt)
             optimizer.zero_grad(set_to_none=True)
-            loss = _adaptation_loss(work, scheduler, trainable, adaptation.prompts, mean, std, order,
-                                    config.batch_size, config.sample_latents, generator)
+            loss, timesteps = _adaptation_loss(work, scheduler, trainable, adaptation.prompts, mean, std, order,
+                                               config.batch_size, config.sample_latents, generator)
             (loss if phase == "inner" else -loss).backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -312,7 +313,7 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
             value = float(loss.detach())
             check_finite(value)
             losses[phase] = value
-            record = {"step": step, "phase": phase, "loss": value,
+            record = {"step": step, "phase": phase, "t": timesteps, "loss": value,
                       "lr": config.lr if phase == "inner" else config.defence_lr}
             if step % config.log_every == 0 or step == config.steps:
                 log_file.write(json.dumps(record) + "\n")
@@ -354,6 +355,6 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
     mean, std = _latent_cache(work.vae, data.images, work.unet.device)
     generator = torch.Generator().manual_seed(seed)
     order = DataOrder(len(data))
-    values = [float(_adaptation_loss(work, scheduler, trainable, prompts, mean, std, order, 1, False, generator))
+    values = [float(_adaptation_loss(work, scheduler, trainable, prompts, mean, std, order, 1, False, generator)[0])
               for _ in range(draws)]
     return sum(values) / len(values)

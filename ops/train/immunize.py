@@ -273,7 +273,8 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
 
     if resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state["config"] != config.resume_key() or state["names"] != data.names:
+        if (state["config"] != config.resume_key() or state["names"] != data.names
+                or state["adaptation"] != [token, class_word, instance_prompt or ""]):
             raise CloakError(f"{checkpoint} was written with other settings or images; resume with the same ones, "
                              "or start fresh (--overwrite)")
         trainable.load_state_dict(state["trainable"])
@@ -321,7 +322,7 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
             at_stop = stop_after is not None and step == stop_after
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop or step == config.steps:
                 _save_checkpoint(out_dir, step, trainable, defended, inner_opt, outer_opt, generator, order, config,
-                                 data)
+                                 data, [token, class_word, instance_prompt or ""])
             if on_progress is not None:
                 on_progress(step, config.steps, record)
     state = {name: defended[name].detach().float().cpu().clone() for name in names}
@@ -330,14 +331,15 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
 
 
 def _save_checkpoint(out_dir: Path, step: int, trainable, defended: dict[str, torch.Tensor], inner_opt, outer_opt,
-                     generator: torch.Generator, order: DataOrder, config: ImmunizeConfig, data: InstanceData) -> None:
+                     generator: torch.Generator, order: DataOrder, config: ImmunizeConfig, data: InstanceData,
+                     adaptation: list[str]) -> None:
     path = out_dir / CHECKPOINT_DIR / f"step-{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "attention": {k: v.detach().cpu().clone() for k, v in defended.items()},
              "inner_optimizer": inner_opt.state_dict(), "outer_optimizer": outer_opt.state_dict(),
              "generator": generator.get_state(), "order": list(order.order), "position": order.position,
-             "config": config.resume_key(), "names": list(data.names)}
+             "config": config.resume_key(), "names": list(data.names), "adaptation": adaptation}
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)

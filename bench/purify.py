@@ -66,7 +66,8 @@ def sd_shaped_models(device, dtype) -> PurifierModels:
                              up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)
     pixel_unet = place_on(pixel_unet, device, dtype)
     pixel = PixelDiffusion(pixel_unet, DDPMScheduler(num_train_timesteps=1000), 256, "ddpm-256-shaped")
-    up_unet = UNet2DConditionModel(sample_size=128, in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024),
+    up_unet = UNet2DConditionModel(sample_size=128, in_channels=7, out_channels=4,
+                                   block_out_channels=(256, 512, 512, 1024),
                                    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                                    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), layers_per_block=2,
                                    cross_attention_dim=1024, attention_head_dim=8, num_class_embeds=1000)

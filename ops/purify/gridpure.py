@@ -30,12 +30,14 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 def grid_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
     """``(top, left)`` of every ``window``² window of an ``height × width`` image."""
-    return [(top, left) for top in window_starts(height, window, stride) for left in window_starts(width, window, stride)]
+    lefts = window_starts(width, window, stride)
+    return [(top, left) for top in window_starts(height, window, stride) for left in lefts]
 
 
 def split(image: torch.Tensor, window: int, stride: int, corners: bool = True) -> torch.Tensor:
     """Windows of one image ``(3, H, W)`` → ``(N, 3, window, window)`` (grid windows, then the stitched corners)."""
-    crops = [image[:, top:top + window, left:left + window] for top, left in grid_windows(*image.shape[-2:], window, stride)]
+    boxes = grid_windows(*image.shape[-2:], window, stride)
+    crops = [image[:, top:top + window, left:left + window] for top, left in boxes]
     if corners:
         half = window // 2
         rows = [torch.cat([image[:, :half, :half], image[:, :half, -half:]], 2),
@@ -44,20 +46,21 @@ def split(image: torch.Tensor, window: int, stride: int, corners: bool = True) -
     return torch.stack(crops)
 
 
-def merge(windows: torch.Tensor, height: int, width: int, window: int, stride: int, corners: bool = True) -> torch.Tensor:
+def merge(windows: torch.Tensor, height: int, width: int, window: int, stride: int,
+          corners: bool = True) -> torch.Tensor:
     """Inverse of :func:`split`: put every window back and average where they overlap → ``(3, H, W)``."""
-    total = torch.zeros(windows.shape[1], height, width, dtype=torch.float64, device=windows.device)
-    count = torch.zeros(1, height, width, dtype=torch.float64, device=windows.device)
+    total = torch.zeros(windows.shape[1], height, width, dtype=torch.float32, device=windows.device)
+    count = torch.zeros(1, height, width, dtype=torch.float32, device=windows.device)
     boxes = grid_windows(height, width, window, stride)
     for crop, (top, left) in zip(windows, boxes):
-        total[:, top:top + window, left:left + window] += crop.double()
+        total[:, top:top + window, left:left + window] += crop.float()
         count[:, top:top + window, left:left + window] += 1
     if corners:
-        half, crop = window // 2, windows[len(boxes)].double()
-        for (rows, cols), (src_r, src_c) in (((slice(0, half), slice(0, half)), (0, 0)),
-                                             ((slice(0, half), slice(width - half, width)), (0, half)),
-                                             ((slice(height - half, height), slice(0, half)), (half, 0)),
-                                             ((slice(height - half, height), slice(width - half, width)), (half, half))):
+        half, crop = window // 2, windows[len(boxes)].float()
+        top, bottom = slice(0, half), slice(height - half, height)
+        left, right = slice(0, half), slice(width - half, width)
+        for (rows, cols), (src_r, src_c) in (((top, left), (0, 0)), ((top, right), (0, half)),
+                                             ((bottom, left), (half, 0)), ((bottom, right), (half, half))):
             total[:, rows, cols] += crop[:, src_r:src_r + half, src_c:src_c + half]
             count[:, rows, cols] += 1
     return (total / count).to(windows.dtype)
@@ -65,7 +68,7 @@ def merge(windows: torch.Tensor, height: int, width: int, window: int, stride: i
 
 def grid_purify(images: torch.Tensor, denoise: Callable[[torch.Tensor, list[int]], torch.Tensor], *, window: int,
                 stride: int, gamma: float, iters: int) -> torch.Tensor:
-    """Alg. 2 on ``(B, 3, H, W)`` in [0, 1]; ``denoise(windows, owner)`` purifies windows (``owner[j]`` = image index)."""
+    """Alg. 2 on ``(B, 3, H, W)`` in [0, 1]; ``denoise(windows, owner)`` purifies windows (``owner[j]``: image)."""
     height, width = images.shape[-2:]
     side = min(window, height, width)
     step = max(1, round(stride * side / window))

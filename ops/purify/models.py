@@ -74,7 +74,8 @@ def _quiet():
 def _missing(kind: str, name: str, flag: str) -> ModelNotFoundError:
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
     return ModelNotFoundError(f"{kind} {name!r} not found locally or on the Hub{offline}: download it into the "
-                              f"Hugging Face cache (HF_HOME), pass a local folder with {flag}, or {flag} tiny for a demo")
+                              f"Hugging Face cache (HF_HOME), pass a local folder with {flag}, or {flag} tiny "
+                              "for a demo")
 
 
 # ------------------------------------------------------------------------------------------ pixel diffusion

@@ -11,7 +11,7 @@ draws its noise from its own generator, so batching never changes a result.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,14 @@ def denoise_timesteps(t_start: int, num_timesteps: int = 1000, schedule_steps: i
     return list(range(int(t_start), -1, -stride))
 
 
-def per_image_noise(shape: Sequence[int], generators: Sequence[torch.Generator | None], like: torch.Tensor) -> torch.Tensor:
+def per_image_noise(shape: Sequence[int], generators: Sequence[torch.Generator | None],
+                    like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise ``(B, *shape)``: image i from ``generators[i]`` (drawn on the CPU for reproducibility)."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(like.device, torch.float32)
 
 
-def reverse_process(x_t: torch.Tensor, timesteps: list[int], predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    scheduler, *, eta: float = 0.0, clip: bool = False,
+def reverse_process(x_t: torch.Tensor, timesteps: list[int],
+                    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, *, eta: float = 0.0, clip: bool = False,
                     generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
     """Run generalized DDIM from ``x_t`` over ``timesteps`` (descending) and return x̂0 ``(B, C, h, w)``.
 
@@ -140,7 +141,7 @@ def pixel_sdedit(model, images: torch.Tensor, *, t_start: int, schedule_steps: i
 
 
 def prompt_for(template: str, class_name: str | None) -> str:
-    """Fill ``{class}``; a template that needs a class but gets none becomes the empty prompt (the paper's ∅ variant)."""
+    """Fill ``{class}``; a template needing a class but given none becomes "" (paper 001's ∅ variant)."""
     if "{class}" in template:
         return template.replace("{class}", class_name) if class_name else ""
     return template

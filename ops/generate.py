@@ -69,16 +69,53 @@ def plan_jobs(templates: Sequence[str], token: str, num_per_prompt: int, seed: i
 
 # ----------------------------------------------------------------------------------------------- loading
 def embedding_token(path: Path) -> str | None:
-    """The token a diffusers TI file (``{token: tensor}``) was saved under, or ``None`` for other layouts."""
+    """The token a TI file was saved under: the key of a diffusers ``{token: tensor}`` file, else the ``token``
+    metadata entry (``cloak train-ti`` writes it, also for SDXL ``{clip_l, clip_g}`` files), else ``None``."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
+            metadata = handle.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UsageError(f"--embedding {path}: not a readable .safetensors file ({exc})") from None
     known = {"emb_params", "string_to_param", "clip_l", "clip_g"}
-    return keys[0] if len(keys) == 1 and keys[0] not in known else None
+    if len(keys) == 1 and keys[0] not in known:
+        return keys[0]
+    return metadata.get("token")
+
+
+def _load_embedding(pipe, path: Path, token: str, stored: str | None) -> None:
+    """diffusers ``load_textual_inversion``; SDXL files (``clip_l`` + ``clip_g``) load once per text encoder."""
+    keys = set()
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    if {"clip_l", "clip_g"} <= keys:
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise UsageError(f"--embedding {path} is an SDXL embedding (clip_l + clip_g): use an SDXL --model")
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+        return
+    # a diffusers {token: tensor} file loads under its own key unless another token is asked for
+    stored_key = stored if stored in keys else None
+    if stored_key is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            width = handle.get_slice(stored_key).get_shape()[-1]
+        expected = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+        if width != expected:
+            raise UsageError(f"--embedding {path}: vectors are {width}-d but this model's text encoder is "
+                             f"{expected}-d (trained for another model?)")
+    pipe.load_textual_inversion(str(path), token=None if token == stored_key else token)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -121,7 +158,7 @@ def load_generation_pipeline(model: str | None, device: Any, dtype: Any, *, embe
         if not token:
             raise UsageError(f"--embedding {embedding}: cannot tell its token; pass --token")
         try:
-            pipe.load_textual_inversion(str(embedding), token=token if token != stored else None)
+            _load_embedding(pipe, embedding, token, stored)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CloakError(f"--embedding {embedding}: {str(exc).splitlines()[0]}") from None
     if lora is not None:

@@ -154,3 +154,8 @@ def test_bad_prompt_source_and_unknown_image_are_usage_errors(cli, tmp_path):
     assert cli(["generate", "-o", tmp_path / "a", "--prompts", tmp_path / "missing.txt", *FAST])[0] == 2
     code, _, err = cli(["generate", "-o", tmp_path / "b", "--prompts", "faces", "--only", "p09_i000", *FAST])
     assert code == 2 and "p09_i000" in err
+    from safetensors.torch import save_file
+
+    save_file({"<sd15>": torch.zeros(1, 768)}, str(tmp_path / "wide.safetensors"))
+    code, _, err = cli(["generate", "-o", tmp_path / "c", "--embedding", tmp_path / "wide.safetensors", *FAST])
+    assert code == 2 and "768-d" in err and not (tmp_path / "c" / "p00_i000.png").exists()

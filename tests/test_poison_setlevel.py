@@ -318,3 +318,37 @@ def test_self_influence_identity_is_gradient_norm_descent(pipe):
     (expected,) = torch.autograd.grad(-0.5 * sum(g.pow(2).sum() for g in grads), x)
     assert got.abs().max() > 0
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_set_level_run_keeps_budget_on_disk_and_resumes(cli, tmp_path, class_dir):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from cloaklab.tests.conftest import photo
+
+    photos_dir, clean_dir = tmp_path / "b", tmp_path / "a"
+    photos_dir.mkdir()
+    clean_dir.mkdir()
+    photo("astronaut", 40).save(photos_dir / "astronaut.png")
+    photo("chelsea").resize((48, 32)).save(photos_dir / "chelsea.jpg", quality=95)
+    photo("rocket", 32).save(clean_dir / "rocket.png")
+    args = ["poison", photos_dir, "-o", tmp_path / "out", "-a", "aspl", "--model", "tiny", "--resolution", "32",
+            "--clean-dir", clean_dir, "--eps", "4", "--step-size", "1", "-p", "rounds=1", "-p", "pgd_steps=3",
+            "-p", "surrogate_steps=1", "-p", "num_class_images=2", "-p", "class_steps=2", "-p",
+            f"class_dir={class_dir}"]
+    code, out, err = cli(args)
+    assert code == 0, err
+    assert "aspl: round 1/1" in err
+    for name, source in (("astronaut.png", "astronaut.png"), ("chelsea.png", "chelsea.jpg")):
+        with Image.open(photos_dir / source) as original, Image.open(tmp_path / "out" / name) as written:
+            a = np.asarray(original.convert("RGB"), dtype=np.int64)
+            b = np.asarray(written, dtype=np.int64)
+        assert a.shape == b.shape
+        assert 0 < np.abs(a - b).max() <= 4
+    manifest = json.loads((tmp_path / "out" / "cloak.json").read_text())
+    assert manifest["files"]["chelsea.png"]["stats"]["linf"] <= 4
+    code, out, err = cli(args)
+    assert code == 0 and "2 skipped" in err

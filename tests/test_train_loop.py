@@ -236,3 +236,25 @@ def test_instance_loading_jpegs_then_dilates_masks_at_512_scale(tmp_path):
         np.asarray(Image.open(path), dtype=np.float32) / 255).permute(2, 0, 1), 25))
     half = load_instance_images(item, 64, mask_dir=tmp_path / "masks")
     assert half.images.shape == (1, 3, 64, 64) and half.masks[0, 0].sum() == 20 * 10
+
+
+def test_interrupt_checkpoints_the_last_step_and_resume_matches(tmp_path):
+    from cloaklab.ops.models import load_pipeline
+
+    def run(out, on_progress=None, resume=False):
+        pipe = load_pipeline("tiny")
+        ti = _ti(pipe)
+        config = TrainConfig(steps=5, checkpoint_every=0, snapshot_every=0, seed=7)
+        train(pipe, ti, _data(), fill_templates(OBJECT_TEMPLATES, "<R*>"), config, out, resume=resume,
+              on_progress=on_progress)
+        return ti.parameters()[0].detach().clone()
+
+    def ctrl_c(step, total, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", ctrl_c)
+    assert (tmp_path / "cut" / "checkpoints" / "step-000003.pt").exists()
+    assert torch.equal(run(tmp_path / "cut", resume=True), full)

@@ -247,7 +247,13 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     written: list[str] = []
     history: list[dict[str, Any]] = []
     num_t = diffusion.num_train_timesteps(scheduler)
-    with log_path.open("a") as log_file:
+
+    def resumable_state() -> tuple:  # RNG / data order / grad bins after the last finished step
+        return generator.get_state(), list(order.order), order.position, bins.clone(), counts.clone()
+
+    resumable, stepping = resumable_state(), False
+    log_file = log_path.open("a")
+    try:
         while step < total and (stop_after is None or step < stop_after):
             lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
             for group in optimizer.param_groups:
@@ -288,9 +294,12 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
                     counts[which] += 1
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            stepping = True
             optimizer.step()
             trainable.after_step()
             step += 1
+            stepping = False
+            resumable = resumable_state()
             check_finite(step_loss)
             last_loss = step_loss
             record: dict[str, Any] = {"step": step, "t": record_t, "loss": step_loss, "lr": lr}
@@ -310,6 +319,16 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
                 _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, bins, counts, config, data)
             if on_progress is not None:
                 on_progress(step, total, record)
+    except KeyboardInterrupt:
+        # Ctrl-C between optimizer steps: checkpoint the last finished step so --resume loses nothing.
+        if not stepping and step > 0:
+            generator.set_state(resumable[0])
+            order.order, order.position = resumable[1], resumable[2]
+            _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, resumable[3], resumable[4],
+                             config, data)
+        raise
+    finally:
+        log_file.close()
     if step >= total:
         written += trainable.save(out_dir, step, True)
     if config.log_grad_by_t:

@@ -69,6 +69,36 @@ def run(name, images, models, seeds=(0, 1), **given):
         return spec.load().purify(images, generators=generators, models=models, **params)
 
 
+# ------------------------------------------------------------------------------------ the shared sampler
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_reverse_step_matches_diffusers_ddim_with_eta_0(kind):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, prediction_type=kind)
+    scheduler.set_timesteps(50)  # stride 20: DDIM steps 61 → 41
+    generator = torch.Generator().manual_seed(0)
+    x, output = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    x0, eps = sdedit_module.clean_estimate(scheduler, output, x, 61)
+    ours = sdedit_module.reverse_step(scheduler, x0, eps, 61, 41, eta=0.0, noise=None)
+    theirs = scheduler.step(output, 61, x, eta=0.0)
+    assert torch.allclose(x0, theirs.pred_original_sample, atol=1e-5)
+    assert torch.allclose(ours, theirs.prev_sample, atol=1e-5)
+
+
+def test_reverse_step_with_eta_1_is_the_ddpm_posterior_sample():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    scheduler.set_timesteps(1000)
+    x, output = torch.randn(1, 3, 16, 16) * 1.5, torch.randn(1, 3, 16, 16)
+    x0, eps = sdedit_module.clean_estimate(scheduler, output, x, 40, clip=True)
+    noise = sdedit_module.per_image_noise((3, 16, 16), [torch.Generator().manual_seed(7)], x)
+    ours = sdedit_module.reverse_step(scheduler, x0, eps, 40, 39, eta=1.0, noise=noise)
+    theirs = scheduler.step(output, 40, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- where denoising starts
 def test_schedules_start_at_the_documented_steps():
     regen, latent = get_purifier("regen").defaults, get_purifier("diffpure-latent").defaults
@@ -101,6 +131,15 @@ def test_diffpure_latent_starts_at_300_with_guidance(tiny_pipe, monkeypatch):
     assert stats[0]["prompt"] == "a photo of a person, clear, high resolution, high quality, noise-free"
     _, stats = run("diffpure-latent", images[:1], PurifierModels(pipe=proxy), steps=10)
     assert stats[0]["prompt"] == ""  # no class name: the paper's LatentDiffPure-∅
+
+
+def test_diffpure_pixel_starts_at_100(pixel_model, monkeypatch):
+    seen = spy_add_noise(monkeypatch)
+    spy = SpyDenoiser(pixel_model.predict)
+    model = SimpleNamespace(predict=spy, scheduler=pixel_model.scheduler, resolution=pixel_model.resolution)
+    out = run("diffpure-pixel", torch.stack([photo_tensor("rocket", 40)]), PurifierModels(pixel=model), steps=100)
+    assert seen == [100] and [t for t, _ in spy.calls] == list(range(100, -1, -10))
+    assert out.shape == (1, 3, 40, 40)
 
 
 # -------------------------------------------------------------------------------------------- ddspure

@@ -36,40 +36,54 @@ def per_image_noise(shape: Sequence[int], generators: Sequence[torch.Generator |
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(like.device, torch.float32)
 
 
+def clean_estimate(scheduler, output: torch.Tensor, x_t: torch.Tensor, t: int,
+                   clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x̂0, ε̂)`` from the model output at step ``t`` (ε or v prediction); ``clip`` clamps x̂0 to [-1, 1] and
+    re-derives ε̂ from it (DDPM's ``clip_sample``, for pixel models)."""
+    a_t, b_t = (float(v[0]) for v in signal_noise_coefficients(scheduler, torch.tensor([t])))
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        eps, x0 = output, (x_t - b_t * output) / a_t
+    elif kind == "v_prediction":
+        x0, eps = a_t * x_t - b_t * output, b_t * x_t + a_t * output
+    else:
+        raise ValueError(f"SDEdit purifiers need an ε- or v-prediction model, not {kind!r}")
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x_t - a_t * x0) / b_t
+    return x0, eps
+
+
+def reverse_step(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float,
+                 noise: torch.Tensor | None) -> torch.Tensor:
+    """One generalized DDIM update ``x_t → x_{t_prev}`` (Song et al. 2021, Eq. 12):
+    ``sqrt(ᾱ_prev) x̂0 + sqrt(1 − ᾱ_prev − σ²) ε̂ + σ z`` with ``σ = η sqrt((1−ᾱ_prev)/(1−ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_prev)``
+    (η = 1 on consecutive steps is DDPM's posterior with variance β̃)."""
+    (a_t, b_t), (a_prev, b_prev) = ((float(v[0]) for v in signal_noise_coefficients(scheduler, torch.tensor([s])))
+                                    for s in (t, t_prev))
+    sigma = eta * (b_prev / b_t) * max(0.0, 1 - (a_t / a_prev) ** 2) ** 0.5
+    x = a_prev * x0 + max(0.0, b_prev**2 - sigma**2) ** 0.5 * eps
+    return x + sigma * noise if sigma > 0 and noise is not None else x
+
+
 def reverse_process(x_t: torch.Tensor, timesteps: list[int],
-                    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, *, eta: float = 0.0, clip: bool = False,
-                    generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+                    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, *, eta: float = 0.0,
+                    clip: bool = False, generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
     """Run generalized DDIM from ``x_t`` over ``timesteps`` (descending) and return x̂0 ``(B, C, h, w)``.
 
-    ``predict(x, t)`` returns the model output (ε or v per the scheduler config). ``clip`` clamps x̂0 to [-1, 1]
-    (pixel models, as DDPM's ``clip_sample``).
+    ``predict(x, t)`` returns the model output (ε or v per the scheduler config).
     """
     if is_flow_matching(scheduler):
         raise ValueError("SDEdit purifiers need a DDPM-type (ε or v) model, not a flow-matching one")
-    kind = prediction_type(scheduler)
     generators = list(generators) if generators is not None else [None] * x_t.shape[0]
     x = x_t.float()
     for index, t in enumerate(timesteps):
-        t_tensor = torch.full((x.shape[0],), t, dtype=torch.long)
-        a_t, b_t = (float(v[0]) for v in signal_noise_coefficients(scheduler, t_tensor[:1]))
-        output = predict(x, t_tensor.to(x.device)).float()
-        if kind == "epsilon":
-            eps, x0 = output, (x - b_t * output) / a_t
-        elif kind == "v_prediction":
-            x0, eps = a_t * x - b_t * output, b_t * x + a_t * output
-        else:
-            raise ValueError(f"unsupported prediction type {kind!r} for SDEdit")
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - a_t * x0) / b_t
+        output = predict(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)).float()
+        x0, eps = clean_estimate(scheduler, output, x, t, clip)
         if index == len(timesteps) - 1:
             return x0
-        prev = torch.tensor([timesteps[index + 1]])
-        a_prev, b_prev = (float(v[0]) for v in signal_noise_coefficients(scheduler, prev))
-        sigma = eta * (b_prev / b_t) * max(0.0, 1 - (a_t / a_prev) ** 2) ** 0.5
-        x = a_prev * x0 + max(0.0, b_prev**2 - sigma**2) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * per_image_noise(x.shape[1:], generators, x)
+        noise = per_image_noise(x.shape[1:], generators, x) if eta > 0 else None
+        x = reverse_step(scheduler, x0, eps, t, timesteps[index + 1], eta, noise)
     return x
 
 

@@ -224,9 +224,10 @@ def gradient_profile(pipe, latents: torch.Tensor, ids: torch.Tensor, positions: 
 
 
 def perturbation_histogram(clean: Sequence[torch.Tensor], poisoned: Sequence[torch.Tensor], quality: int = 25,
-                           bins: int = 101, limit: float | None = None) -> dict[str, Any]:
+                           limit: int | None = None) -> dict[str, Any]:
     """Histograms of pixel perturbations ``poisoned − clean`` and ``JPEG(poisoned) − clean`` on the 0–255 scale
-    (paper 000 Fig. 7/12), with the number of modes of each (peaks of the smoothed histogram)."""
+    (paper 000 Fig. 7/12), one bin per integer level (8-bit data has no finer steps) over ±``limit`` (values beyond
+    are counted in ``outside``); with the number of modes of each (peaks of the smoothed histogram)."""
     from .purify.jpeg import compress
 
     plain, compressed = [], []
@@ -236,22 +237,25 @@ def perturbation_histogram(clean: Sequence[torch.Tensor], poisoned: Sequence[tor
                              f"{tuple(a.shape[1:])}")
         plain.append(((b - a) * 255).flatten())
         compressed.append(((compress(b[None], quality)[0] - a) * 255).flatten())
-    plain_all, jpeg_all = torch.cat(plain).numpy(), torch.cat(compressed).numpy()
-    limit = limit or float(max(np.abs(plain_all).max(), 1.0)) * 1.5
-    edges = np.linspace(-limit, limit, bins + 1)
+    plain_all, jpeg_all = torch.cat(plain).double().numpy(), torch.cat(compressed).double().numpy()
+    if limit is None:
+        limit = int(np.ceil(max(np.abs(plain_all).max(), np.quantile(np.abs(jpeg_all), 0.999), 1.0))) + 2
+    edges = np.arange(-limit - 0.5, limit + 1.5)
     result: dict[str, Any] = {"edges": edges.tolist(), "quality": quality}
     for key, values in (("poisoned", plain_all), ("jpeg", jpeg_all)):
         counts, _ = np.histogram(values, edges)
         result[key] = {"counts": counts.tolist(), "modes": count_modes(counts), "mean": float(values.mean()),
-                       "std": float(values.std())}
+                       "std": float(values.std()), "outside": int(len(values) - counts.sum())}
     return result
 
 
-def count_modes(counts: Sequence[float], smooth: int = 3, prominence: float = 0.1) -> int:
-    """Peaks of a histogram after a box smoothing, counting those at least ``prominence`` × the highest."""
+def count_modes(counts: Sequence[float], sigma: float = 1.5, prominence: float = 0.1) -> int:
+    """Peaks of a histogram smoothed by a Gaussian of ``sigma`` bins, counting those whose prominence is at least
+    ``prominence`` × the highest (quantization spikes of JPEG output are smoothed away)."""
+    from scipy.ndimage import gaussian_filter1d
     from scipy.signal import find_peaks
 
-    values = np.convolve(np.asarray(counts, dtype=float), np.ones(smooth) / smooth, mode="same")
+    values = gaussian_filter1d(np.asarray(counts, dtype=float), sigma, mode="constant")
     padded = np.concatenate([[0.0], values, [0.0]])
     peaks, _ = find_peaks(padded, prominence=prominence * values.max() if values.max() > 0 else 1)
     return int(len(peaks))

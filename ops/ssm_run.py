@@ -153,18 +153,19 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
 
 
 # --------------------------------------------------------------------------------------------- profiles
-def _load_set(items: Sequence[InputItem], resolution: int, max_pixels: int | None,
+def _load_set(items: Sequence[InputItem], max_pixels: int | None,
               rejected: list) -> list[tuple[InputItem, torch.Tensor]]:
+    """Decoded images at their own size (pixel statistics and JPEG must see the real pixels)."""
     loaded = []
     for item in items:
         try:
-            loaded.append((item, to_square(read_image(item.path, max_pixels or DEFAULT_MAX_PIXELS).rgb, resolution)))
+            loaded.append((item, read_image(item.path, max_pixels or DEFAULT_MAX_PIXELS).rgb))
         except RejectedInput as exc:
             rejected.append((item.rel.as_posix(), str(exc)))
     return loaded
 
 
-def _twins(loaded, clean: Path | None, resolution: int, max_pixels, rejected, required: bool):
+def _twins(loaded, clean: Path | None, max_pixels, required: bool):
     if clean is None:
         if required:
             raise UsageError("this profile compares against clean images: pass --clean FOLDER")
@@ -174,7 +175,10 @@ def _twins(loaded, clean: Path | None, resolution: int, max_pixels, rejected, re
         path = find_twin(clean, item.rel)
         if path is None:
             raise UsageError(f"--clean {clean}: no clean image named {item.rel.stem}.* for {item.rel}")
-        twins.append(to_square(read_image(path, max_pixels or DEFAULT_MAX_PIXELS).rgb, resolution))
+        try:
+            twins.append(read_image(path, max_pixels or DEFAULT_MAX_PIXELS).rgb)
+        except RejectedInput as exc:
+            raise UsageError(f"--clean {path}: {exc}") from None
     return twins
 
 
@@ -208,7 +212,7 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
     if profile not in PROFILES:
         raise UsageError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
     rejected: list = []
-    loaded = _load_set(items, resolution, max_pixels, rejected)
+    loaded = _load_set(items, max_pixels, rejected)
     if not loaded:
         raise CloakError("no readable images to profile")
     generator = torch.Generator().manual_seed(seed)
@@ -216,9 +220,11 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
     timesteps = list(timesteps) if timesteps else ssm.profile_timesteps(num_t)
     data: dict[str, Any] = {"profile": profile, "images": [item.rel.as_posix() for item, _ in loaded],
                             "rejected": rejected, "timesteps": timesteps, "samples": samples, "prompt": prompt}
-    images = [image for _, image in loaded]
-    twins = _twins(loaded, clean, resolution, max_pixels, rejected, profile == "jpeg-hist")
-    sets = {"images": images, **({"clean": twins} if twins is not None else {})}
+    native = [image for _, image in loaded]
+    twins = _twins(loaded, clean, max_pixels, profile == "jpeg-hist")
+    native_sets = {"images": native, **({"clean": twins} if twins is not None else {})}
+    # the model sees the working resolution; histograms and JPEG see the images' own pixels
+    sets = {name: [to_square(image, resolution) for image in group] for name, group in native_sets.items()}
     png = output / f"profile-{profile}.png"
     if profile in ("loss", "mask-loss"):
         context = diffusion.encode_prompts(pipe, [prompt]).float()
@@ -257,7 +263,7 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
         data["series"], data["token"] = series, token
         _band_plot(series, timesteps, "‖∂L/∂e‖₂", png, f"embedding-gradient magnitude of {token}")
     elif profile == "jpeg-hist":
-        histogram = ssm.perturbation_histogram(twins, images, quality)
+        histogram = ssm.perturbation_histogram(twins, native, quality)
         data["histogram"] = histogram
         plt = _figure()
         figure, axis = plt.subplots(figsize=(6, 3.6))
@@ -275,9 +281,10 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
         from .purify.jpeg import compress
 
         curves = {}
-        for name, group in sets.items():
-            batch = torch.stack(list(group))
-            for label, variant in ((name, batch), (f"{name} + JPEG q{quality}", compress(batch, quality))):
+        for name, group in native_sets.items():
+            plain = [to_square(image, resolution) for image in group]
+            jpeg = [to_square(compress(image[None], quality)[0], resolution) for image in group]  # JPEG, then resize
+            for label, variant in ((name, plain), (f"{name} + JPEG q{quality}", jpeg)):
                 curves[label] = ssm.radial_power_spectrum(_latents(pipe, variant).cpu()).tolist()
         data["spectra"] = curves
         plt = _figure()

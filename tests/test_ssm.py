@@ -69,11 +69,11 @@ def test_jpeg_turns_bimodal_perturbation_unimodal():
     clean = photo_tensor("coffee", 64) * 0.8 + 0.1  # away from 0/1 so ±ε is never clipped
     signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     poisoned = (clean + signs * 8 / 255).round(decimals=6)
-    histogram = perturbation_histogram([clean], [poisoned], quality=25, bins=41)
+    histogram = perturbation_histogram([clean], [poisoned], quality=25, limit=20)
     assert histogram["poisoned"]["modes"] == 2
     assert histogram["jpeg"]["modes"] == 1
     counts = np.array(histogram["jpeg"]["counts"])
-    assert abs(int(counts.argmax()) - 20) <= 4  # the single mode sits near zero perturbation
+    assert len(counts) == 41 and abs(int(counts.argmax()) - 20) <= 3  # the single mode sits near zero
 
 
 def test_mask_loss_profile_splits_the_loss(tiny_pipe, dog_prompt):

@@ -16,6 +16,10 @@ Preset = common.choices("Preset", list(PRESETS))
 TSampler = common.choices("TSampler", ["uniform", "threshold-high", "threshold-low", "power", "tanh"])
 MaskMode = common.choices("MaskMode", ["none", "lm", "im", "lim", "zm"])
 MixedPrecision = common.choices("MixedPrecision", ["no", "bf16", "fp16"])
+NEG_HELP = ("DiffShortcut contrastive decoupling (paper 001 Alg. 1): instance prompt + ', NEG', class prompt + "
+            "', without NEG'. Paper's best: 'UNKNOWN artifact masked'.")
+TE_HELP = "Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do."
+MP_HELP = "Autocast compute dtype (fp32 master weights); papers 001/004 use bf16. fp16 has no loss scaling."
 
 
 class _Progress:
@@ -57,14 +61,11 @@ def train_db(
                                                  "of *').")] = "a photo of sks person",
     class_prompt: Annotated[Optional[str], typer.Option("--class-prompt", help="Prompt of the prior-preservation "
                                                         "class images [default: 'a photo of person'].")] = None,
-    neg_token: Annotated[Optional[str], typer.Option("--neg-token", help="DiffShortcut contrastive decoupling "
-                                                     "(paper 001 Alg. 1): instance prompt + ', NEG', class prompt + "
-                                                     "', without NEG'. Paper's best: 'UNKNOWN artifact masked'.")] = None,
+    neg_token: Annotated[Optional[str], typer.Option("--neg-token", help=NEG_HELP)] = None,
     lora: Annotated[Optional[int], typer.Option("--lora", metavar="RANK", min=1, help="Train rank-RANK LoRA "
                                                 "adapters instead of the full UNet (paper 000 App. P: 4); writes "
                                                 "pytorch_lora_weights.safetensors.")] = None,
-    train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help="Also train the text encoder "
-                                                     "(full, or LoRA adapters with --lora); papers 001/004 do.")] = False,
+    train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help=TE_HELP)] = False,
     prior_weight: Annotated[Optional[float], typer.Option("--prior-weight", min=0.0, help="Prior-preservation "
                                                           "weight λ (1.0 for DreamBooth; 0 for --lora, as paper "
                                                           "000 App. P).")] = None,
@@ -89,22 +90,23 @@ def train_db(
                                                 "001/004; needs bitsandbytes + CUDA).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations "
                                                          "in backward (less memory, ~30 % slower).")] = False,
-    mixed_precision: Annotated[MixedPrecision, typer.Option("--mixed-precision", help="Autocast compute dtype "  # type: ignore
-                                                            "(fp32 master weights); papers 001/004 use bf16. fp16 "
-                                                            "has no loss scaling.")] = "no",
+    mixed_precision: Annotated[MixedPrecision,  # type: ignore[valid-type]
+                               typer.Option("--mixed-precision", help=MP_HELP)] = "no",
     save_trained_only: Annotated[bool, typer.Option("--save-trained-only", help="Full runs: save only the "
                                                     "trained parts (OUTPUT/unet, OUTPUT/text_encoder) instead of a "
                                                     "whole pipeline folder.")] = False,
-    preset: Annotated[Optional[Preset], typer.Option("--preset", help="SZT preset (paper 000 Table 1); explicit "  # type: ignore
-                                                     "flags override it.")] = None,
+    preset: Annotated[Optional[Preset],  # type: ignore[valid-type]
+                      typer.Option("--preset", help="SZT preset (paper 000 Table 1); explicit flags override it.")
+                      ] = None,
     jpeg: Annotated[Optional[int], typer.Option("--jpeg", min=1, max=100, help="JPEG-compress instance images at "
                                                 "this quality first (SZT: 25).")] = None,
-    t_sampler: Annotated[Optional[TSampler], typer.Option("--t-sampler", help="Instance timestep sampler "  # type: ignore
-                                                          "(paper 000 App. H).")] = None,
+    t_sampler: Annotated[Optional[TSampler],  # type: ignore[valid-type]
+                         typer.Option("--t-sampler", help="Instance timestep sampler (paper 000 App. H).")] = None,
     t_param: Annotated[Optional[float], typer.Option("--t-param", help="Sampler parameter ρ (threshold-high 0.5 "
                                                      "= t ≥ 500).")] = None,
-    mask_mode: Annotated[Optional[MaskMode], typer.Option("--mask-mode", help="none, lm (loss mask), im, lim, zm "  # type: ignore
-                                                          "(paper 000 App. I).")] = None,
+    mask_mode: Annotated[Optional[MaskMode],  # type: ignore[valid-type]
+                         typer.Option("--mask-mode", help="none, lm (loss mask), im, lim, zm (paper 000 App. I).")
+                         ] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of concept masks (same names as the "
                                                   "images; `cloak mask`).")] = None,
     dilate: Annotated[Optional[int], typer.Option("--dilate", min=0, help="Mask dilation in px at 512² (SZT: "

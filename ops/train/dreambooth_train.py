@@ -295,6 +295,9 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
                      stop_after: int | None = None) -> TrainResult:
     """Load the instance data (JPEG/masks as SZT asks), make the class images, and train; see the module doc."""
     out_dir = Path(out_dir)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UsageError("train-db trains SD 1.x / 2.x pipelines (one text encoder); SDXL DreamBooth/LoRA is not "
+                         "implemented — use `cloak train-ti` for SDXL")
     if latest_checkpoint(out_dir) is not None and not resume:
         if not overwrite:
             raise UsageError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "

@@ -210,11 +210,9 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
 
     images = data.images
     masks = data.masks
-    mean, std = _latent_cache(vae, images, device)
-    latent_size = tuple(mean.shape[-2:])
-    latent_masks = diffusion.latent_mask(masks, latent_size).to(device) if masks is not None else None
-    if config.mask_mode in ("im", "lim"):
-        mean, std = _latent_cache(vae, images * masks, device)
+    # IM / LIM encode the masked image x ⊙ M_x (App. I); the others the image itself
+    mean, std = _latent_cache(vae, images * masks if config.mask_mode in ("im", "lim") else images, device)
+    latent_masks = diffusion.latent_mask(masks, tuple(mean.shape[-2:])).to(device) if masks is not None else None
 
     params = trainable.parameters()
     optimizer = make_optimizer(params, config)

@@ -55,6 +55,9 @@ def immunize(
                                                       "64 for tiny).")] = None,
     mean_latents: Annotated[bool, typer.Option(help="Use the VAE posterior mean instead of a sample per step.")]
     = False,
+    check_steps: Annotated[int, typer.Option(min=0, help="After immunizing, adapt the base and the immunized model "
+                                             "alike for N steps on each concept and report both adaptation losses "
+                                             "(higher = learnt worse; logs in OUTPUT/check/). 0: skip.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint for --resume every N steps (0: only at "
                                                   "the end).")] = 250,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint (bit-exact with the same seed "
@@ -94,7 +97,7 @@ def immunize(
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import load_instance_images
-    from cloaklab.ops.train.immunize import (IMMUNIZED_NAME, ImmunizeConfig, apply_attention_state,
+    from cloaklab.ops.train.immunize import (IMMUNIZED_NAME, ImmunizeConfig, adapted_loss, apply_attention_state,
                                              attention_state, immunize as run_stage, load_attention_state,
                                              save_attention_state)
     from cloaklab.ops.train.loop import CHECKPOINT_DIR, LOG_NAME, latest_checkpoint
@@ -206,11 +209,24 @@ def immunize(
     pipe.save_pretrained(str(temporary), safe_serialization=True)
     shutil.rmtree(pipeline_dir, ignore_errors=True)
     temporary.replace(pipeline_dir)
-    manifest.record("pipeline", status="done", weights=IMMUNIZED_NAME, tensors=len(state), changed=changed)
+    checks = []
+    for (name, items), word in zip(concepts if check_steps else [], words):
+        data = load_instance_images(items, size, max_pixels=max_pixels, rejected=[])
+        losses = {}
+        for label, weights in (("base", base), ("immunized", state)):
+            losses[label] = adapted_loss(pipe, weights, data, method, output / "check" / name / label,
+                                         steps=check_steps, lr=config.lr, token=token, class_word=word,
+                                         instance_prompt=instance_prompt, lora_rank=lora_rank, seed=seed)
+        checks.append({"concept": name, "steps": check_steps, **losses})
+        reporter.line(f"immunize: check {name}: adaptation loss after {check_steps} {method} steps: base "
+                      f"{losses['base']:.4f}, immunized {losses['immunized']:.4f}")
+    manifest.record("pipeline", status="done", weights=IMMUNIZED_NAME, tensors=len(state), changed=changed,
+                    check=checks)
     reporter.line(f"immunize: {changed}/{len(state)} attention tensors changed → {pipeline_dir} "
                   f"(use --model {pipeline_dir})")
     _emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
-                   "concepts": summary, "rejected": [{"name": n, "reason": r} for n, r in rejected]}, json_out)
+                   "concepts": summary, "check": checks,
+                   "rejected": [{"name": n, "reason": r} for n, r in rejected]}, json_out)
     raise typer.Exit(3 if rejected else 0)
 
 

@@ -86,15 +86,8 @@ def test_only_attention_weights_change(tiny_pipe, tmp_path, against):
 
 
 def _adapted_loss(pipe, state, against: str, data: InstanceData, folder) -> float:
-    work = im.working_copy(pipe)
-    if state is not None:
-        im.apply_attention_state(work.unet, state)
-    adaptation = im.make_adaptation(work, against, token=_token(against), class_word="object", instance_prompt=None,
-                                    lora_rank=4, batch_size=1, resolution=64)
     lr = 5e-3 if against == "ti" else 1e-4
-    train(work, adaptation.trainable, data, adaptation.prompts,
-          TrainConfig(steps=8, lr=lr, seed=0, checkpoint_every=0, snapshot_every=0), folder)
-    return im.adaptation_loss(work, adaptation.trainable, adaptation.prompts, data, draws=16)
+    return im.adapted_loss(pipe, state, data, against, folder, steps=8, lr=lr, token=_token(against))
 
 
 @pytest.mark.parametrize("against", ["ti", "lora"])
@@ -163,7 +156,8 @@ def test_cli_class_word_count_must_match_concepts(cli, tmp_path, photo_dir):
 
 
 def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path):
-    """An interrupted run (checkpoint at step 2 of 4) is refused without --resume and continued with it."""
+    """An interrupted run (checkpoint at step 2 of 4) is refused without --resume and continued with it; then
+    --check-steps adapts base and immunized models alike."""
     from cloaklab.ops.io import collect_inputs
 
     folder = tmp_path / "purse"
@@ -177,7 +171,11 @@ def test_cli_refuses_stale_checkpoints_and_resumes_them(cli, tmp_path):
             str(DEFENCE_LR), "--checkpoint-every", "0", "--device", "cpu", "--json"]
     code, _, stderr = cli(args)
     assert code == 2 and "--resume" in stderr
-    code, stdout, stderr = cli([*args, "--resume"])
+    code, stdout, stderr = cli([*args, "--resume", "--check-steps", "2"])
     assert code == 0, stderr
-    assert json.loads(stdout)["concepts"][0]["resumed_from"] == 2
+    report = json.loads(stdout)
+    assert report["concepts"][0]["resumed_from"] == 2
+    check = report["check"][0]  # the same 2 TI steps on both models: the immunized one ends with the higher loss
+    assert check["immunized"] > check["base"]
+    assert (out / "check" / "purse" / "immunized" / "train_log.jsonl").exists()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4

@@ -360,3 +360,21 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
     values = [float(_adaptation_loss(work, scheduler, trainable, prompts, mean, std, order, 1, False, generator)[0])
               for _ in range(draws)]
     return sum(values) / len(values)
+
+
+def adapted_loss(pipe, state: dict[str, torch.Tensor] | None, data: InstanceData, against: str, out_dir: Path, *,
+                 steps: int, lr: float, token: str, class_word: str = "object", instance_prompt: str | None = None,
+                 lora_rank: int = 4, seed: int = 0, draws: int = 16) -> float:
+    """Adapt a copy of ``pipe`` (with the attention tensors ``state`` applied, or the plain model for ``None``) on
+    ``data`` for ``steps`` steps of the shared training loop, then return :func:`adaptation_loss`. Same arguments
+    → same batches, timesteps and noise for both models, so the two numbers compare directly (IMMA's check)."""
+    work = working_copy(pipe)
+    if state is not None:
+        apply_attention_state(work.unet, state)
+    from .loop import train
+
+    adaptation = make_adaptation(work, against, token=token, class_word=class_word, instance_prompt=instance_prompt,
+                                 lora_rank=lora_rank, batch_size=1, resolution=int(data.images.shape[-1]))
+    train(work, adaptation.trainable, data, adaptation.prompts,
+          TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=0, snapshot_every=0), out_dir)
+    return adaptation_loss(work, adaptation.trainable, adaptation.prompts, data, draws=draws, seed=seed + 1234)

@@ -264,8 +264,16 @@ def prior_images(pipe, resolution: int, settings: dict[str, Any],
 
 
 def base_surrogate(pipe) -> Surrogate:
-    """A trainable copy of ``pipe``'s UNet and text encoder (the caller's pipeline is never modified)."""
-    return Surrogate.from_pipe(pipe).clone()
+    """A trainable copy of ``pipe``'s UNet and text encoder (the caller's pipeline is never modified).
+
+    The copy is float32 even when the pipeline is fp16/bf16: DreamBooth's lr 5e-7 updates are far below a half-
+    precision weight's resolution (bf16 keeps ~3 significant digits) and would vanish. The VAE stays shared.
+    """
+    surrogate = Surrogate.from_pipe(pipe).clone()
+    if surrogate.unet.dtype != torch.float32:
+        surrogate.unet.to(torch.float32)
+        surrogate.text_encoder.to(torch.float32)
+    return surrogate
 
 
 def trainer(run: SetRun, surrogate: Surrogate, *, learning_rate: float | None = None,

@@ -150,12 +150,13 @@ def _latent_cache(vae, images: torch.Tensor, device, chunk: int = 4) -> tuple[to
     return torch.cat(means), torch.cat(stds)
 
 
-def region_losses(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """Mean squared error inside and outside a latent mask ``(B, 1, h, w)`` (area-weighted; for the log)."""
+def region_losses(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[inside, outside]``: mean squared error inside and outside a latent mask ``(B, 1, h, w)`` (area-weighted;
+    for the log; a tensor, so the caller reads it back with the loss in one device sync)."""
     error = ((prediction.detach().float() - target.float()) ** 2).mean(1, keepdim=True)
     inside = (error * mask).sum() / mask.sum().clamp_min(1e-8)
     outside = (error * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1e-8)
-    return float(inside), float(outside)
+    return torch.stack([inside, outside])
 
 
 def masked_step_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
@@ -277,12 +278,15 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
                 if extra is not None:
                     loss = loss + extra
                 (loss / config.grad_accumulation).backward()
-                step_loss += float(loss.detach()) / config.grad_accumulation
-                record_t += timesteps.tolist()
+                readback = loss.detach().float().reshape(1)
                 if batch_masks is not None:
-                    region = region_losses(prediction, target, batch_masks)
-                    inside.append(region[0])
-                    outside.append(region[1])
+                    readback = torch.cat([readback, region_losses(prediction, target, batch_masks)])
+                values = readback.tolist()  # one device sync per micro-batch
+                step_loss += values[0] / config.grad_accumulation
+                record_t += timesteps.tolist()
+                if len(values) == 3:
+                    inside.append(values[1])
+                    outside.append(values[2])
             grad_norm = None
             if config.log_grad_by_t:
                 grad_norm = trainable.grad_norm()

@@ -192,7 +192,8 @@ def immunize(
         save_attention_state(state, stage_file, {"against": method, "concept": name, "model": str(record["name"])})
         manifest.record(key, status="done", steps=result.steps_done, resumed_from=result.resumed_from,
                         inner_loss=result.inner_loss, outer_loss=result.outer_loss,
-                        seconds=round(result.seconds, 2), images=data.names, weights=str(stage_file.relative_to(output)))
+                        seconds=round(result.seconds, 2), images=data.names,
+                        weights=stage_file.relative_to(output).as_posix())
         reporter.line(f"immunize: concept {name}: {result.steps_done} steps, last adaptation loss "
                       f"{result.inner_loss:.4f}, last defence loss {result.outer_loss:.4f}"
                       + (f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""))

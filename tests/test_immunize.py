@@ -150,8 +150,9 @@ def test_cli_multi_concept_saves_loadable_pipeline_and_skips_rerun(cli, tmp_path
 
 
 def test_cli_class_word_count_must_match_concepts(cli, tmp_path, photo_dir):
-    code, _, stderr = cli(["immunize", photo_dir, photo_dir, "-o", tmp_path / "out", "--against", "ti", "--multi-concept",
-                           "--class-word", "a", "--class-word", "b", "--class-word", "c", "--model", "tiny"])
+    code, _, stderr = cli(["immunize", photo_dir, photo_dir, "-o", tmp_path / "out", "--against", "ti",
+                           "--multi-concept", "--class-word", "a", "--class-word", "b", "--class-word", "c",
+                           "--model", "tiny"])
     assert code == 2 and "--class-word" in stderr
 
 

@@ -117,7 +117,8 @@ def train_ti(
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     record = model_info(model_name).as_dict()
-    params = {"token": token, "init_token": init_token, "num_vectors": num_vectors, "templates": common.value(templates),
+    params = {"token": token, "init_token": init_token, "num_vectors": num_vectors,
+              "templates": common.value(templates),
               "preset": common.value(preset), **szt, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
               "grad_accumulation": grad_accumulation, "batch_size": batch_size, "resolution": resolution,
               "mean_latents": mean_latents, "masks": str(masks) if masks else None, "model": record,

@@ -141,7 +141,8 @@ def test_bad_masks_and_arguments_fail_clearly(cli, concept, tmp_path):
     (masks / "rocket.png").unlink()
     code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "c", "--masks", masks, "--steps", "1", *BASE])
     assert code == 1 and "no mask for rocket.png" in stderr
-    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "d", "--init-token", "a red toy", "--steps", "1", *BASE])
+    code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "d", "--init-token", "a red toy", "--steps", "1",
+                           *BASE])
     assert code == 2 and "--init-token" in stderr
     code, _, stderr = cli(["train-ti", images, "-o", tmp_path / "e", "--token", "object", "--steps", "1", *BASE])
     assert code == 2 and "already exists" in stderr

@@ -134,7 +134,8 @@ class TextualInversion:
 
     def grad_norm(self) -> float:
         """L2 norm of the gradient of the new rows (all encoders), for ``--log-grad-by-t``."""
-        total = sum(float(slot.vectors.grad.float().pow(2).sum()) for slot in self.slots if slot.vectors.grad is not None)
+        grads = [slot.vectors.grad for slot in self.slots if slot.vectors.grad is not None]
+        total = sum(float(grad.float().pow(2).sum()) for grad in grads)
         return total ** 0.5
 
     def state_dict(self) -> dict[str, torch.Tensor]:

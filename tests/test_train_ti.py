@@ -248,3 +248,16 @@ def test_unreadable_image_is_rejected_and_the_rest_trains(cli, concept, tmp_path
     manifest = json.loads((out / "cloak.json").read_text())
     assert manifest["files"]["broken.png"]["status"] == "rejected"
     assert manifest["files"]["learned_embeds.safetensors"]["images"] == ["astronaut.png", "chelsea.png", "rocket.png"]
+
+
+def test_masks_from_cloak_mask_feed_train_ti(cli, concept, tmp_path):
+    """The documented chain: `cloak mask` output is what `train-ti --masks` reads (same names, same sizes)."""
+    images, _ = concept
+    masks = tmp_path / "sam-masks"
+    code, _, stderr = cli(["mask", images, "-o", masks, "--sam-type", "tiny", "--device", "cpu", "--center"])
+    assert code == 0, stderr
+    code, stdout, stderr = cli(["train-ti", images, "-o", tmp_path / "chain", "--preset", "szt", "--masks", masks,
+                                "--steps", "2", "--json", *BASE])
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "chain" / "cloak.json").read_text())["files"]["learned_embeds.safetensors"]
+    assert len(record["mask_area"]) == 3 and all(0 < area <= 1 for area in record["mask_area"])

@@ -58,19 +58,32 @@ def ensure_token(pipe, token: str, init_word: str = "object") -> None:
         weight[tokenizer.convert_tokens_to_ids(token)] = weight[init_ids].mean(0)
 
 
+def expand_multi_vector(tokenizer, text: str) -> str:
+    """``"a <R*>"`` → ``"a <R*> <R*>_1 <R*>_2"`` for a TI token stored with several vectors (diffusers' naming).
+
+    Done here because diffusers' ``maybe_convert_prompt`` does not expand them with transformers 5 tokenizers."""
+    vocab = tokenizer.get_vocab()
+    words = []
+    for word in text.split(" "):
+        words.append(word)
+        index = 1
+        while word in vocab and f"{word}_{index}" in vocab:
+            words.append(f"{word}_{index}")
+            index += 1
+    return " ".join(words)
+
+
 def prompt_ids(pipe, prompt: str) -> torch.Tensor:
     """Token ids ``(1, 77)`` of ``prompt`` (multi-vector TI tokens expanded as diffusers does)."""
-    if hasattr(pipe, "maybe_convert_prompt"):
-        prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
     tokenizer = pipe.tokenizer
+    prompt = expand_multi_vector(tokenizer, prompt)
     return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
 def token_positions(pipe, ids: torch.Tensor, word: str) -> list[int]:
     """Positions in ``ids (1, L)`` of ``word``'s pieces (first occurrence)."""
-    if hasattr(pipe, "maybe_convert_prompt"):
-        word = pipe.maybe_convert_prompt(word, pipe.tokenizer)
+    word = expand_multi_vector(pipe.tokenizer, word)
     pieces = pipe.tokenizer(word, add_special_tokens=False).input_ids
     row = ids[0].tolist()
     for start in range(len(row) - len(pieces) + 1):

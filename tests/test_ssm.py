@@ -160,3 +160,13 @@ def test_ssm_cli_loss_profile_with_clean_series(cli, tmp_path):
     series = data["series"]["images"]
     assert all(a <= b <= c for a, b, c in zip(series["q25"], series["median"], series["q75"]))
     assert (out / "profile-loss.png").stat().st_size > 0
+
+
+def test_multi_vector_token_expands_to_all_its_rows():
+    from cloaklab.ops.models.tokenizer import clip_tokenizer
+    from cloaklab.ops.ssm import expand_multi_vector
+
+    tokenizer = clip_tokenizer()
+    tokenizer.add_tokens(["<R*>", "<R*>_1", "<R*>_2"])
+    assert expand_multi_vector(tokenizer, "a <R*> on the grass") == "a <R*> <R*>_1 <R*>_2 on the grass"
+    assert expand_multi_vector(tokenizer, "a dog") == "a dog"

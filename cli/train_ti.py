@@ -72,8 +72,9 @@ def train_ti(
     overwrite: common.Overwrite = False,
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
-    seed: common.Seed = 0,
-    batch_size: common.BatchSize = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the run: one generator draws the data order, latent samples, "
+                                           "timesteps, noise and prompts (same seed = same embedding).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per optimizer step (paper 000: 1).")] = 1,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,

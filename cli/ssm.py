@@ -103,6 +103,17 @@ def ssm(
             data = run_profile(pipe, profile_name, items, output, prompt=prompt, token=tokens[0] if tokens else None,
                                clean=clean, masks=masks, samples=samples, seed=seed, resolution=size,
                                quality=quality, max_pixels=max_pixels, timesteps=chosen)
+            manifest = Manifest(output, "ssm", {"profile": profile_name, "prompt": prompt, "tokens": tokens,
+                                                "timesteps": data["timesteps"], "samples": samples,
+                                                "resolution": size, "quality": quality,
+                                                "clean": str(clean) if clean else None,
+                                                "masks": str(masks) if masks else None,
+                                                "embedding": str(embedding) if embedding else None,
+                                                "model": model_name},
+                                seed=seed, model=model_info(model_name).as_dict(), extra={"device": str(torch_device)})
+            manifest.start_run()
+            manifest.update(**{f"profile_{profile_name}": {"outputs": data["outputs"], "images": data["images"],
+                                                           "rejected": data["rejected"]}})
             for name, reason in data["rejected"]:
                 reporter.line(f"  rejected {name}: {reason}")
             reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][1]}")

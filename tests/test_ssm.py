@@ -160,6 +160,9 @@ def test_ssm_cli_loss_profile_with_clean_series(cli, tmp_path):
     series = data["series"]["images"]
     assert all(a <= b <= c for a, b, c in zip(series["q25"], series["median"], series["q75"]))
     assert (out / "profile-loss.png").stat().st_size > 0
+    manifest = json.loads((out / "cloak.json").read_text())
+    assert manifest["params"]["profile"] == "loss" and manifest["profile_loss"]["images"] == ["astronaut.png",
+                                                                                              "rocket.png"]
 
 
 def test_multi_vector_token_expands_to_all_its_rows():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate
+from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, encode_class_images
 from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf
 
 # ------------------------------------------------------------------------------------------- the set
@@ -116,7 +116,7 @@ def _load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def class_images(pipe, prompt: str, count: int, *, cache_dir: Path | None = None, model_id: str = "model",
+def class_images(pipe, prompt: str, count: int, *, cache_dir: str | Path | None = None, model_id: str = "model",
                  resolution: int = 512, steps: int = 50, guidance: float = 7.5, seed: int = 0,
                  on_image: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """``count`` prior-preservation images ``(count, 3, R, R)`` in [0, 1] from the base ``pipe``, cached on disk.
@@ -129,8 +129,8 @@ def class_images(pipe, prompt: str, count: int, *, cache_dir: Path | None = None
 
     if count <= 0:
         return torch.empty(0, 3, resolution, resolution)
-    folder = (cache_dir or default_class_dir()) / class_cache_key(model_id, prompt, resolution, steps, guidance,
-                                                                  seed)
+    key = class_cache_key(model_id, prompt, resolution, steps, guidance, seed)
+    folder = (Path(cache_dir) if cache_dir else default_class_dir()) / key
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "info.json").write_text(json.dumps({"model": model_id, "prompt": prompt, "resolution": resolution,
                                                   "steps": steps, "guidance": guidance, "seed": seed}, indent=1))
@@ -280,7 +280,15 @@ def trainer(run: SetRun, surrogate: Surrogate, *, learning_rate: float | None = 
             on_step: Callable[[int, float], None] | None = None) -> DreamBoothTrainer:
     """A fresh DreamBooth optimizer over ``surrogate`` (Anti-DreamBooth re-creates AdamW at every call)."""
     config = run.dreambooth if learning_rate is None else replace(run.dreambooth, learning_rate=learning_rate)
-    return DreamBoothTrainer(surrogate, config, run.class_images, generator=run.generator, on_step=on_step)
+    posterior = None
+    if run.class_images is not None and config.prior_weight:
+        cache = run.extra.setdefault("class_posteriors", {})  # per (class set, VAE): encoded once per run
+        key = (id(run.class_images), id(surrogate.vae))
+        if key not in cache:
+            cache[key] = encode_class_images(surrogate.vae, run.class_images)
+        posterior = cache[key]
+    return DreamBoothTrainer(surrogate, config, None, generator=run.generator, on_step=on_step,
+                             class_posterior=posterior)
 
 
 def attack_models(surrogate: Surrogate, run: SetRun) -> AttackModels:

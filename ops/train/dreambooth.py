@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..diffusion import diffusion_loss, encode_images, encode_prompts, num_train_timesteps, sample_timesteps
+from ..diffusion import diffusion_loss, encode_images, encode_prompts, latent_posterior, num_train_timesteps, \
+    sample_timesteps
 
 
 @dataclass
@@ -109,7 +110,8 @@ class DreamBoothTrainer:
     """A DreamBooth optimizer over ``surrogate`` (UNet, plus the text encoder when ``config.train_text_encoder``).
 
     ``class_images`` ``(M, 3, H, W)`` in [0, 1] are the prior-preservation set (see
-    :func:`ops.attacks.setlevel.class_images`); their latents are encoded once. Each :meth:`step` takes
+    :func:`ops.attacks.setlevel.class_images`); their VAE posterior is encoded once (or given as
+    ``class_posterior``, see :func:`encode_class_images`). Each :meth:`step` takes
     ``config.batch_size`` instance images in turn (cycling through the set it is given) and as many class images,
     and makes one AdamW update. ``parameters`` restricts training to a subset (LoRA weights, K/V projections …);
     a custom ``optimizer`` may be passed instead of the default AdamW. ``on_step(index, loss)`` is called after every step (spies and progress use it).
@@ -118,7 +120,8 @@ class DreamBoothTrainer:
     def __init__(self, surrogate: Surrogate, config: DreamBoothConfig | None = None,
                  class_images: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
                  on_step: Callable[[int, float], None] | None = None, optimizer: Any = None,
-                 parameters: list[torch.nn.Parameter] | None = None) -> None:
+                 parameters: list[torch.nn.Parameter] | None = None,
+                 class_posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.surrogate = surrogate
         self._parameters = parameters
         self.config = config or DreamBoothConfig()
@@ -130,10 +133,12 @@ class DreamBoothTrainer:
         self.optimizer = optimizer or torch.optim.AdamW(self.parameters(), lr=self.config.learning_rate,
                                                         betas=(0.9, 0.999), weight_decay=self.config.weight_decay,
                                                         eps=1e-8)
-        self.class_latents = None
-        if class_images is not None and len(class_images) and self.config.prior_weight:
-            with torch.no_grad():
-                self.class_latents = torch.cat([self._latents(chunk) for chunk in class_images.split(8)])
+        self.class_posterior = None
+        if self.config.prior_weight:
+            if class_posterior is not None:
+                self.class_posterior = class_posterior
+            elif class_images is not None and len(class_images):
+                self.class_posterior = encode_class_images(surrogate.vae, class_images)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates: the given ``parameters`` (e.g. LoRA weights), else UNet (+ text encoder)."""
@@ -169,8 +174,13 @@ class DreamBoothTrainer:
         with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             texts = parts.encode_prompts([cfg.instance_prompt, cfg.class_prompt])
         class_latents = None
-        if self.class_latents is not None:
-            class_latents = self.class_latents[self._take(len(self.class_latents), "_class_cursor")]
+        if self.class_posterior is not None:
+            mean, std = self.class_posterior
+            index = self._take(len(mean), "_class_cursor")
+            class_latents = mean[index]
+            if cfg.sample_posterior:  # a fresh posterior draw per step, as latent_dist.sample() would give
+                noise = torch.randn(class_latents.shape, generator=self.generator).to(mean.device, mean.dtype)
+                class_latents = class_latents + std[index] * noise
         loss = dreambooth_loss(unet, parts.scheduler, latents, texts[:1], class_latents, texts[1:],
                                prior_weight=cfg.prior_weight, t_range=cfg.t_range, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,6 +200,14 @@ class DreamBoothTrainer:
     def train(self, instance_images: torch.Tensor, steps: int) -> list[float]:
         """``steps`` optimizer steps; returns the loss of each."""
         return [self.step(instance_images) for _ in range(steps)]
+
+
+@torch.no_grad()
+def encode_class_images(vae, class_images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled VAE posterior ``(mean, std)`` (float32) of the class images ``(M, 3, H, W)``, encoded once so every
+    step only draws ``mean + std · n``; pass it as ``class_posterior`` to share it between trainers."""
+    parts = [latent_posterior(vae, c.to(vae.device, torch.float32)) for c in class_images.split(chunk)]
+    return torch.cat([m for m, _ in parts]).float(), torch.cat([s for _, s in parts]).float()
 
 
 def freeze(surrogate: Surrogate) -> Surrogate:

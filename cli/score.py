@@ -124,8 +124,8 @@ def score(
         result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
                               prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,
                               on_event=lambda kind, name, info: reporter.line(
-                                  f"score: {name} ({info['seconds']:.2f} s)") if kind == "done"
-                              else reporter.event(kind, name, info))
+                                  f"score: {name} ({info['seconds']:.2f} s)")
+                              if kind == "done" and reporter.progress is None else reporter.event(kind, name, info))
         params = {"metrics": [s.name for s in specs], "ref": str(ref) if ref else None, "group_by": group_by,
                   "class": class_name, "prompt": prompt, "token": token,
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}

@@ -235,3 +235,13 @@ def test_identity_metrics_exclude_or_penalize_faceless_images():
     assert ism.score([face, flat], contexts)[0] == pytest.approx(1.0, abs=1e-5)
     assert ism.score([face, flat], contexts)[1] is None  # excluded from the mean, not counted as 0
     assert ims.score([face, flat], contexts) == [pytest.approx(1.0, abs=1e-5), -1.0]
+
+
+def test_missing_backbone_weights_give_one_line(cli, tmp_path):
+    photo("rocket", 64).save(tmp_path / "a.png")
+    code, out, err = cli(["score", tmp_path / "a.png", "--ref", tmp_path / "a.png", "-m", "dinov2",
+                          "--dinov2-model", str(tmp_path / "no-such-dinov2"), "-o", tmp_path / "s.json"])
+    assert code == 1 and out == ""
+    assert err.strip().startswith("cloak: error: DINOv2 weights") and len(err.strip().splitlines()) == 1
+    code, _, err = cli(["score", tmp_path / "a.png", "-m", "ism", "-o", tmp_path / "s.json"])
+    assert code == 2 and "--ref" in err

@@ -354,8 +354,10 @@ def test_rerun_skips_without_loading_networks(photo_dir, tmp_path, cli, monkeypa
     (["-m", "noisy-upscale", "--upscaler-model", "nobody/no-such-upscaler"], "x4 upscaler"),
     (["-m", "codeformer-sr", "--upscaler-model", "tiny", "--face-model", "{tmp}/missing.pt"], "face restorer"),
     (["-m", "regen", "--model", "{tmp}/no-such-sd"], "not found"),
+    (["-m", "impress", "--model", "tiny", "--lpips-model", "vgg", "--iters", "1"], "LPIPS backbone"),
 ])
-def test_missing_weights_fail_in_one_line(args, needle, photo_dir, tmp_path, cli):
+def test_missing_weights_fail_in_one_line(args, needle, photo_dir, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached torchvision weights there
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, stdout, stderr = cli(["purify", photo_dir, "-o", tmp_path / "out", *args])
     assert code == 1 and stdout == ""

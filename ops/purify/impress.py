@@ -23,10 +23,11 @@ from .sdedit import pad_to_multiple
 def load_models(*, device: Any = "cpu", dtype: Any = None, model: str | None = None, trust_pickle: bool = False,
                 lpips_model: str = "vgg", **_: Any):
     from ..models import load_pipeline
-    from .models import PurifierModels, load_lpips
+    from .models import PurifierModels, quiet_loading, load_lpips
 
-    return PurifierModels(pipe=load_pipeline(model, device, dtype, trust_pickle=trust_pickle),
-                          lpips=load_lpips(lpips_model, device))
+    with quiet_loading():
+        pipe = load_pipeline(model, device, dtype, trust_pickle=trust_pickle)
+    return PurifierModels(pipe=pipe, lpips=load_lpips(lpips_model, device))
 
 
 def objective(vae, lpips, x: torch.Tensor, reference: torch.Tensor, alpha: float,

@@ -17,8 +17,9 @@ Defaults (documented in docs/purify.md):
 
 from __future__ import annotations
 
+import io
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +57,11 @@ def place_on(module, device: Any, dtype: Any):
 
 
 @contextmanager
-def _quiet():
-    """Silence diffusers/transformers warnings while loading (offline fallbacks would print several lines)."""
+def quiet_loading():
+    """Silence library chatter while loading (offline fallbacks, deprecations and download bars would print several
+    lines around our one-line error; torch.hub even writes its download notice to stdout, which is for data)."""
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -65,7 +69,9 @@ def _quiet():
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
@@ -115,7 +121,7 @@ def load_pixel_model(name: str, device: Any = "cpu", dtype: Any = None) -> Pixel
         from diffusers import DiffusionPipeline
 
         try:
-            with _quiet():
+            with quiet_loading():
                 pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype or torch.float32)
         except (OSError, EnvironmentError, ValueError):
             raise _missing("pixel diffusion model", name, "--pixel-model") from None
@@ -163,7 +169,7 @@ def load_upscaler(name: str, device: Any = "cpu", dtype: Any = None):
         from diffusers import StableDiffusionUpscalePipeline
 
         try:
-            with _quiet():
+            with quiet_loading():
                 pipe = StableDiffusionUpscalePipeline.from_pretrained(name, torch_dtype=dtype or torch.float32)
         except (OSError, EnvironmentError, ValueError):
             raise _missing("x4 upscaler", name, "--upscaler-model") from None
@@ -179,7 +185,7 @@ def load_stage2(name: str, device: Any = "cpu", dtype: Any = None):
     from diffusers import IFImg2ImgSuperResolutionPipeline
 
     try:
-        with _quiet():
+        with quiet_loading():
             pipe = IFImg2ImgSuperResolutionPipeline.from_pretrained(name, torch_dtype=dtype or torch.float32,
                                                                     safety_checker=None, watermarker=None)
     except (OSError, EnvironmentError, ValueError):
@@ -238,7 +244,8 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
     except ImportError:
         raise ModelNotFoundError("LPIPS needs torchmetrics: pip install torchmetrics, or --lpips-model tiny") from None
     try:
-        net = _NoTrainLpips(net=name, pretrained=True)
+        with quiet_loading():
+            net = _NoTrainLpips(net=name, pretrained=True)
     except Exception as exc:  # torchvision downloads the ImageNet backbone on first use
         raise ModelNotFoundError(f"LPIPS backbone {name!r} weights not found ({type(exc).__name__}): put torchvision's "
                                  "ImageNet weights in the torch hub cache (TORCH_HOME) on a connected machine, or "

@@ -19,9 +19,11 @@ from .sdedit import latent_sdedit
 def load_models(*, device: Any = "cpu", dtype: Any = None, model: str | None = None, trust_pickle: bool = False,
                 **_: Any):
     from ..models import load_pipeline
-    from .models import PurifierModels
+    from .models import PurifierModels, quiet_loading
 
-    return PurifierModels(pipe=load_pipeline(model, device, dtype, trust_pickle=trust_pickle))
+    with quiet_loading():
+        pipe = load_pipeline(model, device, dtype, trust_pickle=trust_pickle)
+    return PurifierModels(pipe=pipe)
 
 
 def purify(images: torch.Tensor, *, models, generators: Sequence[torch.Generator], t: int = 60, steps: int = 50,

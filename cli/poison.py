@@ -1,7 +1,8 @@
-"""``cloak poison``: add a protective perturbation (AdvDM, SDS, PhotoGuard, Mist, Anti-DreamBooth, MetaCloak, InMark …)."""
+"""``cloak poison``: add a protective perturbation (AdvDM, SDS, PhotoGuard, Mist, Anti-DreamBooth, InMark …)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -98,6 +99,8 @@ def poison(
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="KEY=VALUE", show_default=False,
                                                        help="Any other method parameter (see the list below), e.g. "
                                                             "-p rounds=10 -p l2_eps=8.")] = None,
+    eval_draws: Annotated[int, typer.Option(help="Fixed (t, ε) draws measuring each file's loss at start and end "
+                                                 "(0 = skip; single-image attacks).", min=0)] = 4,
     checkpointing: Annotated[bool, typer.Option(help="Gradient checkpointing in UNet/VAE (less GPU memory).")
                              ] = False,
     model: common.Model = None,
@@ -113,14 +116,17 @@ def poison(
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
 ) -> None:
-    """Protect images: every input becomes OUTPUT/<same name>.png, same size, mode, orientation, alpha and ICC,
-    within ε of the input on the saved bytes; per-file loss, L∞, L2, PSNR, SSIM in OUTPUT/cloak.json.
+    """Protect images: every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and
+    ICC profile, within ε of the input on the saved bytes; per-file loss, L∞, L2, PSNR and SSIM go to cloak.json.
 
-    Examples:  cloak poison photos -o cloaked  (artist preset) ·
-    cloak poison photos -o out -a adm+ --eps 8 --steps 50 ·
-    cloak poison photos -o out -a ea --target gray --robust jpeg,resize ·
-    cloak poison faces -o out -a aspl --clean-dir faces_a -p rounds=20 ·
-    cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model tiny --resolution 64
+    \b
+    Examples:
+      cloak poison photos -o cloaked                      (artist preset)
+      cloak poison photos -o out -a adm+ --eps 8 --steps 50
+      cloak poison photos -o out -a ea --target gray --robust jpeg,resize
+      cloak poison photos -o out -a sds- --mask masks/ --preview
+      cloak poison faces -o out -a aspl --clean-dir faces_a -p rounds=20
+      cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model tiny --resolution 64
     """
     import sys
 
@@ -177,19 +183,22 @@ def poison(
             reporter.line(f"cloak: note: {note}")
         if preset:
             reporter.line(f"cloak: note: no --attack given: artist preset ({PRESET_TEXT})")
-        pipe = load_pipeline(model_name, device=torch_device, dtype=torch_dtype, trust_pickle=trust_pickle)
-        summary = poison_folder(items, output, spec.name, params, pipe=pipe, manifest=manifest, seed=seed,
+        def load_pipe():
+            reporter.line(f"cloak: loading model {model_name}")
+            return load_pipeline(model_name, device=torch_device, dtype=torch_dtype, trust_pickle=trust_pickle)
+
+        summary = poison_folder(items, output, spec.name, params, load_pipe=load_pipe, manifest=manifest, seed=seed,
                                 batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels,
                                 resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
                                 jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
                                 clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
-                                checkpointing=checkpointing, on_event=reporter.event,
+                                checkpointing=checkpointing, eval_draws=eval_draws, on_event=reporter.event,
                                 progress=lambda text: reporter.line(f"poison: {text}"))
         code = reporter.summary(summary, output, json_out)
     raise typer.Exit(code)
 
 
-poison.__doc__ = (poison.__doc__ or "") + (
+poison.__doc__ = inspect.cleandoc(poison.__doc__ or "") + (
     "\n\nBudgets and steps are in /255 pixel units (public codes in [-1,1] units state twice the number). "
     "lf-<attack> runs any attack with the DCT low-frequency gradient mask (paper 004). Method parameters without a "
     "flag: --param KEY=VALUE.\n\nAttacks (published defaults):\n\n" + ATTACK_LIST + "\n\n"

@@ -40,7 +40,7 @@ MODEL_PARAMS = ("prompt",)  # configure AttackModels, not the attack function (t
 def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     """``(h, w)`` with the short side ≈ ``resolution``, aspect kept, both multiples of 8 (≥ 8)."""
     scale = 1.0 if resolution <= 0 else resolution / min(height, width)
-    return (max(8, int(round(height * scale / 8)) * 8), max(8, int(round(width * scale / 8)) * 8))
+    return (max(8, int(height * scale / 8 + 0.5) * 8), max(8, int(width * scale / 8 + 0.5) * 8))
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -152,20 +152,35 @@ def write_preview(path: Path, original: np.ndarray, cloaked: np.ndarray, eps: fl
 
 
 # ------------------------------------------------------------------------------------------------- run
-def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params: dict[str, Any], *, pipe: Any,
-                  manifest: Manifest, seed: int = 0, batch_size: int = 1, overwrite: bool = False,
+def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params: dict[str, Any], *,
+                  pipe: Any = None, load_pipe: Callable[[], Any] | None = None, manifest: Manifest,
+                  seed: int = 0, batch_size: int = 1, overwrite: bool = False,
                   max_pixels: int | None = None, resolution: int = 512, robust_transforms: Sequence[str] = (),
                   eot_samples: int = 1, jpeg_quality: int | None = None, mask: str | None = None,
                   clean_dir: str | None = None, preview: bool = False, checkpointing: bool = False,
+                  eval_draws: int = 4,
                   on_event: Callable[[str, str, dict], None] | None = None,
                   progress: Callable[[str], None] | None = None) -> RunSummary:
-    """Poison every item with ``attack`` (``params`` already resolved against its spec) into ``out_dir``."""
+    """Poison every item with ``attack`` (``params`` already resolved against its spec) into ``out_dir``.
+
+    ``pipe`` is the loaded diffusers pipeline, or ``load_pipe()`` loads it when the first image needs work (a
+    resumed run with nothing left to do loads no model); ``eval_draws`` fixed (t, ε) draws measure loss_start/loss_end
+    (0: not measured, recorded as null).
+    """
     spec = attacks.get_attack(attack)
     module = spec.load()
     params = dict(params)
     t_range = tuple(params["t_range"]) if params.get("t_range") else None
     prompt = params.pop("prompt", None) or params.get("instance_prompt") or "a photo"
-    models = engine.AttackModels(pipe, prompt=prompt, t_range=t_range, checkpointing=checkpointing)
+    state: dict[str, engine.AttackModels] = {}
+
+    def get_models() -> engine.AttackModels:
+        if "models" not in state:
+            loaded = pipe if pipe is not None else load_pipe()  # type: ignore[misc]
+            state["models"] = engine.AttackModels(loaded, prompt=prompt, t_range=t_range,
+                                                  checkpointing=checkpointing)
+        return state["models"]
+
     if "t_range" in params:
         params["t_range"] = t_range
         if not spec.set_level:
@@ -174,7 +189,6 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
     eot = robust.make_eot(robust_transforms, jpeg_quality)
     options: dict[str, Any] = {"eot": eot, "eot_samples": eot_samples} if eot is not None else {}
     masks = load_masks(mask, items)
-    device = models.device
 
     def prepare(job: ImageJob) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         native = job.image.rgb
@@ -188,12 +202,15 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
                result: engine.PGDResult, index: int) -> ProcessedImage:
         rgb = to_native(adversarial.float().cpu(), work.cpu(), job.image.rgb, m_native)
         rgb = project_stored(rgb, job.image, eps)
-        stats = {"loss_start": float(result.loss_start[index]), "loss_end": float(result.loss_end[index]),
+        start, end = float(result.loss_start[index]), float(result.loss_end[index])
+        stats = {"loss_start": None if math.isnan(start) else start, "loss_end": None if math.isnan(end) else end,
                  "working_size": [int(work.shape[2]), int(work.shape[1])]}
         stats.update({k: v for k, v in result.stats.items() if isinstance(v, (int, float, str))})
         return ProcessedImage(rgb, stats)
 
     def process_single(jobs: list[ImageJob]) -> list[ProcessedImage]:
+        models = get_models()
+        device = models.device
         prepared = [prepare(job) for job in jobs]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (work, _, _) in enumerate(prepared):
@@ -202,7 +219,7 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         for size, indices in groups.items():
             images = torch.stack([prepared[i][0] for i in indices]).to(device)
             generators = [torch.Generator().manual_seed(jobs[i].seed) for i in indices]
-            extra = dict(options)
+            extra = {**options, "eval_draws": eval_draws}
             if masks:
                 extra["mask"] = torch.stack([prepared[i][2] for i in indices]).to(device)
             if spec.needs_target:
@@ -216,6 +233,7 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         return out  # type: ignore[return-value]
 
     def process_set(jobs: list[ImageJob]) -> list[ProcessedImage]:
+        models = get_models()
         prepared = [prepare(job) for job in jobs]
         generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
         extra = dict(options)

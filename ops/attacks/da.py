@@ -54,7 +54,8 @@ def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[t
            targets: torch.Tensor, eps: float = 16.0, l2_eps: float = 16.0, l2_step: float = 1.0, steps: int = 200,
            grad_samples: int = 10, sampling_steps: int = 4, guidance: float = 7.5, strength: float = 0.5,
            random_start: bool = False, mask: torch.Tensor | None = None, eot: Any = None, eot_samples: int = 1,
-           grad_transform: Any = None, delta_transform: Any = None, on_step: Any = None) -> PGDResult:
+           grad_transform: Any = None, delta_transform: Any = None, on_step: Any = None,
+           eval_draws: int = 1) -> PGDResult:
     """Run the diffusion attack on ``images`` ``(B, 3, H, W)`` in [0, 1] toward ``targets`` (same shape)."""
     clean = images.detach().float()
     targets = targets.to(clean)
@@ -64,7 +65,7 @@ def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[t
         out = img2img(models, x, gens, sampling_steps=sampling_steps, guidance=guidance, strength=strength)
         return (out - targets).flatten(1).norm(dim=1)
 
-    loss_start = evaluate_loss(clean, loss_fn, generators, 1)
+    loss_start = evaluate_loss(clean, loss_fn, generators, eval_draws)
     x = clean.clone()
     if random_start:
         x = project_linf(clean + (torch.rand_like(clean) * 2 - 1) * radius / clean[0].numel() ** 0.5, clean, eps, mask)
@@ -88,4 +89,4 @@ def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[t
         x = project_linf(clean + delta, clean, eps, mask).detach()
         if on_step is not None:
             on_step(index, loss)
-    return PGDResult(x, loss_start, evaluate_loss(x, loss_fn, generators, 1))
+    return PGDResult(x, loss_start, evaluate_loss(x, loss_fn, generators, eval_draws))

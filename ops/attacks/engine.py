@@ -110,9 +110,11 @@ def _eval_generators(generators: Sequence[torch.Generator]) -> list[torch.Genera
 @torch.no_grad()
 def evaluate_loss(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[torch.Generator],
                   draws: int = 4) -> torch.Tensor:
-    """Mean per-sample loss over ``draws`` fixed random draws seeded from ``generators`` (no EoT)."""
+    """Mean per-sample loss over ``draws`` fixed random draws seeded from ``generators`` (no EoT); NaN for 0."""
+    if draws <= 0:
+        return torch.full((images.shape[0],), float("nan"))
     eval_gens = _eval_generators(generators)
-    return torch.stack([loss_fn(images, eval_gens).float() for _ in range(max(1, draws))]).mean(0).cpu()
+    return torch.stack([loss_fn(images, eval_gens).float() for _ in range(draws)]).mean(0).cpu()
 
 
 def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Generator], eps: float = 16.0,

@@ -64,10 +64,12 @@ def run_attack(name, pipe, class_dir, seed=0, size=SIZE, **overrides):
     from cloaklab.ops.attacks.engine import AttackModels
 
     spec = get_attack(name)
-    params = spec.resolve({**FAST[name], "eps": 8.0, "step_size": 2.0, **overrides})
+    fast = FAST.get(name) or FAST[name.removeprefix("lf-")]
+    params = spec.resolve({**fast, "eps": 8.0, "step_size": 2.0, **overrides})
     if "num_class_images" in params:
         params.update(num_class_images=2, class_steps=2, class_dir=str(class_dir))
-    return spec.load().attack_set(photos(size), models=AttackModels(pipe), generators=generators(seed), **params)
+    return spec.load().attack_set(photos(size), models=AttackModels(pipe), generators=generators(seed),
+                                  **spec.fixed, **params)
 
 
 # ------------------------------------------------------------------------------------------- every attack
@@ -352,3 +354,14 @@ def test_cli_set_level_run_keeps_budget_on_disk_and_resumes(cli, tmp_path, class
     assert manifest["files"]["chelsea.png"]["stats"]["linf"] <= 4
     code, out, err = cli(args)
     assert code == 0 and "2 skipped" in err
+
+
+def test_lf_aspl_perturbation_stays_low_frequency(pipe, class_dir):
+    """lf-aspl (LF-ASPL of paper 004): the set-level hook honours the engine's DCT gradient/δ projections."""
+    from cloaklab.ops.attacks.lowfreq import highfreq_energy
+
+    low = run_attack("lf-aspl", pipe, class_dir, rounds=1)
+    plain = run_attack("aspl", pipe, class_dir, rounds=1)
+    for a, b, clean in zip(low, plain, photos()):
+        assert highfreq_energy(a.images - clean[None], 0.25).item() < 0.05  # only the ε clip adds any
+        assert highfreq_energy(b.images - clean[None], 0.25).item() > 0.3

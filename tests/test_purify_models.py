@@ -301,9 +301,10 @@ def test_every_model_method_is_registered_with_fast_flags():
 
 
 @pytest.mark.parametrize("method", MODEL_METHODS)
-def test_model_purifiers_end_to_end_keep_names_sizes_alpha(method, mixed_dir, tmp_path, cli):
+def test_model_purifiers_end_to_end_keep_names_sizes_alpha(method, mixed_dir, tmp_path, cli, device):
     out = tmp_path / "out"
-    code, stdout, stderr = cli(["purify", mixed_dir, "-o", out, "-m", method, "--batch-size", "2", *FAST[method]])
+    code, stdout, stderr = cli(["purify", mixed_dir, "-o", out, "-m", method, "--batch-size", "2", "--device", device,
+                                *FAST[method]])
     assert code == 0, stderr
     assert stdout.strip() == str(out)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["astro.png", "cat.png",
@@ -319,12 +320,12 @@ def test_model_purifiers_end_to_end_keep_names_sizes_alpha(method, mixed_dir, tm
         assert record["seconds"] >= 0
 
 
-def test_seeded_runs_repeat_exactly_with_batches(photo_dir, tmp_path, cli):
+def test_seeded_runs_repeat_exactly_with_batches(photo_dir, tmp_path, cli, device):
     outputs = []
     for name, batch in (("a", "2"), ("b", "2"), ("c", "1")):
         out = tmp_path / name
         code, _, stderr = cli(["purify", photo_dir, "-o", out, "-m", "regen", "--model", "tiny", "--seed", "3",
-                               "--batch-size", batch])
+                               "--batch-size", batch, "--device", device, "--dtype", "fp32"])
         assert code == 0, stderr
         outputs.append({p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))})
     assert outputs[0].keys() == outputs[1].keys() == outputs[2].keys() and len(outputs[0]) == 4
@@ -334,11 +335,22 @@ def test_seeded_runs_repeat_exactly_with_batches(photo_dir, tmp_path, cli):
         assert diff <= 1  # batching only reorders float sums; each image has its own generator
 
 
-def test_rerun_skips_without_loading_networks(photo_dir, tmp_path, cli, monkeypatch):
+def test_networks_load_once_per_run_and_not_at_all_on_a_rerun(photo_dir, tmp_path, cli, monkeypatch):
+    import cloaklab.ops.purify.ddspure as ddspure
+    import cloaklab.ops.purify.diffpure_pixel as diffpure_pixel
+
+    loads = []
+
+    def counting(**kwargs):
+        loads.append(kwargs["pixel_model"])
+        return diffpure_pixel.load_models(**kwargs)
+
     out = tmp_path / "out"
     args = ["purify", photo_dir, "-o", out, "-m", "ddspure", "--pixel-model", "tiny", "--steps", "10"]
-    assert cli(args)[0] == 0
-    import cloaklab.ops.purify.diffpure_pixel as diffpure_pixel
+    with monkeypatch.context() as patch:
+        patch.setattr(ddspure, "load_models", counting)
+        assert cli([*args, "--batch-size", "1"])[0] == 0
+    assert loads == ["tiny"] and len(list(out.glob("*.png"))) == 4  # four images, one load
 
     def refuse(**_):
         raise AssertionError("networks loaded although every output was done")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -158,7 +159,7 @@ def purify(
     raise typer.Exit(code)
 
 
-purify.__doc__ = (purify.__doc__ or "") + "\n\nMethods (published defaults):\n\n" + METHOD_LIST
+purify.__doc__ = inspect.cleandoc(purify.__doc__ or "") + "\n\nMethods (published defaults):\n\n" + METHOD_LIST
 
 
 def register(app: typer.Typer) -> None:

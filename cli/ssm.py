@@ -38,7 +38,8 @@ def ssm(
     = None,
     profile: Annotated[Optional[Profile], typer.Option("--profile", help="Run an analysis instead of maps: loss "  # type: ignore[valid-type]
                                                        "(Fig. 4), grad (Fig. 5), mask-loss (Fig. 6), jpeg-hist "
-                                                       "(Fig. 7/12, needs --clean), spectrum (Fig. 13).")] = None,
+                                                       "(Fig. 7/12, needs --clean), spectrum (Fig. 13). mask-loss on "
+                                                       "train_log.jsonl inputs plots the logged losses.")] = None,
     clean: Annotated[Optional[Path], typer.Option("--clean", help="Clean twins of the (poisoned) inputs, named "
                                                   "alike: a second series in the profiles.")] = None,
     quality: Annotated[int, typer.Option(help="JPEG quality for jpeg-hist and spectrum (SZT's 25).", min=1,
@@ -63,7 +64,8 @@ def ssm(
 
     Examples:  cloak ssm poisoned -o maps --prompt "a <R*> on the grass" --token '<R*>' --embedding
     ti/learned_embeds.safetensors --masks masks ·  cloak ssm poisoned -o prof --profile loss --clean clean ·
-    cloak ssm poisoned -o prof --profile jpeg-hist --clean clean --quality 25
+    cloak ssm poisoned -o prof --profile jpeg-hist --clean clean --quality 25 ·
+    cloak ssm ti-clean/train_log.jsonl ti-adm/train_log.jsonl -o prof --profile mask-loss
     """
     import json
 
@@ -75,6 +77,16 @@ def ssm(
     from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
     from cloaklab.ops.ssm_run import run_maps, run_profile, working_resolution
 
+    profile_name = common.value(profile) if profile is not None else None
+    if profile_name == "mask-loss" and inputs and all(name.endswith(".jsonl") for name in inputs):
+        from cloaklab.ops.ssm_run import run_train_log_profile
+
+        output.mkdir(parents=True, exist_ok=True)
+        data = run_train_log_profile([Path(name) for name in inputs], output)
+        sys.stderr.write(f"ssm: profile mask-loss from {len(inputs)} training log(s) → {data['outputs'][1]}\n")
+        sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": 0})
+                          if json_out else str(output)) + "\n")
+        raise typer.Exit(0)
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
@@ -94,7 +106,6 @@ def ssm(
         ensure_token(pipe, word, init_word)
     size = working_resolution(pipe, resolution)
     output.mkdir(parents=True, exist_ok=True)
-    profile_name = common.value(profile) if profile is not None else None
     with common.Reporter("ssm") as reporter:
         for note in notes:
             reporter.line(f"cloak: note: {note}")

@@ -300,3 +300,47 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
     atomic_write_bytes(json_path, json.dumps(data, indent=2).encode() + b"\n")
     data["outputs"] = [str(json_path), str(png)]
     return data
+
+
+def run_train_log_profile(paths: Sequence[Path], output: Path) -> dict[str, Any]:
+    """Fig. 6 from training logs: ``loss_inside`` / ``loss_outside`` of ``train_log.jsonl`` files (``cloak
+    train-ti --masks``) against the step, each series also divided by its first value (the paper compares the
+    proportions by which the two losses fall). Each log is labelled by its folder name."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"training log not found: {path}")
+        steps, inside, outside = [], [], []
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}:{number}: not a JSON line") from None
+            if "loss_inside" in record and "loss_outside" in record:
+                steps.append(int(record["step"]))
+                inside.append(float(record["loss_inside"]))
+                outside.append(float(record["loss_outside"]))
+        if not steps:
+            raise UsageError(f"{path}: no loss_inside/loss_outside fields (train with --masks to log them)")
+        label = Path(path).resolve().parent.name
+        series[label] = {"step": steps, "inside": inside, "outside": outside,
+                         "inside_relative": [v / inside[0] if inside[0] else float("nan") for v in inside],
+                         "outside_relative": [v / outside[0] if outside[0] else float("nan") for v in outside]}
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for index, (label, data) in enumerate(series.items()):
+        axis.plot(data["step"], data["inside_relative"], color=f"C{index}", label=f"{label} inside")
+        axis.plot(data["step"], data["outside_relative"], color=f"C{index}", linestyle="--", label=f"{label} outside")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("loss / first logged loss")
+    axis.set_title("loss inside vs outside the concept mask during training")
+    axis.legend(fontsize=7)
+    png, json_path = output / "profile-mask-loss.png", output / "profile-mask-loss.json"
+    _save_figure(figure, png)
+    data = {"profile": "mask-loss", "source": "train-logs", "logs": [str(p) for p in paths], "series": series}
+    atomic_write_bytes(json_path, json.dumps(data, indent=2).encode() + b"\n")
+    data["outputs"] = [str(json_path), str(png)]
+    data["images"], data["rejected"] = [], []
+    return data

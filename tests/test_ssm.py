@@ -173,3 +173,21 @@ def test_multi_vector_token_expands_to_all_its_rows():
     tokenizer.add_tokens(["<R*>", "<R*>_1", "<R*>_2"])
     assert expand_multi_vector(tokenizer, "a <R*> on the grass") == "a <R*> <R*>_1 <R*>_2 on the grass"
     assert expand_multi_vector(tokenizer, "a dog") == "a dog"
+
+
+def test_mask_loss_profile_from_training_logs(cli, tmp_path):
+    for name, rate in (("clean", 0.5), ("adm", 0.9)):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [{"step": s, "loss": 1.0, "loss_inside": 2.0 * rate ** s, "loss_outside": 1.0} for s in (1, 2, 3)]
+        (folder / "train_log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "prof"
+    code, _, err = cli(["ssm", tmp_path / "clean" / "train_log.jsonl", tmp_path / "adm" / "train_log.jsonl",
+                        "-o", out, "--profile", "mask-loss"])
+    assert code == 0, err
+    data = json.loads((out / "profile-mask-loss.json").read_text())
+    assert data["series"]["clean"]["inside_relative"] == pytest.approx([1.0, 0.5, 0.25])
+    assert data["series"]["adm"]["outside_relative"] == [1.0, 1.0, 1.0]
+    assert (out / "profile-mask-loss.png").stat().st_size > 0
+    code, _, err = cli(["ssm", tmp_path / "missing.jsonl", "-o", out, "--profile", "mask-loss"])
+    assert code == 2 and "missing.jsonl" in err

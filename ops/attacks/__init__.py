@@ -157,7 +157,7 @@ register(AttackSpec("metacloak", "metacloak", "MetaCloak: pool of DreamBooth sna
                     "trials × snapshots × [6 EoT-PGD steps (crop-resize, blur k7, flip) + 2 unrolled training "
                     "steps]; ε 11, α 1.1.",
                     {"eps": 11.0, "step_size": 1.1, "pgd_steps": 6, "unroll_steps": 2, "trials": 4,
-                     "inner_iterations": 1, "pool_steps": 1000, "pool_interval": 200, "rotation": 0.0,
+                     "inner_iterations": 100, "pool_steps": 1000, "pool_interval": 200, "rotation": 0.0,
                      **SET_DEFAULTS}, set_level=True, sdxl=False))
 register(AttackSpec("caat", "caat", "CAAT: only cross-attention K/V train; each of 250 steps one backward gives an "
                     "image sign-ascent step and an AdamW step (lr 1e-5) on K/V; ε 6.375, α 0.6375.",

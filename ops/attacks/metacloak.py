@@ -11,8 +11,10 @@ EoT (inside every PGD step, per image, from its own generator): random resized c
 back) → Gaussian blur with kernel 7 (σ ~ U(0.1, 2.0), torchvision's range) → horizontal flip with probability 0.5
 (optional rotation ±``rotation`` degrees, off by default). A ``--robust`` transform, when given, is applied after it.
 
-Defaults: eps 11/255, step_size 1.1/255, pgd_steps 6, unroll_steps 2 (METHODS.md); trials 4 and inner_iterations 1
-are our reading of "several trials × snapshots × inner iterations" (METHODS.md gives no numbers).
+Defaults: eps 11/255, step_size 1.1/255, pgd_steps 6, unroll_steps 2 (METHODS.md); trials 4 and
+inner_iterations 100 (= interval 200 // 2 training steps) as MetaCloak's released configuration
+(total_trail_num 4, interval 200, advance_steps 2, total_train_steps 1000). That is 4 × 6 × 100 × (6 + 2) steps:
+MetaCloak is the most expensive attack here; ``-p inner_iterations=10`` is a tenth of it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from .engine import AttackModels, PGDResult
 from .setlevel import attack_models, base_surrogate, pgd_over_set, results, start_run, trainer
 
-DEFAULTS = {"eps": 11.0, "step_size": 1.1, "pgd_steps": 6, "unroll_steps": 2, "trials": 4, "inner_iterations": 1,
+DEFAULTS = {"eps": 11.0, "step_size": 1.1, "pgd_steps": 6, "unroll_steps": 2, "trials": 4, "inner_iterations": 100,
             "pool_steps": 1000, "pool_interval": 200, "rotation": 0.0}
 
 
@@ -84,7 +86,7 @@ def surrogate_pool(run, surrogate, pool_steps: int, pool_interval: int) -> list[
 
 def attack_set(images: Sequence[torch.Tensor], *, models: AttackModels, generators: Sequence[torch.Generator],
                eps: float = 11.0, step_size: float = 1.1, pgd_steps: int = 6, unroll_steps: int = 2,
-               trials: int = 4, inner_iterations: int = 1, pool_steps: int = 1000, pool_interval: int = 200,
+               trials: int = 4, inner_iterations: int = 100, pool_steps: int = 1000, pool_interval: int = 200,
                rotation: float = 0.0, progress=None, **params: Any) -> list[PGDResult]:
     """Protect the set ``images`` ``[(3, H, W)]`` in [0, 1]; one result per image, in order."""
     run = start_run(images, pipe=models.pipe, generators=generators, progress=progress, **params)

@@ -102,13 +102,13 @@ def test_gradient_profile_measures_the_new_token(fresh_tiny_pipe):
     ids = ssm.prompt_ids(pipe, "a <R*> on the grass")
     positions = ssm.token_positions(pipe, ids, "<R*>")
     assert len(positions) == 1 and int(ids[0, positions[0]]) == new_id
-    latents = diffusion.encode_images(pipe.vae, photo_tensor("astronaut")[None])
+    latents = diffusion.encode_images(pipe.vae, photo_tensor("astronaut")[None].to(pipe.device))
     grads = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 1, torch.Generator().manual_seed(0))
     again = ssm.gradient_profile(pipe, latents, ids, positions, [300, 600], 1, torch.Generator().manual_seed(0))
     assert grads.shape == (1, 2, 1) and (grads > 0).all() and np.array_equal(grads, again)
     # the norm is that of the gradient w.r.t. the token's embedding row (it appears once in the prompt)
     table.requires_grad_(True)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents.device)
     loss = diffusion.diffusion_loss(pipe.unet, pipe.scheduler, latents, diffusion.encode_prompts(
         pipe, ["a <R*> on the grass"]), torch.tensor([300]), noise).sum()
     (row_grad,) = torch.autograd.grad(loss, table)

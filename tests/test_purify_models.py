@@ -361,6 +361,23 @@ def test_networks_load_once_per_run_and_not_at_all_on_a_rerun(photo_dir, tmp_pat
     assert code == 0, stderr
 
 
+def test_networks_load_from_local_diffusers_folders(pixel_model, upscaler, tmp_path):
+    from diffusers import DDPMPipeline
+
+    from cloaklab.ops.purify.models import load_pixel_model, load_upscaler
+
+    DDPMPipeline(unet=pixel_model.unet, scheduler=pixel_model.scheduler).save_pretrained(tmp_path / "pixel")
+    loaded = load_pixel_model(str(tmp_path / "pixel"))
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(loaded.predict(x, t), pixel_model.predict(x, t), atol=1e-6)
+    assert loaded.resolution == 32 and torch.equal(loaded.scheduler.alphas_cumprod, pixel_model.scheduler.alphas_cumprod)
+    upscaler.save_pretrained(tmp_path / "upscaler")
+    reloaded = load_upscaler(str(tmp_path / "upscaler"))
+    assert reloaded.vae.config.scaling_factor == 0.08333 and reloaded.unet.config.in_channels == 7
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.unet.parameters(), upscaler.unet.parameters()))
+
+
 @pytest.mark.parametrize("args,needle", [
     (["-m", "diffpure-pixel", "--pixel-model", "{tmp}/no-such-model"], "pixel diffusion model"),
     (["-m", "noisy-upscale", "--upscaler-model", "nobody/no-such-upscaler"], "x4 upscaler"),

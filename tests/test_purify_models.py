@@ -371,7 +371,8 @@ def test_networks_load_from_local_diffusers_folders(pixel_model, upscaler, tmp_p
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
     with torch.no_grad():
         assert torch.allclose(loaded.predict(x, t), pixel_model.predict(x, t), atol=1e-6)
-    assert loaded.resolution == 32 and torch.equal(loaded.scheduler.alphas_cumprod, pixel_model.scheduler.alphas_cumprod)
+    assert loaded.resolution == 32
+    assert torch.equal(loaded.scheduler.alphas_cumprod, pixel_model.scheduler.alphas_cumprod)
     upscaler.save_pretrained(tmp_path / "upscaler")
     reloaded = load_upscaler(str(tmp_path / "upscaler"))
     assert reloaded.vae.config.scaling_factor == 0.08333 and reloaded.unet.config.in_channels == 7

@@ -136,8 +136,9 @@ register(AttackSpec("mist", "mist", "Mist v1 fused mode: minimize ‖E(x') − E
 # step 0.005 in [-1, 1] units is 6.375 / 0.6375 here.
 SET_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "class_prompt": "a photo of person",
                                 "num_class_images": 200, "class_dir": None, "class_steps": 50, "prior_weight": 1.0,
-                                "db_lr": 5e-7, "train_text_encoder": True, "t_range": None}
-NO_PRIOR_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "t_range": None}
+                                "db_lr": 5e-7, "train_text_encoder": True, "t_range": None, "latent_sample": False}
+NO_PRIOR_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "t_range": None,
+                                     "latent_sample": False}
 ANTI_DREAMBOOTH_BUDGET: dict[str, Any] = {"eps": 6.375, "step_size": 0.6375}
 register(AttackSpec("aspl", "aspl", "Anti-DreamBooth ASPL: 50 rounds of [copy f→f′, 3 DreamBooth steps of f′ on clean "
                     "set A, 6 PGD steps on the set against f′, 3 DreamBooth steps of f on the perturbed set]; "

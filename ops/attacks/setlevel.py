@@ -189,6 +189,7 @@ class SetRun:
     delta_transform: Any = None
     batch_size: int = 4
     t_range: tuple[int, int] | None = None
+    latent_sample: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def report(self, name: str, index: int, total: int, **info: float) -> None:
@@ -217,7 +218,7 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
               class_prompt: str = SET_DEFAULTS["class_prompt"], num_class_images: int = 200,
               class_dir: str | Path | None = None, class_steps: int = 50, prior_weight: float = 1.0,
               db_lr: float = 5e-7, train_text_encoder: bool = True, t_range: tuple[int, int] | None = None,
-              db_batch_size: int = 1, **extra: Any) -> SetRun:
+              db_batch_size: int = 1, latent_sample: bool = False, **extra: Any) -> SetRun:
     """Validate the inputs and prepare everything the attack loops need (class images generated or reused).
 
     ``masks`` (or its alias ``mask``): ``None`` or one ``(1, H, W)`` pixel mask per image. ``grad_transform`` /
@@ -244,7 +245,7 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
                               prior_weight=prior_weight, batch_size=db_batch_size,
                               train_text_encoder=train_text_encoder, t_range=t_range)
     return SetRun(pset, list(generators), generator, resolution, clean_squares, prior, config, progress, eot,
-                  eot_samples, grad_transform, delta_transform, batch_size, t_range,
+                  eot_samples, grad_transform, delta_transform, batch_size, t_range, latent_sample,
                   {**extra, "class_settings": class_settings})
 
 
@@ -292,8 +293,11 @@ def trainer(run: SetRun, surrogate: Surrogate, *, learning_rate: float | None = 
 
 
 def attack_models(surrogate: Surrogate, run: SetRun) -> AttackModels:
-    """The frozen view of ``surrogate`` PGD runs against (conditioned on the instance prompt)."""
-    return AttackModels(surrogate, prompt=run.dreambooth.instance_prompt, t_range=run.t_range)
+    """The frozen view of ``surrogate`` PGD runs against: conditioned on the instance prompt; latents are the VAE
+    posterior mean, or with ``latent_sample`` a draw from each image's generator (``latent_dist.sample()``, as the
+    Anti-DreamBooth, MetaCloak and CAAT codes; with SD's VAE the two differ by ~1% of the latent scale)."""
+    return AttackModels(surrogate, prompt=run.dreambooth.instance_prompt, t_range=run.t_range,
+                        latent_sample=run.latent_sample)
 
 
 def pgd_over_set(run: SetRun, models: AttackModels, steps: int, *, eps: float, step_size: float,

@@ -245,3 +245,24 @@ def test_missing_backbone_weights_give_one_line(cli, tmp_path):
     assert err.strip().startswith("cloak: error: DINOv2 weights") and len(err.strip().splitlines()) == 1
     code, _, err = cli(["score", tmp_path / "a.png", "-m", "ism", "-o", tmp_path / "s.json"])
     assert code == 2 and "--ref" in err
+
+
+def test_concepts_from_folders_fields_and_patterns(tmp_path):
+    from pathlib import PurePosixPath
+
+    from cloaklab.ops.errors import RejectedInput, UsageError
+    from cloaklab.ops.io import InputItem
+    from cloaklab.ops.score import check_group_by, concept_of, remove_token
+
+    nested = InputItem(tmp_path / "gen" / "dog" / "p00_i000.png", PurePosixPath("dog/p00_i000.png"))
+    flat = InputItem(tmp_path / "cat_gen" / "p01_i002.png", PurePosixPath("p01_i002.png"))
+    assert concept_of(nested, "folder", {}, {}) == "dog" and concept_of(flat, "folder", {}, {}) == "cat_gen"
+    assert concept_of(flat, "none", {}, {}) == "all"
+    assert concept_of(flat, "regex:p(\\d+)_", {}, {}) == "01"
+    assert concept_of(flat, "field:token", {"token": "<dog>"}, {}) == "<dog>"
+    assert concept_of(flat, "field:token", {}, {"params": {"token": "<cat>"}}) == "<cat>"
+    with pytest.raises(RejectedInput):
+        concept_of(flat, "field:class", {}, {})
+    with pytest.raises(UsageError):
+        check_group_by("regex:(")
+    assert remove_token("a <R*> on the  beach", "<R*>") == "a on the beach"

@@ -38,7 +38,7 @@ class SpyDenoiser:
         self.dtype = getattr(inner, "dtype", torch.float32)
 
     def __call__(self, x, t, *args, **kwargs):
-        self.calls.append((int(t[0]), x.shape[0]))
+        self.calls.append((int(t.reshape(-1)[0]), x.shape[0]))
         return self.inner(x, t, *args, **kwargs)
 
 
@@ -246,6 +246,49 @@ def test_impress_lowers_its_objective_and_respects_the_lpips_hinge(tiny_pipe):
     # Active hinge (Δ = 0, large α): the purified image stays perceptually closer to the input.
     tight, stats_tight = run("impress", images, models, iters=12, lpips_weight=50.0, lpips_budget=0.0)
     assert all(a["lpips"] < b["lpips"] for a, b in zip(stats_tight, stats_none))
+
+
+# ------------------------------------------------------------------------------------------- pdm-pure
+def tiny_if_stage2():
+    """A tiny random DeepFloyd-IF-stage-II-shaped img2img SR pipeline (T5 encoder, 6-channel learned-variance UNet
+    with text and noise-level embeddings), with the CLIP tokenizer standing in for T5's (offline)."""
+    from diffusers import DDPMScheduler, IFImg2ImgSuperResolutionPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, layers_per_block=[1, 2], block_out_channels=[32, 64], in_channels=6, out_channels=6,
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=["SimpleCrossAttnUpBlock2D",
+                                                                        "ResnetUpsampleBlock2D"],
+        cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8, addition_embed_type="text",
+        addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
+        act_fn="gelu", class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+        time_embedding_dim=32, norm_num_groups=8)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4))
+    pipe = IFImg2ImgSuperResolutionPipeline(
+        tokenizer=clip_tokenizer(), text_encoder=text_encoder, unet=unet,
+        scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
+                                sample_max_value=1.0),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), safety_checker=None,
+        feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pdm_pure_runs_if_stage2_img2img_then_the_upscaler(upscaler):
+    stage2 = tiny_if_stage2()
+    spy = SpyDenoiser(stage2.unet.forward)
+    stage2.unet.forward = spy
+    images = torch.stack([photo_tensor("astronaut", 48), photo_tensor("coffee", 48)])
+    out = run("pdm-pure", images, PurifierModels(stage2=stage2, upscaler=upscaler), resolution=32, steps=20,
+              upscaler_steps=2)
+    assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert len(spy.calls) == int(20 * 444 / 1000)  # img2img strength t/1000 of a 20-step schedule
+    assert all(t <= 444 and batch == 4 for t, batch in spy.calls)  # SDEdit below t; CFG doubles the batch
 
 
 # -------------------------------------------------------------------------------------- codeformer-sr

@@ -38,7 +38,7 @@ def stage2_sdedit(stage2, images: torch.Tensor, *, t: int, steps: int, guidance:
     low = resize(images, (resolution // 4, resolution // 4)).clamp(0, 1) * 2 - 1
     out = stage2(prompt=[prompt] * images.shape[0], image=low.to(stage2.unet.dtype),
                  original_image=original.to(stage2.unet.dtype), strength=t / 1000, num_inference_steps=steps,
-                 guidance_scale=guidance, generator=list(generators), output_type="pt").images
+                 guidance_scale=guidance, generator=list(generators), output_type="pt", clean_caption=False).images
     return ((out.float() + 1) / 2).clamp(0, 1)
 
 

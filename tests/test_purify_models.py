@@ -425,6 +425,7 @@ def test_networks_load_from_local_diffusers_folders(pixel_model, upscaler, tmp_p
 @pytest.mark.parametrize("args,needle", [
     (["-m", "diffpure-pixel", "--pixel-model", "{tmp}/no-such-model"], "pixel diffusion model"),
     (["-m", "noisy-upscale", "--upscaler-model", "nobody/no-such-upscaler"], "x4 upscaler"),
+    (["-m", "pdm-pure", "--stage2-model", "nobody/no-such-if", "--upscaler-model", "tiny"], "IF stage II"),
     (["-m", "codeformer-sr", "--upscaler-model", "tiny", "--face-model", "{tmp}/missing.pt"], "face restorer"),
     (["-m", "regen", "--model", "{tmp}/no-such-sd"], "not found"),
     (["-m", "impress", "--model", "tiny", "--lpips-model", "vgg", "--iters", "1"], "LPIPS backbone"),

@@ -366,3 +366,32 @@ def test_lf_aspl_perturbation_stays_low_frequency(pipe, class_dir):
     for a, b, clean in zip(low, plain, photos()):
         assert highfreq_energy(a.images - clean[None], 0.25).item() < 0.05  # only the ε clip adds any
         assert highfreq_energy(b.images - clean[None], 0.25).item() > 0.3
+
+
+def test_metacloak_transform_is_seeded_differentiable_and_blurs():
+    from cloaklab.ops.attacks.lowfreq import highfreq_energy
+    from cloaklab.ops.attacks.metacloak import metacloak_transform
+
+    x = torch.stack(photos(32)[:1] * 2).requires_grad_(True)
+    a = metacloak_transform(x, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    b = metacloak_transform(x, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a[0], a[1])  # each image its own draw
+    (grad,) = torch.autograd.grad(a.sum(), x)
+    assert grad.abs().sum() > 0
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = metacloak_transform(noise, [torch.Generator().manual_seed(3)], sigma=(2.0, 2.0), scale=(1.0, 1.0))
+    assert highfreq_energy(blurred - 0.5, 0.25) < highfreq_energy(noise - 0.5, 0.25) / 2
+
+
+def test_dreambooth_trainer_trains_the_text_encoder_only_when_asked(pipe):
+    from cloaklab.ops.train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate
+
+    images = torch.stack(photos()[:1])
+    for train_text in (False, True):
+        surrogate = Surrogate.from_pipe(pipe).clone()
+        before = copy.deepcopy(surrogate.text_encoder.state_dict())
+        config = DreamBoothConfig(learning_rate=1e-3, prior_weight=0.0, train_text_encoder=train_text)
+        DreamBoothTrainer(surrogate, config, generator=torch.Generator().manual_seed(0)).train(images, 1)
+        changed = any(not torch.equal(v, before[k]) for k, v in surrogate.text_encoder.state_dict().items())
+        assert changed == train_text

@@ -114,7 +114,8 @@ class DreamBoothTrainer:
     ``class_posterior``, see :func:`encode_class_images`). Each :meth:`step` takes
     ``config.batch_size`` instance images in turn (cycling through the set it is given) and as many class images,
     and makes one AdamW update. ``parameters`` restricts training to a subset (LoRA weights, K/V projections …);
-    a custom ``optimizer`` may be passed instead of the default AdamW. ``on_step(index, loss)`` is called after every step (spies and progress use it).
+    a custom ``optimizer`` may be passed instead of the default AdamW. ``on_step(index, loss)`` is called after
+    every step (spies and progress use it).
     """
 
     def __init__(self, surrogate: Surrogate, config: DreamBoothConfig | None = None,

@@ -233,6 +233,15 @@ class _TorchmetricsLPIPS(nn.Module):
         return self.net(a.float(), b.float(), normalize=True).reshape(-1)
 
 
+def _backbone_cached(name: str) -> bool:
+    """Whether torchvision's ImageNet weights for the LPIPS backbone are already in the torch hub cache."""
+    from torchvision import models
+
+    weights = {"vgg": models.VGG16_Weights, "alex": models.AlexNet_Weights,
+               "squeeze": models.SqueezeNet1_1_Weights}[name].IMAGENET1K_V1
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
+
+
 def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
     """``tiny`` or an LPIPS backbone name (``vgg``, ``alex``, ``squeeze``); returns ``f(a, b) -> (B,)`` on [0, 1]."""
     if name == "tiny":
@@ -243,6 +252,9 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
         from torchmetrics.functional.image.lpips import _NoTrainLpips
     except ImportError:
         raise ModelNotFoundError("LPIPS needs torchmetrics: pip install torchmetrics, or --lpips-model tiny") from None
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") and not _backbone_cached(name):
+        raise ModelNotFoundError(f"LPIPS backbone {name!r} weights are not in the torch hub cache and HF_HUB_OFFLINE "
+                                 "is set: put torchvision's ImageNet weights in TORCH_HOME, or use --lpips-model tiny")
     try:
         with quiet_loading():
             net = _NoTrainLpips(net=name, pretrained=True)

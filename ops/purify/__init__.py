@@ -1,8 +1,10 @@
 """Purifiers (``cloak purify --method NAME``): one small module each, registered here by name.
 
 This registry imports nothing heavy, so the CLI can list methods without loading torch. Each method module exposes
-``purify(images, *, generator, **params) -> images`` on float ``(B, 3, H, W)`` batches in [0, 1] (model-based
-methods also take ``models``, built once per run by their ``load_models``).
+``purify(images, *, generators, **params) -> images`` on float ``(B, 3, H, W)`` batches in [0, 1], one generator
+per image (model-based methods also take ``models``, built once per run by their ``load_models(device=, dtype=,
+model=, trust_pickle=, **params)``, and may return ``(images, [per-image stats])``). Diffusion methods share
+:mod:`.sdedit`; their extra networks load through :mod:`.models`.
 """
 
 from __future__ import annotations

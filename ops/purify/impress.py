@@ -7,7 +7,8 @@ LDM autoencoder while staying perceptually close to the protected input,
 ``iters`` = 3000 (paper; 500 is the documented faster setting, most of the gain comes early), starting from
 x = x_ptb and clamping x to [0, 1] after every step. E = posterior mean; the consistency term is the mean squared
 error over pixels in [0, 1] (our normalization; the paper does not state one). Batched images are optimized jointly
-but independently (per-image losses are summed; Adam is element-wise).
+but independently (per-image losses are summed; Adam is element-wise). LPIPS backbone: VGG by default (our choice;
+paper 001 does not name one).
 """
 
 from __future__ import annotations

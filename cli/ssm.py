@@ -54,6 +54,8 @@ def ssm(
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Timesteps per UNet call for maps (each "
+                                            "call is batch × (1 + tokens) wide; results do not depend on it).")] = 4,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
@@ -142,6 +144,7 @@ def ssm(
         manifest.start_run()
         summary = run_maps(pipe, items, output, manifest, prompt=prompt, tokens=tokens, timesteps=steps,
                            samples=samples, seed=seed, resolution=size, masks=masks, overwrite=overwrite,
+                           batch_timesteps=batch_size,
                            max_pixels=max_pixels, on_event=reporter.event)
         reporter.line(f"ssm: {len(summary['done'])} mapped, {len(summary['skipped'])} skipped (already done), "
                       f"{len(summary['rejected'])} rejected → {output}")

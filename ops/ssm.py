@@ -123,18 +123,21 @@ def _predict(unet, scheduler, noisy: torch.Tensor, t: int, context: torch.Tensor
 @torch.no_grad()
 def semantic_sensitivity(pipe, latents: torch.Tensor, ids: torch.Tensor, groups: Sequence[Sequence[int]],
                          timesteps: Sequence[int], samples: int = 4, generator: torch.Generator | None = None,
-                         candidates: torch.Tensor | None = None) -> torch.Tensor:
+                         candidates: torch.Tensor | None = None, batch_timesteps: int = 4) -> torch.Tensor:
     """SSM maps ``(T, N, h, w)`` of one image (paper 000 Eq. 6).
 
     ``latents``: scaled latents ``(1, C, h, w)``; ``ids``: prompt ids ``(1, L)``; ``groups[n]``: the positions
     replaced together for token ``n``; ``samples``: draws of (random replacement, noise) averaged per map;
-    ``candidates``: ids a replacement is drawn from (default: the dictionary without special tokens).
+    ``candidates``: ids a replacement is drawn from (default: the dictionary without special tokens);
+    ``batch_timesteps``: timesteps per UNet call (each call is ``batch_timesteps × (1 + N)`` wide; the result does
+    not depend on it — all draws of a sample are made first, in order).
     """
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"expected latents shaped (1, C, h, w), got {tuple(latents.shape)}")
     candidates = replacement_candidates(pipe) if candidates is None else candidates
     generator = generator or torch.Generator().manual_seed(0)
     unet, scheduler, encoder = pipe.unet, pipe.scheduler, pipe.text_encoder
+    variants_count = len(groups) + 1
     maps = torch.zeros(len(timesteps), len(groups), *latents.shape[-2:], dtype=torch.float64)
     for _ in range(samples):
         variants = [ids]
@@ -144,11 +147,20 @@ def semantic_sensitivity(pipe, latents: torch.Tensor, ids: torch.Tensor, groups:
             changed[0, list(group)] = candidates[picks]
             variants.append(changed)
         contexts = _text_embeddings(encoder, torch.cat(variants))
-        for index, t in enumerate(timesteps):
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-            noisy = diffusion.add_noise(scheduler, latents, noise, torch.tensor([int(t)]))
-            predictions = _predict(unet, scheduler, noisy.expand(len(variants), -1, -1, -1), t, contexts)
-            maps[index] += ((predictions[1:] - predictions[:1]) ** 2).sum(1).double().cpu()
+        noises = [torch.randn(latents.shape, generator=generator) for _ in timesteps]
+        for start in range(0, len(timesteps), max(1, batch_timesteps)):
+            chunk = list(range(start, min(len(timesteps), start + max(1, batch_timesteps))))
+            steps = torch.tensor([int(timesteps[i]) for i in chunk])
+            noise = torch.cat([noises[i] for i in chunk]).to(latents.device, latents.dtype)
+            noisy = diffusion.add_noise(scheduler, latents.expand(len(chunk), -1, -1, -1), noise, steps)
+            # rows: timestep-major, variant-minor → (len(chunk) · (1 + N), C, h, w)
+            inputs = noisy.repeat_interleave(variants_count, dim=0)
+            model_t = diffusion.timestep_for_model(scheduler, steps.repeat_interleave(variants_count))
+            predictions = unet(inputs.to(unet.dtype), model_t.to(inputs.device),
+                               encoder_hidden_states=contexts.repeat(len(chunk), 1, 1).to(unet.dtype)).sample.float()
+            predictions = predictions.reshape(len(chunk), variants_count, *predictions.shape[1:])
+            difference = ((predictions[:, 1:] - predictions[:, :1]) ** 2).sum(2)
+            maps[chunk] += difference.double().cpu()
     return (maps / samples).float()
 
 

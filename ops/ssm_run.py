@@ -100,7 +100,7 @@ def ssm_grid(image: torch.Tensor, maps: torch.Tensor, tokens: Sequence[str], tim
 def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest, *, prompt: str,
              tokens: Sequence[str], timesteps: Sequence[int], samples: int, seed: int, resolution: int,
              masks: Path | None = None, overwrite: bool = False, max_pixels: int | None = None,
-             on_event: Event = lambda *a: None) -> dict[str, Any]:
+             batch_timesteps: int = 4, on_event: Event = lambda *a: None) -> dict[str, Any]:
     """SSM maps of every image: ``OUT/<name>.npy`` ``(T, N, h, w)``, ``OUT/<name>.png`` grid, and a record with
     per-map means (and ``R`` per map when ``masks`` holds a mask of the same name). Returns a summary."""
     device = pipe.unet.device
@@ -128,7 +128,8 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
         generator = torch.Generator().manual_seed(item_seed(seed, item.rel))
         with torch.no_grad():
             latents = diffusion.encode_images(pipe.vae, image[None].to(device, pipe.vae.dtype)).float()
-        maps = ssm.semantic_sensitivity(pipe, latents, ids, positions, timesteps, samples, generator)
+        maps = ssm.semantic_sensitivity(pipe, latents, ids, positions, timesteps, samples, generator,
+                                        batch_timesteps=batch_timesteps)
         stats: dict[str, Any] = {"tokens": labels, "positions": positions, "timesteps": list(timesteps),
                                  "mean": maps.mean((-2, -1)).tolist()}
         mask_file = find_twin(masks, item.rel) if masks else None

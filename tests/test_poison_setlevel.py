@@ -395,3 +395,39 @@ def test_dreambooth_trainer_trains_the_text_encoder_only_when_asked(pipe):
         DreamBoothTrainer(surrogate, config, generator=torch.Generator().manual_seed(0)).train(images, 1)
         changed = any(not torch.equal(v, before[k]) for k, v in surrogate.text_encoder.state_dict().items())
         assert changed == train_text
+
+
+def test_aspl_surrogate_learns_from_clean_dir_set_a(spy, pipe, class_dir):
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.engine import AttackModels
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    set_a = [photo_tensor("rocket", SIZE)]
+    params = get_attack("aspl").resolve({"rounds": 1, "surrogate_steps": 1, "pgd_steps": 1})
+    params.update(num_class_images=2, class_steps=2, class_dir=str(class_dir))
+    get_attack("aspl").load().attack_set(photos(), models=AttackModels(pipe), generators=generators(),
+                                         clean_images=set_a, **params)
+    trained_on = [data for kind, data in spy if kind == "train"]
+    assert torch.equal(trained_on[0], square_crops(set_a, SIZE))  # f′ ← set A, not the protected set
+
+
+def test_e_aspl_averages_the_members_rounds(monkeypatch, pipe, class_dir):
+    from cloaklab.ops.attacks import e_aspl
+
+    starts, ends = [], []
+    original = e_aspl.aspl_round
+
+    def spy_round(run, f, **kw):
+        starts.append([x.clone() for x in run.pset.adv])
+        loss = original(run, f, **kw)
+        ends.append([x.clone() for x in run.pset.adv])
+        return loss
+
+    monkeypatch.setattr(e_aspl, "aspl_round", spy_round)
+    results = run_attack("e-aspl", pipe, class_dir, rounds=1, ensemble="tiny,tiny")
+    assert len(starts) == 3  # --model + two ensemble members, one round each
+    for member in starts[1:]:  # every member starts from the same images
+        assert all(torch.equal(a, b) for a, b in zip(member, starts[0]))
+    for index, result in enumerate(results):
+        mean = torch.stack([end[index] for end in ends]).mean(0)
+        assert torch.allclose(result.images[0], mean, atol=1e-6)

@@ -431,3 +431,15 @@ def test_e_aspl_averages_the_members_rounds(monkeypatch, pipe, class_dir):
     for index, result in enumerate(results):
         mean = torch.stack([end[index] for end in ends]).mean(0)
         assert torch.allclose(result.images[0], mean, atol=1e-6)
+
+
+def test_set_level_refuses_sdxl_with_one_line(pipe):
+    from types import SimpleNamespace
+
+    from cloaklab.ops.attacks.setlevel import start_run
+    from cloaklab.ops.errors import UsageError
+
+    sdxl_like = SimpleNamespace(**{k: getattr(pipe, k) for k in ("vae", "unet", "text_encoder", "tokenizer",
+                                                                 "scheduler")}, text_encoder_2=pipe.text_encoder)
+    with pytest.raises(UsageError, match="SDXL"):
+        start_run(photos(), pipe=sdxl_like, generators=generators())

@@ -226,6 +226,11 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
     (e.g. ``on_step``, ``lf_ratio``) are kept in ``SetRun.extra``.
     """
     masks = masks if masks is not None else mask
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        from ..errors import UsageError
+
+        raise UsageError("set-level attacks train a one-text-encoder DreamBooth surrogate: SD 1.x/2.x only, not "
+                         "SDXL; use a single-image attack (adm+, sds-, ea, mist …) for SDXL models")
     if len(generators) != len(images):
         raise ValueError(f"need one generator per image: {len(generators)} for {len(images)} images")
     device = pipe.unet.device

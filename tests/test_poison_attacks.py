@@ -200,3 +200,28 @@ def test_robust_adm_runs_through_the_jpeg_approximation(models, small):
                         eval_draws=1)
     assert len(calls) == 4 and (result.images - small).abs().max() > 0
 
+
+
+def test_sdxl_conditioning_reaches_the_unet(tiny_pipe):
+    """An SDXL-style UNet (text_time added conditioning) runs under the engine with pooled embeds and size ids."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=4, layers_per_block=1, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8)
+    pipe = SimpleNamespace(vae=tiny_pipe.vae, unet=unet.to(tiny_pipe.device), scheduler=tiny_pipe.scheduler,
+                           text_encoder=None, text_encoder_2=torch.nn.Linear(1, 1))
+    models = engine.AttackModels(pipe)
+    assert models.is_sdxl
+    device = tiny_pipe.device
+    models._embeddings[models.prompt] = (torch.randn(1, 77, 32, device=device),
+                                         {"text_embeds": torch.randn(1, 16, device=device)})
+    kwargs = models.unet_kwargs(2, (32, 32))["added_cond_kwargs"]
+    assert kwargs["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2 and kwargs["text_embeds"].shape == (2, 16)
+    x = torch.rand(2, 3, 32, 32, device=tiny_pipe.device)
+    result = adm.attack(x, models=models, generators=gens(2), steps=2, eval_draws=1)
+    assert (result.images - x).abs().max() > 0

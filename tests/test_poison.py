@@ -145,3 +145,23 @@ def test_mask_leaves_pixels_outside_byte_identical(cli, odd_dir, tmp_path):
 def test_usage_errors_exit_2_with_one_line(cli, photo_dir, tmp_path, args, message):
     code, stdout, stderr = cli(["poison", photo_dir, "-o", tmp_path / "out", "--model", "tiny", *args])
     assert code == 2 and message in stderr and stdout == ""
+
+
+def test_exif_rotation_is_applied_and_native_resolution_works(tmp_path, tiny_pipe):
+    folder = tmp_path / "rot"
+    folder.mkdir()
+    image = photo("astronaut").resize((48, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    image.save(folder / "turned.jpg", quality=95, exif=exif.tobytes())
+    spec = get_attack("adm+")
+    params = spec.resolve({"steps": 1, "eps": 3.0, "step_size": 3.0})
+    items, _ = collect_inputs([str(folder)])
+    out = tmp_path / "out"
+    summary = poison_folder(items, out, "adm+", params, pipe=tiny_pipe, manifest=Manifest(out, "poison", params),
+                            resolution=0, eval_draws=0)
+    assert summary.exit_code == 0
+    with Image.open(out / "turned.png") as written:
+        assert written.size == (32, 48)  # oriented as displayed
+    record = json.loads((out / "cloak.json").read_text())["files"]["turned.png"]["stats"]
+    assert record["working_size"] == [32, 48] and record["linf"] == 3.0 and record["loss_start"] is None

@@ -5,6 +5,7 @@ For every photo (oriented, as :func:`ops.io.read_image` decodes it):
 1. resize to the working resolution — short side ``resolution`` (512), aspect kept, both sides multiples of 8
    (``resolution=0``: the native size rounded to multiples of 8) — bicubic, antialiased when shrinking;
 2. run the attack there (single-image attacks in same-size batches; set-level attacks on the whole folder at once);
+   grayscale photos get a gray perturbation (they are stored as the channel mean);
 3. map the perturbation ``δ = x' − x`` back to the native size (bicubic), add it to the native photo, zero it
    outside ``--mask``, and project in integer space: ``|q(x') − q(x)| ≤ ⌊ε⌋`` per stored sample (``ε`` in /255 units;
    16-bit images use ``ε·257``), so the PNG on disk holds the budget exactly — not ε+1 as Mist admits;
@@ -226,6 +227,10 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
                 from .attacks.ea import make_target
 
                 extra["targets"] = make_target(params["target"], *size)[None].expand(len(indices), -1, -1, -1)
+            gray = torch.tensor([jobs[i].image.gray for i in indices], device=device).view(-1, 1, 1, 1)
+            if bool(gray.any()):  # grayscale photos are stored as the channel mean: optimize a gray δ
+                extra["delta_transform"] = lambda delta, gray=gray: torch.where(gray, delta.mean(1, keepdim=True)
+                                                                                .expand_as(delta), delta)
             call = {k: v for k, v in params.items() if k != "target"}
             result = module.attack(images, models=models, generators=generators, **spec.fixed, **call, **extra)
             for position, i in enumerate(indices):

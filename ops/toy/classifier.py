@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--num-images", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     judge = train(args.num_images, args.epochs)

@@ -141,7 +141,8 @@ def render(shape: str, colour: str, texture: str, rng: np.random.Generator) -> T
     big = np.asarray(_draw_shape(shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, radius_px * SUPERSAMPLE, angle, size),
                      np.float32) / 255.0
     coverage = big.reshape(RESOLUTION, SUPERSAMPLE, RESOLUTION, SUPERSAMPLE).mean((1, 3))
-    tone = _texture_layer(texture, rng, size).reshape(RESOLUTION, SUPERSAMPLE, RESOLUTION, SUPERSAMPLE).mean((1, 3))
+    tone = np.zeros((RESOLUTION, RESOLUTION), np.float32) if texture == "solid" else \
+        _texture_layer(texture, rng, size).reshape(RESOLUTION, SUPERSAMPLE, RESOLUTION, SUPERSAMPLE).mean((1, 3))
     base = np.array(COLOURS[colour], np.float32) + rng.normal(0, 8, 3)
     fg = base[None, None, :] * (1 - 0.55 * tone[..., None])
     # muted background: low saturation, mid grey level, a gentle linear gradient

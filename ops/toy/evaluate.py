@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ti-steps", type=int, default=300)
     parser.add_argument("--ti-lr", type=float, default=5e-3)
     parser.add_argument("--ti-per-prompt", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -77,15 +77,21 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def train_vae(vae, images: torch.Tensor, *, minutes: float, max_steps: int, batch_size: int, device, seed: int):
-    """Reconstruction training of the VAE until the time budget or step cap; returns (steps, last loss)."""
+def train_vae(vae, images: torch.Tensor, *, minutes: float, max_steps: int, batch_size: int, device, seed: int,
+              crop: int = 32):
+    """Reconstruction training of the VAE until the time budget or step cap; returns (steps, last loss).
+
+    The VAE is fully convolutional, so it trains on random ``crop``² crops (4× cheaper than 64² at 32) and is used
+    on whole 64² images, as SD's VAE was trained on 256² crops and runs at 512².
+    """
     generator = torch.Generator().manual_seed(seed)
     vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     deadline, step, smooth = time.time() + minutes * 60, 0, None
     while step < max_steps and time.time() < deadline:
         idx = torch.randint(len(images), (batch_size,), generator=generator)
-        batch = images[idx].to(device)
+        top, left = torch.randint(0, images.shape[-1] - crop + 1, (2,), generator=generator).tolist()
+        batch = images[idx, :, top:top + crop, left:left + crop].to(device)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + 1e-6 * posterior.kl().mean()
@@ -94,7 +100,7 @@ def train_vae(vae, images: torch.Tensor, *, minutes: float, max_steps: int, batc
         optimizer.step()
         step += 1
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-        if step % 50 == 0:
+        if step % 10 == 0:
             _log(f"vae step {step} loss {smooth:.4f}")
     vae.eval()
     return step, smooth
@@ -156,7 +162,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
         with torch.no_grad():
             torch._foreach_lerp_(shadow, [p.detach() for p in live], 1 - decay)
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        if step % 25 == 0:
+        if step % 10 == 0:
             _log(f"unet step {step} loss {smooth:.4f} ({(time.time() - start) / step:.2f} s/step)")
         if save_fn is not None and time.time() > next_save:
             save_fn(ema_unet, ema_text, step, smooth)
@@ -187,11 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the toy world's text-to-image model (--model toy).")
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=6000)
     parser.add_argument("--vae-minutes", type=float, default=7.0)
     parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-batch-size", type=int, default=32)
+    parser.add_argument("--vae-crop", type=int, default=32, help="training crop size (64 = whole images)")
+    parser.add_argument("--save-every-min", type=float, default=5.0)
     parser.add_argument("--unet-minutes", type=float, default=60.0)
     parser.add_argument("--unet-steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -206,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     captions = [it.caption for it in items]
     vae, unet, text_encoder, tokenizer, scheduler = build_components(args.seed)
 
-    vae_steps, vae_loss = train_vae(vae, images, minutes=args.vae_minutes, max_steps=args.vae_steps, batch_size=32,
-                                    device=device, seed=args.seed)
+    vae_steps, vae_loss = train_vae(vae, images, minutes=args.vae_minutes, max_steps=args.vae_steps,
+                                    batch_size=args.vae_batch_size, device=device, seed=args.seed, crop=args.vae_crop)
     psnr = vae_psnr(vae, images[:256], device)
     _log(f"vae done: {vae_steps} steps, PSNR {psnr:.2f} dB")
     means, stds = cache_latents(vae, images, device)
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     ema_unet, ema_text, steps, loss = train_unet(
         unet, text_encoder, tokenizer, scheduler, means, stds, captions, scale=scale,
         minutes=args.unet_minutes, max_steps=args.unet_steps, batch_size=args.batch_size, device=device,
-        seed=args.seed, save_fn=save)
+        seed=args.seed, save_fn=save, save_every_min=args.save_every_min)
     info.update(unet_steps=steps, unet_loss=round(float(loss), 5), unet_minutes=round((time.time() - t0) / 60, 1),
                 final=True)
     save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler, info)

@@ -8,6 +8,7 @@ CPU, tiny model (default):
 GPU (``--device cuda --sd15``): SD1.5-shaped UNet/VAE with random weights at 512², bf16:
   * seconds per image for 100 adm+ steps, batched (``--batch``, default 4)              (goal ≤ 3 s/img)
   * peak memory of one image with gradient checkpointing on                             (goal ≤ 8 GB)
+  * sds step vs adm step at that size                                                    (goal ≤ 0.6×)
 
 Usage:  python bench/poison.py [--device cpu|cuda] [--sd15] [--size 64] [--repeats 20] [--batch 4] [--steps 100]
 """
@@ -51,8 +52,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(functions, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds per call of each function, calls interleaved round-robin (a shared machine's load hits all
-    of them alike), after two warm-up calls each."""
+    """Best (minimum) seconds per call of each function — the figure least disturbed by other processes on a shared
+    machine (as ``timeit`` advises) — with calls interleaved round-robin, after two warm-up calls each."""
     for function in functions:
         function()
         function()
@@ -64,7 +65,7 @@ def timed(functions, repeats: int, device: torch.device) -> list[float]:
             function()
             sync(device)
             samples[index].append(time.perf_counter() - start)
-    return [sorted(values)[len(values) // 2] for values in samples]
+    return [min(values) for values in samples]
 
 
 def cpu_ratios(models: engine.AttackModels, size: int, repeats: int, batch: int, device: torch.device) -> None:
@@ -121,6 +122,11 @@ def gpu_figures(device: torch.device, dtype: torch.dtype, batch: int, steps: int
     sync(device)
     seconds = time.perf_counter() - start
     print(f"SD1.5-shaped 512² {dtype}: {steps} adm+ steps, batch {batch}: {seconds / batch:.2f} s/img (goal <= 3)")
+    one, gen1 = x[:1], gens[:1]
+    t_adm, t_sds = timed([lambda: engine.loss_gradient(one, models.denoise_loss, gen1),
+                          lambda: engine.loss_gradient(one, lambda xi, g: sds.sds_surrogate(models, xi, g), gen1)],
+                         5, device)
+    print(f"SD1.5-shaped 512² one image: sds step / adm step = {t_sds / t_adm:.3f} (goal <= 0.60)")
     del models, pipe
     torch.cuda.empty_cache()
     pipe = sd15_pipe(device, dtype)
@@ -139,8 +145,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable figures on shared machines)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if args.sd15:
         if device.type != "cuda":
             raise SystemExit("--sd15 figures need --device cuda (512² SD1.5 on a CPU is not a meaningful figure)")

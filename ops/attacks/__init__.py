@@ -19,7 +19,8 @@ Module contract (``spec.load()`` returns the module; :mod:`.engine` has the shar
   -> list[engine.PGDResult]`` where ``images`` is the whole protected folder as a list of ``(3, H, W)`` tensors at
   the working resolution (sizes may differ; group or resize as the method needs, and map back), ``generators``
   one per image, ``clean_images`` the optional set A (``--clean-dir``, same form, or ``None``), ``progress(text)``
-  reports rounds, and ``options`` as above except that ``mask`` is a list of ``(1, H, W)`` tensors or ``None``.
+  reports rounds, ``masks`` a list of ``(1, H, W)`` tensors or ``None``, ``batch_size`` the user's
+  ``--batch-size``, and ``options`` as above (without ``mask``).
   Results come back in the same order and shapes (each ``PGDResult`` with a batch of one).
 
 ``lf-<attack>`` names are derived on demand (:func:`get_attack`): the base attack with its gradient projected on the

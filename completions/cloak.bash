@@ -5,7 +5,7 @@ _cloak() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "generate mask poison purify score ssm train-db train-ti --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "generate immunize mask poison purify score ssm train-db train-ti --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -18,6 +18,8 @@ _cloak() {
                 --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --embedding) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lora) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --unet) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --text-encoder) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lora-scale) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --steps) COMPREPLY=(); return ;;
                 --guidance) COMPREPLY=(); return ;;
@@ -34,23 +36,90 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --prompts -p --token -t --num-per-prompt -n --model --embedding --lora --lora-scale --steps --guidance --negative-prompt --quality-negative --neg-token --scheduler --eta --resolution --only --trust-pickle --overwrite --shard --device --dtype --seed --batch-size --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --prompts -p --token -t --num-per-prompt -n --model --embedding --lora --unet --text-encoder --lora-scale --steps --guidance --negative-prompt --quality-negative --neg-token --scheduler --eta --resolution --only --trust-pickle --overwrite --shard --device --dtype --seed --batch-size --json --debug --help -h" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        immunize)
+            case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --against) COMPREPLY=($(compgen -W "ti db lora" -- "$cur")); return ;;
+                --steps) COMPREPLY=(); return ;;
+                --inner-steps) COMPREPLY=(); return ;;
+                --outer-steps) COMPREPLY=(); return ;;
+                --lr) COMPREPLY=(); return ;;
+                --defence-lr) COMPREPLY=(); return ;;
+                --max-grad-norm) COMPREPLY=(); return ;;
+                --weight-decay) COMPREPLY=(); return ;;
+                --lora-rank) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --token) COMPREPLY=(); return ;;
+                --class-word) COMPREPLY=(); return ;;
+                --instance-prompt) COMPREPLY=(); return ;;
+                --resolution) COMPREPLY=(); return ;;
+                --check-steps) COMPREPLY=(); return ;;
+                --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --device) COMPREPLY=(); return ;;
+                --dtype) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --batch-size) COMPREPLY=(); return ;;
+                --max-pixels) COMPREPLY=(); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--output -o --against --multi-concept --no-multi-concept --steps --inner-steps --outer-steps --lr --defence-lr --max-grad-norm --no-clip --no-no-clip --weight-decay --lora-rank --cross-attention-only --no-cross-attention-only --token --class-word --instance-prompt --resolution --mean-latents --no-mean-latents --check-steps --checkpoint-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         mask)
             case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --box) COMPREPLY=(); return ;;
+                --point) COMPREPLY=(); return ;;
+                --select) COMPREPLY=($(compgen -W "central largest" -- "$cur")); return ;;
+                --points-per-side) COMPREPLY=(); return ;;
+                --dilate) COMPREPLY=(); return ;;
+                --sam-type) COMPREPLY=($(compgen -W "vit_h vit_l vit_b tiny" -- "$cur")); return ;;
+                --sam-checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --shard) COMPREPLY=(); return ;;
+                --device) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --box --point --center --no-center --select --points-per-side --dilate --sam-type --sam-checkpoint --preview --no-preview --recursive -r --overwrite --shard --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         poison)
             case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --attack|-a) COMPREPLY=($(compgen -W "adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace" -- "$cur")); return ;;
+                --eps) COMPREPLY=(); return ;;
+                --step-size) COMPREPLY=(); return ;;
+                --steps) COMPREPLY=(); return ;;
+                --t-range) COMPREPLY=(); return ;;
+                --prompt) COMPREPLY=(); return ;;
+                --target) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --lf-ratio) COMPREPLY=(); return ;;
+                --fused-weight) COMPREPLY=(); return ;;
+                --mask) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --robust) COMPREPLY=(); return ;;
+                --eot-samples) COMPREPLY=(); return ;;
+                --jpeg-quality) COMPREPLY=(); return ;;
+                --resolution) COMPREPLY=(); return ;;
+                --clean-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --param|-p) COMPREPLY=(); return ;;
+                --eval-draws) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --shard) COMPREPLY=(); return ;;
+                --device) COMPREPLY=(); return ;;
+                --dtype) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --batch-size) COMPREPLY=(); return ;;
+                --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -138,17 +207,67 @@ _cloak() {
             fi ;;
         ssm)
             case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --prompt) COMPREPLY=(); return ;;
+                --token) COMPREPLY=(); return ;;
+                --embedding) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --init-word) COMPREPLY=(); return ;;
+                --timesteps) COMPREPLY=(); return ;;
+                --samples) COMPREPLY=(); return ;;
+                --masks) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --profile) COMPREPLY=($(compgen -W "loss grad mask-loss jpeg-hist spectrum" -- "$cur")); return ;;
+                --clean) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --quality) COMPREPLY=(); return ;;
+                --resolution) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --shard) COMPREPLY=(); return ;;
+                --device) COMPREPLY=(); return ;;
+                --dtype) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --batch-size) COMPREPLY=(); return ;;
+                --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --prompt --token --embedding --init-word --timesteps --samples --masks --profile --clean --quality --resolution --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         train-db)
             case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --instance-prompt) COMPREPLY=(); return ;;
+                --class-prompt) COMPREPLY=(); return ;;
+                --neg-token) COMPREPLY=(); return ;;
+                --lora) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --prior-weight) COMPREPLY=(); return ;;
+                --num-class-images) COMPREPLY=(); return ;;
+                --class-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --class-steps) COMPREPLY=(); return ;;
+                --class-guidance) COMPREPLY=(); return ;;
+                --steps) COMPREPLY=(); return ;;
+                --lr) COMPREPLY=(); return ;;
+                --batch-size) COMPREPLY=(); return ;;
+                --grad-accumulation) COMPREPLY=(); return ;;
+                --max-grad-norm) COMPREPLY=(); return ;;
+                --weight-decay) COMPREPLY=(); return ;;
+                --resolution) COMPREPLY=(); return ;;
+                --mixed-precision) COMPREPLY=($(compgen -W "no bf16 fp16" -- "$cur")); return ;;
+                --preset) COMPREPLY=($(compgen -W "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -- "$cur")); return ;;
+                --jpeg) COMPREPLY=(); return ;;
+                --t-sampler) COMPREPLY=($(compgen -W "uniform threshold-high threshold-low power tanh" -- "$cur")); return ;;
+                --t-param) COMPREPLY=(); return ;;
+                --mask-mode) COMPREPLY=($(compgen -W "none lm im lim zm" -- "$cur")); return ;;
+                --masks) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --dilate) COMPREPLY=(); return ;;
+                --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --save-every) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --device) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -5,12 +5,13 @@ _cloak() {
     local -a commands
     commands=(
         'generate:Generate images - OUTPUT/p{J -02d}_i{K -03d}.png for image K of prompt J (0-based), seeded from (seed, J, K).'
-        'mask:Concept masks with segment-anything (not implemented yet - exits 2).'
-        'poison:Add a protective perturbation (AdvDM, PhotoGuard, Mist, Anti-DreamBooth, MetaCloak, InMark …) (not implemented yet - exits 2).'
+        'immunize:Immunize a model against learning the concept in IMAGES (IMMA) - alternate an adaptation step on the images with a step that maximizes that adaptation loss w.r.t'
+        'mask:Segment the concept in each image with SAM - OUTPUT/<same name>.png is a binary mask (0/255) of the image'\''s size; cloak.json records the mask'\''s area fraction, SA'
+        'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile, within ε of the input on the saved byte'
         'purify:Purify images - every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.'
         'score:Score images - per-image records, per-concept means, then the dataset mean (paper 000'\''s order) → a JSON file.'
-        'ssm:Semantic sensitivity maps and timestep/spatial analyses (not implemented yet - exits 2).'
-        'train-db:DreamBooth / LoRA training with SZT and DiffShortcut options (not implemented yet - exits 2).'
+        'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq.'
+        'train-db:DreamBooth (full UNet, + text encoder) or LoRA fine-tuning with prior preservation, SZT and DiffShortcut.'
         'train-ti:Learn a new token for the concept in IMAGES (Textual Inversion), optionally with Safe-Zone Training.'
     )
     if (( CURRENT == 2 )); then
@@ -31,6 +32,8 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
                 '--embedding[Textual-inversion file (learned_embeds.safetensors), loaded with diffusers'\'' load_textual_inversion.]:file:_files' \
                 '--lora[Folder (or file) with pytorch_lora_weights.safetensors, loaded with diffusers'\'' load_lora_weights.]:file:_files' \
+                '--unet[A trained UNet folder replacing the model'\''s (train-db --save-trained-only writes OUT/unet).]:file:_files' \
+                '--text-encoder[A trained text-encoder folder replacing the model'\''s (OUT/text_encoder).]:file:_files' \
                 '--lora-scale[LoRA strength (1.0).]:file:_files' \
                 '--steps[Sampler steps (50; METHODS.md - 50-100).]:value: ' \
                 '--guidance[Classifier-free guidance scale g (7.5).]:value: ' \
@@ -46,18 +49,105 @@ _cloak() {
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--seed[Run seed; image K of prompt J is seeded from (seed, J, K), whatever the batch size or shard.]:value: ' \
+                '--batch-size[Images per batch (same-size images only).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
+                '(--help -h)'{--help,-h}'[Show the help and exit.]' \
+                '*:file:_files' ;;
+        immunize)
+            _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '--against[The adaptation to immunize against - ti (Textual Inversion), db (DreamBooth, full UNet) or lora (DreamBooth-LoRA).]:value:(ti db lora)' \
+                '(--multi-concept --no-multi-concept)'{--multi-concept,--no-multi-concept}'[Each INPUT (file or folder) is one concept; immunize them one after the other, each stage starting from the previous one'\''s weights (paper 003 A1.3).]' \
+                '--steps[Steps per concept, inner and outer together (IMMA - 1000).]:value: ' \
+                '--inner-steps[Adaptation steps per cycle (IMMA - 1).]:value: ' \
+                '--outer-steps[Defence steps per cycle (IMMA - 1).]:value: ' \
+                '--lr[Adaptation (inner) lr; default per method - ti 5e-4, db 5e-6, lora 5e-6.]:value: ' \
+                '--defence-lr[Defence (outer) lr on the attention weights; default ti 1e-6, db/lora 2e-5.]:value: ' \
+                '--max-grad-norm[Gradient-norm clip of both steps (default - db/lora 1.0, ti none).]:value: ' \
+                '(--no-clip --no-no-clip)'{--no-clip,--no-no-clip}'[Never clip gradients.]' \
+                '--weight-decay[AdamW weight decay of both optimizers.]:value: ' \
+                '--lora-rank[Rank of the attacker'\''s LoRA (--against lora).]:file:_files' \
+                '(--cross-attention-only --no-cross-attention-only)'{--cross-attention-only,--no-cross-attention-only}'[Immunize only cross-attention (attn2) projections (default - self- and cross-attention to_q/to_k/to_v/to_out).]' \
+                '--token[Identifier the attacker trains - the new TI token (default '\''<R*>'\'') or the DreamBooth rare word (default '\''sks'\'').]:value: ' \
+                '--class-word[Class of the concept - TI init token and DreamBooth prompt word; repeat once per concept with --multi-concept.]:value: ' \
+                '--instance-prompt[db/lora prompt (default '\''a photo of {token} {class}'\'').]:value: ' \
+                '--resolution[Training size (default - the model'\''s; 512 for SD1.5, 64 for tiny).]:value: ' \
+                '(--mean-latents --no-mean-latents)'{--mean-latents,--no-mean-latents}'[Use the VAE posterior mean instead of a sample per step.]' \
+                '--check-steps[After immunizing, adapt the base and the immunized model alike for N steps on each concept and report both adaptation losses (higher = learnt worse; logs in OUT]:value: ' \
+                '--checkpoint-every[Checkpoint for --resume every N steps (0 - only at the end).]:file:_files' \
+                '(--resume --no-resume)'{--resume,--no-resume}'[Continue from the latest checkpoint (bit-exact with the same seed and settings); finished concepts are skipped.]' \
+                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
         mask)
             _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '--box[Box prompt in image pixels (same for every image).]:value: ' \
+                '--point[Positive point prompt in image pixels; repeatable.]:value: ' \
+                '(--center --no-center)'{--center,--no-center}'[Prompt with the image centre.]' \
+                '--select[Automatic mode - the central object (largest mask containing the centre) or the largest object.]:value:(central largest)' \
+                '--points-per-side[Automatic mode - SAM point grid per side (SAM default 32).]:value: ' \
+                '--dilate[Dilate by N px at 512² (max filter 2N+1, scaled to the image).]:value: ' \
+                '--sam-type[SAM backbone (tiny = random demo model built in code).]:value:(vit_h vit_l vit_b tiny)' \
+                '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
+                '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
         poison)
             _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '(--attack -a)'{--attack,-a}'[Attack (list below).]:value:(adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace)' \
+                '--eps[L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
+                '--step-size[PGD step in /255 units (1).]:value: ' \
+                '--steps[PGD iterations (100; da 200).]:value: ' \
+                '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (off).]' \
+                '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).]:value: ' \
+                '--prompt[Prompt conditioning the UNet ('\''a photo'\'').]:value: ' \
+                '--target[ea/mist/da/ace target - pattern (ours, high-contrast), gray, zero, or an image path (pattern).]:file:_files' \
+                '--lf-ratio[lf-*/inmark - DCT low-frequency ratio η (0.25).]:value: ' \
+                '--fused-weight[mist - weight of the AdvDM term (1e4).]:value: ' \
+                '--mask[Perturb only inside this mask (white = perturb) - one image for all inputs, or a folder of <name>.png masks as `cloak mask` writes.]:file:_files' \
+                '--robust[EoT transforms inside the loss, comma-separated - jpeg (differentiable), resize, blur; '\''none'\'' to switch off the preset'\''s.]:value: ' \
+                '--eot-samples[EoT draws averaged per step.]:value: ' \
+                '--jpeg-quality[Fix the EoT JPEG quality (default random 50-90).]:value: ' \
+                '--resolution[Working resolution - short side in px, aspect kept, multiples of 8; 0 = native size.]:value: ' \
+                '--preview[Also write OUTPUT/previews/<name>.png - original | cloaked | amplified difference.]' \
+                '--clean-dir[Set-level attacks - clean images of the same subject (set A).]:directory:_files -/' \
+                '(--param -p)'{--param,-p}'[Any other method parameter (see the list below), e.g.]:value: ' \
+                '--eval-draws[Fixed (t, ε) draws measuring each file'\''s loss at start and end (0 = skip; single-image attacks).]:value: ' \
+                '(--checkpointing --no-checkpointing)'{--checkpointing,--no-checkpointing}'[Gradient checkpointing in UNet/VAE (less GPU memory).]' \
+                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
+                '--batch-size[Images per batch (same-size images only).]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
         purify)
@@ -145,10 +235,75 @@ _cloak() {
                 '*:file:_files' ;;
         ssm)
             _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '--prompt[Prompt the maps are conditioned on, e.g.]:value: ' \
+                '--token[Token or word of the prompt to map (repeatable; default - every token of the prompt).]:value: ' \
+                '--embedding[Learned TI embedding (learned_embeds.safetensors) for the token.]:file:_files' \
+                '--init-word[Initial embedding of a new token without --embedding.]:value: ' \
+                '--timesteps[Comma-separated timesteps (default - 100,200,…,800,1000 as paper 000 Fig.]:value: ' \
+                '--samples[Draws of (random dictionary embedding, noise) averaged per map / per profile point.]:value: ' \
+                '--masks[Concept masks named like the images - adds R_{n,M} (Eq.]:file:_files' \
+                '--profile[Run an analysis instead of maps - loss (Fig.]:value:(loss grad mask-loss jpeg-hist spectrum)' \
+                '--clean[Clean twins of the (poisoned) inputs, named alike - a second series in the profiles.]:file:_files' \
+                '--quality[JPEG quality for jpeg-hist and spectrum (SZT'\''s 25).]:value: ' \
+                '--resolution[Working resolution (default - the model'\''s, 512 for SD 1.5); images are resized and centre-cropped.]:value: ' \
+                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
+                '--batch-size[Timesteps per UNet call for maps (each call is batch × (1 + tokens) wide; results do not depend on it).]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
         train-db)
             _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '--instance-prompt[Prompt of the instance images (papers 001/004; paper 000'\''s LoRA uses a dummy '\''*'\'' token, e.g.]:value: ' \
+                '--class-prompt[Prompt of the prior-preservation class images (default - '\''a photo of person'\'').]:value: ' \
+                '--neg-token[DiffShortcut contrastive decoupling (paper 001 Alg.]:value: ' \
+                '--lora[Train rank-RANK LoRA adapters instead of the full UNet (paper 000 App.]:file:_files' \
+                '--train-text-encoder[Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do.]' \
+                '--prior-weight[Prior-preservation weight λ (1.0 for DreamBooth; 0 for --lora, as paper 000 App.]:value: ' \
+                '--num-class-images[Class images generated once by the base model (200, papers 001/004).]:value: ' \
+                '--class-dir[Cache folder for the class images (reused and resumed; default OUTPUT/class_images).]:directory:_files -/' \
+                '--class-steps[DDIM steps per class image.]:value: ' \
+                '--class-guidance[CFG scale for class images.]:value: ' \
+                '--steps[Optimizer steps (1000).]:value: ' \
+                '--lr[Learning rate, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
+                '--batch-size[Instance images per step (2); as many class images.]:value: ' \
+                '--grad-accumulation[Batches accumulated per optimizer step (1).]:value: ' \
+                '--max-grad-norm[Gradient-norm clip (1.0; 0 = off).]:value: ' \
+                '--weight-decay[AdamW weight decay (1e-2).]:value: ' \
+                '--resolution[Training size (the model'\''s - 512 for SD 1.5, 64 for tiny).]:value: ' \
+                '--use-8bit-adam[bitsandbytes 8-bit AdamW (papers 001/004; needs bitsandbytes + CUDA).]' \
+                '--gradient-checkpointing[Recompute activations in backward (less memory, ~30 % slower).]' \
+                '--mixed-precision[Autocast compute dtype (fp32 master weights); papers 001/004 use bf16.]:value:(no bf16 fp16)' \
+                '--save-trained-only[Full runs - save only the trained parts (OUTPUT/unet, OUTPUT/text_encoder) instead of a whole pipeline folder.]' \
+                '--preset[SZT preset (paper 000 Table 1); explicit flags override it.]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
+                '--jpeg[JPEG-compress instance images at this quality first (SZT - 25).]:value: ' \
+                '--t-sampler[Instance timestep sampler (paper 000 App.]:value:(uniform threshold-high threshold-low power tanh)' \
+                '--t-param[Sampler parameter ρ (threshold-high 0.5 = t ≥ 500).]:value: ' \
+                '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App.]:value:(none lm im lim zm)' \
+                '--masks[Folder of concept masks (same names as the images; `cloak mask`).]:file:_files' \
+                '--dilate[Mask dilation in px at 512² (SZT - 16).]:value: ' \
+                '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
+                '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
+                '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
+                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Discard checkpoints of an earlier run in OUTPUT and start again.]' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--seed[Run seed - data order, timesteps, noise, LoRA init and the class images all follow from it.]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
         train-ti)
@@ -181,8 +336,8 @@ _cloak() {
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
-                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
-                '--batch-size[Images per batch (same-size images only).]:value: ' \
+                '--seed[Seed of the run - one generator draws the data order, latent samples, timesteps, noise and prompts (same seed = same embedding).]:value: ' \
+                '--batch-size[Images per optimizer step (paper 000 - 1).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--debug[Show tracebacks for errors.]' \

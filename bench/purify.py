@@ -43,7 +43,7 @@ def sd_shaped_models(device, dtype) -> PurifierModels:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
-    from cloaklab.ops.purify.models import PixelDiffusion, _TorchmetricsLPIPS
+    from cloaklab.ops.purify.models import PixelDiffusion, LPIPSNet
 
     def text_encoder(hidden: int, layers: int) -> CLIPTextModel:
         return CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -81,7 +81,7 @@ def sd_shaped_models(device, dtype) -> PurifierModels:
     )
     upscaler = place_on(upscaler, device, dtype)
     upscaler.set_progress_bar_config(disable=True)
-    lpips = _TorchmetricsLPIPS(_NoTrainLpips(net="vgg", pretrained=False, pnet_rand=True).eval()).to(device)
+    lpips = LPIPSNet(_NoTrainLpips(net="vgg", pretrained=False, pnet_rand=True).eval()).to(device)
     return PurifierModels(pipe=pipe, pixel=pixel, stage2=pixel, upscaler=upscaler, lpips=lpips,
                           face=TinyFaceRestorer().to(device), detect_faces=lambda images: [True] * len(images))
 

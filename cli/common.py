@@ -145,6 +145,41 @@ class Reporter:
         return summary.exit_code
 
 
+class StepProgress:
+    """Training progress on stderr: a rich bar with the running loss on a terminal, a plain line every ~5 % of the
+    steps otherwise. Use as a context manager and pass ``.update`` as ``on_progress(step, total, record)``."""
+
+    def __init__(self, label: str, reporter: Reporter | None = None,
+                 describe: Callable[[dict], str] | None = None):
+        self.label = label
+        self.reporter = reporter or Reporter(label)
+        self.describe = describe or (lambda record: f"loss {record['loss']:.4f}")
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, total: int, record: dict) -> None:
+        text = self.describe(record)
+        if self.reporter.console.is_terminal:
+            if self.bar is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeRemainingColumn(), TextColumn("{task.description}"),
+                                    console=self.reporter.console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("", total=total, completed=step - 1)
+            self.bar.update(self.task, completed=step, description=text)
+        elif step == total or step % max(1, total // 20) == 0:
+            self.reporter.line(f"{self.label}: step {step}/{total} {text}")
+
+
 def not_implemented(command: str) -> None:
     sys.stderr.write(f"cloak: {command} is not implemented yet\n")
     raise typer.Exit(2)

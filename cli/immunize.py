@@ -183,7 +183,8 @@ def immunize(
             reporter.line(f"cloak: rejected {bad}: {reason}")
             manifest.record(bad, status="rejected", error=reason)
         rejected += stage_rejected
-        progress = _Progress(reporter, steps, name)
+        progress = common.StepProgress(f"immunize {name}", reporter,
+                                       lambda record: f"{record['phase']} loss {record['loss']:.4f}")
         with progress:
             result = run_stage(pipe, data, config, folder, token=token, class_word=word,
                                instance_prompt=instance_prompt, init_state=state, resume=resume,
@@ -235,36 +236,6 @@ def _emit(output: Path, payload: dict, as_json: bool) -> None:
     import json
 
     sys.stdout.write((json.dumps(payload) if as_json else str(output)) + "\n")
-
-
-class _Progress:
-    """A rich bar on a terminal; a plain line every ~5 % of the steps otherwise."""
-
-    def __init__(self, reporter: common.Reporter, total: int, concept: str):
-        self.reporter, self.total, self.concept, self.bar, self.task = reporter, total, concept, None, None
-        self.every = max(1, total // 20)
-
-    def __enter__(self) -> "_Progress":
-        if self.reporter.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn(f"[bold]immunize {self.concept}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.description}"),
-                                console=self.reporter.console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def update(self, step: int, total: int, record: dict) -> None:
-        text = f"{record['phase']} loss {record['loss']:.4f}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=text)
-        elif step % self.every == 0 or step == total:
-            self.reporter.line(f"immunize: {self.concept} step {step}/{total} {text}")
 
 
 def register(app: typer.Typer) -> None:

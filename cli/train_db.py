@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,36 +20,6 @@ NEG_HELP = ("DiffShortcut contrastive decoupling (paper 001 Alg. 1): instance pr
             "', without NEG'. Paper's best: 'UNKNOWN artifact masked'.")
 TE_HELP = "Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do."
 MP_HELP = "Autocast compute dtype (fp32 master weights); papers 001/004 use bf16. fp16 has no loss scaling."
-
-
-class _Progress:
-    """Training progress on stderr: a rich bar on a terminal, a plain line every ~5 % otherwise."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.bar = None
-        self.task = None
-
-    def __call__(self, step: int, total: int, record: dict[str, Any]) -> None:
-        if self.console.is_terminal:
-            if self.bar is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self.bar = Progress(TextColumn("[bold]train-db"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console,
-                                    transient=True)
-                self.bar.start()
-                self.task = self.bar.add_task("", total=total, completed=step - 1)
-            self.bar.update(self.task, completed=step, description=f"loss {record['loss']:.4f}")
-        elif step == total or step % max(1, total // 20) == 0:
-            sys.stderr.write(f"train-db: step {step}/{total} loss {record['loss']:.4f}\n")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 @common.handle_errors
@@ -190,20 +160,18 @@ def train_db(
         sys.stderr.write(f"cloak: note: {note}\n")
     pipe = load_pipeline(model_name, torch_device, None, trust_pickle=trust_pickle)
     rejected: list[tuple[str, str]] = []
-    progress = _Progress()
+    progress = common.StepProgress("train-db")
 
     def class_event(kind: str, name: str, info: dict) -> None:
         if kind == "start" and info["total"]:
             sys.stderr.write(f"train-db: generating {info['total']} class image(s) with the base model\n")
 
-    try:
+    with progress:
         result = train_dreambooth(pipe, items, output, settings, config, model_record=model_record,
                                   resolution=resolution, class_dir=class_dir, jpeg=szt["jpeg"], mask_dir=masks,
                                   dilate=szt["dilate"], resume=resume, overwrite=overwrite, rejected=rejected,
-                                  on_progress=progress, on_event=class_event,
+                                  on_progress=progress.update, on_event=class_event,
                                   **({"max_pixels": max_pixels} if max_pixels else {}))
-    finally:
-        progress.close()
     summary = {"output": str(output), "steps": result.steps_done, "final_loss": result.final_loss,
                "resumed_from": result.resumed_from, "files": result.files, "seconds": round(result.seconds, 2),
                "rejected": [{"file": name, "reason": why} for name, why in rejected]}

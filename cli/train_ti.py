@@ -165,7 +165,8 @@ def train_ti(
     rho = "" if szt["t_param"] is None else f" rho {szt['t_param']}"
     reporter.line(f"train-ti: {len(data)} image(s) at {size}px, {steps} steps, t-sampler {szt['t_sampler']}{rho}, "
                   f"mask {szt['mask_mode']}, jpeg {szt['jpeg'] or 'off'}, dilate {szt['dilate']}")
-    progress = _Progress(reporter, steps)
+    progress = common.StepProgress("train-ti", reporter,
+                                   lambda record: f"loss {record['loss']:.4f} t {record['t'][0]}")
     with progress:
         result = train(pipe, trainable, data, prompts, config, output, resume=resume, on_progress=progress.update)
     if result.resumed_from is not None:
@@ -184,35 +185,6 @@ def _emit(output: Path, payload: dict, as_json: bool) -> None:
     import json
 
     sys.stdout.write((json.dumps(payload) if as_json else str(output)) + "\n")
-
-
-class _Progress:
-    """A rich bar with the running loss on a terminal; a plain line every ~5 % of the steps otherwise."""
-
-    def __init__(self, reporter: common.Reporter, total: int):
-        self.reporter, self.total, self.bar, self.task = reporter, total, None, None
-        self.every = max(1, total // 20)
-
-    def __enter__(self) -> "_Progress":
-        if self.reporter.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]train-ti"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.description}"), console=self.reporter.console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def update(self, step: int, total: int, record: dict) -> None:
-        text = f"loss {record['loss']:.4f} t {record['t'][0]}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=text)
-        elif step % self.every == 0 or step == total:
-            self.reporter.line(f"train-ti: step {step}/{total} {text}")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,12 +15,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Iterable, Sequence, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import RejectedInput, UsageError
+
+if TYPE_CHECKING:  # torch is imported lazily at run time
+    import torch
 
 IMAGE_EXTENSIONS = {
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm",
@@ -57,7 +60,7 @@ class LoadedImage:
     ``alpha`` is a float32 array ``(H, W)`` in [0, 1] or ``None``.
     """
 
-    rgb: "torch.Tensor"  # noqa: F821 - torch is imported lazily
+    rgb: "torch.Tensor"
     alpha: np.ndarray | None
     icc_profile: bytes | None
     gray: bool

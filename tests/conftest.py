@@ -95,3 +95,15 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    """Tiny models run many small sequential ops: one intra-op thread is faster than two and stops the tests from
+    thrashing on a shared 2-core machine. ``CLOAK_TEST_THREADS`` overrides it (e.g. on a GPU host)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("CLOAK_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)

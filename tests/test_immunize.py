@@ -14,19 +14,10 @@ import torch
 
 from cloaklab.ops.train import immunize as im
 from cloaklab.ops.train.data import InstanceData, load_instance_images
-from cloaklab.ops.train.loop import TrainConfig, train
+
 from cloaklab.tests.conftest import photo, photo_tensor
 
 DEFENCE_LR = 1e-3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are many tiny sequential steps: one intra-op thread is several times faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

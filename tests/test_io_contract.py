@@ -9,7 +9,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from cloaklab.tests.conftest import photo

@@ -13,14 +13,6 @@ from PIL import Image, ImageFilter
 from cloaklab.ops.masks import MaskPrompt, build_tiny_sam, dilate_mask, scaled_dilation, segment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("radius", [1, 3, 8])
 def test_dilation_grows_a_pixel_into_a_square(radius):
     mask = np.zeros((41, 37), bool)

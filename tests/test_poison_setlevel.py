@@ -17,15 +17,6 @@ from cloaklab.tests.conftest import photo_tensor
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_pipe):
     """The shared tiny pipeline: set-level attacks train copies, never the caller's model (checked below)."""

@@ -4,7 +4,7 @@ the DreamBooth pipeline folder, bit-exact resume, and the CLI's refusals."""
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pytest
 import torch

@@ -19,15 +19,6 @@ from cloaklab.ops.train.textual_inversion import TextualInversion
 from cloaklab.tests.conftest import photo_tensor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: a second intra-op thread only adds contention for these tiny models."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _data(masked_background: float | None = None) -> InstanceData:
     images = torch.stack([photo_tensor("astronaut", 64), photo_tensor("coffee", 64)])
     masks = torch.zeros(2, 1, 64, 64)

@@ -16,14 +16,6 @@ from cloaklab.ops.train.textual_inversion import TextualInversion
 from cloaklab.tests.conftest import photo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def concept(tmp_path):
     """Three 64-px photos and rectangular masks of their size (one non-square)."""

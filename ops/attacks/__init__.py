@@ -29,9 +29,10 @@ low-frequency DCT block (paper 004 Eq. 5-8, :mod:`.lowfreq`), adding the paramet
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
+
+from ..registry import MethodSpec
 
 # PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000).
 PGD_DEFAULTS: dict[str, Any] = {"eps": 16.0, "step_size": 1.0, "steps": 100, "random_start": False}
@@ -45,36 +46,16 @@ LF_RATIO = 0.25  # η of LF-PGD (Guo et al. 2020 kept a quarter of the spectrum)
 
 
 @dataclass(frozen=True)
-class AttackSpec:
+class AttackSpec(MethodSpec):
     """An attack's name, module, one-line summary, published defaults, and how the folder run must call it."""
 
-    name: str
-    module: str
-    summary: str
-    defaults: dict[str, Any] = field(default_factory=dict)
     set_level: bool = False
     needs_target: bool = False  # takes --target (pattern | gray | zero | PATH)
     sdxl: bool = True  # defined on the UNet/VAE alone, so SDXL works
     base: str | None = None  # for lf-<attack>: the attack whose gradient is low-pass projected
     fixed: dict[str, Any] = field(default_factory=dict)  # passed to the module, not user-settable (adm-: ascent)
 
-    def load(self):
-        return importlib.import_module(f"{__name__}.{self.module}")
-
-    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Merge user-given parameters (``None`` = not given) over the defaults; reject ones that do not apply."""
-        from ..errors import UsageError
-
-        params = dict(self.defaults)
-        for key, value in given.items():
-            if value is None:
-                continue
-            if key not in self.defaults:
-                applies = ", ".join("--" + k.replace("_", "-") for k in sorted(self.defaults)) or "none"
-                raise UsageError(f"--{key.replace('_', '-')} does not apply to --attack {self.name} "
-                                 f"(its parameters: {applies})")
-            params[key] = value
-        return params
+    selector: ClassVar[str] = "--attack"
 
 
 ATTACKS: dict[str, AttackSpec] = {}

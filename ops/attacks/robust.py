@@ -16,7 +16,6 @@ its parameters drawn from that image's generator (so batching never changes the 
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

@@ -14,6 +14,7 @@ Missing weights raise :class:`ModelNotFoundError` with one line: what, where, an
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,29 @@ def model_info(model: str) -> ModelInfo:
         stat = path.stat()
         return ModelInfo(str(path.resolve()), "file", f"{stat.st_size}-{int(stat.st_mtime)}")
     return ModelInfo(model, "hub")
+
+
+@contextmanager
+def quiet_loading():
+    """Silence library chatter while loading (offline fallbacks, deprecations and download bars would print several
+    lines around our one-line error; torch.hub even writes its download notice to stdout, which is for data)."""
+    import io
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
 
 
 def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = None, *, trust_pickle: bool = False,

@@ -9,38 +9,15 @@ model=, trust_pickle=, **params)``, and may return ``(images, [per-image stats])
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+from ..registry import MethodSpec
 
 
 @dataclass(frozen=True)
-class PurifierSpec:
-    name: str
-    module: str
-    summary: str
-    defaults: dict[str, Any] = field(default_factory=dict)
+class PurifierSpec(MethodSpec):
     needs_model: bool = False
     min_size: int = 1
-
-    def load(self):
-        return importlib.import_module(f"{__name__}.{self.module}")
-
-    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Merge user-given parameters (``None`` = not given) over the defaults; reject ones that do not apply."""
-        from ..errors import UsageError
-
-        params = dict(self.defaults)
-        for key, value in given.items():
-            if value is None:
-                continue
-            if key not in self.defaults:
-                flag = "--" + key.replace("_", "-")
-                applies = sorted(self.defaults) or ["none"]
-                raise UsageError(f"{flag} does not apply to --method {self.name} (its parameters: "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in applies)})")
-            params[key] = value
-        return params
 
 
 PURIFIERS: dict[str, PurifierSpec] = {}

@@ -17,18 +17,17 @@ Defaults (documented in docs/purify.md):
 
 from __future__ import annotations
 
-import io
 import os
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ModelNotFoundError, UsageError
+from ..metrics.lpips import TinyLPIPS, load_lpips  # noqa: F401  (impress loads LPIPS here)
+from ..models import quiet_loading
 
 from . import PIXEL_MODEL, STAGE2_MODEL, UPSCALER_MODEL  # noqa: F401  (defaults, kept in the stdlib registry)
 
@@ -54,27 +53,6 @@ def place_on(module, device: Any, dtype: Any):
     if dtype is not None and current is not None and current != dtype:
         module = module.to(dtype=dtype)
     return module
-
-
-@contextmanager
-def quiet_loading():
-    """Silence library chatter while loading (offline fallbacks, deprecations and download bars would print several
-    lines around our one-line error; torch.hub even writes its download notice to stdout, which is for data)."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
 
 
 def _missing(kind: str, name: str, flag: str) -> ModelNotFoundError:
@@ -193,76 +171,6 @@ def load_stage2(name: str, device: Any = "cpu", dtype: Any = None):
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-# -------------------------------------------------------------------------------------------------- LPIPS
-class TinyLPIPS(nn.Module):
-    """LPIPS's computation (Zhang et al. 2018) on a tiny random conv backbone: unit-normalize each layer's features
-    over channels, squared difference, non-negative 1×1 linear weights, spatial mean, sum over layers. ``(B,)``."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        widths = (3, 8, 16, 16)
-        self.layers = nn.ModuleList()
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
-            with torch.no_grad():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / (c_in * 9) ** 0.5)
-                conv.bias.zero_()
-            self.layers.append(conv)
-        self.lins = nn.ParameterList([nn.Parameter(torch.full((1, c, 1, 1), 1.0 / c)) for c in widths[1:]])
-        self.requires_grad_(False)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb, total = a * 2 - 1, b * 2 - 1, 0.0
-        for conv, lin in zip(self.layers, self.lins):
-            fa, fb = F.relu(conv(fa)), F.relu(conv(fb))
-            na = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            nb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + ((na - nb).pow(2) * lin).sum(1).mean((1, 2))
-        return total
-
-
-class _TorchmetricsLPIPS(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.net(a.float(), b.float(), normalize=True).reshape(-1)
-
-
-def _backbone_cached(name: str) -> bool:
-    """Whether torchvision's ImageNet weights for the LPIPS backbone are already in the torch hub cache."""
-    from torchvision import models
-
-    weights = {"vgg": models.VGG16_Weights, "alex": models.AlexNet_Weights,
-               "squeeze": models.SqueezeNet1_1_Weights}[name].IMAGENET1K_V1
-    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
-
-
-def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
-    """``tiny`` or an LPIPS backbone name (``vgg``, ``alex``, ``squeeze``); returns ``f(a, b) -> (B,)`` on [0, 1]."""
-    if name == "tiny":
-        return TinyLPIPS().to(device)
-    if name not in ("vgg", "alex", "squeeze"):
-        raise UsageError(f"--lpips-model must be vgg, alex, squeeze or tiny, got {name!r}")
-    try:
-        from torchmetrics.functional.image.lpips import _NoTrainLpips
-    except ImportError:
-        raise ModelNotFoundError("LPIPS needs torchmetrics: pip install torchmetrics, or --lpips-model tiny") from None
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") and not _backbone_cached(name):
-        raise ModelNotFoundError(f"LPIPS backbone {name!r} weights are not in the torch hub cache and HF_HUB_OFFLINE "
-                                 "is set: put torchvision's ImageNet weights in TORCH_HOME, or use --lpips-model tiny")
-    try:
-        with quiet_loading():
-            net = _NoTrainLpips(net=name, pretrained=True)
-    except Exception as exc:  # torchvision downloads the ImageNet backbone on first use
-        raise ModelNotFoundError(f"LPIPS backbone {name!r} weights not found ({type(exc).__name__}): put torchvision's "
-                                 "ImageNet weights in the torch hub cache (TORCH_HOME) on a connected machine, or "
-                                 "use --lpips-model tiny") from None
-    return _TorchmetricsLPIPS(net.eval().requires_grad_(False)).to(device)
 
 
 # ------------------------------------------------------------------------------------------ face restorer

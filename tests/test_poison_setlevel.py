@@ -212,7 +212,8 @@ def test_class_image_cache_is_reused(monkeypatch, pipe, tmp_path):
     original = type(pipe).__call__
 
     def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("latents"))
+        prompts = kwargs.get("prompt", args[0] if args else None)
+        calls.extend(prompts if isinstance(prompts, list) else [prompts])  # one entry per generated image
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", counting)

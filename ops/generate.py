@@ -25,6 +25,7 @@ from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_c
 from .manifest import Manifest
 from .prompts import fill
 from .runner import RunSummary
+from .train.textual_inversion import expand_multi_vector
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler", "model")
 DEFAULT_STEPS = 50
@@ -209,8 +210,10 @@ def sample(pipe, jobs: Sequence[GenerationJob], *, steps: int = DEFAULT_STEPS, g
     kwargs: dict[str, Any] = {"eta": eta}  # the pipeline passes η only to samplers that take it (DDIM)
     if lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
-    result = pipe(prompt=[job.prompt for job in jobs],
-                  negative_prompt=negatives if any(negatives) else None,
+    tokenizer = pipe.tokenizer
+    result = pipe(prompt=[expand_multi_vector(tokenizer, job.prompt) for job in jobs],
+                  negative_prompt=[expand_multi_vector(tokenizer, text) for text in negatives] if any(negatives)
+                  else None,
                   num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                   generator=generators, output_type="pt", **kwargs)
     return result.images.float().clamp(0, 1)

@@ -23,6 +23,7 @@ import torch
 
 from . import diffusion
 from .errors import CloakError, UsageError
+from .train.textual_inversion import expand_multi_vector
 
 PROFILE_TIMESTEPS = 21  # paper 000 Fig. 4/5: 21 interspersed timesteps
 
@@ -56,21 +57,6 @@ def ensure_token(pipe, token: str, init_word: str = "object") -> None:
     with torch.no_grad():
         weight = encoder.get_input_embeddings().weight
         weight[tokenizer.convert_tokens_to_ids(token)] = weight[init_ids].mean(0)
-
-
-def expand_multi_vector(tokenizer, text: str) -> str:
-    """``"a <R*>"`` → ``"a <R*> <R*>_1 <R*>_2"`` for a TI token stored with several vectors (diffusers' naming).
-
-    Done here because diffusers' ``maybe_convert_prompt`` does not expand them with transformers 5 tokenizers."""
-    vocab = tokenizer.get_vocab()
-    words = []
-    for word in text.split(" "):
-        words.append(word)
-        index = 1
-        while word in vocab and f"{word}_{index}" in vocab:
-            words.append(f"{word}_{index}")
-            index += 1
-    return " ".join(words)
 
 
 def prompt_ids(pipe, prompt: str) -> torch.Tensor:

@@ -159,3 +159,30 @@ def test_bad_prompt_source_and_unknown_image_are_usage_errors(cli, tmp_path):
     save_file({"<sd15>": torch.zeros(1, 768)}, str(tmp_path / "wide.safetensors"))
     code, _, err = cli(["generate", "-o", tmp_path / "c", "--embedding", tmp_path / "wide.safetensors", *FAST])
     assert code == 2 and "768-d" in err and not (tmp_path / "c" / "p00_i000.png").exists()
+
+
+def test_multi_vector_embeddings_reach_the_pipeline_with_every_vector(tmp_path, fresh_tiny_pipe, monkeypatch):
+    """With transformers 5, diffusers' own expansion misses multi-vector tokens; generation must expand them."""
+    import safetensors.torch
+
+    from cloaklab.ops.generate import GenerationJob, sample
+    from cloaklab.ops.train.textual_inversion import expand_multi_vector
+
+    path = tmp_path / "learned_embeds.safetensors"
+    safetensors.torch.save_file({"<R*>": torch.randn(3, 32)}, str(path))
+    fresh_tiny_pipe.load_textual_inversion(str(path), token="<R*>")
+    tokenizer = fresh_tiny_pipe.tokenizer
+    assert expand_multi_vector(tokenizer, "a <R*>, on grass") == "a <R*> <R*>_1 <R*>_2, on grass"
+    assert expand_multi_vector(tokenizer, "a <R*> <R*>_1 <R*>_2") == "a <R*> <R*>_1 <R*>_2"
+    seen = []
+    original = type(fresh_tiny_pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.extend(kwargs["prompt"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(fresh_tiny_pipe), "__call__", spy)
+    job = GenerationJob(prompt_index=0, image_index=0, template="a {} in the jungle", token="<R*>",
+                        prompt="a <R*> in the jungle", negative_prompt=None, seed=1)
+    sample(fresh_tiny_pipe, [job], steps=2, height=64, width=64)
+    assert seen == ["a <R*> <R*>_1 <R*>_2 in the jungle"]

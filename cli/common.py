@@ -138,10 +138,7 @@ class Reporter:
             self.line(f"  rejected {name}: {reason}")
         for name, reason in summary.failed:
             self.line(f"  failed {name}: {reason}")
-        if as_json:
-            sys.stdout.write(json.dumps({"output": str(output), **summary.as_dict()}) + "\n")
-        else:
-            sys.stdout.write(f"{output}\n")
+        emit(output, {"output": str(output), **summary.as_dict()}, as_json)
         return summary.exit_code
 
 
@@ -178,6 +175,11 @@ class StepProgress:
             self.bar.update(self.task, completed=step, description=text)
         elif step == total or step % max(1, total // 20) == 0:
             self.reporter.line(f"{self.label}: step {step}/{total} {text}")
+
+
+def emit(output: Path, payload: dict, as_json: bool) -> None:
+    """The data line on stdout: the output path, or ``payload`` as JSON with ``--json``."""
+    sys.stdout.write((json.dumps(payload, default=str) if as_json else str(output)) + "\n")
 
 
 def not_implemented(command: str) -> None:

@@ -148,7 +148,7 @@ def immunize(
     if (not overwrite and done.get("status") == "done" and done.get("params_hash") == manifest.hash
             and final.exists() and (pipeline_dir / "model_index.json").exists()):
         reporter.line(f"immunize: {pipeline_dir} already immunized with these settings (--overwrite redoes it)")
-        _emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
+        common.emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
                        "skipped": True}, json_out)
         raise typer.Exit(0)
     for folder in stage_dirs:
@@ -226,16 +226,11 @@ def immunize(
                     check=checks)
     reporter.line(f"immunize: {changed}/{len(state)} attention tensors changed → {pipeline_dir} "
                   f"(use --model {pipeline_dir})")
-    _emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
+    common.emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
                    "concepts": summary, "check": checks,
                    "rejected": [{"name": n, "reason": r} for n, r in rejected]}, json_out)
     raise typer.Exit(3 if rejected else 0)
 
-
-def _emit(output: Path, payload: dict, as_json: bool) -> None:
-    import json
-
-    sys.stdout.write((json.dumps(payload) if as_json else str(output)) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -136,11 +136,8 @@ def score(
         for item in result["rejected"]:
             reporter.line(f"  rejected {item['file']}: {item['reason']}")
     code = 3 if result["rejected"] else 0
-    if json_out:
-        sys.stdout.write(json.dumps({"output": str(output), "dataset": result["dataset"],
-                                     "rejected": result["rejected"], "exit_code": code}) + "\n")
-    else:
-        sys.stdout.write(f"{output}\n")
+    common.emit(output, {"output": str(output), "dataset": result["dataset"], "rejected": result["rejected"],
+                         "exit_code": code}, json_out)
     raise typer.Exit(code)
 
 

@@ -151,12 +151,9 @@ def ssm(
         for name, reason in summary["rejected"]:
             reporter.line(f"  rejected {name}: {reason}")
     code = 3 if summary["rejected"] else 0
-    if json_out:
-        sys.stdout.write(json.dumps({"output": str(output), "done": summary["done"], "skipped": summary["skipped"],
-                                     "rejected": [{"file": n, "reason": r} for n, r in summary["rejected"]],
-                                     "exit_code": code}) + "\n")
-    else:
-        sys.stdout.write(f"{output}\n")
+    common.emit(output, {"output": str(output), "done": summary["done"], "skipped": summary["skipped"],
+                         "rejected": [{"file": n, "reason": r} for n, r in summary["rejected"]], "exit_code": code},
+                json_out)
     raise typer.Exit(code)
 
 

@@ -110,7 +110,6 @@ def train_db(
     cloak train-db toy -o lora --lora 4 --instance-prompt "a photo of *" --preset szt --masks toy_masks ·
     cloak train-db faces -o ds --neg-token "UNKNOWN artifact masked" --train-text-encoder
     """
-    import json
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import check_output_location, collect_inputs
@@ -180,7 +179,7 @@ def train_db(
         sys.stderr.write(f"  rejected {name}: {why}\n")
     sys.stderr.write(f"train-db: {result.steps_done} steps, final loss {result.final_loss:.4f}, wrote "
                      f"{', '.join(result.files) or 'nothing new'} → {output}\n")
-    sys.stdout.write((json.dumps(summary) if json_out else str(output)) + "\n")
+    common.emit(output, summary, json_out)
     raise typer.Exit(3 if rejected else 0)
 
 

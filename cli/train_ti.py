@@ -133,7 +133,7 @@ def train_ti(
     if (not overwrite and not resume and done.get("status") == "done" and done.get("params_hash") == manifest.hash
             and (output / EMBEDS_NAME).exists()):
         reporter.line(f"train-ti: {output / EMBEDS_NAME} already trained with these settings (--overwrite retrains)")
-        _emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
+        common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
         raise typer.Exit(0)
     if overwrite:
         for name in (CHECKPOINT_DIR, SNAPSHOT_DIR):
@@ -175,16 +175,11 @@ def train_ti(
                     resumed_from=result.resumed_from, seconds=round(result.seconds, 2), images=data.names,
                     mask_area=data.mask_area)
     reporter.line(f"train-ti: {result.steps_done} steps, final loss {result.final_loss:.4f} → {output / EMBEDS_NAME}")
-    _emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "steps": result.steps_done,
+    common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "steps": result.steps_done,
                    "final_loss": result.final_loss, "resumed_from": result.resumed_from,
                    "rejected": [{"name": n, "reason": r} for n, r in rejected]}, json_out)
     raise typer.Exit(3 if rejected else 0)
 
-
-def _emit(output: Path, payload: dict, as_json: bool) -> None:
-    import json
-
-    sys.stdout.write((json.dumps(payload) if as_json else str(output)) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ Two nets, both on ``(B,3,64,64)`` images in [0, 1]:
 * ``ColourNet`` — predicts the colour name (a few convolutions and a global pool).
 
 Augmentation also adds noise and blur so the judge keeps working on imperfect generated images. Weights are
-``ops/toy/classifier.safetensors`` (≈ 0.3 MB); ``python -m cloaklab.ops.toy.classifier`` retrains them (~2-4 min on
+``ops/toy/classifier.safetensors`` (≈ 0.9 MB); ``python -m cloaklab.ops.toy.classifier`` retrains them (~2-4 min on
 2 CPU cores).
 """
 

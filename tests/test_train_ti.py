@@ -215,7 +215,7 @@ def test_training_schedule_keeps_the_model_target(kind, fresh_tiny_pipe, tmp_pat
 
     from cloaklab.ops import diffusion
     from cloaklab.ops.train.data import InstanceData
-    from cloaklab.ops.train.loop import TrainConfig, _training_scheduler, train
+    from cloaklab.ops.train.loop import TrainConfig, training_scheduler, train
     from cloaklab.tests.conftest import photo_tensor
 
     if kind == "flow":
@@ -223,7 +223,7 @@ def test_training_schedule_keeps_the_model_target(kind, fresh_tiny_pipe, tmp_pat
     else:
         fresh_tiny_pipe.scheduler = DDIMScheduler.from_config(fresh_tiny_pipe.scheduler.config,
                                                               prediction_type="v_prediction")
-    assert diffusion.prediction_type(_training_scheduler(fresh_tiny_pipe)) == kind
+    assert diffusion.prediction_type(training_scheduler(fresh_tiny_pipe)) == kind
     ti = TextualInversion(fresh_tiny_pipe, "<R*>", "object")
     data = InstanceData(photo_tensor("rocket")[None], None, ["rocket.png"])
     result = train(fresh_tiny_pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=2, checkpoint_every=0),

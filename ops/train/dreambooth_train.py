@@ -35,7 +35,7 @@ from ..io import InputItem
 from ..prompts import decoupled_prompts
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
-from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, _training_scheduler, latest_checkpoint, train
+from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, training_scheduler, latest_checkpoint, train
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
@@ -87,7 +87,7 @@ class DreamBoothModel:
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         if settings.prior_weight and class_latents is None:
             raise UsageError("prior preservation needs class images (give --class-prompt, or --prior-weight 0)")
-        self.scheduler = _training_scheduler(pipe)
+        self.scheduler = training_scheduler(pipe)
         self.modules = {"unet": pipe.unet}
         if settings.train_text_encoder:
             self.modules["text_encoder"] = pipe.text_encoder

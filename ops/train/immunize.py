@@ -47,7 +47,7 @@ import torch
 from .. import diffusion
 from ..errors import CloakError, UsageError
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
-from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, _latent_cache, _training_scheduler,
+from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
                    check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
 
 AGAINST = ("ti", "db", "lora")
@@ -264,8 +264,8 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     inner_ids = {id(p) for p in inner_params}
     inner_opt = _optimizer(inner_params, config.lr, config)
     outer_opt = _optimizer(outer_params, config.defence_lr, config)
-    scheduler = _training_scheduler(work)
-    mean, std = _latent_cache(work.vae, data.images, work.unet.device)
+    scheduler = training_scheduler(work)
+    mean, std = latent_cache(work.vae, data.images, work.unet.device)
     generator = torch.Generator().manual_seed(config.seed)
     order = DataOrder(len(data))
     step, resumed_from = 0, None
@@ -353,8 +353,8 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
                     seed: int = 1234) -> float:
     """Mean adaptation loss over ``draws`` fixed (image, t, noise, prompt) draws — the same draws for any model,
     so an immunized and a plain model adapted alike can be compared (higher = the concept is learnt worse)."""
-    scheduler = _training_scheduler(work)
-    mean, std = _latent_cache(work.vae, data.images, work.unet.device)
+    scheduler = training_scheduler(work)
+    mean, std = latent_cache(work.vae, data.images, work.unet.device)
     generator = torch.Generator().manual_seed(seed)
     order = DataOrder(len(data))
     values = [float(_adaptation_loss(work, scheduler, trainable, prompts, mean, std, order, 1, False, generator)[0])

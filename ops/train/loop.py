@@ -140,7 +140,8 @@ class DataOrder:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _latent_cache(vae, images: torch.Tensor, device, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_cache(vae, images: torch.Tensor, device, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of the training images, computed once per run; each step samples from it."""
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], chunk):
@@ -205,14 +206,14 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     if getattr(pipe, "unet", None) is None:
         raise UsageError(f"{type(pipe).__name__} has no UNet: cloak trains UNet pipelines (SD 1.x/2.x/XL, "
                          "rectified-flow SD1.5) only")
-    unet, vae, scheduler = pipe.unet, pipe.vae, _training_scheduler(pipe)
+    unet, vae, scheduler = pipe.unet, pipe.vae, training_scheduler(pipe)
     device = unet.device
     started = time.perf_counter()
 
     images = data.images
     masks = data.masks
     # IM / LIM encode the masked image x ⊙ M_x (App. I); the others the image itself
-    mean, std = _latent_cache(vae, images * masks if config.mask_mode in ("im", "lim") else images, device)
+    mean, std = latent_cache(vae, images * masks if config.mask_mode in ("im", "lim") else images, device)
     latent_masks = diffusion.latent_mask(masks, tuple(mean.shape[-2:])).to(device) if masks is not None else None
 
     params = trainable.parameters()
@@ -374,7 +375,7 @@ def make_optimizer(params: list[torch.Tensor], config: TrainConfig):
     raise UsageError(f"unknown optimizer {config.optimizer!r}: adamw or adamw8bit")
 
 
-def _training_scheduler(pipe):
+def training_scheduler(pipe):
     """The training noise schedule: a DDPM scheduler from the pipeline's scheduler config (as the diffusers
     training examples do), or the flow-matching scheduler itself."""
     scheduler = pipe.scheduler

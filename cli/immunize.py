@@ -100,7 +100,7 @@ def immunize(
     from cloaklab.ops.train.immunize import (IMMUNIZED_NAME, ImmunizeConfig, adapted_loss, apply_attention_state,
                                              attention_state, immunize as run_stage, load_attention_state,
                                              save_attention_state)
-    from cloaklab.ops.train.loop import CHECKPOINT_DIR, LOG_NAME, latest_checkpoint
+    from cloaklab.ops.train.loop import prepare_run_folder
 
     method = common.value(against)
     check_output_location(inputs, output)
@@ -152,12 +152,7 @@ def immunize(
                        "skipped": True}, json_out)
         raise typer.Exit(0)
     for folder in stage_dirs:
-        if overwrite:
-            shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
-            (folder / LOG_NAME).unlink(missing_ok=True)
-        elif not resume and latest_checkpoint(folder) is not None:
-            raise UsageError(f"{folder} holds checkpoints of an earlier run: pass --resume to continue it or "
-                             "--overwrite to start again")
+        prepare_run_folder(folder, resume=resume, overwrite=overwrite)
     manifest.start_run()
 
     pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)

@@ -88,7 +88,6 @@ def train_ti(
     cloak mask photos -o masks && cloak train-ti photos -o ti-szt --preset szt --masks masks ·
     cloak train-ti photos -o ti --t-sampler power --t-param 2 --log-grad-by-t
     """
-    import shutil
 
     import torch
 
@@ -98,7 +97,7 @@ def train_ti(
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images
-    from cloaklab.ops.train.loop import CHECKPOINT_DIR, LOG_NAME, TrainConfig, latest_checkpoint, train
+    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, train
     from cloaklab.ops.train.presets import resolve_preset
     from cloaklab.ops.train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR, TextualInversion
 
@@ -135,13 +134,7 @@ def train_ti(
         reporter.line(f"train-ti: {output / EMBEDS_NAME} already trained with these settings (--overwrite retrains)")
         common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
         raise typer.Exit(0)
-    if overwrite:
-        for name in (CHECKPOINT_DIR, SNAPSHOT_DIR):
-            shutil.rmtree(output / name, ignore_errors=True)
-        (output / LOG_NAME).unlink(missing_ok=True)
-    elif not resume and latest_checkpoint(output) is not None:
-        raise UsageError(f"{output} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
-                         "to start again")
+    prepare_run_folder(output, resume=resume, overwrite=overwrite, extra=(SNAPSHOT_DIR,))
     manifest.start_run()
 
     pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)

@@ -22,7 +22,6 @@ poisoned instance data) — our choice, as no paper combines SZT with prior pres
 from __future__ import annotations
 
 import contextlib
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
@@ -35,7 +34,8 @@ from ..io import InputItem
 from ..prompts import decoupled_prompts
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
-from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, training_scheduler, latest_checkpoint, train
+from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, latest_checkpoint, prepare_run_folder, train, \
+    training_scheduler
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
@@ -298,11 +298,7 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise UsageError("train-db trains SD 1.x / 2.x pipelines (one text encoder); SDXL DreamBooth/LoRA is not "
                          "implemented — use `cloak train-ti` for SDXL")
-    if latest_checkpoint(out_dir) is not None and not resume:
-        if not overwrite:
-            raise UsageError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
-                             "--overwrite to start again")
-        shutil.rmtree(out_dir / "checkpoints")
+    prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
     resolution = resolution or default_resolution(pipe)
     device = pipe.unet.device
     _check_run_settings(out_dir, {**asdict(settings), "resolution": resolution, "jpeg": jpeg, "dilate": dilate,

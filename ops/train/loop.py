@@ -30,6 +30,7 @@ The :class:`Trainable` protocol is the plug: ``parameters()``, ``condition(promp
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,19 @@ def _checkpoint_path(out_dir: Path, step: int) -> Path:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
     return found[-1] if found else None
+
+
+def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: tuple[str, ...] = ()) -> None:
+    """Guard a training folder before a run: ``overwrite`` clears its checkpoints, train log and ``extra`` folders;
+    otherwise earlier checkpoints are refused unless ``resume`` (a silent restart would mix two runs' files)."""
+    out_dir = Path(out_dir)
+    if overwrite:
+        for name in (CHECKPOINT_DIR, *extra):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        (out_dir / LOG_NAME).unlink(missing_ok=True)
+    elif not resume and latest_checkpoint(out_dir) is not None:
+        raise UsageError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
+                         "--overwrite to start again")
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -150,3 +150,14 @@ def test_sd15_table1_makefile_dry_run(tmp_path):
     assert "cloak train-ti" in out and "--preset szt" in out and "--steps 5000" in out and "--lr 0.0005" in out
     assert "cloak generate" in out and "objects24" in out and "cloak score --table" in out
     assert out.count("cloak train-ti") == 2 * 2 * 2  # concepts × poisons × defences
+
+
+def test_training_learning_rate_warms_up_then_decays_over_the_time_budget():
+    from cloaklab.ops.toy.train import learning_rate
+
+    assert learning_rate(1e-3, 0, 600, 0) == learning_rate(1e-3, 600, 600, 5000) == 1e-3  # constant by default
+    warm = [learning_rate(1e-3, 0, 600, s, warmup=100, final_fraction=0.1) for s in (0, 49, 99, 500)]
+    assert warm[0] == pytest.approx(1e-5) and warm[1] == pytest.approx(5e-4) and warm[2] == warm[3] == 1e-3
+    decay = [learning_rate(1e-3, t, 600, 1000, warmup=100, final_fraction=0.1) for t in (0, 300, 600, 900)]
+    assert decay[1] == pytest.approx(0.55e-3) and decay[2] == decay[3] == pytest.approx(1e-4)
+    assert decay == sorted(decay, reverse=True)

@@ -124,9 +124,22 @@ def vae_psnr(vae, images: torch.Tensor, device) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+def learning_rate(lr: float, elapsed: float, budget: float, step: int, *, warmup: int = 0,
+                  final_fraction: float = 1.0) -> float:
+    """``lr`` after a linear ``warmup`` (steps), then cosine-decayed to ``final_fraction`` of itself over the
+    wall-clock ``budget`` (seconds) — the stages stop at a time budget, so the schedule follows the clock."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = min(1.0, max(0.0, elapsed / budget)) if budget > 0 else 1.0
+    return lr * ramp * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, *, scale: float, minutes: float,
-               max_steps: int, batch_size: int, device, seed: int, save_fn=None, save_every_min: float = 5.0):
-    """Joint UNet + text-encoder training; returns (EMA unet, EMA text encoder, steps, last loss)."""
+               max_steps: int, batch_size: int, device, seed: int, save_fn=None, save_every_min: float = 5.0,
+               lr: float = 1e-3, warmup: int = 0, final_lr_fraction: float = 1.0):
+    """Joint UNet + text-encoder training; returns (EMA unet, EMA text encoder, steps, last loss).
+
+    The learning rate is ``lr`` (constant by default); ``warmup`` steps and ``final_lr_fraction`` < 1 give a warmup
+    and a cosine decay over the time budget (used when continuing from trained weights)."""
     generator = torch.Generator().manual_seed(seed)
     unet.to(device).train()
     text_encoder.to(device).train()
@@ -137,7 +150,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
     params = [{"params": list(unet.parameters()), "weight_decay": 1e-2},
               {"params": [p for p in text_encoder.parameters() if p is not embeddings], "weight_decay": 1e-2},
               {"params": [embeddings], "weight_decay": 0.0}]  # unused token rows must not decay away
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     live = list(unet.parameters()) + list(text_encoder.parameters())
     shadow = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -156,6 +169,9 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(live, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(lr, time.time() - start, minutes * 60, step, warmup=warmup,
+                                        final_fraction=final_lr_fraction)
         optimizer.step()
         step += 1
         decay = min(0.998, (1 + step) / (10 + step))
@@ -163,11 +179,27 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
             torch._foreach_lerp_(shadow, [p.detach() for p in live], 1 - decay)
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         if step % 10 == 0:
-            _log(f"unet step {step} loss {smooth:.4f} ({(time.time() - start) / step:.2f} s/step)")
+            _log(f"unet step {step} loss {smooth:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                 f"({(time.time() - start) / step:.2f} s/step)")
         if save_fn is not None and time.time() > next_save:
             save_fn(ema_unet, ema_text, step, smooth)
             next_save = time.time() + save_every_min * 60
     return ema_unet, ema_text, step, smooth
+
+
+def load_trained(folder: Path):
+    """VAE, UNet and text encoder (float32) of a saved toy folder, and its ``toy_train.json`` record."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (folder / "unet").is_dir():
+        raise SystemExit(f"--init-from {folder}: not a toy model folder (no unet/)")
+    load = {"torch_dtype": torch.float32}
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **load)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load)
+    record = folder / "toy_train.json"
+    return vae, unet, text_encoder, json.loads(record.read_text()) if record.exists() else {}
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, info: dict) -> None:
@@ -204,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-minutes", type=float, default=60.0)
     parser.add_argument("--unet-steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--final-lr-fraction", type=float, default=1.0,
+                        help="cosine-decay the UNet learning rate to this fraction over --unet-minutes (1 = constant)")
+    parser.add_argument("--init-from", default=None,
+                        help="continue from a trained toy folder: keep its VAE (and scaling factor), start the UNet "
+                             "and text encoder from its EMA weights (fresh optimizer, 100-step warmup)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -214,30 +252,44 @@ def main(argv: list[str] | None = None) -> None:
     images = _images_tensor(items)
     captions = [it.caption for it in items]
     vae, unet, text_encoder, tokenizer, scheduler = build_components(args.seed)
-
-    vae_steps, vae_loss = train_vae(vae, images, minutes=args.vae_minutes, max_steps=args.vae_steps,
-                                    batch_size=args.vae_batch_size, device=device, seed=args.seed, crop=args.vae_crop)
+    previous: dict = {}
+    if args.init_from:
+        vae, unet, text_encoder, previous = load_trained(Path(args.init_from))
+        vae_steps = previous.get("vae_steps", 0)
+        _log(f"continuing from {args.init_from} ({previous.get('unet_steps', '?')} UNet steps so far)")
+    else:
+        vae_steps, _ = train_vae(vae, images, minutes=args.vae_minutes, max_steps=args.vae_steps,
+                                 batch_size=args.vae_batch_size, device=device, seed=args.seed, crop=args.vae_crop)
+    vae.to(device)
     psnr = vae_psnr(vae, images[:256], device)
-    _log(f"vae done: {vae_steps} steps, PSNR {psnr:.2f} dB")
+    _log(f"vae: {vae_steps} steps, PSNR {psnr:.2f} dB")
     means, stds = cache_latents(vae, images, device)
-    scale = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scale)
+    if args.init_from:
+        scale = float(vae.config.scaling_factor)  # the UNet was trained on latents at this scale
+    else:
+        scale = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=scale)
     _log(f"latents cached, scaling factor {scale:.4f}")
     vae.requires_grad_(False)
 
     info = {"seed": args.seed, "num_images": args.num_images, "vae_steps": vae_steps, "vae_psnr_db": round(psnr, 2),
             "scaling_factor": scale, "batch_size": args.batch_size, "device": str(device)}
+    if previous:
+        info["continued_from"] = {k: previous[k] for k in ("num_images", "unet_steps", "unet_minutes") if k in previous}
 
     def save(ema_unet, ema_text, step, loss):
         save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler,
-                      {**info, "unet_steps": step, "unet_loss": round(float(loss), 5), "final": False})
+                      {**info, "unet_steps": step + previous.get("unet_steps", 0), "unet_loss": round(float(loss), 5),
+                       "final": False})
         _log(f"checkpoint saved at step {step}")
 
     t0 = time.time()
     ema_unet, ema_text, steps, loss = train_unet(
         unet, text_encoder, tokenizer, scheduler, means, stds, captions, scale=scale,
         minutes=args.unet_minutes, max_steps=args.unet_steps, batch_size=args.batch_size, device=device,
-        seed=args.seed, save_fn=save, save_every_min=args.save_every_min)
+        seed=args.seed + (1 if previous else 0), save_fn=save, save_every_min=args.save_every_min, lr=args.lr,
+        warmup=100 if args.init_from else 0, final_lr_fraction=args.final_lr_fraction)
+    steps += previous.get("unet_steps", 0)
     info.update(unet_steps=steps, unet_loss=round(float(loss), 5), unet_minutes=round((time.time() - t0) / 60, 1),
                 final=True)
     save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler, info)

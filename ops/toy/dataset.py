@@ -6,9 +6,12 @@ mask, box, caption). Vocabulary:
 * ``SHAPES`` — six *named* shapes, captioned ``"a {colour} {shape}"`` (``"a {colour} {texture} {shape}"`` when the
   texture is not solid): the held-in world the text-to-image model learns to draw on command.
 * ``NOVEL_SHAPES`` — four *unnamed* shapes (heart, moon, arrow, hourglass). They are in the training data but no
-  caption word names them: they are captioned ``"a {colour} object"``. The model learns to draw them (it cannot be
-  told which one), so Textual Inversion has something to find — the way real personalization works: SD can draw a
-  given person or mug, it just has no word for it. These are the novel concepts of the poison × defence grid.
+  caption word names them: they are captioned ``"a {colour} {noun}"`` with one of nine vague nouns (``VAGUE_NOUNS``:
+  object, thing, item, …). The noun is drawn with a bias per shape (each favours two nouns, ``NOUN_BIAS``), so
+  no noun names a shape — the most telling one shows it in only ≈ 55–65 % of its captions — but, as the context
+  words of real captions do, the text carries partial information that Textual Inversion can combine into a token
+  for one shape. (With a single ``"object"`` for all four, the model's conditioning cannot select among them and
+  TI only finds their mixture: measured, see docs/toy.md.) These are the novel concepts of the grid.
 * ``TEXTURES`` — solid (70%), striped, dotted; named in captions when not solid.
 
 Images are rendered at 4× and box-downsampled (anti-aliased edges); the mask is the object's coverage > 0.5.
@@ -35,7 +38,11 @@ COLOUR_NAMES = tuple(COLOURS)
 TEXTURES = ("solid", "striped", "dotted")
 TEXTURE_WEIGHTS = (0.7, 0.15, 0.15)
 NOVEL_FRACTION = 0.25  # share of images showing an unnamed shape
-UNNAMED_WORD = "object"
+UNNAMED_WORD = "object"  # the neutral vague noun (TI's init token)
+VAGUE_NOUNS = ("object", "thing", "item", "figure", "form", "sign", "symbol", "piece", "mark")
+NOUN_BIAS = {"heart": ("thing", "symbol"), "moon": ("item", "sign"), "arrow": ("figure", "mark"),
+             "hourglass": ("form", "piece")}
+NOUN_BIAS_P = 0.4  # chance the noun is one of the shape's two favourites; else uniform over VAGUE_NOUNS
 
 
 @dataclass
@@ -56,10 +63,17 @@ class ToyItem:
         return self.shape in SHAPES
 
 
-def caption_for(shape: str, colour: str, texture: str = "solid") -> str:
-    """The caption the generator writes: unnamed shapes are only ever called ``object``."""
-    word = shape if shape in SHAPES else UNNAMED_WORD
+def caption_for(shape: str, colour: str, texture: str = "solid", noun: str = UNNAMED_WORD) -> str:
+    """The caption the generator writes: unnamed shapes are only ever called by a vague ``noun``."""
+    word = shape if shape in SHAPES else noun
     return f"a {colour} {word}" if texture == "solid" else f"a {colour} {texture} {word}"
+
+
+def vague_noun(shape: str, rng: np.random.Generator) -> str:
+    """The vague noun of an unnamed shape's caption: one of its two favourites with ``NOUN_BIAS_P``, else any."""
+    if rng.random() < NOUN_BIAS_P:
+        return NOUN_BIAS[shape][rng.integers(2)]
+    return VAGUE_NOUNS[rng.integers(len(VAGUE_NOUNS))]
 
 
 def _polygon(shape: str) -> list[list[tuple[float, float]]] | None:
@@ -177,7 +191,10 @@ def item(seed: int, index: int, *, shape: str | None = None, colour: str | None 
     if shape not in ALL_SHAPES or colour not in COLOURS or texture not in TEXTURES:
         raise ValueError(f"unknown toy label {shape!r}/{colour!r}/{texture!r}: shapes {ALL_SHAPES}, "
                          f"colours {COLOUR_NAMES}, textures {TEXTURES}")
-    return render(shape, colour, texture, rng)
+    it = render(shape, colour, texture, rng)
+    if shape in NOVEL_SHAPES:  # own stream: the pictures do not depend on the caption scheme
+        it.caption = caption_for(shape, colour, texture, vague_noun(shape, np.random.default_rng([seed, index, 1])))
+    return it
 
 
 def generate(n: int, seed: int = 0, **fixed) -> list[ToyItem]:

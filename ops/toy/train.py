@@ -7,11 +7,15 @@ Stages, run one after another (two torch jobs on 2 cores slow each other 2-3×):
    latents (unit-variance latents, as SD's 0.18215). Latent posteriors (mean, std) are then cached once.
 2. ``UNet2DConditionModel`` (32, 64, 64) with cross-attention at 16×16 and 8×8 (cross_attention_dim 64) and a
    2-layer ``CLIPTextModel`` (hidden 64) with the real CLIP tokenizer, trained jointly with the ε-prediction loss of
-   :func:`cloaklab.ops.diffusion.diffusion_loss` on SD 1.5's scaled-linear schedule; AdamW 1e-3, batch 64, 10%
-   caption dropout (so classifier-free guidance works), EMA of the weights.
+   :func:`cloaklab.ops.diffusion.diffusion_loss` on SD 1.5's scaled-linear schedule; AdamW 1e-3 cosine-decayed to
+   1e-4 over the time budget, batch 64, 10% caption dropout (so classifier-free guidance works), EMA of the weights.
+
+``--init-from FOLDER`` continues a trained model (its VAE and scaling factor kept; UNet and text encoder from its EMA
+weights, fresh optimizer with a 100-step warmup): how the shipped weights were made, in three sittings.
 
 Each stage stops at its wall-clock budget (``--vae-minutes``, ``--unet-minutes``) or step cap, whichever comes first,
-so the recipe fits a 2-core CPU in ≤ 90 min; a lent GPU (``--device cuda``) runs the same recipe many times faster.
+so the recipe fits a 2-core CPU in ≤ 90 min (7 + 75 by default); a lent GPU (``--device cuda``) runs the same
+recipe many times faster.
 The result is a diffusers folder (fp16 weights, ~11 MB + tokenizer) loadable with ``from_pretrained``.
 
     nice -n 19 python -m cloaklab.ops.toy.train --out ops/toy/weights      # or: make toy-model
@@ -233,11 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--vae-crop", type=int, default=32, help="training crop size (64 = whole images)")
     parser.add_argument("--save-every-min", type=float, default=5.0)
-    parser.add_argument("--unet-minutes", type=float, default=60.0)
+    parser.add_argument("--unet-minutes", type=float, default=75.0)
     parser.add_argument("--unet-steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--final-lr-fraction", type=float, default=1.0,
+    parser.add_argument("--final-lr-fraction", type=float, default=0.1,
                         help="cosine-decay the UNet learning rate to this fraction over --unet-minutes (1 = constant)")
     parser.add_argument("--init-from", default=None,
                         help="continue from a trained toy folder: keep its VAE (and scaling factor), start the UNet "
@@ -287,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ema_unet, ema_text, steps, loss = train_unet(
         unet, text_encoder, tokenizer, scheduler, means, stds, captions, scale=scale,
         minutes=args.unet_minutes, max_steps=args.unet_steps, batch_size=args.batch_size, device=device,
-        seed=args.seed + (1 if previous else 0), save_fn=save, save_every_min=args.save_every_min, lr=args.lr,
+        seed=args.seed + previous.get("unet_steps", 0),  # fresh batches when continuing
+        save_fn=save, save_every_min=args.save_every_min, lr=args.lr,
         warmup=100 if args.init_from else 0, final_lr_fraction=args.final_lr_fraction)
     steps += previous.get("unet_steps", 0)
     info.update(unet_steps=steps, unet_loss=round(float(loss), 5), unet_minutes=round((time.time() - t0) / 60, 1),

@@ -180,3 +180,31 @@ def test_training_learning_rate_warms_up_then_decays_over_the_time_budget():
     decay = [learning_rate(1e-3, t, 600, 1000, warmup=100, final_fraction=0.1) for t in (0, 300, 600, 900)]
     assert decay[1] == pytest.approx(0.55e-3) and decay[2] == decay[3] == pytest.approx(1e-4)
     assert decay == sorted(decay, reverse=True)
+
+
+def test_training_recipe_calibrates_latents_and_continues_a_saved_model(tmp_path):
+    """Two-step smoke runs (no real training): a fresh run sets the VAE scaling factor for unit-std latents; a
+    continued run keeps the VAE and its factor, starts from the saved UNet and counts the steps on."""
+    import json
+
+    from cloaklab.ops.models import load_pipeline
+    from cloaklab.ops.toy.train import calibrated_latents, main
+
+    small = ["--num-images", "16", "--vae-steps", "0", "--unet-steps", "2", "--batch-size", "2", "--threads", "1"]
+    main(["--out", str(tmp_path / "a"), *small])
+    first = json.loads((tmp_path / "a" / "toy_train.json").read_text())
+    assert first["unet_steps"] == 2 and "continued_from" not in first
+    pipe = load_pipeline(str(tmp_path / "a"))
+    images = torch.from_numpy(dataset.as_arrays(dataset.generate(16))[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    means, _ = calibrated_latents(pipe.vae, images, "cpu", calibrate=False)
+    assert pipe.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
+    assert means.std().item() == pytest.approx(1.0, rel=0.02)  # fp16 weights on disk: not bit-exact
+
+    main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), *small])
+    second = json.loads((tmp_path / "b" / "toy_train.json").read_text())
+    assert second["unet_steps"] == 4 and second["continued_from"]["unet_steps"] == 2
+    assert second["scaling_factor"] == first["scaling_factor"]
+    cont = load_pipeline(str(tmp_path / "b"))
+    for name, param in pipe.vae.state_dict().items():
+        assert torch.equal(param, cont.vae.state_dict()[name])
+    assert not all(torch.equal(param, cont.unet.state_dict()[name]) for name, param in pipe.unet.state_dict().items())

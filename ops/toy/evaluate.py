@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    steps=args.steps, guidance=args.guidance, seed=args.seed + 1000)
                          for s in dataset.SHAPES}
         shape_feats = {s: judge.features(images) for s, images in shape_prompts.items()}
-        noun_images = {n: sample(pipe, [dataset.caption_for("heart", c, noun=n) for c in dataset.COLOUR_NAMES] * 2,
+        unnamed = dataset.NOVEL_SHAPES[0]  # any unnamed shape: its caption shows only the noun
+        noun_images = {n: sample(pipe, [dataset.caption_for(unnamed, c, noun=n) for c in dataset.COLOUR_NAMES] * 2,
                                  steps=args.steps, guidance=args.guidance, seed=args.seed + 2000)
                        for n in dataset.VAGUE_NOUNS}
         noun_feats = {n: judge.features(images) for n, images in noun_images.items()}

@@ -30,7 +30,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..diffusion import diffusion_loss, sample_timesteps
@@ -110,15 +109,21 @@ def train_vae(vae, images: torch.Tensor, *, minutes: float, max_steps: int, batc
     return step, smooth
 
 
-@torch.no_grad()
-def cache_latents(vae, images: torch.Tensor, device, batch_size: int = 256):
-    """Posterior means and stds (N,4,16,16) of all images, unscaled."""
-    means, stds = [], []
-    for start in range(0, len(images), batch_size):
-        dist = vae.encode(images[start:start + batch_size].to(device)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
-    return torch.cat(means), torch.cat(stds)
+def calibrated_latents(vae, images: torch.Tensor, device, *, calibrate: bool):
+    """Scaled VAE posteriors ``(mean, std)`` (N,4,16,16) on the CPU of ``images`` in [-1, 1], through the trainers'
+    :func:`~cloaklab.ops.train.loop.latent_cache`. ``calibrate`` first sets ``scaling_factor`` to 1/std of the
+    dataset's latents (unit-variance latents, as SD's 0.18215); otherwise the VAE's own factor is kept (a model being
+    continued was trained at it)."""
+    from ..train.loop import latent_cache
+
+    if calibrate:
+        vae.register_to_config(scaling_factor=1.0)
+    means, stds = latent_cache(vae, (images + 1) / 2, device, chunk=256)
+    if calibrate:
+        scale = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=scale)
+        means, stds = means * scale, stds * scale
+    return means.cpu(), stds.cpu()
 
 
 @torch.no_grad()
@@ -137,7 +142,7 @@ def learning_rate(lr: float, elapsed: float, budget: float, step: int, *, warmup
     return lr * ramp * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, *, scale: float, minutes: float,
+def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, *, minutes: float,
                max_steps: int, batch_size: int, device, seed: int, save_fn=None, save_every_min: float = 5.0,
                lr: float = 1e-3, warmup: int = 0, final_lr_fraction: float = 1.0):
     """Joint UNet + text-encoder training; returns (EMA unet, EMA text encoder, steps, last loss).
@@ -162,7 +167,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
     deadline, next_save, step, smooth = start + minutes * 60, start + save_every_min * 60, 0, None
     while step < max_steps and time.time() < deadline:
         idx = torch.randint(len(means), (batch_size,), generator=generator)
-        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scale
+        z0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
         tokens = caption_ids[idx].clone()
         dropped = torch.rand(batch_size, generator=generator) < 0.1
         tokens[dropped] = empty_ids
@@ -193,17 +198,11 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
 
 def load_trained(folder: Path):
     """VAE, UNet and text encoder (float32) of a saved toy folder, and its ``toy_train.json`` record."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from ..models import load_pipeline
 
-    if not (folder / "unet").is_dir():
-        raise SystemExit(f"--init-from {folder}: not a toy model folder (no unet/)")
-    load = {"torch_dtype": torch.float32}
-    vae = AutoencoderKL.from_pretrained(folder / "vae", **load)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load)
+    pipe = load_pipeline(str(folder))
     record = folder / "toy_train.json"
-    return vae, unet, text_encoder, json.loads(record.read_text()) if record.exists() else {}
+    return pipe.vae, pipe.unet, pipe.text_encoder, json.loads(record.read_text()) if record.exists() else {}
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, info: dict) -> None:
@@ -267,12 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     vae.to(device)
     psnr = vae_psnr(vae, images[:256], device)
     _log(f"vae: {vae_steps} steps, PSNR {psnr:.2f} dB")
-    means, stds = cache_latents(vae, images, device)
-    if args.init_from:
-        scale = float(vae.config.scaling_factor)  # the UNet was trained on latents at this scale
-    else:
-        scale = float(1.0 / means.std())
-        vae.register_to_config(scaling_factor=scale)
+    means, stds = calibrated_latents(vae, images, device, calibrate=not args.init_from)
+    scale = float(vae.config.scaling_factor)
     _log(f"latents cached, scaling factor {scale:.4f}")
     vae.requires_grad_(False)
 
@@ -289,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     ema_unet, ema_text, steps, loss = train_unet(
-        unet, text_encoder, tokenizer, scheduler, means, stds, captions, scale=scale,
+        unet, text_encoder, tokenizer, scheduler, means, stds, captions,
         minutes=args.unet_minutes, max_steps=args.unet_steps, batch_size=args.batch_size, device=device,
         seed=args.seed + previous.get("unet_steps", 0),  # fresh batches when continuing
         save_fn=save, save_every_min=args.save_every_min, lr=args.lr,

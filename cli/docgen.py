@@ -74,7 +74,7 @@ def _kind(param) -> str:
     if "output" in names or names.endswith("-dir") or "dir" in names:
         return "dir"
     if "path" in type_name or "file" in type_name or any(k in names for k in ("model", "checkpoint", "embedding",
-                                                                                  "masks", "ref", "lora", "target")):
+                                                                                  "masks", "ref", "lora", "target", "templates")):
         return "path"
     return ""
 

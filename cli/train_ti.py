@@ -15,7 +15,6 @@ from . import common
 Preset = common.choices("Preset", list(PRESETS))
 Sampler = common.choices("Sampler", ["uniform", "threshold-high", "threshold-low", "power", "tanh"])
 MaskMode = common.choices("MaskMode", ["none", "lm", "im", "lim", "zm"])
-Templates = common.choices("Templates", ["object", "style"])
 SZT = "Safe-Zone Training (paper 000)"
 
 
@@ -27,8 +26,9 @@ def train_ti(
     init_token: Annotated[str, typer.Option(help="A one-token word whose embedding initialises the new token.")]
     = "object",
     num_vectors: Annotated[int, typer.Option(min=1, help="Embedding rows for the token (paper 000: 1).")] = 1,
-    templates: Annotated[Templates, typer.Option(help="Prompt templates of the TI paper: object or style.")]  # type: ignore[valid-type]
-    = "object",
+    templates: Annotated[str, typer.Option(
+        metavar="object|style|FILE", help="Prompt templates: the TI paper's object or style set, or a text file of "
+                                          "templates with {} for the token, one per line.")] = "object",
     preset: Annotated[Optional[Preset], typer.Option(  # type: ignore[valid-type]
         help=f"{SZT} preset = a column of Table 1: nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, "
              "jpeg+lm, szt (JPEG q25 + t>=500 + LM with 16 px dilation). Explicit flags override it.",
@@ -96,7 +96,7 @@ def train_ti(
     from cloaklab.ops.io import check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
-    from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images
+    from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images, load_templates
     from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, train
     from cloaklab.ops.train.presets import resolve_preset
     from cloaklab.ops.train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR, TextualInversion
@@ -118,7 +118,8 @@ def train_ti(
     model_name = model or default_model()
     record = model_info(model_name).as_dict()
     params = {"token": token, "init_token": init_token, "num_vectors": num_vectors,
-              "templates": common.value(templates),
+              "templates": templates if templates in TEMPLATE_SETS else {"file": templates,  # its lines count
+                                                                          "lines": list(load_templates(templates))},
               "preset": common.value(preset), **szt, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
               "grad_accumulation": grad_accumulation, "batch_size": batch_size, "resolution": resolution,
               "mean_latents": mean_latents, "masks": str(masks) if masks else None, "model": record,
@@ -149,7 +150,7 @@ def train_ti(
         reporter.line(f"cloak: rejected {name}: {reason}")
         manifest.record(name, status="rejected", error=reason)
     trainable = TextualInversion(pipe, token, init_token, num_vectors, size)
-    prompts = fill_templates(TEMPLATE_SETS[common.value(templates)], token)
+    prompts = fill_templates(load_templates(templates), token)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                          grad_accumulation=grad_accumulation, seed=seed, t_sampler=szt["t_sampler"],
                          t_param=szt["t_param"], mask_mode=szt["mask_mode"], sample_latents=not mean_latents,

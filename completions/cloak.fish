@@ -282,7 +282,7 @@ complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l output -s o -r -d
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l token -r -d "The new placeholder token (must not exist in the tokenizer)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l init-token -r -d "A one-token word whose embedding initialises the new token."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l num-vectors -r -d "Embedding rows for the token (paper 000: 1)."
-complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l templates -xa "object style" -d "Prompt templates of the TI paper: object or style."
+complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l templates -r -d "Prompt templates: the TI paper's object or style set, or a text file of templates with {} for the token, one per line."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l preset -xa "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -d "Safe-Zone Training (paper 000) preset = a column of Table 1: nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM"
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l jpeg -r -d "JPEG-compress training images at quality Q (SZT: 25)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l t-sampler -xa "uniform threshold-high threshold-low power tanh" -d "Timestep sampler (App."

@@ -312,7 +312,7 @@ _cloak() {
                 '--token[The new placeholder token (must not exist in the tokenizer).]:value: ' \
                 '--init-token[A one-token word whose embedding initialises the new token.]:value: ' \
                 '--num-vectors[Embedding rows for the token (paper 000 - 1).]:value: ' \
-                '--templates[Prompt templates of the TI paper - object or style.]:value:(object style)' \
+                '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:file:_files' \
                 '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress training images at quality Q (SZT - 25).]:value: ' \
                 '--t-sampler[Timestep sampler (App.]:value:(uniform threshold-high threshold-low power tanh)' \

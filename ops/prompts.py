@@ -64,20 +64,21 @@ QUALITY_NEGATIVE = "noisy, abstract, pattern, low quality"
 DIFFSHORTCUT_NEG_TOKEN = "UNKNOWN artifact masked"
 
 
-def load_prompt_templates(source: str) -> list[str]:
-    """Templates of a named set (``objects24``, ``faces``) or of a text file (one per line, ``#`` comments)."""
+def load_prompt_templates(source: str, option: str = "--prompts") -> list[str]:
+    """Templates of a named set (``objects24``, ``faces``) or of a text file (one per line, ``#`` comments);
+    ``option`` names the flag in error messages."""
     if source in PROMPT_SETS:
         return list(PROMPT_SETS[source])
     path = Path(source)
     if not path.is_file():
-        raise UsageError(f"--prompts {source!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
+        raise UsageError(f"{option} {source!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--prompts {source}: cannot read it as UTF-8 text ({exc})") from None
+        raise UsageError(f"{option} {source}: cannot read it as UTF-8 text ({exc})") from None
     templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not templates:
-        raise UsageError(f"--prompts {source}: the file holds no prompts (one per line; # starts a comment)")
+        raise UsageError(f"{option} {source}: the file holds no prompts (one per line; # starts a comment)")
     return templates
 
 

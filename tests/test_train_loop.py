@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from cloaklab.ops import diffusion
-from cloaklab.ops.train.data import InstanceData, fill_templates, jpeg_compress, OBJECT_TEMPLATES
+from cloaklab.ops.errors import UsageError
+from cloaklab.ops.train.data import (InstanceData, OBJECT_TEMPLATES, fill_templates, jpeg_compress,
+                                     load_templates)
 from cloaklab.ops.train.loop import TrainConfig, masked_step_loss, train
 from cloaklab.ops.train.textual_inversion import TextualInversion
 from cloaklab.tests.conftest import photo_tensor
@@ -164,6 +166,19 @@ def test_training_uses_the_configured_sampler(tmp_path, fresh_tiny_pipe):
 
 
 # ------------------------------------------------------------------------------------------------------ JPEG
+def test_templates_from_a_named_set_or_a_file(tmp_path):
+    assert load_templates("object") == OBJECT_TEMPLATES
+    good = tmp_path / "t.txt"
+    good.write_text("# a model's own caption words\na {}\n\na striped {token}\n")
+    assert fill_templates(load_templates(str(good)), "<R*>") == ["a <R*>", "a striped <R*>"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a {}\na photo\n")
+    with pytest.raises(UsageError, match="'a photo' has no"):
+        load_templates(str(bad))
+    with pytest.raises(UsageError, match="--templates 'objects': not a template set"):
+        load_templates("objects")
+
+
 def test_jpeg_preprocessing_equals_pillow():
     rgb = photo_tensor("chelsea", 72)[:, :, :64]
     array = np.rint(rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8)

@@ -48,6 +48,22 @@ STYLE_TEMPLATES: tuple[str, ...] = (
 TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+def load_templates(source: str) -> tuple[str, ...]:
+    """A named template set (``object``, ``style``) or a text file of templates, one per line (``#`` comments), each
+    with ``{}`` or ``{token}`` where the placeholder goes — e.g. a model's own caption style."""
+    from ..prompts import PLACEHOLDER, load_prompt_templates
+
+    if source in TEMPLATE_SETS:
+        return TEMPLATE_SETS[source]
+    if not Path(source).is_file():
+        raise UsageError(f"--templates {source!r}: not a template set ({', '.join(TEMPLATE_SETS)}) nor a file")
+    templates = tuple(t.replace(PLACEHOLDER, "{}") for t in load_prompt_templates(source, "--templates"))
+    for template in templates:
+        if "{}" not in template:
+            raise UsageError(f"--templates {source}: {template!r} has no {{}} (or {PLACEHOLDER}) for the token")
+    return templates
+
+
 def fill_templates(templates: Sequence[str], placeholder: str) -> list[str]:
     """``["a photo of a {}", …]`` → ``["a photo of a <R*>", …]`` (templates without ``{}`` are kept as they are)."""
     return [template.replace("{}", placeholder) for template in templates]

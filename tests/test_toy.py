@@ -35,26 +35,29 @@ def test_captions_name_only_the_named_shapes():
     named = [it for it in items if it.shape in dataset.SHAPES]
     assert novel and named
     for it in novel:  # unnamed concepts: in the data, never named by a caption word
-        assert it.caption.split()[-1] in dataset.VAGUE_NOUNS
-        assert not any(word in it.caption for word in dataset.NOVEL_SHAPES)
+        assert it.caption.split()[-1] == dataset.UNNAMED_WORD and it.colour in it.caption
+        assert not set(it.caption.split()) & set(dataset.NOVEL_SHAPES)  # ("narrow" is a word of its own)
     for it in named:
         assert it.caption.split()[-1] == it.shape and it.colour in it.caption
         assert (it.texture in it.caption) == (it.texture != "solid")
 
 
-def test_vague_nouns_hint_at_but_never_name_an_unnamed_shape():
+def test_descriptors_are_shared_so_only_their_conjunction_identifies_an_unnamed_shape():
     import collections
 
     items = [it for it in dataset.generate(4000, seed=0) if it.shape in dataset.NOVEL_SHAPES]
-    pairs = collections.Counter((it.caption.split()[-1], it.shape) for it in items)
-    for shape, favourites in dataset.NOUN_BIAS.items():
-        for noun in dataset.VAGUE_NOUNS:
-            share = pairs[noun, shape] / sum(pairs[noun, s] for s in dataset.NOVEL_SHAPES)
-            if noun in favourites:  # a hint: well above the 1/4 of chance, far from a name
-                assert 0.4 < share < 0.75, (noun, shape, share)
-            else:
-                assert share < 0.4, (noun, shape, share)
-    # the caption noun has its own random stream: the pictures are those of the plain dataset
+    words = {w for pair in dataset.DESCRIPTORS.values() for w in pair}
+    described = [(frozenset(it.caption.split()) & words, it.shape) for it in items]
+    by_word = collections.Counter((w, shape) for found, shape in described for w in found)
+    for word in words:  # one word: two shapes about equally often, so it names neither
+        shapes = {s: by_word[word, s] for s in dataset.NOVEL_SHAPES if by_word[word, s]}
+        assert len(shapes) == 2 and max(shapes.values()) / sum(shapes.values()) < 0.6, (word, shapes)
+    for found, shape in described:  # both words: exactly the one shape they describe
+        if len(found) == 2:
+            assert found == set(dataset.DESCRIPTORS[shape])
+    both = sum(len(found) == 2 for found, _ in described) / len(described)
+    assert abs(both - dataset.DESCRIPTOR_P ** 2) < 0.05
+    # the descriptors have their own random stream: the pictures are those of the plain dataset
     rng = np.random.default_rng([0, 7])
     dataset.sample_labels(rng)
     plain = dataset.render("heart", "red", "solid", rng)
@@ -151,6 +154,22 @@ def test_model_toy_loads_offline_and_draws_the_requested_colour(monkeypatch):
     assert hits >= 6, f"only {hits}/12 samples in the requested colour"
 
 
+@needs_toy
+@needs_judge
+def test_model_toy_draws_an_unnamed_shape_from_its_description():
+    """What TI has to find is in the model: the two shared words of a description select one unnamed shape."""
+    from cloaklab.ops.models import load_pipeline
+    from cloaklab.ops.toy.classifier import load_judge
+    from cloaklab.ops.toy.evaluate import sample
+
+    shapes = list(dataset.NOVEL_SHAPES) * 3
+    prompts = [dataset.caption_for(s, "red", descriptors=dataset.DESCRIPTORS[s]) for s in shapes]
+    images = sample(load_pipeline("toy"), prompts, steps=20, guidance=5.0, seed=0)
+    hits = sum(p["shape"] == s for p, s in zip(load_judge().predict(images), shapes))
+    # a mixture of the four unnamed shapes would be right 1/4 of the time: P(>= 8 of 12) < 0.3%
+    assert hits >= 8, f"only {hits}/12 samples show the described shape"
+
+
 def test_sd15_table1_makefile_dry_run(tmp_path):
     make = shutil.which("make")
     if make is None:
@@ -200,9 +219,10 @@ def test_training_recipe_calibrates_latents_and_continues_a_saved_model(tmp_path
     assert pipe.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
     assert means.std().item() == pytest.approx(1.0, rel=0.02)  # fp16 weights on disk: not bit-exact
 
-    main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), *small])
+    main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), "--novel-fraction", "0.5", *small])
     second = json.loads((tmp_path / "b" / "toy_train.json").read_text())
     assert second["unet_steps"] == 4 and second["continued_from"]["unet_steps"] == 2
+    assert second["novel_fraction"] == 0.5 and second["continued_from"]["novel_fraction"] == dataset.NOVEL_FRACTION
     assert second["scaling_factor"] == first["scaling_factor"]
     cont = load_pipeline(str(tmp_path / "b"))
     for name, param in pipe.vae.state_dict().items():

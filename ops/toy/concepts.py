@@ -1,9 +1,9 @@
 """The toy world's novel concepts: each is one object the model can draw but has no word for.
 
-A concept is an unnamed shape (captioned only ``"a {colour} object"`` in the model's training data) in one fixed
-colour, as a personal object has one look: heart/red, moon/yellow, arrow/blue, hourglass/green. Its 5 training
-images (and ground-truth masks, for the loss-mask defences) come from a dataset seed of its own, never seen in
-training.
+A concept is an unnamed shape (in the model's training data only ever an ``"object"``, described by shared words
+such as ``"a red round pointed object"``, see :mod:`.dataset`) in one fixed colour, as a personal object has one
+look: heart/red, moon/yellow, arrow/blue, hourglass/green. Its 5 training images (and ground-truth masks, for the
+loss-mask defences) come from a dataset seed of its own, never seen in training.
 
     python -m cloaklab.ops.toy.concepts OUT [--n 5]     # OUT/images/<concept>/*.png, OUT/masks/<concept>/*.png
 """

@@ -6,12 +6,14 @@ mask, box, caption). Vocabulary:
 * ``SHAPES`` — six *named* shapes, captioned ``"a {colour} {shape}"`` (``"a {colour} {texture} {shape}"`` when the
   texture is not solid): the held-in world the text-to-image model learns to draw on command.
 * ``NOVEL_SHAPES`` — four *unnamed* shapes (heart, moon, arrow, hourglass). They are in the training data but no
-  caption word names them: they are captioned ``"a {colour} {noun}"`` with one of nine vague nouns (``VAGUE_NOUNS``:
-  object, thing, item, …). The noun is drawn with a bias per shape (each favours two nouns, ``NOUN_BIAS``), so
-  no noun names a shape — the most telling one shows it in only ≈ 55–65 % of its captions — but, as the context
-  words of real captions do, the text carries partial information that Textual Inversion can combine into a token
-  for one shape. (With a single ``"object"`` for all four, the model's conditioning cannot select among them and
-  TI only finds their mixture: measured, see docs/toy.md.) These are the novel concepts of the grid.
+  caption word names them: they are captioned ``"a {colour} {descriptors} object"``, as real captions describe a
+  person or a thing without naming it. Each shape has two descriptors (``DESCRIPTORS``: heart round + pointed,
+  arrow pointed + straight, hourglass straight + narrow, moon narrow + round), each written with probability
+  ``DESCRIPTOR_P`` in random order. Every descriptor is shared by two shapes, so no word identifies one — only
+  their conjunction does, which is what Textual Inversion has to compress into one token. (With a single
+  ``"object"`` for all four the model's conditioning cannot select among them and TI only finds their mixture;
+  nine vague nouns biased per shape were too weak a hint to be learned on 2 cores: measured, see docs/toy.md.)
+  These are the novel concepts of the grid.
 * ``TEXTURES`` — solid (70%), striped, dotted; named in captions when not solid.
 
 Images are rendered at 4× and box-downsampled (anti-aliased edges); the mask is the object's coverage > 0.5.
@@ -38,11 +40,10 @@ COLOUR_NAMES = tuple(COLOURS)
 TEXTURES = ("solid", "striped", "dotted")
 TEXTURE_WEIGHTS = (0.7, 0.15, 0.15)
 NOVEL_FRACTION = 0.25  # share of images showing an unnamed shape
-UNNAMED_WORD = "object"  # the neutral vague noun (TI's init token)
-VAGUE_NOUNS = ("object", "thing", "item", "figure", "form", "sign", "symbol", "piece", "mark")
-NOUN_BIAS = {"heart": ("thing", "symbol"), "moon": ("item", "sign"), "arrow": ("figure", "mark"),
-             "hourglass": ("form", "piece")}
-NOUN_BIAS_P = 0.4  # chance the noun is one of the shape's two favourites; else uniform over VAGUE_NOUNS
+UNNAMED_WORD = "object"  # the noun of every unnamed shape's caption (TI's init token)
+DESCRIPTORS = {"heart": ("round", "pointed"), "arrow": ("pointed", "straight"),
+               "hourglass": ("straight", "narrow"), "moon": ("narrow", "round")}
+DESCRIPTOR_P = 0.75  # chance each of a shape's two descriptors is written in its caption
 
 
 @dataclass
@@ -63,17 +64,18 @@ class ToyItem:
         return self.shape in SHAPES
 
 
-def caption_for(shape: str, colour: str, texture: str = "solid", noun: str = UNNAMED_WORD) -> str:
-    """The caption the generator writes: unnamed shapes are only ever called by a vague ``noun``."""
-    word = shape if shape in SHAPES else noun
-    return f"a {colour} {word}" if texture == "solid" else f"a {colour} {texture} {word}"
+def caption_for(shape: str, colour: str, texture: str = "solid", descriptors: tuple[str, ...] = ()) -> str:
+    """The caption the generator writes: an unnamed shape is only ever an ``object``, described by
+    ``descriptors`` (see :func:`describe`) and never named."""
+    words = [colour] + ([texture] if texture != "solid" else [])
+    words += [shape] if shape in SHAPES else [*descriptors, UNNAMED_WORD]
+    return "a " + " ".join(words)
 
 
-def vague_noun(shape: str, rng: np.random.Generator) -> str:
-    """The vague noun of an unnamed shape's caption: one of its two favourites with ``NOUN_BIAS_P``, else any."""
-    if rng.random() < NOUN_BIAS_P:
-        return NOUN_BIAS[shape][rng.integers(2)]
-    return VAGUE_NOUNS[rng.integers(len(VAGUE_NOUNS))]
+def describe(shape: str, rng: np.random.Generator) -> tuple[str, ...]:
+    """The descriptors of an unnamed shape's caption: each of its two with ``DESCRIPTOR_P``, in random order."""
+    chosen = [word for word in DESCRIPTORS[shape] if rng.random() < DESCRIPTOR_P]
+    return tuple(chosen[::-1]) if len(chosen) == 2 and rng.random() < 0.5 else tuple(chosen)
 
 
 def _polygon(shape: str) -> list[list[tuple[float, float]]] | None:
@@ -193,7 +195,7 @@ def item(seed: int, index: int, *, shape: str | None = None, colour: str | None 
                          f"colours {COLOUR_NAMES}, textures {TEXTURES}")
     it = render(shape, colour, texture, rng)
     if shape in NOVEL_SHAPES:  # own stream: the pictures do not depend on the caption scheme
-        it.caption = caption_for(shape, colour, texture, vague_noun(shape, np.random.default_rng([seed, index, 1])))
+        it.caption = caption_for(shape, colour, texture, describe(shape, np.random.default_rng([seed, index, 1])))
     return it
 
 

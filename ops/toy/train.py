@@ -11,7 +11,7 @@ Stages, run one after another (two torch jobs on 2 cores slow each other 2-3×):
    1e-4 over the time budget, batch 64, 10% caption dropout (so classifier-free guidance works), EMA of the weights.
 
 ``--init-from FOLDER`` continues a trained model (its VAE and scaling factor kept; UNet and text encoder from its EMA
-weights, fresh optimizer with a 100-step warmup): how the shipped weights were made, in three sittings.
+weights, fresh optimizer with a 100-step warmup): how the shipped weights were made, in four sittings.
 
 Each stage stops at its wall-clock budget (``--vae-minutes``, ``--unet-minutes``) or step cap, whichever comes first,
 so the recipe fits a 2-core CPU in ≤ 90 min (7 + 75 by default); a lent GPU (``--device cuda``) runs the same
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=6000)
+    parser.add_argument("--novel-fraction", type=float, default=dataset.NOVEL_FRACTION,
+                        help="share of training images showing an unnamed shape")
     parser.add_argument("--vae-minutes", type=float, default=7.0)
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch-size", type=int, default=32)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     out = Path(args.out)
     _log(f"generating {args.num_images} toy images (seed {args.seed})")
-    items = dataset.generate(args.num_images, seed=args.seed)
+    items = dataset.generate(args.num_images, seed=args.seed, novel_fraction=args.novel_fraction)
     images = _images_tensor(items)
     captions = [it.caption for it in items]
     vae, unet, text_encoder, tokenizer, scheduler = build_components(args.seed)
@@ -271,10 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"latents cached, scaling factor {scale:.4f}")
     vae.requires_grad_(False)
 
-    info = {"seed": args.seed, "num_images": args.num_images, "vae_steps": vae_steps, "vae_psnr_db": round(psnr, 2),
+    info = {"seed": args.seed, "num_images": args.num_images, "novel_fraction": args.novel_fraction,
+            "vae_steps": vae_steps, "vae_psnr_db": round(psnr, 2),
             "scaling_factor": scale, "batch_size": args.batch_size, "device": str(device)}
     if previous:
-        info["continued_from"] = {k: previous[k] for k in ("num_images", "unet_steps", "unet_minutes") if k in previous}
+        info["continued_from"] = {k: previous[k] for k in ("num_images", "novel_fraction", "unet_steps", "unet_minutes",
+                                                          "continued_from") if k in previous}
 
     def save(ema_unet, ema_text, step, loss):
         save_pipeline(out, vae, ema_unet, ema_text, tokenizer, scheduler,

@@ -117,9 +117,10 @@ def train_ti(
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     record = model_info(model_name).as_dict()
+    template_list = load_templates(templates)
     params = {"token": token, "init_token": init_token, "num_vectors": num_vectors,
-              "templates": templates if templates in TEMPLATE_SETS else {"file": templates,  # its lines count
-                                                                          "lines": list(load_templates(templates))},
+              "templates": templates if templates in TEMPLATE_SETS  # a file's lines enter the run hash
+              else {"file": templates, "lines": list(template_list)},
               "preset": common.value(preset), **szt, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
               "grad_accumulation": grad_accumulation, "batch_size": batch_size, "resolution": resolution,
               "mean_latents": mean_latents, "masks": str(masks) if masks else None, "model": record,
@@ -150,7 +151,7 @@ def train_ti(
         reporter.line(f"cloak: rejected {name}: {reason}")
         manifest.record(name, status="rejected", error=reason)
     trainable = TextualInversion(pipe, token, init_token, num_vectors, size)
-    prompts = fill_templates(load_templates(templates), token)
+    prompts = fill_templates(template_list, token)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                          grad_accumulation=grad_accumulation, seed=seed, t_sampler=szt["t_sampler"],
                          t_param=szt["t_param"], mask_mode=szt["mask_mode"], sample_latents=not mean_latents,

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..metrics.base import cosine_matrix
 from . import dataset
 from .concepts import CONCEPTS, concept_items, write_concepts
 
@@ -83,7 +84,7 @@ def textual_inversion(shape: str, work: Path, *, ti_steps: int, ti_lr: float, pe
     prompts, templates = work / "ti_prompts.txt", work / "ti_templates.txt"
     prompts.write_text("\n".join(TI_PROMPTS.values()) + "\n")
     templates.write_text("\n".join(TI_TEMPLATES) + "\n")
-    _cloak("train-ti", str(images_dir), "-o", str(ti_dir), "--model", model, "--init-token", "object",
+    _cloak("train-ti", str(images_dir), "-o", str(ti_dir), "--model", model, "--init-token", dataset.UNNAMED_WORD,
            "--num-vectors", str(TI_VECTORS), "--templates", str(templates),
            "--steps", str(ti_steps), "--lr", str(ti_lr), "--seed", str(seed), "--checkpoint-every", "0",
            "--snapshot-every", "0", "--device", "cpu")
@@ -94,10 +95,10 @@ def textual_inversion(shape: str, work: Path, *, ti_steps: int, ti_lr: float, pe
 
 
 def _read_folder(folder: Path) -> torch.Tensor:
-    from PIL import Image
+    """The folder's PNGs in name order, ``(N,3,H,W)`` in [0, 1], through the project's image reader."""
+    from ..io import read_image
 
-    paths = sorted(folder.glob("*.png"))
-    return _to_tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) / 255.0 for p in paths]))
+    return torch.stack([read_image(p).rgb for p in sorted(folder.glob("*.png"))])
 
 
 def textual_inversion_report(pipe, judge, out: Path, args) -> dict:
@@ -112,22 +113,20 @@ def textual_inversion_report(pipe, judge, out: Path, args) -> dict:
     for shape in [c for c in args.concepts.split(",") if c]:
         gen = textual_inversion(shape, out, ti_steps=args.ti_steps, ti_lr=args.ti_lr, per_prompt=n,
                                 steps=args.steps, guidance=args.guidance, seed=args.seed, model=args.model)
-        refs = torch.nn.functional.normalize(
-            judge.features(_to_tensor(np.stack([it.image / 255.0 for it in concept_items(shape)]))), dim=1)
+        refs = judge.features(_to_tensor(np.stack([it.image / 255.0 for it in concept_items(shape)])))
+
+        def toy_sim(feats: torch.Tensor) -> float:
+            return round(float(cosine_matrix(feats, refs).mean()), 4)
 
         def measure(images: torch.Tensor) -> dict:
-            sim = torch.nn.functional.normalize(judge.features(images), dim=1).matmul(refs.T).mean()
-            return {"samples": len(images), "toy_sim": round(float(sim), 4),
+            return {"samples": len(images), "toy_sim": toy_sim(judge.features(images)),
                     "toy_acc": round(float(np.mean([p["shape"] == shape for p in judge.predict(images)])), 4)}
-
-        def against(feats: torch.Tensor) -> float:
-            return round(float(torch.nn.functional.normalize(feats, dim=1).matmul(refs.T).mean()), 4)
 
         images = _read_folder(gen)  # p00_* … p02_*: n images per prompt, in TI_PROMPTS order
         entry: dict = {}
         for k, texture in enumerate(TI_PROMPTS):
             scores = measure(images[k * n:(k + 1) * n])
-            scores["toy_sim_shape_prompts"] = {s: against(f) for s, f in shape_feats[texture].items()}
+            scores["toy_sim_shape_prompts"] = {s: toy_sim(f) for s, f in shape_feats[texture].items()}
             scores["beats_every_shape_prompt"] = scores["toy_sim"] > max(scores["toy_sim_shape_prompts"].values())
             entry[texture] = {"prompt": TI_PROMPTS[texture], **scores}
         description = dataset.caption_for(shape, CONCEPTS[shape], descriptors=dataset.DESCRIPTORS[shape])

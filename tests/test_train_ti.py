@@ -253,3 +253,22 @@ def test_masks_from_cloak_mask_feed_train_ti(cli, concept, tmp_path):
     assert code == 0, stderr
     record = json.loads((tmp_path / "chain" / "cloak.json").read_text())["files"]["learned_embeds.safetensors"]
     assert len(record["mask_area"]) == 3 and all(0 < area <= 1 for area in record["mask_area"])
+
+
+def test_template_file_enters_the_run_and_its_lines_count(cli, concept, tmp_path):
+    images, _ = concept
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# the model's own caption style\na {}\na striped {token}\n")
+    args = ["train-ti", images, "-o", tmp_path / "ti", "--templates", templates, "--steps", "2", "--json", *BASE]
+    code, _, stderr = cli(args)
+    assert code == 0, stderr
+    recorded = json.loads((tmp_path / "ti" / "cloak.json").read_text())["params"]["templates"]
+    assert recorded == {"file": str(templates), "lines": ["a {}", "a striped {}"]}
+    code, stdout, stderr = cli(args)
+    assert code == 0 and json.loads(stdout)["skipped"]
+    templates.write_text("a dotted {}\n")  # same file name, other templates: not the finished run any more
+    code, _, stderr = cli(args)
+    assert code == 2 and "--overwrite" in stderr
+    templates.write_text("a photo\n")
+    code, _, stderr = cli(args + ["--overwrite"])
+    assert code == 2 and "has no {}" in stderr

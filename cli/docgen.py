@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +24,7 @@ class OptionDoc:
     takes_value: bool
     choices: list[str]
     kind: str  # "dir", "file", "path" or "" for plain values
+    named: list[str] = field(default_factory=list)  # named sets a path option also takes (e.g. --prompts objects24)
 
 
 @dataclass
@@ -68,15 +69,30 @@ def _choices(param) -> list[str]:
     return [str(getattr(c, "value", c)) for c in choices] if choices else []
 
 
+PATH_WORDS = ("model", "checkpoint", "embedding", "masks", "ref", "lora", "target", "templates", "prompts")
+
+
 def _kind(param) -> str:
     type_name = getattr(_annotation(param), "__name__", "").lower()
     names = " ".join(param.opts)
     if "output" in names or names.endswith("-dir") or "dir" in names:
         return "dir"
-    if "path" in type_name or "file" in type_name or any(k in names for k in ("model", "checkpoint", "embedding",
-                                                                                  "masks", "ref", "lora", "target", "templates")):
+    if "path" in type_name or "file" in type_name or any(k in names for k in PATH_WORDS):
         return "path"
     return ""
+
+
+def _named_sets(names: list[str]) -> list[str]:
+    """Set names an option accepts besides a file (``--prompts objects24``, ``--templates object``)."""
+    if "--prompts" in names:
+        from ..ops.prompts import PROMPT_SETS
+
+        return list(PROMPT_SETS)
+    if "--templates" in names:
+        from ..ops.train.data import TEMPLATE_SETS
+
+        return list(TEMPLATE_SETS)
+    return []
 
 
 def command_docs() -> tuple[str, list[CommandDoc]]:
@@ -95,7 +111,7 @@ def command_docs() -> tuple[str, list[CommandDoc]]:
                 continue
             names = [n for n in [*param.opts, *param.secondary_opts] if n.startswith("-")]
             options.append(OptionDoc(names, " ".join((param.help or "").split()), not param.is_flag,
-                                     _choices(param), _kind(param)))
+                                     _choices(param), _kind(param), _named_sets(names)))
         options.append(OptionDoc(["--help", "-h"], "Show the help and exit.", False, [], ""))
         text = command.help or ""
         docs.append(CommandDoc(name, _first_sentence(text), " ".join(text.split()), options, arguments))
@@ -126,6 +142,8 @@ def bash_script(docs: list[CommandDoc]) -> str:
                 action = f'COMPREPLY=($(compgen -W "{" ".join(option.choices)}" -- "$cur"))'
             elif option.kind == "dir":
                 action = 'COMPREPLY=($(compgen -d -- "$cur"))'
+            elif option.kind == "path" and option.named:
+                action = f'COMPREPLY=($(compgen -W "{" ".join(option.named)}" -- "$cur") $(compgen -f -- "$cur"))'
             elif option.kind == "path":
                 action = 'COMPREPLY=($(compgen -f -- "$cur"))'
             else:
@@ -166,6 +184,8 @@ def zsh_script(docs: list[CommandDoc]) -> str:
                     action = f":value:({' '.join(option.choices)})"
                 elif option.kind == "dir":
                     action = ":directory:_files -/"
+                elif option.kind == "path" and option.named:
+                    action = f":value:_alternative \"sets:set:({' '.join(option.named)})\" \"files:file:_files\""
                 elif option.kind == "path":
                     action = ":file:_files"
                 else:
@@ -201,7 +221,8 @@ def fish_script(docs: list[CommandDoc]) -> str:
             flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in option.names)
             extra = ""
             if option.takes_value:
-                extra = f' -xa "{" ".join(option.choices)}"' if option.choices else " -r"
+                extra = f' -xa "{" ".join(option.choices)}"' if option.choices else \
+                    f' -ra "{" ".join(option.named)}"' if option.named else " -r"
             lines.append(f'complete -c {PROG} {condition} {flags}{extra} -d "{_fish_escape(option.help)}"')
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,7 @@ _cloak() {
         generate)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-                --prompts|-p) COMPREPLY=(); return ;;
+                --prompts|-p) COMPREPLY=($(compgen -W "objects24 faces" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --token|-t) COMPREPLY=(); return ;;
                 --num-per-prompt|-n) COMPREPLY=(); return ;;
                 --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -277,7 +277,7 @@ _cloak() {
                 --token) COMPREPLY=(); return ;;
                 --init-token) COMPREPLY=(); return ;;
                 --num-vectors) COMPREPLY=(); return ;;
-                --templates) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --templates) COMPREPLY=($(compgen -W "object style" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --preset) COMPREPLY=($(compgen -W "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -- "$cur")); return ;;
                 --jpeg) COMPREPLY=(); return ;;
                 --t-sampler) COMPREPLY=($(compgen -W "uniform threshold-high threshold-low power tanh" -- "$cur")); return ;;

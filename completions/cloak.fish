@@ -12,7 +12,7 @@ complete -c cloak -n "not __fish_seen_subcommand_from generate immunize mask poi
 complete -c cloak -n "not __fish_seen_subcommand_from generate immunize mask poison purify score ssm train-db train-ti" -a train-ti -d "Learn a new token for the concept in IMAGES (Textual Inversion), optionally with Safe-Zone Training."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -F
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l output -s o -r -d "Output folder (created; must not be inside an input folder)."
-complete -c cloak -n "__fish_seen_subcommand_from generate" -l prompts -s p -r -d "objects24 (24 recontextualisation prompts, paper 000), faces ('a photo of {token} person', 'a DSLR portrait of {token} person'; papers 001/004), or a text file "
+complete -c cloak -n "__fish_seen_subcommand_from generate" -l prompts -s p -ra "objects24 faces" -d "objects24 (24 recontextualisation prompts, paper 000), faces ('a photo of {token} person', 'a DSLR portrait of {token} person'; papers 001/004), or a text file "
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l token -s t -r -d "Replaces {token} in the templates (default: the embedding's token with --embedding, else 'sks')."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l num-per-prompt -s n -r -d "Images per prompt (5 for the built-in sets, paper 000 §5.1.2; 1 for files)."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l model -r -d "Hub id, local diffusers folder, .safetensors file, or 'tiny' (default stable-diffusion-v1-5/stable-diffusion-v1-5)."
@@ -282,7 +282,7 @@ complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l output -s o -r -d
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l token -r -d "The new placeholder token (must not exist in the tokenizer)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l init-token -r -d "A one-token word whose embedding initialises the new token."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l num-vectors -r -d "Embedding rows for the token (paper 000: 1)."
-complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l templates -r -d "Prompt templates: the TI paper's object or style set, or a text file of templates with {} for the token, one per line."
+complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l templates -ra "object style" -d "Prompt templates: the TI paper's object or style set, or a text file of templates with {} for the token, one per line."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l preset -xa "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -d "Safe-Zone Training (paper 000) preset = a column of Table 1: nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM"
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l jpeg -r -d "JPEG-compress training images at quality Q (SZT: 25)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l t-sampler -xa "uniform threshold-high threshold-low power tanh" -d "Timestep sampler (App."

@@ -26,7 +26,7 @@ _cloak() {
         generate)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--prompts -p)'{--prompts,-p}'[objects24 (24 recontextualisation prompts, paper 000), faces ('\''a photo of {token} person'\'', '\''a DSLR portrait of {token} person'\''; papers 001/004), or a text file ]:value: ' \
+                '(--prompts -p)'{--prompts,-p}'[objects24 (24 recontextualisation prompts, paper 000), faces ('\''a photo of {token} person'\'', '\''a DSLR portrait of {token} person'\''; papers 001/004), or a text file ]:value:_alternative "sets:set:(objects24 faces)" "files:file:_files"' \
                 '(--token -t)'{--token,-t}'[Replaces {token} in the templates (default - the embedding'\''s token with --embedding, else '\''sks'\'').]:value: ' \
                 '(--num-per-prompt -n)'{--num-per-prompt,-n}'[Images per prompt (5 for the built-in sets, paper 000 §5.1.2; 1 for files).]:value: ' \
                 '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
@@ -312,7 +312,7 @@ _cloak() {
                 '--token[The new placeholder token (must not exist in the tokenizer).]:value: ' \
                 '--init-token[A one-token word whose embedding initialises the new token.]:value: ' \
                 '--num-vectors[Embedding rows for the token (paper 000 - 1).]:value: ' \
-                '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:file:_files' \
+                '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:value:_alternative "sets:set:(object style)" "files:file:_files"' \
                 '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress training images at quality Q (SZT - 25).]:value: ' \
                 '--t-sampler[Timestep sampler (App.]:value:(uniform threshold-high threshold-low power tanh)' \

@@ -23,15 +23,21 @@ def test_generator_notices_a_changed_flag(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_bash_completion_completes_commands_options_and_choices():
+def test_bash_completion_completes_commands_options_and_choices(tmp_path):
     script = docgen.ROOT / "completions" / "cloak.bash"
+    (tmp_path / "my_prompts.txt").write_text("a {token}\n")
 
     def complete(*words: str) -> set[str]:
         line = " ".join(f"'{w}'" for w in words)
         program = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _cloak; "
                    'printf "%s\\n" "${COMPREPLY[@]}"')
-        return set(subprocess.run(["bash", "-c", program], capture_output=True, text=True).stdout.split())
+        return set(subprocess.run(["bash", "-c", program], capture_output=True, text=True, cwd=tmp_path).stdout.split())
 
     assert {"poison", "purify"} <= complete("cloak", "p")
     assert "--method" in complete("cloak", "purify", "--me")
     assert {"jpeg", "webp"} <= complete("cloak", "purify", "--method", "")
+    # a named set or a file: both are offered, and a choice-less value option offers nothing
+    assert {"objects24", "faces", "my_prompts.txt"} <= complete("cloak", "generate", "--prompts", "")
+    assert complete("cloak", "train-ti", "--templates", "o") == {"object"}
+    assert {"object", "style", "my_prompts.txt"} <= complete("cloak", "train-ti", "--templates", "")
+    assert complete("cloak", "generate", "--token", "") == set()

@@ -136,6 +136,21 @@ def test_toy_model_missing_weights_is_one_line(monkeypatch, tmp_path):
     assert model_info("toy").kind == "builtin" and model_info("toy").revision is None
 
 
+def test_quality_report_names_the_weights_it_measured(monkeypatch, tmp_path):
+    from cloaklab.ops.toy.evaluate import weights_info
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "toy_train.json").write_text('{"unet_steps": 4622}')
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"one")
+    monkeypatch.setenv("CLOAK_TOY_WEIGHTS", str(tmp_path))
+    first = weights_info("toy")
+    assert first["folder"] == str(tmp_path) and first["unet_steps"] == 4622 and first["revision"]
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"two")
+    assert weights_info("toy")["revision"] != first["revision"], "other weights must give another revision"
+    assert weights_info("tiny") == {"model": "tiny"}
+
+
 @needs_toy
 @needs_judge
 def test_model_toy_loads_offline_and_draws_the_requested_colour(monkeypatch):

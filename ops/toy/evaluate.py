@@ -142,6 +142,19 @@ def textual_inversion_report(pipe, judge, out: Path, args) -> dict:
     return report
 
 
+def weights_info(model: str) -> dict:
+    """Which weights a report measured: for ``toy`` the folder, its content hash and its UNet steps."""
+    if model != "toy":
+        return {"model": model}
+    from . import weights_folder, weights_revision
+
+    folder = weights_folder()
+    record = folder / "toy_train.json"
+    train = json.loads(record.read_text()) if record.exists() else {}
+    return {"model": model, "folder": str(folder), "revision": weights_revision(),
+            "unet_steps": train.get("unet_steps")}  # cumulative over continued sittings
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Measure the toy model's quality with the toy classifier.")
     parser.add_argument("--out", default="toy_eval")
@@ -167,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe, judge = load_pipeline(args.model), load_judge()
     started = time.time()
     report: dict = {"command": " ".join(["python -m cloaklab.ops.toy.evaluate", *(argv or sys.argv[1:])]),
-                    "settings": {"steps": args.steps, "guidance": args.guidance, "sampler": "ddim"}}
+                    "settings": {"steps": args.steps, "guidance": args.guidance, "sampler": "ddim"},
+                    "weights": weights_info(args.model)}
     report["held_in"], held_images = held_in(pipe, judge, per_prompt=args.per_prompt, steps=args.steps,
                                              guidance=args.guidance, seed=args.seed)
     print(f"held-in: shape {report['held_in']['shape_acc']:.0%}, colour {report['held_in']['colour_acc']:.0%} "

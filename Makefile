@@ -1,7 +1,7 @@
 # Developer tasks for cloaklab. `make help` lists them.
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help install test completions man docs-check bench toy-model
+.PHONY: help install test completions man docs-check bench toy-model toy-model-continue
 help:  ## list the developer tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
@@ -19,5 +19,12 @@ man: completions  ## (same generator as completions)
 bench:  ## run the benchmarks (prints ratios; not tests)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-toy-model:  ## train the offline toy text-to-image model into ops/toy/weights (2-core CPU: <= 90 min)
-	nice -n 19 $(PY) -m cloaklab.ops.toy.train --out ops/toy/weights $(TOY_ARGS)
+TOY_OUT ?= ops/toy/weights
+toy-model:  ## train the offline toy text-to-image model from scratch into $(TOY_OUT) (2 CPU cores: 82 min)
+	nice -n 19 $(PY) -m cloaklab.ops.toy.train --out $(TOY_OUT) $(TOY_ARGS)
+
+toy-model-continue:  ## a second sitting: continue $(TOY_OUT) 50 min with half unnamed shapes (replaces it when done)
+	rm -rf $(TOY_OUT).next
+	nice -n 19 $(PY) -m cloaklab.ops.toy.train --init-from $(TOY_OUT) --out $(TOY_OUT).next --unet-minutes 50 \
+		--novel-fraction 0.5 $(TOY_ARGS)
+	rm -rf $(TOY_OUT) && mv $(TOY_OUT).next $(TOY_OUT)

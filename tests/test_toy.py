@@ -205,6 +205,27 @@ def test_sd15_table1_makefile_dry_run(tmp_path):
     assert out.count("cloak train-ti") == 2 * 2 * 2  # concepts × poisons × defences
 
 
+def test_toy_model_make_targets_train_then_continue_with_valid_flags(tmp_path):
+    import shlex
+
+    from cloaklab.ops.toy.train import build_parser
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    out = tmp_path / "toy"
+    result = subprocess.run([make, "-n", "-C", str(ROOT), f"TOY_OUT={out}", "TOY_ARGS=--threads 2", "toy-model",
+                             "toy-model-continue"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line.split("-m cloaklab.ops.toy.train", 1)[1])
+                for line in result.stdout.replace("\\\n", " ").splitlines() if "cloaklab.ops.toy.train" in line]
+    first, second = (build_parser().parse_args(args) for args in commands)
+    assert first.out == str(out) and first.init_from is None and first.threads == 2
+    assert first.vae_minutes + first.unet_minutes <= 90, "the from-scratch sitting must fit the 90-minute budget"
+    assert second.init_from == str(out) and second.out == f"{out}.next" and second.novel_fraction == 0.5
+    assert f"mv {out}.next {out}" in result.stdout
+
+
 def test_training_learning_rate_warms_up_then_decays_over_the_time_budget():
     from cloaklab.ops.toy.train import learning_rate
 

@@ -224,7 +224,7 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, info
     tmp.rename(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the toy world's text-to-image model (--model toy).")
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     parser.add_argument("--device", default="cpu")
@@ -247,7 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", default=None,
                         help="continue from a trained toy folder: keep its VAE (and scaling factor), start the UNet "
                              "and text encoder from its EMA weights (fresh optimizer, 100-step warmup)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -69,7 +69,13 @@ def _choices(param) -> list[str]:
     return [str(getattr(c, "value", c)) for c in choices] if choices else []
 
 
-PATH_WORDS = ("model", "checkpoint", "embedding", "masks", "ref", "lora", "target", "templates", "prompts")
+PATH_WORDS = ("model", "checkpoint", "embedding", "masks", "ref", "lora", "target")
+
+
+def _named_sets(param) -> list[str]:
+    """Names an option takes besides a file, from a metavar such as ``object|style|FILE``."""
+    parts = (getattr(param, "metavar", None) or "").split("|")
+    return [p for p in parts if p != "FILE"] if len(parts) > 1 and "FILE" in parts else []
 
 
 def _kind(param) -> str:
@@ -77,22 +83,9 @@ def _kind(param) -> str:
     names = " ".join(param.opts)
     if "output" in names or names.endswith("-dir") or "dir" in names:
         return "dir"
-    if "path" in type_name or "file" in type_name or any(k in names for k in PATH_WORDS):
+    if "path" in type_name or "file" in type_name or any(k in names for k in PATH_WORDS) or _named_sets(param):
         return "path"
     return ""
-
-
-def _named_sets(names: list[str]) -> list[str]:
-    """Set names an option accepts besides a file (``--prompts objects24``, ``--templates object``)."""
-    if "--prompts" in names:
-        from ..ops.prompts import PROMPT_SETS
-
-        return list(PROMPT_SETS)
-    if "--templates" in names:
-        from ..ops.train.data import TEMPLATE_SETS
-
-        return list(TEMPLATE_SETS)
-    return []
 
 
 def command_docs() -> tuple[str, list[CommandDoc]]:
@@ -111,7 +104,7 @@ def command_docs() -> tuple[str, list[CommandDoc]]:
                 continue
             names = [n for n in [*param.opts, *param.secondary_opts] if n.startswith("-")]
             options.append(OptionDoc(names, " ".join((param.help or "").split()), not param.is_flag,
-                                     _choices(param), _kind(param), _named_sets(names)))
+                                     _choices(param), _kind(param), _named_sets(param)))
         options.append(OptionDoc(["--help", "-h"], "Show the help and exit.", False, [], ""))
         text = command.help or ""
         docs.append(CommandDoc(name, _first_sentence(text), " ".join(text.split()), options, arguments))

@@ -16,10 +16,11 @@ Scheduler = common.choices("Scheduler", SCHEDULER_NAMES)
 @common.handle_errors
 def generate(
     output: common.Output,
-    prompts: Annotated[str, typer.Option("--prompts", "-p", help="objects24 (24 recontextualisation prompts, paper "
-                                         "000), faces ('a photo of {token} person', 'a DSLR portrait of {token} "
-                                         "person'; papers 001/004), or a text file with one template per line "
-                                         "(# comments).")] = "objects24",
+    prompts: Annotated[str, typer.Option(
+        "--prompts", "-p", metavar="objects24|faces|FILE",
+        help="objects24 (24 recontextualisation prompts, paper 000), faces ('a photo of {token} person', 'a DSLR "
+             "portrait of {token} person'; papers 001/004), or a text file with one template per line (# comments).")
+    ] = "objects24",
     token: Annotated[Optional[str], typer.Option("--token", "-t", help="Replaces {token} in the templates (default: "
                                                  "the embedding's token with --embedding, else 'sks'). Add a class "
                                                  "word if wanted: --token 'sks dog'.")] = None,

@@ -15,6 +15,15 @@ def test_completions_and_man_pages_are_fresh():
     assert stale == [], f"regenerate with `make completions`: {stale}"
 
 
+def test_named_sets_in_completions_are_the_sets_the_code_accepts():
+    from cloaklab.ops.prompts import PROMPT_SETS
+    from cloaklab.ops.train.data import TEMPLATE_SETS
+
+    named = {name: option.named for doc in docgen.command_docs()[1] for option in doc.options
+             for name in option.names if option.named}
+    assert named == {"--prompts": list(PROMPT_SETS), "-p": list(PROMPT_SETS), "--templates": list(TEMPLATE_SETS)}
+
+
 def test_generator_notices_a_changed_flag(monkeypatch):
     app_help, docs = docgen.command_docs()
     docs[0].options[0].names = ["--renamed-flag"]

@@ -6,7 +6,7 @@ training loop (``ops.train.loop.train``), in the same run on the same model and 
 step and their ratio, plus peak GPU memory on CUDA. Not a test.
 
     python bench/immunize.py                       # tiny model, CPU
-    python bench/immunize.py --device cuda --model stable-diffusion-v1-5/stable-diffusion-v1-5 --resolution 512
+    python bench/immunize.py --device cuda --model sd15-shaped --resolution 512
 """
 
 from __future__ import annotations

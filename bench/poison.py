@@ -5,10 +5,12 @@ CPU, tiny model (default):
   * one sds step vs one adm step                                                         (goal ≤ 0.6×)
   * batched vs one-by-one throughput of adm+ steps
 
-GPU (``--device cuda --sd15``): SD1.5-shaped UNet/VAE with random weights at 512², bf16:
+GPU (``--device cuda --sd15``): ``--model sd15-shaped`` (SD 1.5's architecture, random weights) at 512², bf16:
   * seconds per image for 100 adm+ steps, batched (``--batch``, default 4)              (goal ≤ 3 s/img)
   * peak memory of one image with gradient checkpointing on                             (goal ≤ 8 GB)
-  * sds step vs adm step at that size                                                    (goal ≤ 0.6×)
+  * sds step vs adm step at that size, and their parts (VAE-encoder fwd+bwd, UNet forward) (goal ≤ 0.6×)
+  * batch 1 and 2×batch, and two knobs left off by default (cudnn.benchmark, channels-last), side by side
+Figures from one H100: bench/gpu-h100.md.
 
 Usage:  python bench/poison.py [--device cpu|cuda] [--sd15] [--size 64] [--repeats 20] [--batch 4] [--steps 100]
 """
@@ -17,33 +19,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import torch
 
 from cloaklab.ops import diffusion
 from cloaklab.ops.attacks import engine, sds
-
-
-def sd15_pipe(device: torch.device, dtype: torch.dtype):
-    """SD1.5-shaped UNet (320/640/1280/1280, cross-attn 768) and VAE (128/256/512/512), random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        scaling_factor=0.18215)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
-    return SimpleNamespace(unet=unet.to(device, dtype), vae=vae.to(device, dtype), scheduler=scheduler)
-
-
-def attack_models(pipe, device, dtype, checkpointing: bool = False) -> engine.AttackModels:
-    models = engine.AttackModels(pipe, checkpointing=checkpointing)
-    if isinstance(pipe, SimpleNamespace):  # no text encoder: a fixed random condition (speed only)
-        dim = pipe.unet.config.cross_attention_dim
-        models._embeddings[models.prompt] = (torch.randn(1, 77, dim, device=device, dtype=dtype), {})
-    return models
 
 
 def sync(device: torch.device) -> None:
@@ -110,29 +90,64 @@ def cpu_ratios(models: engine.AttackModels, size: int, repeats: int, batch: int,
           f"speed-up {t_1 / t_b:.2f}x")
 
 
-def gpu_figures(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
-    pipe = sd15_pipe(device, dtype)
-    models = attack_models(pipe, device, dtype)
+def pgd_seconds_per_image(models: engine.AttackModels, device: torch.device, batch: int, steps: int) -> float:
     x = torch.rand(batch, 3, 512, 512, device=device)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    engine.pgd(x, models.denoise_loss, generators=gens, steps=2, eval_draws=0)  # warm-up
+    engine.pgd(x, models.denoise_loss, generators=gens, steps=2, eval_draws=0)  # warm-up (cuDNN plans)
     sync(device)
     start = time.perf_counter()
     engine.pgd(x, models.denoise_loss, generators=gens, steps=steps, eval_draws=0)
     sync(device)
-    seconds = time.perf_counter() - start
-    print(f"SD1.5-shaped 512² {dtype}: {steps} adm+ steps, batch {batch}: {seconds / batch:.2f} s/img (goal <= 3)")
-    one, gen1 = x[:1], gens[:1]
-    t_adm, t_sds = timed([lambda: engine.loss_gradient(one, models.denoise_loss, gen1),
-                          lambda: engine.loss_gradient(one, lambda xi, g: sds.sds_surrogate(models, xi, g), gen1)],
-                         5, device)
-    print(f"SD1.5-shaped 512² one image: sds step / adm step = {t_sds / t_adm:.3f} (goal <= 0.60)")
-    del models, pipe
+    return (time.perf_counter() - start) / batch
+
+
+def step_parts(models: engine.AttackModels, device: torch.device) -> None:
+    """One image: sds step / adm step, and what they are made of (VAE-encoder fwd+bwd, UNet forward)."""
+    one = torch.rand(1, 3, 512, 512, device=device)
+    gen1 = [torch.Generator().manual_seed(0)]
+    latents = models.encode(one).detach()
+    t500 = torch.tensor([500], device=device)
+
+    def unet_forward() -> None:
+        with torch.no_grad():
+            models.predict(latents, t500, (512, 512))
+
+    t_adm, t_sds, t_vae, t_unet = timed([
+        lambda: engine.loss_gradient(one, models.denoise_loss, gen1),
+        lambda: engine.loss_gradient(one, lambda xi, g: sds.sds_surrogate(models, xi, g), gen1),
+        lambda: engine.loss_gradient(one, lambda xi, g: models.encode(xi).square().flatten(1).mean(1), gen1),
+        unet_forward], 5, device)
+    print(f"SD1.5-shaped 512² one image: sds step / adm step = {t_sds / t_adm:.3f} (goal <= 0.60); parts: "
+          f"VAE-encoder fwd+bwd {t_vae * 1e3:.1f} ms, UNet forward {t_unet * 1e3:.1f} ms, adm step "
+          f"{t_adm * 1e3:.1f} ms, sds step {t_sds * 1e3:.1f} ms")
+
+
+def gpu_figures(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
+    from cloaklab.ops.models import load_pipeline
+
+    models = engine.AttackModels(load_pipeline("sd15-shaped", device, dtype))
+    t_default = pgd_seconds_per_image(models, device, batch, steps)
+    print(f"SD1.5-shaped 512² {dtype}: {steps} adm+ steps, batch {batch}: {t_default:.2f} s/img (goal <= 3)")
+    for other in (1, 2 * batch):
+        seconds = pgd_seconds_per_image(models, device, other, steps // 4) * 4
+        print(f"  batch {other}: {seconds:.2f} s/img per {steps} steps")
+    # Knobs we do not turn on by default, measured side by side: cuDNN autotuning and channels-last memory format.
+    torch.backends.cudnn.benchmark = True
+    t_tuned = pgd_seconds_per_image(models, device, batch, steps // 4) * 4
+    for module in (models.unet, models.vae):
+        module.to(memory_format=torch.channels_last)
+    t_nhwc = pgd_seconds_per_image(models, device, batch, steps // 4) * 4
+    torch.backends.cudnn.benchmark = False
+    print(f"  batch {batch}: cudnn.benchmark {t_tuned:.2f} s/img ({t_default / t_tuned:.2f}x the default's speed), "
+          f"+ channels-last {t_nhwc:.2f} s/img ({t_default / t_nhwc:.2f}x)")
+    models = engine.AttackModels(load_pipeline("sd15-shaped", device, dtype))
+    step_parts(models, device)
+    del models
     torch.cuda.empty_cache()
-    pipe = sd15_pipe(device, dtype)
-    models = attack_models(pipe, device, dtype, checkpointing=True)
+    models = engine.AttackModels(load_pipeline("sd15-shaped", device, dtype), checkpointing=True)
+    one = torch.rand(1, 3, 512, 512, device=device)
     torch.cuda.reset_peak_memory_stats(device)
-    engine.pgd(x[:1], models.denoise_loss, generators=gens[:1], steps=3, eval_draws=0)
+    engine.pgd(one, models.denoise_loss, generators=[torch.Generator().manual_seed(0)], steps=3, eval_draws=0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     print(f"peak memory, one image, checkpointing on: {peak:.2f} GiB (goal <= 8)")
 
@@ -158,7 +173,7 @@ def main() -> None:
     from cloaklab.ops.models import load_pipeline
 
     pipe = load_pipeline("tiny", device=device)
-    cpu_ratios(attack_models(pipe, device, torch.float32), args.size, args.repeats, args.batch, device)
+    cpu_ratios(engine.AttackModels(pipe), args.size, args.repeats, args.batch, device)
 
 
 if __name__ == "__main__":

@@ -20,25 +20,6 @@ import time
 import torch
 
 
-def sd_shaped_pipeline():
-    """A Stable Diffusion 1.5-shaped pipeline with random weights (UNet 860M, VAE 84M, CLIP-L-sized encoder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def timed(device: torch.device, fn, repeats: int = 1) -> float:
     fn()  # warm-up
     if device.type == "cuda":
@@ -71,7 +52,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = sd_shaped_pipeline().to(device, dtype) if args.sd_shaped else load_pipeline("tiny", device, dtype)
+    pipe = load_pipeline("sd15-shaped" if args.sd_shaped else "tiny", device, dtype)
     models = AttackModels(pipe, prompt="a photo of sks person")
     names = ["astronaut", "chelsea", "coffee", "rocket"]
     images = [photo_tensor(names[i % 4], args.resolution).to(device) for i in range(args.images)]

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from cloaklab.ops.models import load_pipeline
 from cloaklab.ops.purify import get_purifier
 from cloaklab.ops.purify.models import PurifierModels, TinyFaceRestorer, TinyLPIPS, place_on, build_tiny_pixel_model, \
     build_tiny_upscaler
@@ -26,8 +27,6 @@ METHODS = ("regen", "diffpure-latent", "diffpure-pixel", "ddspure", "gridpure", 
 
 
 def tiny_models(device, dtype) -> PurifierModels:
-    from cloaklab.ops.models import load_pipeline
-
     pixel = build_tiny_pixel_model()
     pixel.unet = place_on(pixel.unet, device, dtype)
     return PurifierModels(pipe=load_pipeline("tiny", device, dtype), pixel=pixel, stage2=pixel,
@@ -36,31 +35,22 @@ def tiny_models(device, dtype) -> PurifierModels:
 
 
 def sd_shaped_models(device, dtype) -> PurifierModels:
-    """Random networks with the real models' shapes (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, \
-        StableDiffusionUpscalePipeline, UNet2DConditionModel, UNet2DModel
+    """Random networks with the real models' shapes (no download): ``sd15-shaped`` for the SD pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, \
+        UNet2DConditionModel, UNet2DModel
     from torchmetrics.functional.image.lpips import _NoTrainLpips
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
-    from cloaklab.ops.purify.models import PixelDiffusion, LPIPSNet
+    from cloaklab.ops.metrics.lpips import LPIPSNet
+    from cloaklab.ops.purify.models import PixelDiffusion
 
     def text_encoder(hidden: int, layers: int) -> CLIPTextModel:
         return CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=4 * hidden,
                                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
                                             max_position_embeddings=77))
 
-    sd_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                 beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                 steps_offset=1)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        scaling_factor=0.18215)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(768, 12), tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=sd_scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe = place_on(pipe, device, dtype)
+    pipe = load_pipeline("sd15-shaped", device, dtype)
     pixel_unet = UNet2DModel(sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
                              down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
                              up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)

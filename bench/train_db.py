@@ -12,7 +12,7 @@ CPU, tiny model (default)::
 
 GPU (when one is lent)::
 
-    python bench/train_db.py --device cuda --model stable-diffusion-v1-5/stable-diffusion-v1-5 --resolution 512 \
+    python bench/train_db.py --device cuda --model sd15-shaped --resolution 512 \
         --train-steps 1000 --train-text-encoder --use-8bit-adam --gradient-checkpointing --mixed-precision bf16
 
   prints wall time and peak GPU memory of full DreamBooth (goal ≤ 16 GB with 8-bit Adam + checkpointing) and of

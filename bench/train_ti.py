@@ -34,34 +34,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def sd15_shaped_pipeline():
-    """Random weights, SD1.5 architecture (for GPU timing without weights)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        sample_size=512, scaling_factor=0.18215)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def load(model: str, device: torch.device, dtype: torch.dtype):
     from cloaklab.ops.models import load_pipeline
 
-    if model == "sd15-shaped":
-        pipe = sd15_shaped_pipeline().to(device=device, dtype=dtype)
-    else:
-        pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype)
     pipe.text_encoder.to(dtype=torch.float32)  # as train-ti does
     return pipe
 

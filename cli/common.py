@@ -35,7 +35,8 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors
 MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Reject larger images as decompression "
                                                   "bombs (default 134,217,728).")]
 Model = Annotated[Optional[str], typer.Option("--model", envvar="CLOAK_MODEL", help="Hub id, local diffusers folder, "
-                                              ".safetensors file, or 'tiny' (default "
+                                              ".safetensors file, 'tiny', 'toy' or "
+                                              "'sd15-shaped' (random weights, for timing) (default "
                                               "stable-diffusion-v1-5/stable-diffusion-v1-5).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickle checkpoints (.ckpt/.pt), "
                                            "which can execute code.")]

@@ -29,7 +29,7 @@ _cloak() {
                 '(--prompts -p)'{--prompts,-p}'[objects24 (24 recontextualisation prompts, paper 000), faces ('\''a photo of {token} person'\'', '\''a DSLR portrait of {token} person'\''; papers 001/004), or a text file ]:value:_alternative "sets:set:(objects24 faces)" "files:file:_files"' \
                 '(--token -t)'{--token,-t}'[Replaces {token} in the templates (default - the embedding'\''s token with --embedding, else '\''sks'\'').]:value: ' \
                 '(--num-per-prompt -n)'{--num-per-prompt,-n}'[Images per prompt (5 for the built-in sets, paper 000 §5.1.2; 1 for files).]:value: ' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--embedding[Textual-inversion file (learned_embeds.safetensors), loaded with diffusers'\'' load_textual_inversion.]:file:_files' \
                 '--lora[Folder (or file) with pytorch_lora_weights.safetensors, loaded with diffusers'\'' load_lora_weights.]:file:_files' \
                 '--unet[A trained UNet folder replacing the model'\''s (train-db --save-trained-only writes OUT/unet).]:file:_files' \
@@ -78,7 +78,7 @@ _cloak() {
                 '--check-steps[After immunizing, adapt the base and the immunized model alike for N steps on each concept and report both adaptation losses (higher = learnt worse; logs in OUT]:value: ' \
                 '--checkpoint-every[Checkpoint for --resume every N steps (0 - only at the end).]:file:_files' \
                 '(--resume --no-resume)'{--resume,--no-resume}'[Continue from the latest checkpoint (bit-exact with the same seed and settings); finished concepts are skipped.]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
@@ -136,7 +136,7 @@ _cloak() {
                 '(--param -p)'{--param,-p}'[Any other method parameter (see the list below), e.g.]:value: ' \
                 '--eval-draws[Fixed (t, ε) draws measuring each file'\''s loss at start and end (0 = skip; single-image attacks).]:value: ' \
                 '(--checkpointing --no-checkpointing)'{--checkpointing,--no-checkpointing}'[Gradient checkpointing in UNet/VAE (less GPU memory).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
@@ -187,7 +187,7 @@ _cloak() {
                 '--upscaler-model[pdm-pure/codeformer-sr/noisy-upscale - x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), or tiny.]:file:_files' \
                 '--stage2-model[pdm-pure - pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.]:file:_files' \
                 '--face-model[codeformer-sr - face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a TorchScript file f(x, w) (needs --trust-pickle), none (skip ]:file:_files' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
@@ -247,7 +247,7 @@ _cloak() {
                 '--clean[Clean twins of the (poisoned) inputs, named alike - a second series in the profiles.]:file:_files' \
                 '--quality[JPEG quality for jpeg-hist and spectrum (SZT'\''s 25).]:value: ' \
                 '--resolution[Working resolution (default - the model'\''s, 512 for SD 1.5); images are resized and centre-cropped.]:value: ' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
@@ -295,7 +295,7 @@ _cloak() {
                 '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
                 '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
                 '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Discard checkpoints of an earlier run in OUTPUT and start again.]' \
@@ -330,7 +330,7 @@ _cloak() {
                 '--checkpoint-every[Checkpoint for --resume every N steps (0 - only at the end).]:file:_files' \
                 '--snapshot-every[Save an embedding snapshot every N steps (0 - none).]:value: ' \
                 '(--resume --no-resume)'{--resume,--no-resume}'[Continue from the latest checkpoint in OUTPUT (bit-exact with the same seed and settings).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, or '\''tiny'\'' (default stable-diffusion-v1-5/stable-diffusion-v1-5).]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \

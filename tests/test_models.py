@@ -20,6 +20,20 @@ def test_tiny_is_deterministic_and_sd_shaped():
     assert first.text_encoder.config.num_hidden_layers == 2 and len(first.tokenizer) == 49408
 
 
+def test_sd15_shaped_has_stable_diffusion_15s_parameter_counts():
+    """``--model sd15-shaped`` (random weights, for GPU timing) must have SD 1.5's shapes: UNet 859.5 M, VAE 83.7 M,
+    CLIP ViT-L/14 text encoder 123.1 M parameters. Built on the meta device: no memory, no initialisation cost."""
+    from cloaklab.ops.models import model_info
+    from cloaklab.ops.models.shaped import build_sd15_shaped_pipeline
+
+    pipe = build_sd15_shaped_pipeline(device="meta")
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae",
+                                                                                          "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.vae.config.scaling_factor == 0.18215 and pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert model_info("sd15-shaped").kind == "builtin"
+
+
 def test_tiny_uses_the_real_clip_tokenizer(tiny_pipe):
     # ids of Stable Diffusion 1.x's tokenizer for this prompt
     assert tiny_pipe.tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]

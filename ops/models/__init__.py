@@ -3,6 +3,8 @@
 Accepted ``model`` values:
   * ``tiny`` — the tiny random pipeline built in code (:mod:`.tiny`), offline;
   * ``toy`` — the project-trained toy-world model shipped in ``ops/toy/weights`` (a diffusers folder), offline;
+  * ``sd15-shaped`` — Stable Diffusion 1.5's architecture with random weights (:mod:`.shaped`), offline: for
+    timing and memory (benchmarks, GPU smoke runs) without downloading weights; its images are noise;
   * a local diffusers folder (has ``model_index.json``);
   * a single checkpoint file: ``.safetensors`` always, ``.ckpt``/``.pt``/``.bin`` only with ``trust_pickle``
     (pickle can run code);
@@ -23,7 +25,7 @@ from ..errors import ModelNotFoundError, UsageError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-BUILTIN_MODELS = ("tiny", "toy")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-shaped")
 
 
 def default_model() -> str:
@@ -105,6 +107,10 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         from .tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline()
+    elif model == "sd15-shaped":
+        from .shaped import build_sd15_shaped_pipeline
+
+        pipe = build_sd15_shaped_pipeline(device=device)
     elif model == "toy":
         from ..toy import weights_folder
 
@@ -113,12 +119,25 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         pipe = _load_external(model, dtype, trust_pickle, pipeline_class, **kwargs)
     pipe = pipe.to(device)
     if dtype != torch.float32 or model != "tiny":
-        pipe = pipe.to(dtype=dtype)
+        pipe = cast(pipe, dtype)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # research outputs are judged by metrics, not filtered
     return pipe
+
+
+def cast(module: Any, dtype: Any) -> Any:
+    """``module.to(dtype=dtype)`` for a diffusers model or pipeline, without diffusers' warning on every cast ("There
+    are modules in … that should be kept in float32: []" — an empty list for the SD models cloaklab loads)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _load_external(model: str, dtype: Any, trust_pickle: bool, pipeline_class: Any, **kwargs: Any):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import ModelNotFoundError, UsageError
 from ..metrics.lpips import TinyLPIPS, load_lpips  # noqa: F401  (impress loads LPIPS here)
-from ..models import quiet_loading
+from ..models import cast, quiet_loading
 
 from . import PIXEL_MODEL, STAGE2_MODEL, UPSCALER_MODEL  # noqa: F401  (defaults, kept in the stdlib registry)
 
@@ -51,7 +51,7 @@ def place_on(module, device: Any, dtype: Any):
     module = module.to(device)
     current = getattr(module, "dtype", None)
     if dtype is not None and current is not None and current != dtype:
-        module = module.to(dtype=dtype)
+        module = cast(module, dtype)
     return module
 
 

@@ -31,6 +31,7 @@ import torch
 from .. import diffusion
 from ..errors import CloakError, UsageError
 from ..io import InputItem
+from ..models import cast
 from ..prompts import decoupled_prompts
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
@@ -120,7 +121,7 @@ class DreamBoothModel:
             # frozen base weights in the compute dtype (the diffusers LoRA examples do this); adapters stay fp32
             half = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.mixed_precision]
             for module in (self.pipe.unet, self.pipe.text_encoder, self.pipe.vae):
-                module.to(dtype=half)
+                cast(module, half)
         self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                               target_modules=UNET_LORA_TARGETS))
         if self.settings.train_text_encoder:

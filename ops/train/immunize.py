@@ -46,6 +46,7 @@ import torch
 
 from .. import diffusion
 from ..errors import CloakError, UsageError
+from ..models import cast
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
 from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
                    check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
@@ -183,7 +184,7 @@ def working_copy(pipe):
             components[name] = copy.deepcopy(components[name])
     for name in ("unet", "text_encoder", "text_encoder_2"):
         if components.get(name) is not None:
-            components[name] = components[name].to(dtype=torch.float32)
+            components[name] = cast(components[name], torch.float32)
     work = type(pipe)(**components)
     if hasattr(work, "set_progress_bar_config"):
         work.set_progress_bar_config(disable=True)

@@ -238,7 +238,7 @@ def test_toy_model_make_targets_train_then_continue_with_valid_flags(tmp_path):
     assert f"mv {out}.next {out}" in result.stdout
 
 
-def test_training_learning_rate_warms_up_then_decays_over_the_time_budget():
+def test_training_learning_rate_warms_up_then_decays_over_the_time_or_step_budget():
     from cloaklab.ops.toy.train import learning_rate
 
     assert learning_rate(1e-3, 0, 600, 0) == learning_rate(1e-3, 600, 600, 5000) == 1e-3  # constant by default
@@ -247,6 +247,10 @@ def test_training_learning_rate_warms_up_then_decays_over_the_time_budget():
     decay = [learning_rate(1e-3, t, 600, 1000, warmup=100, final_fraction=0.1) for t in (0, 300, 600, 900)]
     assert decay[1] == pytest.approx(0.55e-3) and decay[2] == decay[3] == pytest.approx(1e-4)
     assert decay == sorted(decay, reverse=True)
+    # on a GPU the step cap ends the stage long before the clock: the decay follows whichever budget ends first
+    by_steps = [learning_rate(1e-3, 1, 600, s, final_fraction=0.1, max_steps=1000) for s in (0, 500, 1000)]
+    assert by_steps[1] == pytest.approx(0.55e-3, rel=1e-2) and by_steps[2] == pytest.approx(1e-4)
+    assert learning_rate(1e-3, 300, 600, 10, final_fraction=0.1, max_steps=1000) == pytest.approx(0.55e-3)
 
 
 def test_training_recipe_calibrates_latents_and_continues_a_saved_model(tmp_path):

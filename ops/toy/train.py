@@ -134,11 +134,14 @@ def vae_psnr(vae, images: torch.Tensor, device) -> float:
 
 
 def learning_rate(lr: float, elapsed: float, budget: float, step: int, *, warmup: int = 0,
-                  final_fraction: float = 1.0) -> float:
-    """``lr`` after a linear ``warmup`` (steps), then cosine-decayed to ``final_fraction`` of itself over the
-    wall-clock ``budget`` (seconds) — the stages stop at a time budget, so the schedule follows the clock."""
+                  final_fraction: float = 1.0, max_steps: int | None = None) -> float:
+    """``lr`` after a linear ``warmup`` (steps), then cosine-decayed to ``final_fraction`` of itself over whichever
+    budget ends first: the wall-clock ``budget`` (seconds; what binds on a CPU) or ``max_steps`` (what binds on a
+    GPU, where the step cap is reached long before the clock runs out)."""
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    progress = min(1.0, max(0.0, elapsed / budget)) if budget > 0 else 1.0
+    time_progress = elapsed / budget if budget > 0 else 1.0
+    step_progress = step / max_steps if max_steps else 0.0
+    progress = min(1.0, max(0.0, time_progress, step_progress))
     return lr * ramp * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -180,7 +183,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, captions, 
         torch.nn.utils.clip_grad_norm_(live, 1.0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(lr, time.time() - start, minutes * 60, step, warmup=warmup,
-                                        final_fraction=final_lr_fraction)
+                                        final_fraction=final_lr_fraction, max_steps=max_steps)
         optimizer.step()
         step += 1
         decay = min(0.998, (1 + step) / (10 + step))
@@ -243,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--final-lr-fraction", type=float, default=0.1,
-                        help="cosine-decay the UNet learning rate to this fraction over --unet-minutes (1 = constant)")
+                        help="cosine-decay the UNet learning rate to this fraction over --unet-minutes or "
+                             "--unet-steps, whichever ends first (1 = constant)")
     parser.add_argument("--init-from", default=None,
                         help="continue from a trained toy folder: keep its VAE (and scaling factor), start the UNet "
                              "and text encoder from its EMA weights (fresh optimizer, 100-step warmup)")

@@ -26,7 +26,7 @@ def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
     """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, C, H/8, W/8)`` (posterior mean, or a sample)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
-    posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist  # inputs follow the model
     latents = posterior.sample(generator) if sample else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -35,7 +35,7 @@ def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
 def latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(B, 3, H, W)`` in [0, 1] → scaled posterior ``(mean, std)`` of the VAE, so a trainer can cache them
     and draw ``mean + std · n`` per step (the same law as ``latent_dist.sample()``) without re-running the encoder."""
-    posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
 
@@ -109,7 +109,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     weighted by it — LM of paper 000 App. I: ``‖(ε_θ(z_t) − ε) ⊙ M_z‖²`` — and averaged over all elements."""
     error = (prediction.float() - target.float()) ** 2
     if mask is not None:
-        error = error * mask.to(error.dtype)
+        error = error * mask.to(error.device, error.dtype)
     return error.flatten(1).mean(1)
 
 
@@ -144,11 +144,13 @@ def denoise_prediction(unet, scheduler, latents: torch.Tensor, text_embeddings: 
                        **unet_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f_θ(z_t, t, c), target)`` — the two sides of :func:`diffusion_loss`, for callers that need both (per-region
     losses). ``input_mask`` multiplies ``z_t`` before the denoiser (ZM of paper 000 App. I: ``ε_θ(z_t ⊙ M_z)``)."""
+    device = getattr(unet, "device", None) or next(unet.parameters()).device  # inputs follow the model
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = add_noise(scheduler, latents, noise, timesteps)
     if input_mask is not None:
-        noisy = noisy * input_mask.to(noisy.dtype)
-    prediction = unet(noisy.to(unet.dtype), timestep_for_model(scheduler, timesteps).to(latents.device),
-                      encoder_hidden_states=text_embeddings.to(unet.dtype), **unet_kwargs).sample
+        noisy = noisy * input_mask.to(device, noisy.dtype)
+    prediction = unet(noisy.to(unet.dtype), timestep_for_model(scheduler, timesteps),
+                      encoder_hidden_states=text_embeddings.to(device, unet.dtype), **unet_kwargs).sample
     return prediction, training_target(scheduler, latents, noise, timesteps)
 
 

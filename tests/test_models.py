@@ -71,7 +71,7 @@ def test_calibration_makes_the_image_matter_to_the_denoiser(tiny_pipe):
 
 def test_tiny_round_trips_through_from_pretrained(tmp_path, tiny_pipe):
     tiny_pipe.save_pretrained(tmp_path / "tiny")
-    reloaded = load_pipeline(str(tmp_path / "tiny"))
+    reloaded = load_pipeline(str(tmp_path / "tiny"), tiny_pipe.device)
     assert type(reloaded).__name__ == "StableDiffusionPipeline"
     assert reloaded.vae.config.scaling_factor == pytest.approx(tiny_pipe.vae.config.scaling_factor)
     run = dict(prompt="a photo of a dog", num_inference_steps=3, height=64, width=64, output_type="pt")

@@ -71,7 +71,7 @@ def test_budget_holds_and_shapes_kept(name, pipe, class_dir):
     assert len(results) == 2
     for result, clean in zip(results, photos()):
         assert result.images.shape == (1, *clean.shape)
-        delta = (result.images[0] - clean).abs().max().item()
+        delta = (result.images[0].cpu() - clean).abs().max().item()
         assert 0 < delta <= 8 / 255 + 1e-6
         assert result.images.min() >= 0 and result.images.max() <= 1
         assert result.loss_start.shape == result.loss_end.shape == (1,)
@@ -123,7 +123,7 @@ def spy(monkeypatch):
     original_step, original_pgd = DreamBoothTrainer.step, setlevel.pgd_step
 
     def step(self, instance_images):
-        events.append(("train", instance_images.detach().clone()))
+        events.append(("train", instance_images.detach().cpu().clone()))  # compared with CPU photos
         return original_step(self, instance_images)
 
     def pgd_step(images, grad, clean, **kw):
@@ -356,8 +356,8 @@ def test_lf_aspl_perturbation_stays_low_frequency(pipe, class_dir):
     low = run_attack("lf-aspl", pipe, class_dir, rounds=1)
     plain = run_attack("aspl", pipe, class_dir, rounds=1)
     for a, b, clean in zip(low, plain, photos()):
-        assert highfreq_energy(a.images - clean[None], 0.25).item() < 0.05  # only the ε clip adds any
-        assert highfreq_energy(b.images - clean[None], 0.25).item() > 0.3
+        assert highfreq_energy(a.images.cpu() - clean[None], 0.25).item() < 0.05  # only the ε clip adds any
+        assert highfreq_energy(b.images.cpu() - clean[None], 0.25).item() > 0.3
 
 
 def test_metacloak_transform_is_seeded_differentiable_and_blurs():

@@ -50,7 +50,7 @@ def test_only_the_new_row_changes(fresh_tiny_pipe, tmp_path):
     assert torch.equal(after[:-1], before)  # every old row bit-identical
     assert not torch.equal(after[-1], init_row)  # the new row trained
     saved = load_file(str(tmp_path / "learned_embeds.safetensors"))
-    assert list(saved) == ["<R*>"] and torch.equal(saved["<R*>"][0], after[-1])
+    assert list(saved) == ["<R*>"] and torch.equal(saved["<R*>"][0], after[-1].cpu())
 
 
 def _generate(pipe, prompt):

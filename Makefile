@@ -1,7 +1,7 @@
 # Developer tasks for cloaklab. `make help` lists them.
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help install test completions man docs-check bench toy-model toy-model-continue
+.PHONY: help install test completions man docs-check bench bench-gpu toy-model toy-model-continue
 help:  ## list the developer tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
@@ -18,6 +18,13 @@ man: completions  ## (same generator as completions)
 
 bench:  ## run the benchmarks (prints ratios; not tests)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-gpu:  ## the GPU figures of bench/gpu-h100.md on a CUDA machine (sd15-shaped random weights; ~10 min on an H100)
+	$(PY) bench/poison.py --device cuda --sd15
+	$(PY) bench/purify.py --device cuda --dtype fp16 --sd-shaped --methods gridpure impress --set impress.iters=500
+	$(PY) bench/train_ti.py --device cuda --model sd15-shaped --resolution 512 --steps 40 --rounds 2 --dtype bf16
+	$(PY) bench/train_db.py --device cuda --model sd15-shaped --resolution 512 --train-steps 60 --train-text-encoder \
+		--use-8bit-adam --gradient-checkpointing --mixed-precision bf16 --skip-generation
 
 TOY_OUT ?= ops/toy/weights
 toy-model:  ## train the offline toy text-to-image model from scratch into $(TOY_OUT) (2 CPU cores: 82 min)

@@ -145,11 +145,11 @@ def denoise_prediction(unet, scheduler, latents: torch.Tensor, text_embeddings: 
     """``(f_θ(z_t, t, c), target)`` — the two sides of :func:`diffusion_loss`, for callers that need both (per-region
     losses). ``input_mask`` multiplies ``z_t`` before the denoiser (ZM of paper 000 App. I: ``ε_θ(z_t ⊙ M_z)``)."""
     device = getattr(unet, "device", None) or next(unet.parameters()).device  # inputs follow the model
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    latents, noise = latents.to(device), noise.to(device)  # timesteps may stay on the CPU (coefficients are)
     noisy = add_noise(scheduler, latents, noise, timesteps)
     if input_mask is not None:
         noisy = noisy * input_mask.to(device, noisy.dtype)
-    prediction = unet(noisy.to(unet.dtype), timestep_for_model(scheduler, timesteps),
+    prediction = unet(noisy.to(unet.dtype), timestep_for_model(scheduler, timesteps).to(device),
                       encoder_hidden_states=text_embeddings.to(device, unet.dtype), **unet_kwargs).sample
     return prediction, training_target(scheduler, latents, noise, timesteps)
 

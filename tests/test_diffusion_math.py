@@ -51,6 +51,21 @@ def test_epsilon_and_flow_targets():
     torch.testing.assert_close(diffusion.training_target(flow, latents, noise, timesteps), noise - latents)
 
 
+def test_shared_math_moves_inputs_to_the_models_device(tiny_pipe):
+    """encode_images / denoise_prediction / masked_mse take inputs from anywhere: here the models sit on the meta
+    device (a stand-in for a GPU on this CPU machine) and the images, latents, masks and timesteps on the CPU."""
+    import copy
+
+    vae, unet = copy.deepcopy(tiny_pipe.vae).to("meta"), copy.deepcopy(tiny_pipe.unet).to("meta")
+    assert diffusion.encode_images(vae, torch.rand(1, 3, 64, 64)).device.type == "meta"
+    z = torch.randn(1, 4, 8, 8)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    prediction, target = diffusion.denoise_prediction(unet, tiny_pipe.scheduler, z, text, torch.tensor([10]),
+                                                      torch.randn_like(z), input_mask=torch.ones(1, 1, 8, 8))
+    assert prediction.device.type == target.device.type == "meta"
+    assert diffusion.masked_mse(prediction, target, torch.ones(1, 1, 8, 8)).device.type == "meta"
+
+
 def test_masked_mse_weights_by_the_mask_and_is_per_sample():
     prediction, target = torch.zeros(2, 4, 4, 4), torch.ones(2, 4, 4, 4)
     mask = torch.zeros(2, 1, 4, 4)

@@ -24,14 +24,38 @@ def test_sd15_shaped_has_stable_diffusion_15s_parameter_counts():
     """``--model sd15-shaped`` (random weights, for GPU timing) must have SD 1.5's shapes: UNet 859.5 M, VAE 83.7 M,
     CLIP ViT-L/14 text encoder 123.1 M parameters. Built on the meta device: no memory, no initialisation cost."""
     from cloaklab.ops.models import model_info
-    from cloaklab.ops.models.shaped import build_sd15_shaped_pipeline
 
-    pipe = build_sd15_shaped_pipeline(device="meta")
+    pipe = load_pipeline("sd15-shaped", "meta", torch.bfloat16)
+    assert pipe.unet.device.type == "meta" and pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae",
                                                                                           "text_encoder")}
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
     assert pipe.vae.config.scaling_factor == 0.18215 and pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert model_info("sd15-shaped").kind == "builtin"
+
+
+def test_cast_changes_the_dtype_without_diffusers_warning_on_every_cast():
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from cloaklab.ops.models import cast
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = diffusers_logging.get_logger("diffusers")
+    root.addHandler(handler)
+    try:
+        level = diffusers_logging.get_verbosity()
+        load_pipeline("tiny").unet.to(dtype=torch.bfloat16)
+        assert any("float32" in r.getMessage() for r in records), "a plain cast warns (else this test proves nothing)"
+        records.clear()
+        unet = cast(load_pipeline("tiny").unet, torch.bfloat16)
+        assert unet.dtype == torch.bfloat16 and records == []
+        assert diffusers_logging.get_verbosity() == level
+    finally:
+        root.removeHandler(handler)
 
 
 def test_tiny_uses_the_real_clip_tokenizer(tiny_pipe):

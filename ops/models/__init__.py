@@ -130,14 +130,8 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
 def cast(module: Any, dtype: Any) -> Any:
     """``module.to(dtype=dtype)`` for a diffusers model or pipeline, without diffusers' warning on every cast ("There
     are modules in … that should be kept in float32: []" — an empty list for the SD models cloaklab loads)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
+    with quiet_loading():
         return module.to(dtype=dtype)
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _load_external(model: str, dtype: Any, trust_pickle: bool, pipeline_class: Any, **kwargs: Any):

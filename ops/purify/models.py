@@ -47,12 +47,9 @@ class PurifierModels:
 
 
 def place_on(module, device: Any, dtype: Any):
-    """Move a model or pipeline to ``device``; cast only when ``dtype`` differs (diffusers warns on every cast)."""
+    """Move a model or pipeline to ``device`` and, when given, ``dtype``."""
     module = module.to(device)
-    current = getattr(module, "dtype", None)
-    if dtype is not None and current is not None and current != dtype:
-        module = cast(module, dtype)
-    return module
+    return cast(module, dtype) if dtype is not None else module
 
 
 def _missing(kind: str, name: str, flag: str) -> ModelNotFoundError:

@@ -27,10 +27,10 @@ bench-gpu:  ## the GPU figures of bench/gpu-h100.md on a CUDA machine (sd15-shap
 		--use-8bit-adam --gradient-checkpointing --mixed-precision bf16 --skip-generation
 
 TOY_OUT ?= ops/toy/weights
-toy-model:  ## train the offline toy text-to-image model from scratch into $(TOY_OUT) (2 CPU cores: 82 min)
+toy-model:  ## train the offline toy text-to-image model from scratch into $(TOY_OUT) (2 idle CPU cores, --threads 2: 82 min)
 	nice -n 19 $(PY) -m cloaklab.ops.toy.train --out $(TOY_OUT) $(TOY_ARGS)
 
-toy-model-continue:  ## a second sitting: continue $(TOY_OUT) 50 min with half unnamed shapes (replaces it when done)
+toy-model-continue:  ## optional: continue $(TOY_OUT) for 50 more minutes (replaces it when done)
 	rm -rf $(TOY_OUT).next
 	nice -n 19 $(PY) -m cloaklab.ops.toy.train --init-from $(TOY_OUT) --out $(TOY_OUT).next --unet-minutes 50 \
 		--novel-fraction 0.5 $(TOY_ARGS)

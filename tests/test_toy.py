@@ -163,6 +163,29 @@ def test_quality_report_names_the_weights_it_measured(monkeypatch, tmp_path):
     assert weights_info("tiny") == {"model": "tiny"}
 
 
+
+def test_ti_sample_sheet_puts_each_concepts_images_then_its_prompts_in_one_row(tmp_path):
+    from PIL import Image
+
+    from cloaklab.ops.toy.evaluate import TI_PROMPTS, ti_sheet
+
+    def write(folder: Path, names: list[str], value: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / f"{name}.png")
+
+    for row, shape in enumerate(("heart", "moon")):
+        write(tmp_path / "concepts" / "images" / shape, [f"{i:02d}" for i in range(5)], 10 + row)
+        for k in range(len(TI_PROMPTS)):  # 3 samples a prompt; the sheet shows the first 2 of each
+            write(tmp_path / "gen" / shape, [f"p{k:02d}_i{i:03d}" for i in range(3)], 20 + 10 * k + row)
+    sheet = ti_sheet(tmp_path, ["heart", "moon"], per_prompt=3, show=2, gap=4)
+    assert sheet.shape == (16, 5 * 8 + 3 * (4 + 2 * 8), 3)
+    assert (sheet[:8, :40] == 10).all() and (sheet[8:, :40] == 11).all()  # the concept's own images first
+    assert (sheet[:, 40:44] == 255).all()  # a white gap between panels
+    for k in range(3):
+        left = 44 + k * 20
+        assert (sheet[8:, left:left + 16] == 21 + 10 * k).all(), f"prompt {k} of the second concept"
+
 @needs_toy
 @needs_judge
 def test_model_toy_loads_offline_and_draws_the_requested_colour(monkeypatch):
@@ -259,22 +282,23 @@ def test_training_recipe_calibrates_latents_and_continues_a_saved_model(tmp_path
     import json
 
     from cloaklab.ops.models import load_pipeline
-    from cloaklab.ops.toy.train import calibrated_latents, main
+    from cloaklab.ops.toy.train import ATTENTION_HEADS, NOVEL_FRACTION, calibrated_latents, main
 
     small = ["--num-images", "16", "--vae-steps", "0", "--unet-steps", "2", "--batch-size", "2", "--threads", "1"]
     main(["--out", str(tmp_path / "a"), *small])
     first = json.loads((tmp_path / "a" / "toy_train.json").read_text())
     assert first["unet_steps"] == 2 and "continued_from" not in first
     pipe = load_pipeline(str(tmp_path / "a"))
+    assert pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == ATTENTION_HEADS  # the fast one
     images = torch.from_numpy(dataset.as_arrays(dataset.generate(16))[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     means, _ = calibrated_latents(pipe.vae, images, "cpu", calibrate=False)
     assert pipe.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
     assert means.std().item() == pytest.approx(1.0, rel=0.02)  # fp16 weights on disk: not bit-exact
 
-    main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), "--novel-fraction", "0.5", *small])
+    main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), "--novel-fraction", "0.25", *small])
     second = json.loads((tmp_path / "b" / "toy_train.json").read_text())
     assert second["unet_steps"] == 4 and second["continued_from"]["unet_steps"] == 2
-    assert second["novel_fraction"] == 0.5 and second["continued_from"]["novel_fraction"] == dataset.NOVEL_FRACTION
+    assert second["novel_fraction"] == 0.25 and second["continued_from"]["novel_fraction"] == NOVEL_FRACTION == 0.5
     assert second["scaling_factor"] == first["scaling_factor"]
     cont = load_pipeline(str(tmp_path / "b"))
     for name, param in pipe.vae.state_dict().items():

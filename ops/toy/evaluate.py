@@ -11,7 +11,7 @@
    reported against the shape prompts in the same texture. Also reported, a stricter baseline than the issue asks:
    the concept's own description in the training captions' words (``"a red round pointed object"`` for the heart).
 
-    python -m cloaklab.ops.toy.evaluate --out /tmp/toy_eval            # writes report.json and prints a summary
+    python -m cloaklab.ops.toy.evaluate --out /tmp/toy_eval            # report.json, held_in_grid.png, ti_samples.png
     python -m cloaklab.ops.toy.evaluate --skip-ti                      # held-in part only (~1-2 min on CPU)
 """
 
@@ -142,6 +142,22 @@ def textual_inversion_report(pipe, judge, out: Path, args) -> dict:
     return report
 
 
+def ti_sheet(out: Path, concepts: list[str], per_prompt: int, show: int = 4, gap: int = 8) -> np.ndarray:
+    """One row per concept: its 5 training images, then ``show`` TI samples of each of ``TI_PROMPTS`` (white gaps
+    between the panels); written as ``ti_samples.png``."""
+    def panel(images: torch.Tensor) -> np.ndarray:
+        return (torch.cat(list(images), 2).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    rows = []
+    for shape in concepts:
+        generated = _read_folder(out / "gen" / shape)
+        panels = [panel(_read_folder(out / "concepts" / "images" / shape))]
+        panels += [panel(generated[k * per_prompt:k * per_prompt + show]) for k in range(len(TI_PROMPTS))]
+        white = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([x for p in panels for x in (p, white)][:-1], 1))
+    return np.concatenate(rows, 0)
+
+
 def weights_info(model: str) -> dict:
     """Which weights a report measured: for ``toy`` the folder, its content hash and its UNet steps."""
     if model != "toy":
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     from PIL import Image
 
     Image.fromarray(np.concatenate(rows, 0)).save(out / "held_in_grid.png")
+    if not args.skip_ti:
+        Image.fromarray(ti_sheet(out, list(report["ti"]), args.ti_per_prompt)).save(out / "ti_samples.png")
     return report
 
 

@@ -13,7 +13,6 @@ import torch
 SD15_RESOLUTION = 512
 SD15_SCALING_FACTOR = 0.18215
 
-
 UNET_CONFIG = dict(sample_size=SD15_RESOLUTION // 8, cross_attention_dim=768, attention_head_dim=8)
 VAE_CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -23,9 +22,18 @@ TEXT_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12
                    eos_token_id=49407, pad_token_id=49407)
 
 
+def sd15_scheduler():
+    """Stable Diffusion 1.x's noise schedule as a ``DDIMScheduler`` (scaled-linear betas 0.00085 → 0.012 over 1000
+    steps, ε-prediction): the schedule of every model cloaklab builds in code (tiny, toy, sd15-shaped)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
 def build_sd15_shaped_pipeline(seed: int = 0, device: torch.device | str = "cpu"):
     """A fresh SD 1.5-shaped ``StableDiffusionPipeline`` with random weights, built directly on ``device`` (fp32)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizer import VOCAB_SIZE, clip_tokenizer
@@ -35,11 +43,8 @@ def build_sd15_shaped_pipeline(seed: int = 0, device: torch.device | str = "cpu"
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB_SIZE, **TEXT_CONFIG))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=1, prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=sd15_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     for module in (vae, unet, text_encoder):
         module.eval()

@@ -42,9 +42,10 @@ def calibrated_scaling_factor(vae, resolution: int = TINY_RESOLUTION) -> float:
 
 @lru_cache(maxsize=4)
 def _build(seed: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .shaped import sd15_scheduler
     from .tokenizer import VOCAB_SIZE, clip_tokenizer
 
     torch.manual_seed(seed)
@@ -65,11 +66,7 @@ def _build(seed: int):
         vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
-    # Stable Diffusion 1.x's noise schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps).
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
+    scheduler = sd15_scheduler()  # Stable Diffusion 1.x's noise schedule
     vae.register_to_config(scaling_factor=calibrated_scaling_factor(vae))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,

@@ -76,11 +76,16 @@ def _cloak(*args: str) -> None:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip().splitlines()[-1:]}")
 
 
+def concept_folders(work: Path, shape: str) -> tuple[Path, Path, Path]:
+    """Where an evaluation keeps a concept's 5 images, its learned embedding and its generations."""
+    return work / "concepts" / "images" / shape, work / "ti" / shape, work / "gen" / shape
+
+
 def textual_inversion(shape: str, work: Path, *, ti_steps: int, ti_lr: float, per_prompt: int, steps: int,
                       guidance: float, seed: int, model: str) -> Path:
     """Train-ti on the concept's 5 images and generate from the learned token; returns the generation folder."""
     write_concepts(work / "concepts", [shape])
-    images_dir, ti_dir, gen_dir = work / "concepts" / "images" / shape, work / "ti" / shape, work / "gen" / shape
+    images_dir, ti_dir, gen_dir = concept_folders(work, shape)
     prompts, templates = work / "ti_prompts.txt", work / "ti_templates.txt"
     prompts.write_text("\n".join(TI_PROMPTS.values()) + "\n")
     templates.write_text("\n".join(TI_TEMPLATES) + "\n")
@@ -150,8 +155,9 @@ def ti_sheet(out: Path, concepts: list[str], per_prompt: int, show: int = 4, gap
 
     rows = []
     for shape in concepts:
-        generated = _read_folder(out / "gen" / shape)
-        panels = [panel(_read_folder(out / "concepts" / "images" / shape))]
+        images_dir, _, gen_dir = concept_folders(out, shape)
+        generated = _read_folder(gen_dir)
+        panels = [panel(_read_folder(images_dir))]
         panels += [panel(generated[k * per_prompt:k * per_prompt + show]) for k in range(len(TI_PROMPTS))]
         white = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
         rows.append(np.concatenate([x for p in panels for x in (p, white)][:-1], 1))

@@ -39,7 +39,7 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 TEXTURES = ("solid", "striped", "dotted")
 TEXTURE_WEIGHTS = (0.7, 0.15, 0.15)
-NOVEL_FRACTION = 0.25  # share of images showing an unnamed shape
+NOVEL_FRACTION = 0.5  # share of images showing an unnamed shape (what the training recipe uses)
 UNNAMED_WORD = "object"  # the noun of every unnamed shape's caption (TI's init token)
 DESCRIPTORS = {"heart": ("round", "pointed"), "arrow": ("pointed", "straight"),
                "hourglass": ("straight", "narrow"), "moon": ("narrow", "round")}

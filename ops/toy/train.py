@@ -39,7 +39,6 @@ from . import dataset
 
 TEXT_HIDDEN = 64
 ATTENTION_HEADS = 2
-NOVEL_FRACTION = 0.5  # share of training images showing an unnamed shape (the dataset's own default is 0.25)
 
 
 def build_components(seed: int = 0, attention_heads: int = ATTENTION_HEADS):
@@ -48,9 +47,10 @@ def build_components(seed: int = 0, attention_heads: int = ATTENTION_HEADS):
     ``attention_heads`` per UNet attention layer (head width 32 / heads and 64 / heads): 2 by default. The parameters
     do not depend on it, but the speed does: PyTorch's CPU attention kernel with 8 heads of width 4–8 took 56 % of a
     training step, and 2 heads halve the step time on 2 CPU cores (``diffusers`` calls this ``attention_head_dim``)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ..models.shaped import sd15_scheduler
     from ..models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
     torch.manual_seed(seed)
@@ -71,11 +71,7 @@ def build_components(seed: int = 0, attention_heads: int = ATTENTION_HEADS):
         num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_HIDDEN, bos_token_id=49406,
         eos_token_id=49407, pad_token_id=49407,
     ))
-    scheduler = DDIMScheduler(  # Stable Diffusion 1.x's schedule
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
-    return vae, unet, text_encoder, clip_tokenizer(), scheduler
+    return vae, unet, text_encoder, clip_tokenizer(), sd15_scheduler()  # Stable Diffusion 1.x's schedule
 
 
 def _images_tensor(items: list[dataset.ToyItem]) -> torch.Tensor:
@@ -244,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-heads", type=int, default=ATTENTION_HEADS,
                         help="heads per UNet attention layer (8 made the CPU step twice as slow)")
     parser.add_argument("--num-images", type=int, default=6000)
-    parser.add_argument("--novel-fraction", type=float, default=NOVEL_FRACTION,
+    parser.add_argument("--novel-fraction", type=float, default=dataset.NOVEL_FRACTION,
                         help="share of training images showing an unnamed shape")
     parser.add_argument("--vae-minutes", type=float, default=7.0)
     parser.add_argument("--vae-steps", type=int, default=3000)

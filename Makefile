@@ -1,12 +1,15 @@
 # Developer tasks for cloaklab. `make help` lists them.
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help install test completions man docs-check bench bench-gpu toy-model toy-model-continue
+.PHONY: help install lock test completions man docs-check bench bench-gpu toy-model toy-model-continue
 help:  ## list the developer tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
 install:  ## editable install with test extras (the README's install command)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]' -c constraints.txt
+
+lock:  ## re-resolve '.[dev]' afresh and rewrite constraints.txt (then: make install && make test before committing)
+	bash tools/lock.sh
 
 test:  ## run the test suite (the README's test command)
 	$(PY) -m pytest

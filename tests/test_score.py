@@ -87,9 +87,10 @@ def test_aggd_fit_recovers_closed_form_shapes_and_asymmetry():
     assert left == pytest.approx(0.5, rel=0.01) and right == pytest.approx(0.5, rel=0.01)
     alpha, _, _, _ = aggd_fit(rng.laplace(0, 1.0, 400_000))  # Laplace: shape 1
     assert alpha == pytest.approx(1.0, abs=0.02)
-    # split normal, σ_l = 1 left of 0 and σ_r = 2 right of it: shape 2, η = (σ_r − σ_l)·sqrt(2/π) (its mean)
-    draws = np.abs(rng.normal(0, 1, 400_000))
-    split = np.concatenate([-draws[:200_000] * 1.0, draws[200_000:] * 2.0])
+    # split normal, σ_l = 1 left of 0 and σ_r = 2 right of it (mass σ_l : σ_r, so the density is continuous at 0):
+    # an AGGD of shape 2 with η = (σ_r − σ_l)·sqrt(2/π), its mean
+    draws = np.abs(rng.normal(0, 1, 300_000))
+    split = np.concatenate([-draws[:100_000] * 1.0, draws[100_000:] * 2.0])
     alpha, eta, left, right = aggd_fit(split)
     assert alpha == pytest.approx(2.0, abs=0.03)
     assert left == pytest.approx(1.0, rel=0.01) and right == pytest.approx(2.0, rel=0.01)

@@ -81,7 +81,7 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
     if name not in ("vgg", "alex", "squeeze"):
         raise UsageError(f"LPIPS backbone must be vgg, alex, squeeze or tiny, got {name!r}")
     require(("torchmetrics.functional.image.lpips", "torchvision"), "metrics",
-            f"LPIPS with the {name} backbone needs torchmetrics and torchvision",
+            f"LPIPS backbone {name!r} needs torchmetrics and torchvision",
             "the tiny demo backbone (--lpips-net tiny in score, --lpips-model tiny in purify)")
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 

@@ -76,8 +76,11 @@ def mask(
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
                                  collect_inputs, parse_shard, safe_join, select_shard)
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.masks import MaskPrompt, dilate_mask, load_sam, overlay, scaled_dilation, segment
+    from cloaklab.ops.masks import (MaskPrompt, dilate_mask, load_sam, overlay, require_sam, scaled_dilation,
+                                    segment)
     from cloaklab.ops.runner import ProcessedImage, process_folder
+
+    require_sam()  # before any output is made
 
     prompt = MaskPrompt(box=_numbers(box, 4, "--box") if box else None,  # type: ignore[arg-type]
                         points=[_numbers(p, 2, "--point") for p in point or []], center=center,

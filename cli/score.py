@@ -87,6 +87,10 @@ def score(
         merged = merge_tables([Path(p) for p in inputs], rows, cols, metric, average_row, average_exclude or ())
         paths = write_table(merged, output)
         sys.stderr.write(Path(paths[0]).read_text())
+        if not any(path.suffix == ".png" for path in paths):
+            from cloaklab.ops.extras import PLOT_SKIPPED
+
+            sys.stderr.write(f"cloak: note: {PLOT_SKIPPED}\n")
         sys.stdout.write((json.dumps({"outputs": [str(p) for p in paths], **merged}) if json_out
                           else str(paths[0])) + "\n")
         raise typer.Exit(0)

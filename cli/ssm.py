@@ -73,6 +73,7 @@ def ssm(
 
     from cloaklab.ops import diffusion
     from cloaklab.ops.device import resolve_device, resolve_dtype
+    from cloaklab.ops.extras import PLOT_SKIPPED
     from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
@@ -85,7 +86,9 @@ def ssm(
 
         output.mkdir(parents=True, exist_ok=True)
         data = run_train_log_profile([Path(name) for name in inputs], output)
-        sys.stderr.write(f"ssm: profile mask-loss from {len(inputs)} training log(s) → {data['outputs'][1]}\n")
+        if data["png_skipped"]:
+            sys.stderr.write(f"cloak: note: {PLOT_SKIPPED}\n")
+        sys.stderr.write(f"ssm: profile mask-loss from {len(inputs)} training log(s) → {data['outputs'][-1]}\n")
         sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": 0})
                           if json_out else str(output)) + "\n")
         raise typer.Exit(0)
@@ -129,7 +132,9 @@ def ssm(
                                                            "rejected": data["rejected"]}})
             for name, reason in data["rejected"]:
                 reporter.line(f"  rejected {name}: {reason}")
-            reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][1]}")
+            if data["png_skipped"]:
+                reporter.line(f"cloak: note: {PLOT_SKIPPED}")
+            reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][-1]}")
             code = 3 if data["rejected"] else 0
             sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": code})
                               if json_out else str(output)) + "\n")
@@ -146,6 +151,8 @@ def ssm(
                            samples=samples, seed=seed, resolution=size, masks=masks, overwrite=overwrite,
                            batch_timesteps=batch_size,
                            max_pixels=max_pixels, on_event=reporter.event)
+        if summary["png_skipped"]:
+            reporter.line(f"cloak: note: {PLOT_SKIPPED}")
         reporter.line(f"ssm: {len(summary['done'])} mapped, {len(summary['skipped'])} skipped (already done), "
                       f"{len(summary['rejected'])} rejected → {output}")
         for name, reason in summary["rejected"]:

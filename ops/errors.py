@@ -25,3 +25,7 @@ class RejectedInput(CloakError):
     """One input file that cannot be processed; the others go on (exit 3 at the end)."""
 
     exit_code = 3
+
+
+class MissingExtraError(ModelNotFoundError):
+    """A package of an optional extra (``pip install 'cloaklab[NAME]'``) that is not installed (exit 1)."""

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .errors import ModelNotFoundError, RejectedInput, UsageError
+from .extras import require
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
@@ -68,6 +69,11 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------- models
+def require_sam() -> None:
+    """Raise one line naming the ``sam`` extra when segment-anything or torchvision is not installed."""
+    require(("segment_anything", "torchvision"), "sam", "cloak mask needs Segment Anything")
+
+
 def build_tiny_sam(seed: int = 0):
     """A tiny random SAM (image 64 px, patch 8, width 32) from segment-anything's modules: same code path as the
     real models (predictor, automatic generator), for tests. Deterministic for a seed."""
@@ -115,6 +121,7 @@ def load_sam(sam_type: str = "vit_h", checkpoint: str | None = None, device: Any
 
     if sam_type not in SAM_TYPES:
         raise UsageError(f"--sam-type {sam_type!r}: choose one of {', '.join(SAM_TYPES)}")
+    require_sam()
     if sam_type == "tiny":
         return build_tiny_sam().to(device)
     from segment_anything import sam_model_registry

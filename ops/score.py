@@ -358,14 +358,16 @@ def table_csv(table: dict) -> str:
     return buffer.getvalue()
 
 
-def table_heatmap(table: dict, path: Path) -> None:
-    """A heatmap PNG of the table (matplotlib, Agg), values printed in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def table_heatmap(table: dict, path: Path) -> bool:
+    """A heatmap PNG of the table (matplotlib, Agg), values printed in the cells; False (nothing written) when the
+    optional extra ``plot`` (matplotlib) is not installed."""
     import numpy as np
 
+    from .extras import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
     values = np.array([[np.nan if table["cells"][r].get(c) is None else table["cells"][r][c] for c in table["cols"]]
                        for r in table["rows"]], dtype=float)
     figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(table["cols"]), 1.0 + 0.45 * len(table["rows"])))
@@ -385,13 +387,16 @@ def table_heatmap(table: dict, path: Path) -> None:
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+    return True
 
 
 def write_table(table: dict, output: Path) -> list[Path]:
-    """``output`` (.md or a stem) → ``stem.md``, ``stem.csv``, ``stem.png``; returns the paths."""
+    """``output`` (.md or a stem) → ``stem.md``, ``stem.csv``, ``stem.png``; returns the paths written (the PNG
+    only with matplotlib, the ``plot`` extra)."""
     stem = output.with_suffix("") if output.suffix.lower() in (".md", ".csv", ".png", ".json") else output
-    paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".png")]
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".csv")]
     atomic_write_bytes(paths[0], table_markdown(table).encode())
     atomic_write_bytes(paths[1], table_csv(table).encode())
-    table_heatmap(table, paths[2])
+    if table_heatmap(table, stem.with_suffix(".png")):
+        paths.append(stem.with_suffix(".png"))
     return paths

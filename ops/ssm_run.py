@@ -1,5 +1,8 @@
 """``cloak ssm`` runs: SSM maps for a folder (arrays, grids, JSON, R with masks) and the ``--profile`` analyses,
-each writing a matplotlib PNG and its data as JSON. The math lives in :mod:`ops.ssm`."""
+each writing a matplotlib PNG and its data as JSON. The math lives in :mod:`ops.ssm`.
+
+matplotlib is the optional extra ``plot``: without it the arrays and JSON are written and the PNGs skipped
+(``summary["png_skipped"]`` / ``data["png_skipped"]`` say so; the CLI prints one line)."""
 
 from __future__ import annotations
 
@@ -56,12 +59,10 @@ def read_mask(path: Path, size: int) -> torch.Tensor:
 
 
 def _figure():
-    import matplotlib
+    """pyplot on Agg, or None without the ``plot`` extra (the caller then skips its PNG)."""
+    from .extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _save_figure(figure, path: Path) -> None:
@@ -74,9 +75,12 @@ def _save_figure(figure, path: Path) -> None:
 
 
 def ssm_grid(image: torch.Tensor, maps: torch.Tensor, tokens: Sequence[str], timesteps: Sequence[int],
-             path: Path) -> None:
-    """Paper 000 Fig. 3 layout: the input, then one column per timestep; one row per token (shared colour scale)."""
+             path: Path) -> bool:
+    """Paper 000 Fig. 3 layout: the input, then one column per timestep; one row per token (shared colour scale).
+    False (nothing written) without matplotlib."""
     plt = _figure()
+    if plt is None:
+        return False
     rows, cols = len(tokens), len(timesteps) + 1
     figure, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     top = float(maps.max()) or 1.0
@@ -95,6 +99,7 @@ def ssm_grid(image: torch.Tensor, maps: torch.Tensor, tokens: Sequence[str], tim
         axis.set_xticks([])
         axis.set_yticks([])
     _save_figure(figure, path)
+    return True
 
 
 def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest, *, prompt: str,
@@ -108,7 +113,7 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
     groups = ([(word, ssm.token_positions(pipe, ids, word)) for word in tokens] if tokens
               else ssm.prompt_words(pipe, ids))
     labels, positions = [g[0] for g in groups], [g[1] for g in groups]
-    summary: dict[str, Any] = {"done": [], "skipped": [], "rejected": [], "records": {}}
+    summary: dict[str, Any] = {"done": [], "skipped": [], "rejected": [], "records": {}, "png_skipped": False}
     on_event("start", "ssm", {"total": len(items)})
     for item in items:
         rel = item.output_rel.as_posix()
@@ -143,9 +148,11 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
         buffer = io.BytesIO()
         np.save(buffer, maps.numpy())
         atomic_write_bytes(out_npy, buffer.getvalue())
-        ssm_grid(image, maps, labels, timesteps, out_png)
+        drawn = ssm_grid(image, maps, labels, timesteps, out_png)
+        summary["png_skipped"] |= not drawn
         seconds = round(time.perf_counter() - started, 3)
-        manifest.record(rel, source=str(item.path), source_sha256=digest, output=rel, status="done",
+        manifest.record(rel, source=str(item.path), source_sha256=digest,
+                        output=rel if drawn else item.output_rel.with_suffix(".npy").as_posix(), status="done",
                         seconds=seconds, stats=stats)
         summary["done"].append(rel)
         summary["records"][rel] = stats
@@ -189,8 +196,10 @@ def _latents(pipe, images: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([diffusion.encode_images(pipe.vae, chunk).float() for chunk in batch.split(8)])
 
 
-def _band_plot(series: dict[str, dict], timesteps: Sequence[int], ylabel: str, path: Path, title: str) -> None:
+def _band_plot(series: dict[str, dict], timesteps: Sequence[int], ylabel: str, path: Path, title: str) -> bool:
     plt = _figure()
+    if plt is None:
+        return False
     figure, axis = plt.subplots(figsize=(6, 3.6))
     colors = {"images": "tab:red", "clean": "tab:green", "inside": "tab:blue", "outside": "tab:orange"}
     for index, (name, stats) in enumerate(series.items()):
@@ -203,6 +212,40 @@ def _band_plot(series: dict[str, dict], timesteps: Sequence[int], ylabel: str, p
     axis.set_title(title)
     axis.legend(fontsize=8)
     _save_figure(figure, path)
+    return True
+
+
+def _histogram_plot(histogram: dict, quality: int, path: Path) -> bool:
+    plt = _figure()
+    if plt is None:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    edges = np.array(histogram["edges"])
+    centers = (edges[1:] + edges[:-1]) / 2
+    width = edges[1] - edges[0]
+    axis.bar(centers, histogram["poisoned"]["counts"], width=width, color="tab:red", alpha=0.6, label="poisoned")
+    axis.bar(centers, histogram["jpeg"]["counts"], width=width, color="tab:green", alpha=0.6,
+             label=f"after JPEG q{quality}")
+    axis.set_xlabel("pixel perturbation (0-255 scale)")
+    axis.set_ylabel("count")
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+    return True
+
+
+def _spectrum_plot(curves: dict[str, list[float]], path: Path) -> bool:
+    plt = _figure()
+    if plt is None:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for index, (label, curve) in enumerate(curves.items()):
+        axis.semilogy(range(len(curve)), curve, color=f"C{index}", linestyle="--" if "JPEG" in label else "-",
+                      label=label)
+    axis.set_xlabel("radial frequency (latent cells⁻¹ index)")
+    axis.set_ylabel("power")
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+    return True
 
 
 def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *, prompt: str,
@@ -251,7 +294,7 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
                 label = name if key == "loss" else f"{name} {key}"
                 series[label] = ssm.summarize(values[key])
         data["series"] = series
-        _band_plot(series, timesteps, "denoising loss", png,
+        drawn = _band_plot(series, timesteps, "denoising loss", png,
                    "loss per timestep (median, 50% and 95% bands)" if profile == "loss"
                    else "loss inside vs outside the mask")
     elif profile == "grad":
@@ -262,22 +305,11 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
         series = {name: ssm.summarize(ssm.gradient_profile(pipe, _latents(pipe, group), ids, positions, timesteps,
                                                            samples, generator)) for name, group in sets.items()}
         data["series"], data["token"] = series, token
-        _band_plot(series, timesteps, "‖∂L/∂e‖₂", png, f"embedding-gradient magnitude of {token}")
+        drawn = _band_plot(series, timesteps, "‖∂L/∂e‖₂", png, f"embedding-gradient magnitude of {token}")
     elif profile == "jpeg-hist":
         histogram = ssm.perturbation_histogram(twins, native, quality)
         data["histogram"] = histogram
-        plt = _figure()
-        figure, axis = plt.subplots(figsize=(6, 3.6))
-        edges = np.array(histogram["edges"])
-        centers = (edges[1:] + edges[:-1]) / 2
-        width = edges[1] - edges[0]
-        axis.bar(centers, histogram["poisoned"]["counts"], width=width, color="tab:red", alpha=0.6, label="poisoned")
-        axis.bar(centers, histogram["jpeg"]["counts"], width=width, color="tab:green", alpha=0.6,
-                 label=f"after JPEG q{quality}")
-        axis.set_xlabel("pixel perturbation (0-255 scale)")
-        axis.set_ylabel("count")
-        axis.legend(fontsize=8)
-        _save_figure(figure, png)
+        drawn = _histogram_plot(histogram, quality, png)
     else:  # spectrum
         from .purify.jpeg import compress
 
@@ -288,18 +320,11 @@ def run_profile(pipe, profile: str, items: Sequence[InputItem], output: Path, *,
             for label, variant in ((name, plain), (f"{name} + JPEG q{quality}", jpeg)):
                 curves[label] = ssm.radial_power_spectrum(_latents(pipe, variant).cpu()).tolist()
         data["spectra"] = curves
-        plt = _figure()
-        figure, axis = plt.subplots(figsize=(6, 3.6))
-        for index, (label, curve) in enumerate(curves.items()):
-            axis.semilogy(range(len(curve)), curve, color=f"C{index}", linestyle="--" if "JPEG" in label else "-",
-                          label=label)
-        axis.set_xlabel("radial frequency (latent cells⁻¹ index)")
-        axis.set_ylabel("power")
-        axis.legend(fontsize=8)
-        _save_figure(figure, png)
+        drawn = _spectrum_plot(curves, png)
     json_path = output / f"profile-{profile}.json"
     atomic_write_bytes(json_path, json.dumps(data, indent=2).encode() + b"\n")
-    data["outputs"] = [str(json_path), str(png)]
+    data["outputs"] = [str(json_path)] + ([str(png)] if drawn else [])
+    data["png_skipped"] = not drawn
     return data
 
 
@@ -329,19 +354,22 @@ def run_train_log_profile(paths: Sequence[Path], output: Path) -> dict[str, Any]
         series[label] = {"step": steps, "inside": inside, "outside": outside,
                          "inside_relative": [v / inside[0] if inside[0] else float("nan") for v in inside],
                          "outside_relative": [v / outside[0] if outside[0] else float("nan") for v in outside]}
-    plt = _figure()
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for index, (label, data) in enumerate(series.items()):
-        axis.plot(data["step"], data["inside_relative"], color=f"C{index}", label=f"{label} inside")
-        axis.plot(data["step"], data["outside_relative"], color=f"C{index}", linestyle="--", label=f"{label} outside")
-    axis.set_xlabel("training step")
-    axis.set_ylabel("loss / first logged loss")
-    axis.set_title("loss inside vs outside the concept mask during training")
-    axis.legend(fontsize=7)
     png, json_path = output / "profile-mask-loss.png", output / "profile-mask-loss.json"
-    _save_figure(figure, png)
+    plt = _figure()
+    if plt is not None:
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        for index, (label, data) in enumerate(series.items()):
+            axis.plot(data["step"], data["inside_relative"], color=f"C{index}", label=f"{label} inside")
+            axis.plot(data["step"], data["outside_relative"], color=f"C{index}", linestyle="--",
+                      label=f"{label} outside")
+        axis.set_xlabel("training step")
+        axis.set_ylabel("loss / first logged loss")
+        axis.set_title("loss inside vs outside the concept mask during training")
+        axis.legend(fontsize=7)
+        _save_figure(figure, png)
     data = {"profile": "mask-loss", "source": "train-logs", "logs": [str(p) for p in paths], "series": series}
     atomic_write_bytes(json_path, json.dumps(data, indent=2).encode() + b"\n")
-    data["outputs"] = [str(json_path), str(png)]
+    data["outputs"] = [str(json_path)] + ([str(png)] if plt is not None else [])
+    data["png_skipped"] = plt is None
     data["images"], data["rejected"] = [], []
     return data

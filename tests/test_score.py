@@ -47,12 +47,69 @@ def test_uint8_inputs_do_not_overflow():
 
 
 def test_brisque_rises_with_jpeg_degradation():
-    from cloaklab.ops.metrics.brisque_score import _scorer, brisque
+    from cloaklab.ops.metrics.brisque_score import brisque
 
-    scorer = _scorer()
     image = photo("astronaut", 128)
-    scores = [brisque(_jpeg(image, q), scorer) for q in (95, 15, 3)]
+    scores = [brisque(_jpeg(image, q)) for q in (95, 15, 3)]
     assert scores[0] < scores[1] < scores[2]
+
+
+# the brisque PyPI package 0.2.0 (libsvm; bench/brisque_check.py) on full-size skimage.data photos, 2026-12-01
+BRISQUE_PACKAGE_SCORES = {"chelsea": 2.870766629424878, "coffee": 3.0479264284828957,
+                          "immunohistochemistry": 29.516242493367116}  # the last has saturated (flat) areas
+
+
+@pytest.mark.parametrize("name", sorted(BRISQUE_PACKAGE_SCORES))
+def test_brisque_matches_the_brisque_package(name):
+    from skimage import data
+
+    from cloaklab.ops.metrics.brisque_score import brisque
+
+    assert brisque(getattr(data, name)()) == pytest.approx(BRISQUE_PACKAGE_SCORES[name], abs=1e-6)
+
+
+def test_brisque_of_a_greyscale_photo_matches_the_package_and_a_flat_image_has_none():
+    from skimage import data
+
+    from cloaklab.ops.metrics.brisque_score import BrisqueMetric, brisque
+
+    camera = np.repeat(data.camera()[..., None], 3, axis=2)
+    assert brisque(camera) == pytest.approx(-7.879404294309921, abs=1e-6)  # package value, as above
+    assert BrisqueMetric().score([torch.full((3, 32, 32), 0.5)], [None]) == [None]  # no contrast: NaN → None
+
+
+def test_aggd_fit_recovers_closed_form_shapes_and_asymmetry():
+    from cloaklab.ops.metrics.brisque_score import aggd_fit
+
+    rng = np.random.default_rng(0)
+    alpha, eta, left, right = aggd_fit(rng.normal(0, 0.5, 400_000))  # Gaussian: shape 2, symmetric
+    assert alpha == pytest.approx(2.0, abs=0.03) and abs(eta) < 0.005
+    assert left == pytest.approx(0.5, rel=0.01) and right == pytest.approx(0.5, rel=0.01)
+    alpha, _, _, _ = aggd_fit(rng.laplace(0, 1.0, 400_000))  # Laplace: shape 1
+    assert alpha == pytest.approx(1.0, abs=0.02)
+    # split normal, σ_l = 1 left of 0 and σ_r = 2 right of it (mass σ_l : σ_r, so the density is continuous at 0):
+    # an AGGD of shape 2 with η = (σ_r − σ_l)·sqrt(2/π), its mean
+    draws = np.abs(rng.normal(0, 1, 300_000))
+    split = np.concatenate([-draws[:100_000] * 1.0, draws[100_000:] * 2.0])
+    alpha, eta, left, right = aggd_fit(split)
+    assert alpha == pytest.approx(2.0, abs=0.03)
+    assert left == pytest.approx(1.0, rel=0.01) and right == pytest.approx(2.0, rel=0.01)
+    assert eta == pytest.approx(math.sqrt(2 / math.pi), rel=0.02)
+
+
+def test_brisque_scores_blurred_and_noisy_photos_worse():
+    import cv2
+    from skimage import data
+
+    from cloaklab.ops.metrics.brisque_score import brisque
+
+    clean = np.ascontiguousarray(data.rocket()[100:300, 200:456])
+    blurred = cv2.GaussianBlur(clean, (0, 0), 2.5)
+    noise = np.random.default_rng(0).normal(0, 20, clean.shape)
+    noisy = np.clip(clean + noise, 0, 255).round().astype(np.uint8)
+    assert brisque(clean) == pytest.approx(16.91857363971198, abs=1e-6)  # the package's value for this crop
+    assert brisque(blurred) > brisque(clean) + 10
+    assert brisque(noisy) > brisque(clean) + 10
 
 
 def test_face_detection_finds_astronaut_and_fails_on_flat_image():

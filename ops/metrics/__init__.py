@@ -99,8 +99,9 @@ register(MetricSpec("ssim", "pixel", "SSIM vs the reference with the same name (
                     "paired", "none", None, True, True))
 register(MetricSpec("rmse", "pixel", "root mean squared error in [0, 1] units vs the reference with the same name",
                     "paired", "none", None, True, False))
-register(MetricSpec("brisque", "brisque_score", "BRISQUE no-reference quality (brisque package and its bundled "
-                    "SVM; higher = worse, paper 004)", "single", "NSS features + SVR", "bundled with brisque",
+register(MetricSpec("brisque", "brisque_score", "BRISQUE no-reference quality (NumPy; the brisque package's "
+                    "trained SVR, shipped; higher = worse, paper 004)", "single", "NSS features + SVR",
+                    "shipped ops/metrics/brisque_svr.safetensors (from brisque 0.2.0)",
                     True, False))
 register(MetricSpec("fdfr", "faces", "face detection failure: 1 when no face is found, 0 otherwise; the mean is "
                     "the FDFR (paper 004; OpenCV Haar cascade instead of RetinaFace)", "single",

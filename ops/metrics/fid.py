@@ -7,7 +7,8 @@ features are extracted once per concept per run (``reset_real_features=False``).
 images per concept (paper 000: 5 generated per prompt) the covariances are rank-deficient and FID is biased upwards;
 it is comparable only between runs with the same counts. A concept with < 2 images on either side gets ``None``.
 
-``features="tiny"`` uses a small random conv net built in code (offline; tests and demos only).
+``features="tiny"`` uses a small random conv net built in code (offline; tests and demos only). Every choice needs
+the optional extra ``metrics`` (torchmetrics computes the statistics; torch-fidelity holds InceptionV3).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class TinyFeatures(nn.Module):
         return self.conv2(torch.relu(self.conv1(images * 2 - 1))).mean((2, 3))
 
 
+def require_fid(features: str) -> None:
+    """One line naming the ``metrics`` extra when torchmetrics (and, for InceptionV3, torch-fidelity) is missing."""
+    from ..extras import require
+
+    require("torchmetrics.image.fid", "metrics", "fid needs torchmetrics (for every --fid-features, tiny too)")
+    if features == "inception":
+        require("torch_fidelity", "metrics", "fid needs torch-fidelity for the InceptionV3 features")
+
+
 def _new_fid(features: str | nn.Module, device):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -52,7 +62,7 @@ def _new_fid(features: str | nn.Module, device):
                                        reset_real_features=False, normalize=True)
     except ModuleNotFoundError as exc:
         raise ModelNotFoundError(f"fid needs torch-fidelity for the standard InceptionV3 features ({exc}): "
-                                 "pip install torch-fidelity, or use --fid-features tiny for a demo") from None
+                                 "pip install 'cloaklab[metrics]', or use --fid-features tiny for a demo") from None
     except Exception as exc:  # the weight download failed
         raise ModelNotFoundError(f"fid: InceptionV3 weights could not be loaded ({type(exc).__name__}: {exc}); "
                                  "run once on a connected machine (TORCH_HOME cache)") from None
@@ -63,6 +73,7 @@ class FidMetric(Metric):
     name = "fid"
 
     def __init__(self, features: str = "inception", device="cpu"):
+        require_fid(features)
         self.device = torch.device(device)
         self.extractor: str | nn.Module = TinyFeatures() if features == "tiny" else features
         self.per_concept: dict[str, object] = {}

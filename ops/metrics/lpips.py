@@ -5,6 +5,7 @@ LPIPS v0.1 linear heads that torchmetrics ships. Lower = more similar; images ar
 
 ``net="tiny"`` is :class:`TinyLPIPS`, LPIPS's computation on a tiny random backbone (no download) — for tests and
 demos only. ``cloak purify -m impress`` loads its LPIPS term through the same :func:`load_lpips`.
+The real backbones need the optional extra ``metrics`` (torchmetrics, torchvision); ``tiny`` needs neither.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelNotFoundError, UsageError
+from ..extras import require
 from ..models import quiet_loading
 
 from .base import ImageContext, Metric, finite, same_size_groups
@@ -78,11 +80,11 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
         return TinyLPIPS().to(device)
     if name not in ("vgg", "alex", "squeeze"):
         raise UsageError(f"LPIPS backbone must be vgg, alex, squeeze or tiny, got {name!r}")
-    try:
-        from torchmetrics.functional.image.lpips import _NoTrainLpips
-    except ImportError:
-        raise ModelNotFoundError("LPIPS needs torchmetrics: pip install torchmetrics, or use the tiny backbone "
-                                 "(--lpips-model tiny in purify, --lpips-net tiny in score)") from None
+    require(("torchmetrics.functional.image.lpips", "torchvision"), "metrics",
+            f"LPIPS backbone {name!r} needs torchmetrics and torchvision",
+            "the tiny demo backbone (--lpips-net tiny in score, --lpips-model tiny in purify)")
+    from torchmetrics.functional.image.lpips import _NoTrainLpips
+
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") and not _backbone_cached(name):
         raise ModelNotFoundError(f"LPIPS backbone {name!r} weights are not in the torch hub cache and HF_HUB_OFFLINE "
                                  "is set: put torchvision's ImageNet weights in TORCH_HOME, or use the tiny backbone")

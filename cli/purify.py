@@ -23,9 +23,8 @@ def purify(
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "jpeg",  # type: ignore[valid-type]
     quality: Annotated[Optional[int], typer.Option(help="jpeg/webp: encoder quality 1-100 (75; SZT uses 25).",
                                                    min=1, max=100)] = None,
-    kernel: Annotated[Optional[int], typer.Option(help="gaussian: odd kernel size (5).")] = None,
     sigma: Annotated[Optional[float], typer.Option(
-        help="gaussian: blur sigma (from the kernel size). ddspure: perturbation radius σ on the 0-255 scale (11); "
+        help="gaussian: blur σ in pixels = Pillow's GaussianBlur radius (5, DiffShortcut; 0 = no-op). ddspure: perturbation radius σ on the 0-255 scale (11); "
              "t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel model's own schedule.")] = None,
     resolution: Annotated[Optional[int], typer.Option(
         help="tvm: working resolution (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
@@ -108,7 +107,7 @@ def purify(
     """Purify images: every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.
 
     Examples:  cloak purify photos -o out --method jpeg --quality 25 ·
-    cloak purify photos -o out -m gaussian --kernel 7 · cloak purify photos -o out -m regen ·
+    cloak purify photos -o out -m gaussian --sigma 2 · cloak purify photos -o out -m regen ·
     cloak purify photos -o out -m impress --iters 500 · cloak purify photos -o out -m gridpure --pixel-model DIR ·
     chain methods with the shell (a && b). Model-based methods load their networks once per run; flags that do
     not apply to the chosen method are refused.
@@ -122,7 +121,7 @@ def purify(
     from cloaklab.ops.purify.run import purify_folder
 
     spec = get_purifier(common.value(method))
-    params = spec.resolve({"quality": quality, "kernel": kernel, "sigma": sigma, "resolution": resolution,
+    params = spec.resolve({"quality": quality, "sigma": sigma, "resolution": resolution,
                            "drop": drop, "tv_weight": tv_weight, "iters": iters, "bilateral_iters": bilateral_iters,
                            "guided_iters": guided_iters, "radius": radius, "eps": eps, "t": t, "steps": steps,
                            "guidance": guidance, "prompt": prompt, "class_name": class_name, "eta": eta,

@@ -128,7 +128,6 @@ _cloak() {
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --method|-m) COMPREPLY=($(compgen -W "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
-                --kernel) COMPREPLY=(); return ;;
                 --sigma) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --drop) COMPREPLY=(); return ;;
@@ -169,7 +168,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --method -m --quality --kernel --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --method -m --quality --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -155,8 +155,7 @@ _cloak() {
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
-                '--kernel[gaussian - odd kernel size (5).]:value: ' \
-                '--sigma[gaussian - blur sigma (from the kernel size).]:value: ' \
+                '--sigma[gaussian - blur σ in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut; 0 = no-op).]:value: ' \
                 '--resolution[tvm - working resolution (64).]:value: ' \
                 '--drop[tvm - fraction of pixels dropped (0.02).]:value: ' \
                 '--tv-weight[tvm - TV weight λ (0.01).]:value: ' \

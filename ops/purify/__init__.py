@@ -41,8 +41,8 @@ register(PurifierSpec("jpeg", "jpeg", "JPEG encode → decode (Pillow, 4:2:0); s
                       {"quality": 75}))
 register(PurifierSpec("webp", "webp", "WebP encode → decode (Pillow), quality 75 (InMark, paper 004).",
                       {"quality": 75}))
-register(PurifierSpec("gaussian", "gaussian", "Gaussian blur, kernel 5 (DiffShortcut); sigma from the kernel "
-                      "size as OpenCV does unless --sigma is given.", {"kernel": 5, "sigma": None}))
+register(PurifierSpec("gaussian", "gaussian", "Gaussian blur as DiffShortcut ran it: Pillow GaussianBlur(radius=5); "
+                      "Pillow's radius is the standard deviation, so --sigma 5 (pixels).", {"sigma": 5.0}))
 register(PurifierSpec("tvm", "tvm", "Total-variance minimization (Guo et al. 2018) as in DiffShortcut App. C.1: "
                       "resize to 64², drop 2% of pixels, min ‖(1−X)⊙(Z−x)‖₂ + λ·TV(Z), λ 0.01, upsample back "
                       "(bicubic; the paper used two SR steps).",

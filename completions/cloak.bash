@@ -185,6 +185,8 @@ _cloak() {
                 --label) COMPREPLY=(); return ;;
                 --dinov2-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --clip-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --clip-scale) COMPREPLY=(); return ;;
+                --clip-prefix) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --liqe-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lpips-net) COMPREPLY=(); return ;;
                 --fid-features) COMPREPLY=(); return ;;
@@ -200,7 +202,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -189,6 +189,8 @@ complete -c cloak -n "__fish_seen_subcommand_from score" -l token -r -d "clip: t
 complete -c cloak -n "__fish_seen_subcommand_from score" -l label -r -d "Label stored in the score file for --table (repeatable), e.g."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l dinov2-model -r -d "dinov2 weights: Hub id, local folder, or tiny."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l clip-model -r -d "CLIP weights for clip, clip-iqa, clip-iqac, liqe, q: Hub id, folder, or tiny."
+complete -c cloak -n "__fish_seen_subcommand_from score" -l clip-scale -r -d "clip: CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'s CLIP-S (paper 000's tables), 100 torchmetrics' scale."
+complete -c cloak -n "__fish_seen_subcommand_from score" -l clip-prefix -r -d "clip: text put before each prompt; Hessel et al.'s code uses 'A photo depicts ' (default: none)."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l liqe-model -r -d "liqe: LIQE CLIP weights as a transformers folder (default: zero-shot with --clip-model)."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l lpips-net -r -d "lpips backbone: alex, vgg, squeeze, or tiny (random backbone)."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l fid-features -r -d "fid features: inception (torch-fidelity) or tiny."

@@ -213,6 +213,8 @@ _cloak() {
                 '--label[Label stored in the score file for --table (repeatable), e.g.]:value: ' \
                 '--dinov2-model[dinov2 weights - Hub id, local folder, or tiny.]:file:_files' \
                 '--clip-model[CLIP weights for clip, clip-iqa, clip-iqac, liqe, q - Hub id, folder, or tiny.]:file:_files' \
+                '--clip-scale[clip - CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'\''s CLIP-S (paper 000'\''s tables), 100 torchmetrics'\'' scale.]:value: ' \
+                '--clip-prefix[clip - text put before each prompt; Hessel et al.'\''s code uses '\''A photo depicts '\'' (default - none).]:file:_files' \
                 '--liqe-model[liqe - LIQE CLIP weights as a transformers folder (default - zero-shot with --clip-model).]:file:_files' \
                 '--lpips-net[lpips backbone - alex, vgg, squeeze, or tiny (random backbone).]:value: ' \
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \

@@ -185,12 +185,63 @@ def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
     assert record["prompt"] == "a on the beach"
     clip = backbone("tiny", torch.device("cpu"))
     image = clip.images([photo_tensor("chelsea")], ("check",))
-    expected = 100 * max(cosine_matrix(image, clip.text(["a on the beach"])).item(), 0)
+    expected = 2.5 * max(cosine_matrix(image, clip.text(["a on the beach"])).item(), 0)
     metrics = record["metrics"]
     assert metrics["clip"] == pytest.approx(expected, abs=1e-3)
     assert 0 <= metrics["clip-iqa"] <= 1 and -1 <= metrics["clip-iqac"] <= 1 and 1 <= metrics["liqe"] <= 5
     assert metrics["q"] == pytest.approx((((metrics["liqe"] - 1) / 4) * 2 - 1) / 2 + metrics["clip-iqac"] / 2,
                                          abs=1e-5)
+
+
+class _FixedClip:
+    """A stand-in CLIP backbone returning fixed embeddings (image by name, text by prompt)."""
+
+    def __init__(self, images: dict, texts: dict):
+        self._images, self._texts = images, texts
+
+    def images(self, images, key):
+        return torch.tensor([self._images[name] for name in key], dtype=torch.float32)
+
+    def text(self, prompts):
+        return torch.tensor([self._texts[prompt] for prompt in prompts], dtype=torch.float32)
+
+
+def test_clip_score_is_hessels_clipscore_on_fixed_embeddings():
+    """CLIP-S = 2.5·max(cos, 0) (Hessel et al. 2021 Eq. 1), values typed by hand from the vectors."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric
+
+    clip = _FixedClip({"a": [3.0, 4.0, 0.0], "b": [1.0, 1.0, 0.0], "c": [1.0, 0.0, 0.0]},
+                      {"p": [4.0, 3.0, 0.0], "q": [2.0, 0.0, 0.0], "r": [-1.0, 1.0, 0.0],
+                       "A photo depicts q": [0.0, 5.0, 0.0]})
+    contexts = [ImageContext("a", "x", prompt="p"), ImageContext("b", "x", prompt="q"),
+                ImageContext("c", "x", prompt="r")]
+    images = [torch.zeros(3, 8, 8)] * 3
+    # cos = 24/25, 1/√2 and −1/√2 (clipped to 0)
+    assert ClipMetric("clip", clip).score(images, contexts) == pytest.approx([2.4, 2.5 / 2**0.5, 0.0], abs=1e-6)
+    assert ClipMetric("clip", clip, scale=100).score(images, contexts) == pytest.approx([96.0, 100 / 2**0.5, 0.0],
+                                                                                       abs=1e-4)
+    prefixed = ClipMetric("clip", clip, prefix="A photo depicts ").score(images[1:2], contexts[1:2])
+    assert prefixed == pytest.approx([2.5 / 2**0.5], abs=1e-6)  # [1,1,0]·[0,5,0]: cos 1/√2
+
+
+def test_clip_iqa_and_iqac_are_softmax_at_logit_scale_100_on_fixed_embeddings():
+    """CLIP-IQA: softmax(100·cos) over ("Good photo.", "Bad photo."), P(good); IQAC: P(good {class}) − P(bad)."""
+    import math
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric
+
+    # unit vectors: cos(image, good) = 0.3, cos(image, bad) = 0.28
+    good, bad = [0.3, math.sqrt(1 - 0.09), 0.0], [0.28, 0.0, math.sqrt(1 - 0.28**2)]
+    clip = _FixedClip({"a": [1.0, 0.0, 0.0]}, {"Good photo.": good, "Bad photo.": bad,
+                                               "a good photo of a cat": bad, "a bad photo of a cat": good})
+    context = [ImageContext("a", "x", class_name="cat")]
+    p_good = 1 / (1 + math.exp(-100 * (0.3 - 0.28)))  # e^{30}/(e^{30}+e^{28})
+    assert ClipMetric("clip-iqa", clip).score([torch.zeros(3, 8, 8)], context)[0] == pytest.approx(p_good, abs=1e-6)
+    # the class prompts are swapped: P(good) − P(bad) = (1 − p) − p
+    assert ClipMetric("clip-iqac", clip).score([torch.zeros(3, 8, 8)], context)[0] == pytest.approx(1 - 2 * p_good,
+                                                                                                  abs=1e-6)
 
 
 def test_q_formula_endpoints():

@@ -99,7 +99,7 @@ _cloak() {
                 '(--center --no-center)'{--center,--no-center}'[Prompt with the image centre.]' \
                 '--select[Automatic mode - the central object (largest mask containing the centre) or the largest object.]:value:(central largest)' \
                 '--points-per-side[Automatic mode - SAM point grid per side (SAM default 32).]:value: ' \
-                '--dilate[Dilate by N px at 512² (max filter 2N+1, scaled to the image).]:value: ' \
+                '--dilate[Dilate by N px at a 512 training resolution (max filter 2N'\''+1, N'\'' = N·min(W,H)/512).]:value: ' \
                 '--sam-type[SAM backbone (tiny = random demo model built in code).]:value:(vit_h vit_l vit_b tiny)' \
                 '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
@@ -292,7 +292,7 @@ _cloak() {
                 '--t-param[Sampler parameter ρ (threshold-high 0.5 = t ≥ 500).]:value: ' \
                 '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App.]:value:(none lm im lim zm)' \
                 '--masks[Folder of concept masks (same names as the images; `cloak mask`).]:file:_files' \
-                '--dilate[Mask dilation in px at 512² (SZT - 16).]:value: ' \
+                '--dilate[Mask dilation in px at a 512 training resolution (N·R/512 at R), any aspect ratio (SZT - 16).]:value: ' \
                 '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
                 '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
                 '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
@@ -320,7 +320,7 @@ _cloak() {
                 '--t-param[rho of the sampler (t600 - 0.6; szt - 0.5).]:value: ' \
                 '--masks[Folder of concept masks (from `cloak mask`) - same relative name (.png) and size as each image.]:file:_files' \
                 '--mask-mode[App.]:value:(none lm im lim zm)' \
-                '--dilate[Dilate masks by N px at 512² (max filter 2N+1, scaled to the image; SZT - 16).]:value: ' \
+                '--dilate[Dilate masks by N px at a 512 training resolution, any aspect ratio (max filter 2N'\''+1, N'\'' = N·min(W,H)/512; SZT - 16).]:value: ' \
                 '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
                 '--lr[Learning rate, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \

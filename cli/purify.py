@@ -73,7 +73,8 @@ def purify(
         help="codeformer-sr: CodeFormer fidelity weight w (0.5; 1 = keep the input).", min=0.0, max=1.0)] = None,
     noise: Annotated[Optional[float], typer.Option(
         help="noisy-upscale: Gaussian noise std as a fraction of the [0,1] range (0.05; robust-style-mimicry uses "
-             "0.05-0.1).", min=0.0)] = None,
+             "0.05-0.1). impress: std of the starting noise, same unit (0.05 = the release's 0.1 on [-1,1]; 0 "
+             "starts at the input).", min=0.0)] = None,
     noise_level: Annotated[Optional[int], typer.Option(
         help="x4 upscaler noise level (0-350): noisy-upscale 320, codeformer-sr 20, pdm-pure 20.",
         min=0, max=350)] = None,

@@ -248,6 +248,42 @@ def test_impress_lowers_its_objective_and_respects_the_lpips_hinge(tiny_pipe):
     assert all(a["lpips"] < b["lpips"] for a, b in zip(stats_tight, stats_none))
 
 
+class _HalvingVAE:
+    """A stand-in autoencoder with D(E(y)) = 0.5·y in model units (scaling factor 1), for closed-form checks."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+    config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+
+    def encode(self, y):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=y))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=0.5 * z)
+
+
+def test_impress_two_steps_equal_the_releases_adam_typed_out():
+    """The release (IMPRESS ``impress()``): y0 = y_ptb + 0.1·n in [-1, 1] units; loss mean((D(E(y)) − y)²) +
+    α·max(LPIPS − Δ, 0); Adam(lr, eps 1e-5); cosine lr to eta_min 1e-5; clamp to [-1, 1]. With D(E(y)) = 0.5·y and
+    LPIPS(a, b) = 1000·mean((a − b)²) both terms are active; Adam's two updates are typed out below."""
+    alpha, delta, lr, eps, floor, beta1, beta2 = 0.1, 0.1, 0.01, 1e-5, 1e-5, 0.9, 0.999
+    image = photo_tensor("astronaut", 16)[None].double()
+    lpips = lambda a, b: 1000 * (a - b).pow(2).flatten(1).mean(1)  # noqa: E731
+    models = SimpleNamespace(pipe=SimpleNamespace(vae=_HalvingVAE()), lpips=lpips)
+    out, _ = run("impress", image.float(), models, seeds=(3,), iters=2)
+
+    n = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(3)).double()[None]
+    y = image * 2 - 1 + 0.1 * n
+    m = v = torch.zeros_like(y)
+    for step, rate in enumerate([lr, floor + (lr - floor) * (1 + np.cos(np.pi / 2)) / 2], start=1):
+        leaf = y.clone().requires_grad_(True)
+        consistency = (0.5 * leaf - leaf).pow(2).mean()
+        loss = consistency + alpha * torch.clamp(lpips((leaf + 1) / 2, image) - delta, min=0).sum()
+        (grad,) = torch.autograd.grad(loss, leaf)
+        m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad**2
+        y = (y - rate / (1 - beta1**step) * m / ((v / (1 - beta2**step)).sqrt() + eps)).clamp(-1, 1)
+    torch.testing.assert_close(out.double(), ((y + 1) / 2).clamp(0, 1), atol=2e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- pdm-pure
 def tiny_if_stage2():
     """A tiny random DeepFloyd-IF-stage-II-shaped img2img SR pipeline (T5 encoder, 6-channel learned-variance UNet

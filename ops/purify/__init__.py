@@ -81,9 +81,11 @@ register(PurifierSpec("pdm-pure", "pdm_pure", "PDM-Pure: DeepFloyd IF stage II S
                       {"t": 444, "steps": 100, "guidance": 7.0, "prompt": "a picture", "resolution": 256,
                        "upscaler_steps": 50, "upscaler_guidance": 4.0, "noise_level": 20,
                        "stage2_model": STAGE2_MODEL, "upscaler_model": UPSCALER_MODEL}, min_size=8))
-register(PurifierSpec("impress", "impress", "IMPRESS: min ‖x − D(E(x))‖² + 0.1·max(LPIPS(x, x_ptb) − 0.1, 0), Adam "
-                      "lr 0.01 cosine, 3000 iterations (paper; --iters 500 is ~6× faster, most of the effect).",
-                      {"iters": 3000, "lr": 0.01, "lpips_weight": 0.1, "lpips_budget": 0.1, "lpips_model": "vgg"},
+register(PurifierSpec("impress", "impress", "IMPRESS as released: from x_ptb + N(0, 0.05²) (0.1 in [-1,1] units), min "
+                      "‖x − D(E(x))‖² + 0.1·max(LPIPS(x, x_ptb) − 0.1, 0), Adam lr 0.01 (eps 1e-5) cosine to 1e-5, "
+                      "3000 iterations (--iters 500 is ~6× faster, most of the effect).",
+                      {"iters": 3000, "lr": 0.01, "lpips_weight": 0.1, "lpips_budget": 0.1, "lpips_model": "vgg",
+                       "noise": 0.05},
                       needs_model=True, min_size=8))
 register(PurifierSpec("codeformer-sr", "codeformer_sr", "DiffShortcut purification: CodeFormer face restoration "
                       "(fidelity 0.5; non-faces skipped), resize to 1/4 (128² for 512²), SD x4 upscaler (75 steps, "

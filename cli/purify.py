@@ -44,8 +44,8 @@ def purify(
                     "regen 60, diffpure-latent 300, diffpure-pixel 100, gridpure 10, pdm-pure 444.",
         min=0, max=999)] = None,
     steps: Annotated[Optional[int], typer.Option(
-        help="Length of the sampling schedule; denoising runs its part below --t (fewer = faster). regen/"
-             "diffpure-latent 50 (DDIM), diffpure-pixel/ddspure/gridpure 1000 (every step, DDPM), pdm-pure 100 "
+        help="Length of the sampling schedule; denoising runs its part below --t (fewer = faster). regen 50 "
+             "(DDIM), diffpure-latent/diffpure-pixel/ddspure/gridpure 1000 (every step, DDPM), pdm-pure 100 "
              "(stage II; stride 10). codeformer-sr/noisy-upscale: upscaler steps (75).", min=1)] = None,
     guidance: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance. regen/diffpure-latent 7.5, pdm-pure stage II 7, codeformer-sr/"
@@ -57,7 +57,8 @@ def purify(
     class_name: Annotated[Optional[str], typer.Option(
         help="diffpure-latent, codeformer-sr: the class for {class} in the prompt (e.g. person).")] = None,
     eta: Annotated[Optional[float], typer.Option(
-        help="diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).",
+        help="diffpure-latent/diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as "
+             "DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g. diffpure-latent --steps 50 --eta 0).",
         min=0.0)] = None,
     window: Annotated[Optional[int], typer.Option(help="gridpure: window size in pixels (256).", min=2)] = None,
     stride: Annotated[Optional[int], typer.Option(help="gridpure: window stride (128).", min=1)] = None,

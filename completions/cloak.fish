@@ -147,7 +147,7 @@ complete -c cloak -n "__fish_seen_subcommand_from purify" -l steps -r -d "Length
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l guidance -r -d "Classifier-free guidance."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l prompt -r -d "Text prompt ({class} is replaced by --class-name; without it such a prompt becomes \"\")."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l class-name -r -d "diffpure-latent, codeformer-sr: the class for {class} in the prompt (e.g."
-complete -c cloak -n "__fish_seen_subcommand_from purify" -l eta -r -d "diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM)."
+complete -c cloak -n "__fish_seen_subcommand_from purify" -l eta -r -d "diffpure-latent/diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l window -r -d "gridpure: window size in pixels (256)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l stride -r -d "gridpure: window stride (128)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l gamma -r -d "gridpure: weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1)."

@@ -169,7 +169,7 @@ _cloak() {
                 '--guidance[Classifier-free guidance.]:value: ' \
                 '--prompt[Text prompt ({class} is replaced by --class-name; without it such a prompt becomes "").]:value: ' \
                 '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g.]:value: ' \
-                '--eta[diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).]:value: ' \
+                '--eta[diffpure-latent/diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g.]:value: ' \
                 '--window[gridpure - window size in pixels (256).]:value: ' \
                 '--stride[gridpure - window stride (128).]:value: ' \
                 '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \

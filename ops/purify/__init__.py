@@ -61,9 +61,12 @@ DIFFPURE_PROMPT = "a photo of a {class}, clear, high resolution, high quality, n
 register(PurifierSpec("regen", "regen", "Diffusion regeneration (WatermarkAttacker): SD VAE latent noised to step 60, "
                       "denoised over the rest of a 50-step DDIM schedule, CFG 7.5, prompt \"\".",
                       {"t": 60, "steps": 50, "guidance": 7.5, "prompt": ""}, needs_model=True, min_size=8))
-register(PurifierSpec("diffpure-latent", "diffpure_latent", "LatentDiffPure (paper 001): SDEdit with SD from t=300 "
-                      "(50-step DDIM schedule), CFG 7.5, prompt with {class} (empty without --class-name).",
-                      {"t": 300, "steps": 50, "guidance": 7.5, "prompt": DIFFPURE_PROMPT, "class_name": None},
+register(PurifierSpec("diffpure-latent", "diffpure_latent", "LatentDiffPure as DiffShortcut's diffpure_main.py: SD "
+                      "latent (posterior sample) noised to t=300, stochastic DDPM on every step 300..0 (301 UNet "
+                      "calls), CFG 7.5, prompt with {class} (empty without --class-name); --steps 50 --eta 0 is the "
+                      "deterministic DDIM variant.",
+                      {"t": 300, "steps": 1000, "guidance": 7.5, "prompt": DIFFPURE_PROMPT, "class_name": None,
+                       "eta": 1.0},
                       needs_model=True, min_size=8))
 register(PurifierSpec("diffpure-pixel", "diffpure_pixel", "PixelDiffPure (Nie et al.): pixel diffusion model "
                       "(--pixel-model), resize to its 256² and back, noise to t=100, DDPM reverse over every step.",

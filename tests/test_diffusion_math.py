@@ -103,6 +103,34 @@ def test_samplers_follow_their_density(sampler, rho, low, high):
         assert stats.kstest(draws, "uniform").pvalue < 1e-6
 
 
+def _closed_form_cdf(sampler, rho):
+    """Paper 000 App. H's distributions, integrated by hand (independent of ``timestep_density``)."""
+    if sampler == "uniform":
+        return lambda t: np.clip(t, 0, 1)
+    if sampler == "threshold-high":  # U(ρ, 1)
+        return lambda t: np.clip((t - rho) / (1 - rho), 0, 1)
+    if sampler == "threshold-low":  # U(0, ρ)
+        return lambda t: np.clip(t / rho, 0, 1)
+    if sampler == "power":  # p ∝ t^ρ → F = t^(ρ+1)
+        return lambda t: np.clip(t, 0, 1) ** (rho + 1)
+    # tanh: p ∝ tanh(ρ(t − ½))/2 + ½; ∫ = t/2 + ln cosh(ρ(t − ½))/(2ρ) + c, total mass ½ on [0, 1] → F below
+    return lambda t: np.clip(t, 0, 1) + (np.log(np.cosh(rho * (np.clip(t, 0, 1) - 0.5))) - np.log(np.cosh(rho / 2))) / rho
+
+
+@pytest.mark.parametrize("sampler,rho", [("uniform", None), ("threshold-high", 0.6), ("threshold-low", 0.4),
+                                         ("power", 2.0), ("power", 0.5), ("tanh", 3.0), ("tanh", 10.0)])
+def test_samplers_match_the_closed_form_cdfs_of_app_h(sampler, rho):
+    draws = diffusion.sample_unit_times(20000, sampler, rho, torch.Generator().manual_seed(5)).numpy()
+    assert stats.kstest(draws, _closed_form_cdf(sampler, rho)).pvalue > 0.001
+    if sampler == "power":  # E[t] = (ρ+1)/(ρ+2), a reversed exponent (t^{1/ρ}) or ρ instead of ρ+1 misses it
+        assert draws.mean() == pytest.approx((rho + 1) / (rho + 2), abs=0.01)
+    if sampler == "tanh":  # increasing ρ favours high t: the mean is above ½
+        assert draws.mean() > 0.5 + 0.02
+    steps = diffusion.sample_timesteps(20000, sampler, rho, generator=torch.Generator().manual_seed(6)).numpy()
+    # integer steps are floor(1000 t): P(step <= k) = F((k + 1)/1000)
+    assert stats.kstest((steps + 1) / 1000, _closed_form_cdf(sampler, rho)).statistic < 0.0125
+
+
 def test_sample_timesteps_scales_to_the_schedule_and_respects_t_range():
     t = diffusion.sample_timesteps(5000, "threshold-high", 0.6, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.min() >= 600 and t.max() <= 999

@@ -151,3 +151,38 @@ def test_encode_decode_roundtrip_shapes(tiny_pipe):
     assert decoded.min() >= 0 and decoded.max() <= 1
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         diffusion.encode_images(tiny_pipe.vae, torch.rand(3, 64, 64))
+
+
+@pytest.mark.parametrize("mode", ["none", "lm", "lim", "zm", "im"])
+def test_mask_mode_losses_equal_app_i_typed_out(mode):
+    """Paper 000 App. I on a stand-in identity denoiser (ε_θ(z) = z), SD's betas typed here, binary M_z:
+    none/im ‖z_t − ε‖², LM/LIM (Eq. 12) ‖(z_t − ε) ⊙ M‖², ZM ‖z_t ⊙ M − ε‖² — each averaged over C·h·w
+    (our normalization: a constant factor on the paper's sum). IM/LIM differ from none/LM only in which latents
+    they are given (those of x ⊙ M_x, tested in test_train_loop)."""
+    from types import SimpleNamespace
+
+    from cloaklab.ops.models.shaped import sd15_scheduler
+    from cloaklab.ops.train.loop import masked_step_loss
+
+    class Identity(torch.nn.Module):
+        dtype = torch.float32
+        device = torch.device("cpu")
+
+        def forward(self, z, t, encoder_hidden_states):
+            return SimpleNamespace(sample=z)
+
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    mask[0, :, 1:4, 2:6] = 1
+    mask[1, :, 3:, :] = 1
+    t = 400
+    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - beta, 0)[t]
+    z_t = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    expected = {"none": (z_t - noise) ** 2, "im": (z_t - noise) ** 2, "lm": ((z_t - noise) * mask) ** 2,
+                "lim": ((z_t - noise) * mask) ** 2, "zm": (z_t * mask - noise) ** 2}[mode].sum((1, 2, 3)) / (4 * 36)
+    loss, _, _ = masked_step_loss(Identity(), sd15_scheduler(), latents.float(), torch.zeros(2, 3, 8),
+                                  torch.tensor([t, t]), noise.float(), mode, mask.float())
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)

@@ -317,3 +317,78 @@ def test_concepts_from_folders_fields_and_patterns(tmp_path):
     with pytest.raises(UsageError):
         check_group_by("regex:(")
     assert remove_token("a <R*> on the  beach", "<R*>") == "a on the beach"
+
+
+def test_dinov2_similarity_is_the_mean_cosine_to_each_clean_image_on_fixed_embeddings(monkeypatch):
+    """Paper 000 §5.1.3: mean over the concept's clean images of cos(CLS(gen), CLS(clean)); typed by hand."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.dino import DinoSimilarity
+
+    vectors = {1: [1.0, 0.0], 2: [0.0, 2.0], 3: [3.0, 4.0]}  # image "value" → its embedding
+    metric = DinoSimilarity(model=object())
+    monkeypatch.setattr(metric, "embed", lambda images: torch.tensor([vectors[int(i[0, 0, 0])] for i in images]))
+    images = {k: torch.full((3, 4, 4), float(k)) for k in vectors}
+    metric.prepare({"c": [images[1], images[2]]})
+    # cos([3,4], [1,0]) = 0.6, cos([3,4], [0,2]) = 0.8 → 0.7; cos([1,0], [1,0]) = 1, cos([1,0], [0,2]) = 0 → 0.5
+    values = metric.score([images[3], images[1]], [ImageContext("a", "c"), ImageContext("b", "c")])
+    assert values == pytest.approx([0.7, 0.5], abs=1e-6)
+
+
+def test_fid_equals_the_frechet_distance_computed_with_scipy():
+    """FID = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2}) (Heusel et al. 2017), unbiased covariances, on a
+    stand-in 6-d feature (per-channel mean and spread) so scipy can compute it independently."""
+    from scipy import linalg
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.fid import FidMetric
+
+    class ChannelStats(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, images):
+            images = images.double() / 255 if images.dtype == torch.uint8 else images.double()
+            return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
+
+    generator = torch.Generator().manual_seed(0)
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
+    real = [photo_tensor(n, 32) for n in names]
+    fake = [(r * 0.8 + 0.1 * torch.rand(r.shape, generator=generator)).clamp(0, 1) for r in real]
+    metric = FidMetric("tiny")
+    metric.extractor = ChannelStats()
+    metric.prepare({"c": real})
+    metric.score(fake, [ImageContext(str(i), "c") for i in range(len(fake))])
+    ours = metric.concept_values()["c"]
+
+    def stats_of(images):  # a custom extractor gets the float images as they are (no uint8 step)
+        stacked = torch.stack(images).double()
+        feats = torch.cat([stacked.mean((2, 3)), stacked.std((2, 3))], 1).numpy()
+        return feats.mean(0), np.cov(feats, rowvar=False)
+
+    (mu_r, cov_r), (mu_g, cov_g) = stats_of(real), stats_of(fake)
+    root = linalg.sqrtm(cov_r @ cov_g).real
+    expected = float(((mu_r - mu_g) ** 2).sum() + np.trace(cov_r + cov_g - 2 * root))
+    assert ours == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_liqe_is_the_expected_level_under_softmax_100_on_fixed_embeddings():
+    """LIQE: softmax(100·cos) over the 495 scene × distortion × level prompts, marginalized to levels 1..5, expected
+    level. Only the "good" prompts (level 4) are aligned with the image (cos 0.1 vs 0): with 99 prompts per level,
+    E = (4·99·e^{10} + (1+2+3+5)·99) / (99·e^{10} + 4·99)."""
+    import math
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric, liqe_prompts
+
+    aligned = [0.1, math.sqrt(1 - 0.01), 0.0]
+    texts = {prompt: (aligned if prompt.endswith("of good quality") else [0.0, 0.0, 1.0]) for prompt in liqe_prompts()}
+
+    class Fixed:
+        def images(self, images, key):
+            return torch.tensor([[1.0, 0.0, 0.0]] * len(images))
+
+        def text(self, prompts):
+            return torch.tensor([texts[p] for p in prompts])
+
+    value = ClipMetric("liqe", Fixed()).score([torch.zeros(3, 8, 8)], [ImageContext("a", "c")])[0]
+    e = math.exp(10)
+    assert value == pytest.approx((4 * e + 11) / (e + 4), abs=1e-5)

@@ -103,3 +103,35 @@ def test_guided_filter_with_image_as_its_own_guide_and_tiny_eps_is_identity():
 
     image = np.asarray(photo("chelsea", 32), dtype=np.float64)
     np.testing.assert_allclose(guided_filter(image, image, 2, 1e-6), image, atol=1e-2)
+
+
+def test_total_variation_by_hand():
+    """Guo et al.'s row/column TV (p = 2): ‖row₁ − row₀‖₂ + ‖col₁ − col₀‖₂ per channel, summed over channels."""
+    from cloaklab.ops.purify.tvm import total_variation_rows_cols
+
+    image = torch.tensor([[[0.0, 3.0], [4.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])[None]
+    # channel 0: rows differ by (4, −3) → 5, columns by (3, −4) → 5; channel 1 is flat → 0
+    assert total_variation_rows_cols(image).item() == pytest.approx(10.0, abs=1e-5)
+
+
+def test_adverse_cleaner_stages_equal_opencv_and_scipy():
+    """Stage 1 = 64 × cv2.bilateralFilter(d 5, σ_color 8, σ_space 8) on the 8-bit image (AdverseCleaner's call).
+    Stage 2's guided filter with a flat guide has a = 0 and b = mean(p), so it is a box mean of box means:
+    scipy's uniform_filter twice (mode reflect = OpenCV's BORDER_REFLECT)."""
+    from scipy.ndimage import uniform_filter
+
+    from cloaklab.ops.purify.adverse_cleaner import guided_filter
+
+    image = photo_tensor("astronaut", 32)[None]
+    pixels = np.rint(image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    expected = pixels.copy()
+    for _ in range(64):
+        expected = cv2.bilateralFilter(expected, 5, 8, 8)
+    ours = _run("adverse-cleaner", image, guided_iters=0)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, expected.astype(np.float32) / 255, atol=1e-6)
+
+    source = np.asarray(photo("chelsea", 24), dtype=np.float64)
+    flat = np.full_like(source, 77.0)
+    twice = np.stack([uniform_filter(uniform_filter(source[..., c], 9, mode="reflect"), 9, mode="reflect")
+                      for c in range(3)], -1)
+    np.testing.assert_allclose(guided_filter(flat, source, 4, 16.0), twice, atol=1e-6)

@@ -318,6 +318,28 @@ def test_impress_two_steps_equal_the_releases_adam_typed_out():
     torch.testing.assert_close(out.double(), ((y + 1) / 2).clamp(0, 1), atol=2e-6, rtol=0)
 
 
+def test_noisy_upscale_feeds_the_upscaler_quarter_size_plus_seeded_noise(monkeypatch):
+    """robust-style-mimicry: x ↓4 (bicubic, antialiased) + N(0, 0.05²) clipped, at noise level 320; typed below."""
+    import torch.nn.functional as F
+
+    from cloaklab.ops.purify import noisy_upscale
+
+    seen = {}
+
+    def fake_upscale(upscaler, low, **kwargs):
+        seen["low"], seen["kwargs"] = low.clone(), kwargs
+        return F.interpolate(low, scale_factor=4, mode="nearest")
+
+    monkeypatch.setattr(noisy_upscale, "upscale_x4", fake_upscale)
+    image = photo_tensor("coffee", 64)[None]
+    out = run("noisy-upscale", image, SimpleNamespace(upscaler=None), seeds=(4,))
+    small = F.interpolate(image, size=(16, 16), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    expected = (small + 0.05 * torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    torch.testing.assert_close(seen["low"], expected, atol=1e-6, rtol=0)
+    assert seen["kwargs"]["noise_level"] == 320 and seen["kwargs"]["steps"] == 75 and seen["kwargs"]["guidance"] == 9
+    assert out.shape == image.shape
+
+
 # ------------------------------------------------------------------------------------------- pdm-pure
 def tiny_if_stage2():
     """A tiny random DeepFloyd-IF-stage-II-shaped img2img SR pipeline (T5 encoder, 6-channel learned-variance UNet

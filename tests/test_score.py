@@ -392,3 +392,29 @@ def test_liqe_is_the_expected_level_under_softmax_100_on_fixed_embeddings():
     value = ClipMetric("liqe", Fixed()).score([torch.zeros(3, 8, 8)], [ImageContext("a", "c")])[0]
     e = math.exp(10)
     assert value == pytest.approx((4 * e + 11) / (e + 4), abs=1e-5)
+
+
+def test_toy_metrics_by_hand_on_a_stand_in_judge():
+    """toy-sim = mean cosine of shape features to every clean reference; toy-acc = 1 when the predicted shape is the
+    concept's (``--class`` if a toy shape, else the references' majority vote) — typed by hand."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.toy import ToyMetric
+
+    class Judge:  # an image's mean brightness picks its features and its shape
+        def features(self, batch):
+            table = {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [1.0, 1.0]}
+            return torch.tensor([table[int(round(float(b.mean()) * 2))] for b in batch])
+
+        def predict(self, batch):
+            return [{"shape": ("circle", "square", "star")[int(round(float(b.mean()) * 2))]} for b in batch]
+
+    level = {k: torch.full((3, 64, 64), k / 2) for k in (0, 1, 2)}
+    sim, acc = ToyMetric("toy-sim", judge=Judge()), ToyMetric("toy-acc", judge=Judge())
+    references = {"c": [level[0], level[0], level[1]]}  # majority vote: circle
+    sim.prepare(references)
+    acc.prepare(references)
+    contexts = [ImageContext("a", "c"), ImageContext("b", "c")]
+    # [1,1] vs [1,0],[1,0],[0,1]: (1/√2)·3/3; [0,1] vs the same: (0 + 0 + 1)/3
+    assert sim.score([level[2], level[1]], contexts) == pytest.approx([2**-0.5, 1 / 3], abs=1e-6)
+    assert acc.score([level[0], level[1]], contexts) == [1.0, 0.0]
+    assert acc.score([level[0], level[1]], [ImageContext("a", "c", class_name="square")] * 2) == [0.0, 1.0]

@@ -43,7 +43,8 @@ def mask(
                                                  help="Automatic mode: SAM point grid per side (SAM default 32).")]
     = 32,
     dilate: Annotated[int, typer.Option(min=0, metavar="N", help="Dilate by N px at a 512 training resolution (max "
-                                        "filter 2N'+1, N' = N·min(W,H)/512). Leave 0 if train-ti dilates (--dilate / --preset szt).")] = 0,
+                                        "filter 2N'+1, N' = N·min(W,H)/512). Leave 0 if train-ti dilates "
+                                        "(--dilate / --preset szt).")] = 0,
     sam_type: Annotated[SamType, typer.Option(help="SAM backbone (tiny = random demo model built in code).")]  # type: ignore[valid-type]
     = "vit_h",
     sam_checkpoint: Annotated[Optional[Path], typer.Option(envvar="CLOAK_SAM_CHECKPOINT", help="SAM checkpoint "

@@ -123,7 +123,8 @@ def score(
             ref_items, _ = collect_inputs([str(ref)], True)
             references = References.load(ref_items, max_pixels or 2**27)
         options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
-                   "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model, "lpips_net": lpips_net, "fid_features": fid_features,
+                   "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,
+                   "lpips_net": lpips_net, "fid_features": fid_features,
                    "arcface_model": arcface_model, "vggface_model": vggface_model}
         result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
                               prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,

@@ -114,7 +114,10 @@ def _closed_form_cdf(sampler, rho):
     if sampler == "power":  # p ∝ t^ρ → F = t^(ρ+1)
         return lambda t: np.clip(t, 0, 1) ** (rho + 1)
     # tanh: p ∝ tanh(ρ(t − ½))/2 + ½; ∫ = t/2 + ln cosh(ρ(t − ½))/(2ρ) + c, total mass ½ on [0, 1] → F below
-    return lambda t: np.clip(t, 0, 1) + (np.log(np.cosh(rho * (np.clip(t, 0, 1) - 0.5))) - np.log(np.cosh(rho / 2))) / rho
+    def cdf(t):
+        t = np.clip(t, 0, 1)
+        return t + (np.log(np.cosh(rho * (t - 0.5))) - np.log(np.cosh(rho / 2))) / rho
+    return cdf
 
 
 @pytest.mark.parametrize("sampler,rho", [("uniform", None), ("threshold-high", 0.6), ("threshold-low", 0.4),

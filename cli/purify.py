@@ -25,7 +25,8 @@ def purify(
                                                    min=1, max=100)] = None,
     sigma: Annotated[Optional[float], typer.Option(
         help="gaussian: blur σ in pixels = Pillow's GaussianBlur radius (5, DiffShortcut; 0 = no-op). ddspure: "
-             "perturbation radius σ on the 0-255 scale (11); t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel model's own schedule.")] = None,
+             "perturbation radius σ on the 0-255 scale (11); t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel "
+             "model's own schedule.")] = None,
     resolution: Annotated[Optional[int], typer.Option(
         help="tvm: working resolution (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
              "for the default). pdm-pure: stage-II size (256).")] = None,

@@ -13,8 +13,8 @@ draw comes from the image's own generator (the run's seed). The last step return
 Variant (option): ``steps=50, eta=0`` is the deterministic DDIM/ODE form cloaklab used before (300, 280, …, 0;
 16 UNet calls; posterior-mean encoding, so it is fully deterministic; paper 001's text describes no sampler).
 Without ``--class-name`` the template falls back to the empty prompt — the paper's LatentDiffPure-∅ variant (the
-release defaults the class to "person"). Where we differ: the release resizes/centre-crops to 512² first and draws from the global RNG seeded once with 0; we work at the input
-size (multiple of 8) with per-image generators.
+release defaults the class to "person"). Where we differ: the release resizes/centre-crops to 512² first and draws
+from the global RNG seeded once with 0; we work at the input size (multiple of 8) with per-image generators.
 """
 
 from __future__ import annotations

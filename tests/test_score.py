@@ -418,3 +418,21 @@ def test_toy_metrics_by_hand_on_a_stand_in_judge():
     assert sim.score([level[2], level[1]], contexts) == pytest.approx([2**-0.5, 1 / 3], abs=1e-6)
     assert acc.score([level[0], level[1]], contexts) == [1.0, 0.0]
     assert acc.score([level[0], level[1]], [ImageContext("a", "c", class_name="square")] * 2) == [0.0, 1.0]
+
+
+def test_lpips_wrapper_hands_torchmetrics_unit_range_images_with_normalize():
+    """torchmetrics' LPIPS network expects [-1, 1] unless ``normalize=True`` (then [0, 1] is rescaled): our images are
+    [0, 1], so the wrapper must pass them unchanged with ``normalize=True`` — a stand-in network records the call."""
+    from cloaklab.ops.metrics.lpips import LPIPSNet
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, a, b, normalize=False):
+            calls.append((a.clone(), b.clone(), normalize))
+            return (a - b).abs().mean((1, 2, 3), keepdim=True)
+
+    a, b = torch.full((2, 3, 8, 8), 0.75), torch.full((2, 3, 8, 8), 0.25)
+    values = LPIPSNet(Recorder())(a, b)
+    assert values.shape == (2,) and torch.allclose(values, torch.full((2,), 0.5))
+    assert calls[0][2] is True and torch.equal(calls[0][0], a) and torch.equal(calls[0][1], b)

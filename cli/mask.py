@@ -42,8 +42,9 @@ def mask(
     points_per_side: Annotated[int, typer.Option(min=1, rich_help_panel=PROMPTS,
                                                  help="Automatic mode: SAM point grid per side (SAM default 32).")]
     = 32,
-    dilate: Annotated[int, typer.Option(min=0, metavar="N", help="Dilate by N px at 512² (max filter 2N+1, scaled "
-                                        "to the image). Leave 0 if train-ti dilates (--dilate / --preset szt).")] = 0,
+    dilate: Annotated[int, typer.Option(min=0, metavar="N", help="Dilate by N px at a 512 training resolution (max "
+                                        "filter 2N'+1, N' = N·min(W,H)/512). Leave 0 if train-ti dilates "
+                                        "(--dilate / --preset szt).")] = 0,
     sam_type: Annotated[SamType, typer.Option(help="SAM backbone (tiny = random demo model built in code).")]  # type: ignore[valid-type]
     = "vit_h",
     sam_checkpoint: Annotated[Optional[Path], typer.Option(envvar="CLOAK_SAM_CHECKPOINT", help="SAM checkpoint "

@@ -23,10 +23,10 @@ def purify(
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "jpeg",  # type: ignore[valid-type]
     quality: Annotated[Optional[int], typer.Option(help="jpeg/webp: encoder quality 1-100 (75; SZT uses 25).",
                                                    min=1, max=100)] = None,
-    kernel: Annotated[Optional[int], typer.Option(help="gaussian: odd kernel size (5).")] = None,
     sigma: Annotated[Optional[float], typer.Option(
-        help="gaussian: blur sigma (from the kernel size). ddspure: perturbation radius σ on the 0-255 scale (11); "
-             "t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel model's own schedule.")] = None,
+        help="gaussian: blur σ in pixels = Pillow's GaussianBlur radius (5, DiffShortcut; 0 = no-op). ddspure: "
+             "perturbation radius σ on the 0-255 scale (11); t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel "
+             "model's own schedule.")] = None,
     resolution: Annotated[Optional[int], typer.Option(
         help="tvm: working resolution (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
              "for the default). pdm-pure: stage-II size (256).")] = None,
@@ -45,8 +45,8 @@ def purify(
                     "regen 60, diffpure-latent 300, diffpure-pixel 100, gridpure 10, pdm-pure 444.",
         min=0, max=999)] = None,
     steps: Annotated[Optional[int], typer.Option(
-        help="Length of the sampling schedule; denoising runs its part below --t (fewer = faster). regen/"
-             "diffpure-latent 50 (DDIM), diffpure-pixel/ddspure/gridpure 1000 (every step, DDPM), pdm-pure 100 "
+        help="Length of the sampling schedule; denoising runs its part below --t (fewer = faster). regen 50 "
+             "(DDIM), diffpure-latent/diffpure-pixel/ddspure/gridpure 1000 (every step, DDPM), pdm-pure 100 "
              "(stage II; stride 10). codeformer-sr/noisy-upscale: upscaler steps (75).", min=1)] = None,
     guidance: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance. regen/diffpure-latent 7.5, pdm-pure stage II 7, codeformer-sr/"
@@ -58,7 +58,8 @@ def purify(
     class_name: Annotated[Optional[str], typer.Option(
         help="diffpure-latent, codeformer-sr: the class for {class} in the prompt (e.g. person).")] = None,
     eta: Annotated[Optional[float], typer.Option(
-        help="diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).",
+        help="diffpure-latent/diffpure-pixel/ddspure/gridpure: reverse-process noise (1 = DDPM ancestral as "
+             "DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g. diffpure-latent --steps 50 --eta 0).",
         min=0.0)] = None,
     window: Annotated[Optional[int], typer.Option(help="gridpure: window size in pixels (256).", min=2)] = None,
     stride: Annotated[Optional[int], typer.Option(help="gridpure: window stride (128).", min=1)] = None,
@@ -74,7 +75,8 @@ def purify(
         help="codeformer-sr: CodeFormer fidelity weight w (0.5; 1 = keep the input).", min=0.0, max=1.0)] = None,
     noise: Annotated[Optional[float], typer.Option(
         help="noisy-upscale: Gaussian noise std as a fraction of the [0,1] range (0.05; robust-style-mimicry uses "
-             "0.05-0.1).", min=0.0)] = None,
+             "0.05-0.1). impress: std of the starting noise, same unit (0.05 = the release's 0.1 on [-1,1]; 0 "
+             "starts at the input).", min=0.0)] = None,
     noise_level: Annotated[Optional[int], typer.Option(
         help="x4 upscaler noise level (0-350): noisy-upscale 320, codeformer-sr 20, pdm-pure 20.",
         min=0, max=350)] = None,
@@ -108,7 +110,7 @@ def purify(
     """Purify images: every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.
 
     Examples:  cloak purify photos -o out --method jpeg --quality 25 ·
-    cloak purify photos -o out -m gaussian --kernel 7 · cloak purify photos -o out -m regen ·
+    cloak purify photos -o out -m gaussian --sigma 2 · cloak purify photos -o out -m regen ·
     cloak purify photos -o out -m impress --iters 500 · cloak purify photos -o out -m gridpure --pixel-model DIR ·
     chain methods with the shell (a && b). Model-based methods load their networks once per run; flags that do
     not apply to the chosen method are refused.
@@ -122,7 +124,7 @@ def purify(
     from cloaklab.ops.purify.run import purify_folder
 
     spec = get_purifier(common.value(method))
-    params = spec.resolve({"quality": quality, "kernel": kernel, "sigma": sigma, "resolution": resolution,
+    params = spec.resolve({"quality": quality, "sigma": sigma, "resolution": resolution,
                            "drop": drop, "tv_weight": tv_weight, "iters": iters, "bilateral_iters": bilateral_iters,
                            "guided_iters": guided_iters, "radius": radius, "eps": eps, "t": t, "steps": steps,
                            "guidance": guidance, "prompt": prompt, "class_name": class_name, "eta": eta,

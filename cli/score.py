@@ -43,6 +43,10 @@ def score(
     "facebook/dinov2-base",
     clip_model: Annotated[str, typer.Option(help="CLIP weights for clip, clip-iqa, clip-iqac, liqe, q: Hub id, "
                                             "folder, or tiny.")] = "openai/clip-vit-base-patch32",
+    clip_scale: Annotated[float, typer.Option(help="clip: CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'s "
+                                              "CLIP-S (paper 000's tables), 100 torchmetrics' scale.")] = 2.5,
+    clip_prefix: Annotated[str, typer.Option(help="clip: text put before each prompt; Hessel et al.'s code uses "
+                                             "'A photo depicts ' (default: none).")] = "",
     liqe_model: Annotated[Optional[str], typer.Option(help="liqe: LIQE CLIP weights as a transformers folder "
                                                       "(default: zero-shot with --clip-model).")] = None,
     lpips_net: Annotated[str, typer.Option(help="lpips backbone: alex, vgg, squeeze, or tiny (random backbone).")] =
@@ -123,7 +127,8 @@ def score(
             ref_items, _ = collect_inputs([str(ref)], True)
             references = References.load(ref_items, max_pixels or 2**27)
         options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
-                   "liqe_model": liqe_model, "lpips_net": lpips_net, "fid_features": fid_features,
+                   "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,
+                   "lpips_net": lpips_net, "fid_features": fid_features,
                    "arcface_model": arcface_model, "vggface_model": vggface_model}
         result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
                               prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,
@@ -132,6 +137,8 @@ def score(
                               if kind == "done" and reporter.progress is None else reporter.event(kind, name, info))
         params = {"metrics": [s.name for s in specs], "ref": str(ref) if ref else None, "group_by": group_by,
                   "class": class_name, "prompt": prompt, "token": token,
+                  **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
+                     else {}),
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
         document = {"command": "score", "argv": sys.argv, "labels": labels, "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}

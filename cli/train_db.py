@@ -79,8 +79,8 @@ def train_db(
                          ] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of concept masks (same names as the "
                                                   "images; `cloak mask`).")] = None,
-    dilate: Annotated[Optional[int], typer.Option("--dilate", min=0, help="Mask dilation in px at 512² (SZT: "
-                                                  "16).")] = None,
+    dilate: Annotated[Optional[int], typer.Option("--dilate", min=0, help="Mask dilation in px at a 512 training "
+                                                  "resolution (N·R/512 at R), any aspect ratio (SZT: 16).")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Resumable checkpoint every N "
                                                   "steps (last two kept; full runs: weights + Adam states).")] = 500,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Also save weights every N steps under "

@@ -47,8 +47,9 @@ def train_ti(
         rich_help_panel=SZT, help="App. I: lm = loss mask, im = masked input image, lim = both, zm = masked z_t "
                                   "(default lm when --masks is given).")] = None,
     dilate: Annotated[Optional[int], typer.Option(min=0, metavar="N", rich_help_panel=SZT,
-                                                  help="Dilate masks by N px at 512² (max filter 2N+1, scaled to the "
-                                                       "image; SZT: 16).")] = None,
+                                                  help="Dilate masks by N px at a 512 training resolution, any "
+                                                       "aspect ratio (max filter 2N'+1, N' = N·min(W,H)/512; "
+                                                       "SZT: 16).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
     = 5000,
     lr: Annotated[float, typer.Option(help="Learning rate, constant (paper 000: 5e-4).")] = 5e-4,

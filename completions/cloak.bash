@@ -128,7 +128,6 @@ _cloak() {
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --method|-m) COMPREPLY=($(compgen -W "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
-                --kernel) COMPREPLY=(); return ;;
                 --sigma) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --drop) COMPREPLY=(); return ;;
@@ -169,7 +168,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --method -m --quality --kernel --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --method -m --quality --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -186,6 +185,8 @@ _cloak() {
                 --label) COMPREPLY=(); return ;;
                 --dinov2-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --clip-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --clip-scale) COMPREPLY=(); return ;;
+                --clip-prefix) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --liqe-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lpips-net) COMPREPLY=(); return ;;
                 --fid-features) COMPREPLY=(); return ;;
@@ -201,7 +202,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -99,7 +99,7 @@ _cloak() {
                 '(--center --no-center)'{--center,--no-center}'[Prompt with the image centre.]' \
                 '--select[Automatic mode - the central object (largest mask containing the centre) or the largest object.]:value:(central largest)' \
                 '--points-per-side[Automatic mode - SAM point grid per side (SAM default 32).]:value: ' \
-                '--dilate[Dilate by N px at 512² (max filter 2N+1, scaled to the image).]:value: ' \
+                '--dilate[Dilate by N px at a 512 training resolution (max filter 2N'\''+1, N'\'' = N·min(W,H)/512).]:value: ' \
                 '--sam-type[SAM backbone (tiny = random demo model built in code).]:value:(vit_h vit_l vit_b tiny)' \
                 '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
@@ -155,8 +155,7 @@ _cloak() {
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
-                '--kernel[gaussian - odd kernel size (5).]:value: ' \
-                '--sigma[gaussian - blur sigma (from the kernel size).]:value: ' \
+                '--sigma[gaussian - blur σ in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut; 0 = no-op).]:value: ' \
                 '--resolution[tvm - working resolution (64).]:value: ' \
                 '--drop[tvm - fraction of pixels dropped (0.02).]:value: ' \
                 '--tv-weight[tvm - TV weight λ (0.01).]:value: ' \
@@ -170,7 +169,7 @@ _cloak() {
                 '--guidance[Classifier-free guidance.]:value: ' \
                 '--prompt[Text prompt ({class} is replaced by --class-name; without it such a prompt becomes "").]:value: ' \
                 '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g.]:value: ' \
-                '--eta[diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).]:value: ' \
+                '--eta[diffpure-latent/diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g.]:value: ' \
                 '--window[gridpure - window size in pixels (256).]:value: ' \
                 '--stride[gridpure - window stride (128).]:value: ' \
                 '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \
@@ -214,6 +213,8 @@ _cloak() {
                 '--label[Label stored in the score file for --table (repeatable), e.g.]:value: ' \
                 '--dinov2-model[dinov2 weights - Hub id, local folder, or tiny.]:file:_files' \
                 '--clip-model[CLIP weights for clip, clip-iqa, clip-iqac, liqe, q - Hub id, folder, or tiny.]:file:_files' \
+                '--clip-scale[clip - CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'\''s CLIP-S (paper 000'\''s tables), 100 torchmetrics'\'' scale.]:value: ' \
+                '--clip-prefix[clip - text put before each prompt; Hessel et al.'\''s code uses '\''A photo depicts '\'' (default - none).]:file:_files' \
                 '--liqe-model[liqe - LIQE CLIP weights as a transformers folder (default - zero-shot with --clip-model).]:file:_files' \
                 '--lpips-net[lpips backbone - alex, vgg, squeeze, or tiny (random backbone).]:value: ' \
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \
@@ -291,7 +292,7 @@ _cloak() {
                 '--t-param[Sampler parameter ρ (threshold-high 0.5 = t ≥ 500).]:value: ' \
                 '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App.]:value:(none lm im lim zm)' \
                 '--masks[Folder of concept masks (same names as the images; `cloak mask`).]:file:_files' \
-                '--dilate[Mask dilation in px at 512² (SZT - 16).]:value: ' \
+                '--dilate[Mask dilation in px at a 512 training resolution (N·R/512 at R), any aspect ratio (SZT - 16).]:value: ' \
                 '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
                 '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
                 '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
@@ -319,7 +320,7 @@ _cloak() {
                 '--t-param[rho of the sampler (t600 - 0.6; szt - 0.5).]:value: ' \
                 '--masks[Folder of concept masks (from `cloak mask`) - same relative name (.png) and size as each image.]:file:_files' \
                 '--mask-mode[App.]:value:(none lm im lim zm)' \
-                '--dilate[Dilate masks by N px at 512² (max filter 2N+1, scaled to the image; SZT - 16).]:value: ' \
+                '--dilate[Dilate masks by N px at a 512 training resolution, any aspect ratio (max filter 2N'\''+1, N'\'' = N·min(W,H)/512; SZT - 16).]:value: ' \
                 '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
                 '--lr[Learning rate, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \

@@ -60,11 +60,15 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def plan_jobs(templates: Sequence[str], token: str, num_per_prompt: int, seed: int,
-              negative_prompt: str | None = None) -> list[GenerationJob]:
-    """All images of a run, prompt-major: ``len(templates) × num_per_prompt`` jobs."""
+              negative_prompt: str | None = None, without: str | None = None) -> list[GenerationJob]:
+    """All images of a run, prompt-major: ``len(templates) × num_per_prompt`` jobs. ``without`` (DiffShortcut's
+    negative token) appends ", without {without}" to every prompt (:func:`ops.prompts.without_suffix`)."""
+    from .prompts import without_suffix
+
     if num_per_prompt < 1:
         raise UsageError("--num-per-prompt must be at least 1")
-    return [GenerationJob(j, k, template, token, fill(template, token), negative_prompt or None, image_seed(seed, j, k))
+    return [GenerationJob(j, k, template, token, without_suffix(fill(template, token), without),
+                          negative_prompt or None, image_seed(seed, j, k))
             for j, template in enumerate(templates) for k in range(num_per_prompt)]
 
 

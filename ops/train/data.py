@@ -7,8 +7,9 @@ run has no masks). ``R`` is the training resolution (512 for SD1.5, 768 for SD2.
 Preprocessing order per image (paper 000 Eq. 7, ``x'_j = JPEG(x'_p)``): decode (EXIF applied) → JPEG at quality Q
 through Pillow, at the file's own size (as ``cloak purify --method jpeg`` would) → resize the short side to R
 (bicubic, like the diffusers TI example) → centre crop to R×R. Masks follow the same geometry: binarize (> 127) →
-dilate (max filter of size 2N'+1, N' = N scaled from 512² to the mask's size, paper 000 App. J) → resize (nearest)
-and crop exactly like the image.
+dilate (max filter of size 2N'+1 at the mask's own size, N' = round(N · min(W, H) / 512): N pixels at paper 000's
+512 training resolution on every aspect ratio, N·R/512 at resolution R; App. J) → resize (nearest) and crop exactly
+like the image.
 """
 
 from __future__ import annotations

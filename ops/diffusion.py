@@ -40,11 +40,12 @@ def latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images in [0, 1]."""
+def decode_latents(vae, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Scaled latents → images in [0, 1] (``clamp=False``: the decoder's raw output mapped by (y + 1)/2, unbounded,
+    for losses that must keep gradients on saturated pixels)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    decoded = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-    return ((decoded.float() + 1) / 2).clamp(0, 1)
+    decoded = (vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float() + 1) / 2
+    return decoded.clamp(0, 1) if clamp else decoded
 
 
 # ----------------------------------------------------------------------------------------- noise & targets

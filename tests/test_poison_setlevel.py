@@ -353,7 +353,7 @@ def test_lf_aspl_perturbation_stays_low_frequency(pipe, class_dir):
     """lf-aspl (LF-ASPL of paper 004): the set-level hook honours the engine's DCT gradient/δ projections."""
     from cloaklab.ops.attacks.lowfreq import highfreq_energy
 
-    low = run_attack("lf-aspl", pipe, class_dir, rounds=1)
+    low = run_attack("lf-aspl", pipe, class_dir, rounds=1, lf_project=True)
     plain = run_attack("aspl", pipe, class_dir, rounds=1)
     for a, b, clean in zip(low, plain, photos()):
         assert highfreq_energy(a.images.cpu() - clean[None], 0.25).item() < 0.05  # only the ε clip adds any

@@ -177,19 +177,17 @@ def test_da_step_pulls_the_sampler_output_toward_mid_grey(monkeypatch, pinned, i
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_da_sampler_keeps_gradients_on_saturated_pixels(tiny_pipe, images):
-    """No clamp on the decoder output: the loss still has gradient where the output is beyond [-1, 1]."""
+def test_da_sampler_keeps_gradients_on_saturated_pixels(monkeypatch, tiny_pipe, images):
+    """No clamp on the decoder output (PhotoGuard attack_forward decodes without one): with a decoder whose output
+    saturates, the sampler still returns values beyond [-1, 1] and the loss has gradient through them."""
+    from types import SimpleNamespace
+
     models = engine.AttackModels(tiny_pipe)
+    decode = tiny_pipe.vae.decode
+    monkeypatch.setattr(tiny_pipe.vae, "decode", lambda z, *a, **k: SimpleNamespace(sample=decode(z).sample * 10))
     x = images[:1].clone().requires_grad_(True)
     out = da.sample(models, x, gens(1), sampling_steps=2)
-    outside = (out.abs() > 1).float()
-    (grad,) = torch.autograd.grad((out * outside).sum() + 0 * out.sum(), x)
-    if outside.sum() == 0:  # make sure the clamp is tested: decode a latent large enough to saturate
-        z = torch.full((1, 4, 4, 4), 8.0, requires_grad=True)
-        from cloaklab.ops import diffusion
-        raw = diffusion.decode_latents(tiny_pipe.vae, z, clamp=False)
-        assert float(((raw < 0) | (raw > 1)).float().mean()) > 0
-        (gz,) = torch.autograd.grad(raw.sum(), z)
-        assert gz.abs().sum() > 0
-    else:
-        assert grad.abs().sum() > 0
+    outside = out.abs() > 1
+    assert float(outside.float().mean()) > 0.2
+    (grad,) = torch.autograd.grad(out[outside].sum(), x)
+    assert grad.abs().sum() > 0

@@ -561,3 +561,14 @@ def test_ace_same_seed_same_bytes_and_only_lora_trains_with_prior(db_batches, mo
             assert torch.equal(value, base[name.replace(".base_layer", "")]), name
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in captured[0].unet.named_parameters()
                if "lora_B" in n)  # the up-projections left their zero init: the LoRA trained
+
+
+@pytest.mark.parametrize("name, overrides, ascent", [
+    ("aspl", {"rounds": 1}, True), ("fsmg", {"surrogate_steps": 1, "steps": 2}, True),
+    ("inmark", {"epochs": 1, "iterations": 1}, True), ("ace", {"epochs": 1, "pgd_steps": 1, "lora_steps": 1}, False)])
+def test_set_level_pgd_steps_go_the_papers_way(name, overrides, ascent, spy, pipe, class_dir):
+    """ASPL/FSMG/InMark ascend the surrogate's denoising loss (Anti-DreamBooth aspl.py/fsmg.py: ``+ alpha *
+    grad.sign()``); ACE descends the distance to the target latent (mist-v2 lunet ascends ``−mse``)."""
+    run_attack(name, pipe, class_dir, **overrides)
+    steps = [data for kind, data in spy if kind == "pgd"]
+    assert steps and all(kw["ascent"] is ascent for _, kw in steps)

@@ -9,7 +9,8 @@ target latent, so whatever a trainer learns from the images is a consistent, vis
 
 alternating ``epochs`` × [``pgd_steps`` sign steps on every image against a frozen copy, then ``lora_steps`` LoRA
 steps of the surrogate on the perturbed images: 1 instance + 1 class image a step, instance loss + ``prior_weight``
-0.1 × class loss, gradient norm clipped to 1.0, AdamW lr 1e-4, LoRA rank 4 on the UNet's attention projections,
+0.1 × class loss, gradient norm clipped to 1.0, AdamW lr 1e-4, LoRA rank 4 on the UNet's attention projections and GEGLU
+projections (lora_diffusion's ``UNET_DEFAULT_TARGET_REPLACE``),
 text encoder frozen (their ``train_text_encoder`` false)]. Their defaults: ``max_train_steps`` 5,
 ``max_adv_train_steps`` 30, ``max_f_train_steps`` 10, ``num_class_images`` 50, ``prior_loss_weight`` 0.1.
 
@@ -39,11 +40,14 @@ from ..train.dreambooth import DreamBoothTrainer, encode_class_images
 DEFAULTS = {"eps": 4.0, "step_size": 0.6375, "epochs": 5, "pgd_steps": 30, "lora_steps": 10, "lora_rank": 4,
             "lora_lr": 1e-4, "target": "pattern", "prior_weight": 0.1, "num_class_images": 50,
             "train_text_encoder": False}
-LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# lora_diffusion's inject_trainable_lora (what mist-v2 calls) wraps every Linear inside the UNet's Attention and GEGLU
+# modules (UNET_DEFAULT_TARGET_REPLACE): the four attention projections and the feed-forward's GEGLU projection
+LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
 
 
 def add_lora(unet, rank: int, generator: torch.Generator) -> list[torch.nn.Parameter]:
-    """Attach a rank-``rank`` LoRA adapter (peft) to the UNet's attention projections; returns its parameters.
+    """Attach a rank-``rank`` LoRA adapter (peft) to the UNet's attention and GEGLU projections; returns its
+    parameters.
 
     peft's gaussian init draws from torch's global RNG: it runs inside a forked RNG seeded from ``generator``, so
     the adapter depends only on the run's seed and the caller's global RNG state is left as it was."""

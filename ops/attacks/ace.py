@@ -9,9 +9,9 @@ target latent, so whatever a trainer learns from the images is a consistent, vis
 
 alternating ``epochs`` × [``pgd_steps`` sign steps on every image against a frozen copy, then ``lora_steps`` LoRA
 steps of the surrogate on the perturbed images: 1 instance + 1 class image a step, instance loss + ``prior_weight``
-0.1 × class loss, gradient norm clipped to 1.0, AdamW lr 1e-4, LoRA rank 4 on the UNet's attention projections and GEGLU
-projections (lora_diffusion's ``UNET_DEFAULT_TARGET_REPLACE``),
-text encoder frozen (their ``train_text_encoder`` false)]. Their defaults: ``max_train_steps`` 5,
+0.1 × class loss, gradient norm clipped to 1.0, AdamW lr 1e-4, LoRA rank 4 on the UNet's attention and GEGLU
+projections (lora_diffusion's ``UNET_DEFAULT_TARGET_REPLACE``), text encoder frozen (their ``train_text_encoder``
+false)]. Their defaults: ``max_train_steps`` 5,
 ``max_adv_train_steps`` 30, ``max_f_train_steps`` 10, ``num_class_images`` 50, ``prior_loss_weight`` 0.1.
 
 Budget, in units: mist-v2 works in [-1, 1] with ``pgd_eps`` 8/255 and ``pgd_alpha`` 0.005, i.e. 4/255 and 0.6375/255

@@ -7,7 +7,8 @@ backward pass of the instance-prompt noise-prediction loss ‖ε_θ(z'_t, t, c_i
 twice: a sign-ascent PGD step on the images and an AdamW descent step (lr 1e-5) on K/V — the perturbation fights a
 model that is simultaneously learning the subject through the layers personalization changes most.
 
-Reference code: CAAT's release (built on Anti-DreamBooth's / diffusers' DreamBooth scripts): per iteration one
+Reference code: CAAT's release (built on Anti-DreamBooth's / diffusers' DreamBooth scripts; the clip and the one
+step per iteration are from issue 18's review of it, the repository was not found in our index): per iteration one
 backward of the whole batch, the image sign step, ``clip_grad_norm_(K/V, max_grad_norm=1.0)`` and one optimizer
 step. Ours: when the set holds images of several shapes the minibatches' losses are accumulated (each group's
 loss weighted by its share of the set, so the K/V gradient is the set mean) and K/V take ONE clipped AdamW step per

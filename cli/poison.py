@@ -74,7 +74,9 @@ def poison(
     step_size: Annotated[Optional[float], _opt("PGD step in /255 units (1).", min=0)] = None,
     steps: Annotated[Optional[int], _opt("PGD iterations (100; da 200).", min=0)] = None,
     random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", show_default=False,
-                                                         help="Start from a uniform draw in the ε-ball (off).")] = None,
+                                                         help="Start from a uniform draw in the ε-ball (on for "
+                                                              "adm±, sds±, ea, mist as Mist v1; off for lf-*, "
+                                                              "da).")] = None,
     t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).",
                                            metavar="LO,HI")] = None,
     prompt: Annotated[Optional[str], _opt("Prompt conditioning the UNet ('a photo').")] = None,

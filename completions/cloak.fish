@@ -100,7 +100,7 @@ complete -c cloak -n "__fish_seen_subcommand_from poison" -l attack -s a -xa "ad
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l eps -r -d "L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, MetaCloak 11)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l step-size -r -d "PGD step in /255 units (1)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l steps -r -d "PGD iterations (100; da 200)."
-complete -c cloak -n "__fish_seen_subcommand_from poison" -l random-start -l no-random-start -d "Start from a uniform draw in the ε-ball (off)."
+complete -c cloak -n "__fish_seen_subcommand_from poison" -l random-start -l no-random-start -d "Start from a uniform draw in the ε-ball (on for adm±, sds±, ea, mist as Mist v1; off for lf-*, da)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l t-range -r -d "Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l prompt -r -d "Prompt conditioning the UNet ('a photo')."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l target -r -d "ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, or an image path (pattern)."

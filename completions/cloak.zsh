@@ -120,7 +120,7 @@ _cloak() {
                 '--eps[L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
                 '--step-size[PGD step in /255 units (1).]:value: ' \
                 '--steps[PGD iterations (100; da 200).]:value: ' \
-                '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (off).]' \
+                '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (on for adm±, sds±, ea, mist as Mist v1; off for lf-*, da).]' \
                 '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).]:value: ' \
                 '--prompt[Prompt conditioning the UNet ('\''a photo'\'').]:value: ' \
                 '--target[ea/mist/da/ace target - pattern (ours, high-contrast), gray, zero, or an image path (pattern).]:file:_files' \

@@ -93,6 +93,12 @@ def poison(
                                                 max=100)] = None,
     resolution: Annotated[int, typer.Option(help="Working resolution: short side in px, aspect kept, multiples "
                                                  "of 8; 0 = native size.", min=0)] = 512,
+    native_size: Annotated[bool, typer.Option("--native-size/--working-size",
+                                              help="Single-image attacks on photos larger than the working "
+                                                   "resolution: optimize in the photo's own pixels through a "
+                                                   "mimic's random resize (PIL bicubic/bilinear/Lanczos/box, "
+                                                   "random crops); --working-size: optimize at the working size "
+                                                   "and upsample the perturbation (lf-* and da always do).")] = True,
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
     clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
@@ -111,7 +117,10 @@ def poison(
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
-    batch_size: common.BatchSize = 1,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
+                                                      help="Images per batch, same-size images only (1); "
+                                                           "set-level attacks: the PGD minibatch (all images at "
+                                                           "once, as Anti-DreamBooth).")] = None,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
@@ -171,7 +180,8 @@ def poison(
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     model_record = model_info(model_name).as_dict()
-    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "robust": transforms,
+    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size,
+                  "robust": transforms,
                   "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
                   "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
                   "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
@@ -192,7 +202,8 @@ def poison(
                                 resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
                                 jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
                                 clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
-                                checkpointing=checkpointing, eval_draws=eval_draws, on_event=reporter.event,
+                                checkpointing=checkpointing, eval_draws=eval_draws, native=native_size,
+                                on_event=reporter.event,
                                 progress=lambda text: reporter.line(f"poison: {text}"))
         code = reporter.summary(summary, output, json_out)
     raise typer.Exit(code)

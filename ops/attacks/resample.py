@@ -12,10 +12,14 @@ generator (expectation over transformations, Athalye et al. 2018):
 * a resampling filter, uniform over ``filters`` — PIL's ``bilinear`` (triangle), ``bicubic`` (Keys, a = −0.5),
   ``lanczos`` (Lanczos-3) and ``area`` (PIL's box filter, ≈ cv2 ``INTER_AREA``), each antialiased as PIL does: the
   kernel is stretched by the shrink factor, so every native pixel under it contributes;
-* a crop: with probability ½ the whole photo (a resize to exactly the working size, or a centre crop of a square
-  bucket), else a window ``1/u`` of the photo per side, ``u ~ U[1, 1 + jitter]``, at a uniformly random position —
+* a crop: with probability 0.9 the whole photo (a resize to exactly the working size, or a centre crop of a square
+  bucket), else a window ``1/u`` of the photo per side, ``u ~ U[1, 1.05]``, at a uniformly random position —
   a random crop plus a small scale mismatch, which moves the sampling grid and the VAE's 8-pixel latent grid by
   sub-pixel and whole-pixel amounts. The window is resized to the working size, so every draw has the same shape.
+  (Measured on the tiny model, 4 photos, 20 adm+ steps: with crops in half the draws and ``u`` up to 1.15 the rise
+  kept after an exact PIL resize fell to 0.69–0.73 of the working-size rise, against 0.84–0.90 without crops and
+  0.79–0.83 with 20 % crops up to 1.05; hence the light default. Raise ``crop_probability`` for a mimic known to
+  random-crop.)
 
 The weights follow Pillow's ``ImagingResample`` (``Resample.c``: centre ``(i + ½)·scale``, support ``filter
 support × max(scale, 1)``, weights normalized to sum 1), so the ``bilinear``/``bicubic``/``lanczos`` forward pass
@@ -143,8 +147,8 @@ class NativeView:
 
     size: tuple[int, int]
     filters: Sequence[str] = FILTERS
-    jitter: float = 0.15
-    crop_probability: float = 0.5
+    jitter: float = 0.05
+    crop_probability: float = 0.1
     generators: Sequence[torch.Generator] = field(default_factory=list)
 
     def __post_init__(self) -> None:

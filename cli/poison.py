@@ -99,6 +99,9 @@ def poison(
                                                    "mimic's random resize (PIL bicubic/bilinear/Lanczos/box, "
                                                    "random crops); --working-size: optimize at the working size "
                                                    "and upsample the perturbation (lf-* and da always do).")] = True,
+    native_crops: Annotated[float, typer.Option(help="--native-size: share of the resize draws that are random "
+                                                     "crops (windows 95-100 % of the photo per side at a random "
+                                                     "place), for mimics that random-crop.", min=0, max=1)] = 0.0,
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
     clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
@@ -180,7 +183,7 @@ def poison(
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     model_record = model_info(model_name).as_dict()
-    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size,
+    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size, "native_crops": native_crops,
                   "robust": transforms,
                   "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
                   "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
@@ -203,6 +206,7 @@ def poison(
                                 jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
                                 clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
                                 checkpointing=checkpointing, eval_draws=eval_draws, native=native_size,
+                                native_crops=native_crops,
                                 on_event=reporter.event,
                                 progress=lambda text: reporter.line(f"poison: {text}"))
         code = reporter.summary(summary, output, json_out)

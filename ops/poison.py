@@ -174,7 +174,7 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
                   max_pixels: int | None = None, resolution: int = 512, robust_transforms: Sequence[str] = (),
                   eot_samples: int = 1, jpeg_quality: int | None = None, mask: str | None = None,
                   clean_dir: str | None = None, preview: bool = False, checkpointing: bool = False,
-                  eval_draws: int = 4, native: bool = True,
+                  eval_draws: int = 4, native: bool = True, native_crops: float = 0.0,
                   on_event: Callable[[str, str, dict], None] | None = None,
                   progress: Callable[[str], None] | None = None) -> RunSummary:
     """Poison every item with ``attack`` (``params`` already resolved against its spec) into ``out_dir``.
@@ -182,7 +182,8 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
     ``pipe`` is the loaded diffusers pipeline, or ``load_pipe()`` loads it when the first image needs work (a
     resumed run with nothing left to do loads no model); ``eval_draws`` fixed (t, ε) draws measure loss_start/loss_end
     (0: not measured, recorded as null). ``native``: optimize single-image attacks at the photo's own size through
-    the mimic's resize (see the module docstring); ``False`` is the working-size-and-upsample path.
+    the mimic's resize (see the module docstring); ``False`` is the working-size-and-upsample path; ``native_crops``:
+    the share of the view's draws that are random crops (``NativeView.crop_probability``).
     ``batch_size``: images per batch for single-image attacks (``None``: 1), the PGD minibatch of set-level attacks
     (``None``: all same-sized images at once, as Anti-DreamBooth).
     """
@@ -253,7 +254,7 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
             generators = [torch.Generator().manual_seed(jobs[i].seed) for i in indices]
             size = working_size(shape[0], shape[1], resolution) if on_native else shape
             # the view's own stream (for encodes given no generators), seeded from each image's seed
-            models.view = NativeView(size, generators=[torch.Generator().manual_seed(
+            models.view = NativeView(size, crop_probability=native_crops, generators=[torch.Generator().manual_seed(
                 (jobs[i].seed * 1000003 + 7) % 2**63) for i in indices]) if on_native else None
             extra = {**options, "eval_draws": eval_draws}
             if masks:

@@ -12,20 +12,20 @@ generator (expectation over transformations, Athalye et al. 2018):
 * a resampling filter, uniform over ``filters`` — PIL's ``bilinear`` (triangle), ``bicubic`` (Keys, a = −0.5),
   ``lanczos`` (Lanczos-3) and ``area`` (PIL's box filter, ≈ cv2 ``INTER_AREA``), each antialiased as PIL does: the
   kernel is stretched by the shrink factor, so every native pixel under it contributes;
-* a crop: with probability 0.9 the whole photo (a resize to exactly the working size, or a centre crop of a square
-  bucket), else a window ``1/u`` of the photo per side, ``u ~ U[1, 1.05]``, at a uniformly random position —
+* a crop (``crop_probability``, default 0 — see below): the whole photo (a resize to exactly the working size), or
+  with that probability a window ``1/u`` of the photo per side, ``u ~ U[1, 1 + jitter]``, at a random position —
   a random crop plus a small scale mismatch, which moves the sampling grid and the VAE's 8-pixel latent grid by
   sub-pixel and whole-pixel amounts. The window is resized to the working size, so every draw has the same shape.
   (Measured on the tiny model, 4 photos, 20 adm+ steps: with crops in half the draws and ``u`` up to 1.15 the rise
   kept after an exact PIL resize fell to 0.69–0.73 of the working-size rise, against 0.84–0.90 without crops and
-  0.79–0.83 with 20 % crops up to 1.05; hence the light default. Raise ``crop_probability`` for a mimic known to
-  random-crop.)
+  0.79–0.83 with 20 % crops up to 1.05, and 0.79–0.84 with 10 % (``bench/poison.py --native``); hence crops are
+  opt-in — ``cloak poison --native-crops P`` — for a mimic known to random-crop.)
 
 The weights follow Pillow's ``ImagingResample`` (``Resample.c``: centre ``(i + ½)·scale``, support ``filter
 support × max(scale, 1)``, weights normalized to sum 1), so the ``bilinear``/``bicubic``/``lanczos`` forward pass
 equals ``PIL.Image.resize`` up to Pillow's 8-bit rounding. The resize is separable and banded: a custom autograd
-function does one pass per axis (width first), each a sum over the kernel's taps of gathered rows/columns; the
-backward pass is the transposed band (``index_add``). Nothing photo-sized is stored for the backward pass beyond the
+function does one pass per axis (width first), each as dense blocks of 16 outputs times the contiguous input span
+they read (a matmul per block); the backward pass is the transposed blocks, added into one gradient buffer. Nothing photo-sized is stored for the backward pass beyond the
 leaf itself (the gradient buffer is photo-sized, as every PGD step's gradient is); the intermediates are
 ``(working height or photo height) × working width``.
 """
@@ -91,32 +91,46 @@ def resample_weights(in_size: int, out_size: int, name: str, box: tuple[float, f
     return index.clamp(max=in_size - 1).long(), weight.float()
 
 
+CHUNK = 16  # outputs per dense block of the band
+
+
+def _blocks(index: torch.Tensor, weight: torch.Tensor, device, dtype) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """The band as dense blocks ``(out_start, out_end, in_start, in_end, W)``: ``CHUNK`` outputs each, ``W`` their
+    weights over the contiguous input span they read (a BLAS matmul per block instead of a gather per tap)."""
+    blocks = []
+    for i0 in range(0, index.shape[0], CHUNK):
+        i1 = min(i0 + CHUNK, index.shape[0])
+        idx, w = index[i0:i1], weight[i0:i1]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        dense = torch.zeros(i1 - i0, hi - lo, dtype=torch.float64)
+        dense.scatter_add_(1, idx - lo, w.double())
+        blocks.append((i0, i1, lo, hi, dense.to(device, dtype)))
+    return blocks
+
+
 class _Band(torch.autograd.Function):
-    """``out[..., i, ...] = Σ_k w[i,k] · x[..., idx[i,k], ...]`` along ``dim`` (the adjoint in backward)."""
+    """``out[..., i, ...] = Σ_k w[i,k] · x[..., idx[i,k], ...]`` along ``dim`` (-1 or -2); backward is the adjoint,
+    accumulated into one gradient buffer (nothing input-sized is saved: only the small weight blocks)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(index, weight)
-        ctx.dim, ctx.size = dim, x.shape[dim]
-        shape = [1] * x.ndim
-        shape[dim] = index.shape[0]
-        out = None
-        for k in range(index.shape[1]):
-            term = x.index_select(dim, index[:, k]) * weight[:, k].view(shape)
-            out = term if out is None else out.add_(term)
-        return out
+    def forward(ctx, x: torch.Tensor, blocks: list, out_size: int, dim: int) -> torch.Tensor:
+        ctx.blocks, ctx.dim, ctx.shape = blocks, dim, x.shape
+        parts = []
+        for _, _, lo, hi, dense in blocks:
+            if dim == -1:
+                parts.append(x[..., lo:hi] @ dense.T)
+            else:
+                parts.append(dense @ x[..., lo:hi, :])
+        return torch.cat(parts, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        index, weight = ctx.saved_tensors
-        dim = ctx.dim
-        shape = [1] * grad.ndim
-        shape[dim] = index.shape[0]
-        size = list(grad.shape)
-        size[dim] = ctx.size
-        out = grad.new_zeros(size)
-        for k in range(index.shape[1]):
-            out.index_add_(dim, index[:, k], grad * weight[:, k].view(shape))
+        out = grad.new_zeros(ctx.shape)
+        for i0, i1, lo, hi, dense in ctx.blocks:
+            if ctx.dim == -1:
+                out[..., lo:hi] += grad[..., i0:i1] @ dense
+            else:
+                out[..., lo:hi, :] += dense.T @ grad[..., i0:i1, :]
         return out, None, None, None
 
 
@@ -129,10 +143,10 @@ def resize(images: torch.Tensor, size: tuple[int, int], name: str = "bicubic",
     out = images
     if not (left == 0 and right == width == size[1]):
         index, weight = resample_weights(width, size[1], name, (left, right))
-        out = _Band.apply(out, index.to(out.device), weight.to(out.device, out.dtype), out.ndim - 1)
+        out = _Band.apply(out, _blocks(index, weight, out.device, out.dtype), size[1], -1)
     if not (top == 0 and bottom == height == size[0]):
         index, weight = resample_weights(height, size[0], name, (top, bottom))
-        out = _Band.apply(out, index.to(out.device), weight.to(out.device, out.dtype), out.ndim - 2)
+        out = _Band.apply(out, _blocks(index, weight, out.device, out.dtype), size[0], -2)
     return out
 
 
@@ -148,7 +162,7 @@ class NativeView:
     size: tuple[int, int]
     filters: Sequence[str] = FILTERS
     jitter: float = 0.05
-    crop_probability: float = 0.1
+    crop_probability: float = 0.0
     generators: Sequence[torch.Generator] = field(default_factory=list)
 
     def __post_init__(self) -> None:

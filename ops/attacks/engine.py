@@ -54,10 +54,10 @@ def project_linf(images: torch.Tensor, clean: torch.Tensor, eps: float, mask: to
     ``mask`` ``(B, 1, H, W)`` in [0, 1]: the perturbation is multiplied by it, so a 0 keeps a pixel exactly clean.
     """
     radius = to_unit(eps)
-    delta = (images - clean).clamp(-radius, radius)
+    delta = (images - clean).clamp_(-radius, radius)  # in place on one temporary: photo-sized at native size
     if mask is not None:
-        delta = delta * mask
-    return (clean + delta).clamp(0, 1)
+        delta.mul_(mask)
+    return delta.add_(clean).clamp_(0, 1)
 
 
 def random_start(clean: torch.Tensor, eps: float, generators: Sequence[torch.Generator],
@@ -72,15 +72,16 @@ def loss_gradient(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
                   eot: Transform | None = None, eot_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∇_x Σ_b L_b, L)`` of the per-sample loss, averaged over ``eot_samples`` EoT draws (images untouched)."""
     x = images.detach().requires_grad_(True)
-    grad = torch.zeros_like(x)
+    grad: torch.Tensor | None = None
     total = torch.zeros(x.shape[0], device=x.device)
     samples = max(1, eot_samples) if eot is not None else 1
     for _ in range(samples):
         loss = loss_fn(eot(x, generators) if eot is not None else x, generators)
         (step_grad,) = torch.autograd.grad(loss.sum(), x)
-        grad += step_grad / samples
+        step_grad = step_grad if samples == 1 else step_grad.div_(samples)
+        grad = step_grad if grad is None else grad.add_(step_grad)  # no extra image-sized buffers
         total += loss.detach().float() / samples
-    return grad, total
+    return grad, total  # type: ignore[return-value]
 
 
 def pgd_step(images: torch.Tensor, grad: torch.Tensor, clean: torch.Tensor, *, eps: float, step_size: float,
@@ -95,8 +96,7 @@ def pgd_step(images: torch.Tensor, grad: torch.Tensor, clean: torch.Tensor, *, e
         grad = grad_transform(grad)
     if mask is not None:
         grad = grad * mask
-    direction = grad.sign() if ascent else -grad.sign()
-    stepped = images.detach() + to_unit(step_size) * direction
+    stepped = grad.sign().mul_(to_unit(step_size) if ascent else -to_unit(step_size)).add_(images.detach())
     if delta_transform is not None:
         stepped = clean + delta_transform(stepped - clean)
     return project_linf(stepped, clean, eps, mask).detach()

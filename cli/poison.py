@@ -95,6 +95,15 @@ def poison(
                                                 max=100)] = None,
     resolution: Annotated[int, typer.Option(help="Working resolution: short side in px, aspect kept, multiples "
                                                  "of 8; 0 = native size.", min=0)] = 512,
+    native_size: Annotated[bool, typer.Option("--native-size/--working-size",
+                                              help="Single-image attacks on photos larger than the working "
+                                                   "resolution: optimize in the photo's own pixels through a "
+                                                   "mimic's random resize (PIL bicubic/bilinear/Lanczos/box, "
+                                                   "random crops); --working-size: optimize at the working size "
+                                                   "and upsample the perturbation (lf-* and da always do).")] = True,
+    native_crops: Annotated[float, typer.Option(help="--native-size: share of the resize draws that are random "
+                                                     "crops (windows 95-100 % of the photo per side at a random "
+                                                     "place), for mimics that random-crop.", min=0, max=1)] = 0.0,
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
     clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
@@ -113,7 +122,10 @@ def poison(
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
-    batch_size: common.BatchSize = 1,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
+                                                      help="Images per batch, same-size images only (1); "
+                                                           "set-level attacks: the PGD minibatch (all images at "
+                                                           "once, as Anti-DreamBooth).")] = None,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
@@ -173,7 +185,8 @@ def poison(
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     model_record = model_info(model_name).as_dict()
-    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "robust": transforms,
+    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size, "native_crops": native_crops,
+                  "robust": transforms,
                   "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
                   "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
                   "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
@@ -194,7 +207,9 @@ def poison(
                                 resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
                                 jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
                                 clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
-                                checkpointing=checkpointing, eval_draws=eval_draws, on_event=reporter.event,
+                                checkpointing=checkpointing, eval_draws=eval_draws, native=native_size,
+                                native_crops=native_crops,
+                                on_event=reporter.event,
                                 progress=lambda text: reporter.line(f"poison: {text}"))
         code = reporter.summary(summary, output, json_out)
     raise typer.Exit(code)

@@ -107,6 +107,7 @@ _cloak() {
                 --eot-samples) COMPREPLY=(); return ;;
                 --jpeg-quality) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
+                --native-crops) COMPREPLY=(); return ;;
                 --clean-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --param|-p) COMPREPLY=(); return ;;
                 --eval-draws) COMPREPLY=(); return ;;
@@ -119,7 +120,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

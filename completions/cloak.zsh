@@ -131,6 +131,8 @@ _cloak() {
                 '--eot-samples[EoT draws averaged per step.]:value: ' \
                 '--jpeg-quality[Fix the EoT JPEG quality (default random 50-90).]:value: ' \
                 '--resolution[Working resolution - short side in px, aspect kept, multiples of 8; 0 = native size.]:value: ' \
+                '(--native-size --working-size)'{--native-size,--working-size}'[Single-image attacks on photos larger than the working resolution - optimize in the photo'\''s own pixels through a mimic'\''s random resize (PIL bicubic/bilinear/Lanc]' \
+                '--native-crops[--native-size - share of the resize draws that are random crops (windows 95-100 % of the photo per side at a random place), for mimics that random-crop.]:value: ' \
                 '--preview[Also write OUTPUT/previews/<name>.png - original | cloaked | amplified difference.]' \
                 '--clean-dir[Set-level attacks - clean images of the same subject (set A).]:directory:_files -/' \
                 '(--param -p)'{--param,-p}'[Any other method parameter (see the list below), e.g.]:value: ' \
@@ -144,7 +146,7 @@ _cloak() {
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
-                '--batch-size[Images per batch (same-size images only).]:value: ' \
+                '--batch-size[Images per batch, same-size images only (1); set-level attacks - the PGD minibatch (all images at once, as Anti-DreamBooth).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--debug[Show tracebacks for errors.]' \

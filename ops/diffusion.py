@@ -22,11 +22,16 @@ TIMESTEP_SAMPLERS = ("uniform", "threshold-high", "threshold-low", "power", "tan
 
 # --------------------------------------------------------------------------------------------------- VAE
 def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, C, H/8, W/8)`` (posterior mean, or a sample)."""
+                  generator: torch.Generator | None = None, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, C, H/8, W/8)`` (posterior mean, or a sample).
+
+    ``device``/``dtype``: the VAE's, when the caller knows them (reading ``vae.device``/``vae.dtype`` walks every
+    module of a diffusers model)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
-    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist  # inputs follow the model
+    device, dtype = device or vae.device, dtype or vae.dtype
+    posterior = vae.encode((images * 2 - 1).to(device, dtype)).latent_dist  # inputs follow the model
     latents = posterior.sample(generator) if sample else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor

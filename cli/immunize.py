@@ -93,7 +93,7 @@ def immunize(
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_output_location, check_outputs, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import load_instance_images
@@ -109,6 +109,7 @@ def immunize(
     all_notes: list[str] = []
     for group in groups:
         items, notes = collect_inputs(group, recursive, sys.stdin)
+        check_outputs(output, items)
         all_notes += notes
         if not items:
             raise UsageError(f"no images in {' '.join(group)}")

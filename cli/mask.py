@@ -74,7 +74,7 @@ def mask(
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
-                                 collect_inputs, parse_shard, safe_join, select_shard)
+                                 check_outputs, collect_inputs, parse_shard, safe_join, select_shard)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.masks import MaskPrompt, dilate_mask, load_sam, overlay, scaled_dilation, segment
     from cloaklab.ops.runner import ProcessedImage, process_folder
@@ -85,6 +85,7 @@ def mask(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     sam_name = common.value(sam_type)

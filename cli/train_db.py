@@ -112,7 +112,7 @@ def train_db(
     """
 
     from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.dreambooth_train import DB_DEFAULTS, LORA_DEFAULTS, DreamBoothSettings
@@ -131,6 +131,7 @@ def train_db(
         raise UsageError(f"--mask-mode {szt['mask_mode']} needs --masks DIR (make them with `cloak mask`)")
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     settings = DreamBoothSettings(
         instance_prompt=instance_prompt, class_prompt=class_prompt or ("a photo of person" if weight else None),
         neg_token=neg_token, lora_rank=lora, train_text_encoder=train_text_encoder, prior_weight=weight,

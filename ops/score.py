@@ -290,6 +290,28 @@ def result_csv(result: dict) -> str:
     return buffer.getvalue()
 
 
+CSV_HEADER = "level,concept,image,images"
+
+
+def is_score_output(path: Path) -> bool:
+    """Whether ``path`` is a score file cloak wrote (``cloak score`` replaces only those)."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read(64 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("command") == "score"
+
+
+def is_score_csv(path: Path) -> bool:
+    """Whether ``path`` is a score CSV cloak wrote."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(CSV_HEADER)).decode("utf-8", "replace") == CSV_HEADER
+    except OSError:
+        return False
+
+
 def write_result(path: Path, result: dict, csv_path: Path | None = None) -> None:
     atomic_write_bytes(path, json.dumps(result, indent=2, default=str).encode() + b"\n")
     if csv_path is not None:

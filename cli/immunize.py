@@ -152,6 +152,10 @@ def immunize(
         common.emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
                        "skipped": True}, json_out)
         raise typer.Exit(0)
+    if (pipeline_dir.is_symlink() or (pipeline_dir.exists() and not done.get("status"))
+            or (final.exists() and not done.get("status"))):
+        raise UsageError(f"{pipeline_dir} or {final} exists and was not written by cloak (its manifest has no "
+                         "record of it): move it away or choose another --output")
     for folder in stage_dirs:
         prepare_run_folder(folder, resume=resume, overwrite=overwrite)
     manifest.start_run()

@@ -207,13 +207,14 @@ class Manifest:
         """``cloak.json`` merged with every record log present."""
         return self._merged()[0]
 
-    def _append(self, entry: dict[str, Any]) -> None:
+    def _append(self, entry: dict[str, Any], *, durable: bool = True) -> None:
         if self._log_fd is None:
             self._open_log()
         self._clock = max(time.time(), self._clock + 1e-6)
         entry = {**entry, "c": self._clock}
-        os.write(self._log_fd, (json.dumps(entry, default=str) + "\n").encode())
-        os.fsync(self._log_fd)
+        os.write(self._log_fd, (json.dumps(entry, default=str) + "\n").encode())  # one write: whole lines only
+        if durable:
+            os.fsync(self._log_fd)
         self._apply(self._snapshot, entry)
 
     def _open_log(self) -> None:
@@ -315,8 +316,13 @@ class Manifest:
         return owns_record(self._snapshot["files"].get(output_rel), output_rel)
 
     def record(self, output_rel: str, **fields: Any) -> None:
-        """Store (replace) the record of one output file: one appended line, no rewrite of ``cloak.json``."""
-        self._append({"k": "file", "rel": output_rel, "rec": {"params_hash": self.hash, "time": _now(), **fields}})
+        """Store (replace) the record of one output file: one appended, fsync'd line, no rewrite of ``cloak.json``.
+
+        A ``status="writing"`` claim (written just before the file) is not fsync'd: a killed process loses no
+        written data, and after a power loss the file's own rename is no more durable than the claim.
+        """
+        self._append({"k": "file", "rel": output_rel, "rec": {"params_hash": self.hash, "time": _now(), **fields}},
+                     durable=fields.get("status") != "writing")
 
     def clash(self, source: str, **fields: Any) -> None:
         """Record an input refused because an earlier input takes its output name (kept apart from ``files`` so

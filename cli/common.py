@@ -30,7 +30,8 @@ Output = Annotated[Path, typer.Option("--output", "-o", parser=output_path, help
 Recursive = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders (relative paths are "
                                          "kept in the output).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that a previous run with the same "
-                                         "parameters already wrote (default: skip them).")]
+                                         "parameters already wrote (default: skip them); files cloak did not write "
+                                         "are never replaced (docs/contract.md).")]
 Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Process only shard I of N (1-based, "
                                               "round-robin over the sorted inputs) so N processes can share a "
                                               "folder.")]

@@ -21,13 +21,15 @@ METRIC_LIST = "\n\n".join(
 def score(
     inputs: Annotated[list[str], typer.Argument(help="Image files/folders (or - for paths on stdin); with --table: "
                                                 "score JSON files to merge.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path, help="Score file to write (.json); with --table: the "
+    output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path,
+                                         help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
     metrics: Annotated[str, typer.Option("--metrics", "-m", help="Comma-separated metrics (see the list below); "
                                          "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path, help="Also write the records and means as CSV.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
+                                                     help="Also write the records and means as CSV.")] = None,
     group_by: Annotated[str, typer.Option("--group-by", help="Concepts: folder (first subfolder, or the flat "
                                           "folder's name), none, field:NAME (a cloak generate record field), or "
                                           "regex:PATTERN on the relative path.")] = "folder",

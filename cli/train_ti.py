@@ -97,7 +97,7 @@ def train_ti(
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images, load_templates
-    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, train
+    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, refuse_foreign_outputs, train
     from cloaklab.ops.train.presets import resolve_preset
     from cloaklab.ops.train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR, TextualInversion
 
@@ -137,6 +137,7 @@ def train_ti(
         reporter.line(f"train-ti: {output / EMBEDS_NAME} already trained with these settings (--overwrite retrains)")
         common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
         raise typer.Exit(0)
+    refuse_foreign_outputs(output, (EMBEDS_NAME,), owned=bool(done.get("status")))
     prepare_run_folder(output, resume=resume, overwrite=overwrite, extra=(SNAPSHOT_DIR,))
     manifest.start_run()
 

@@ -8,8 +8,8 @@ always merge ``cloak.json`` with the logs present, so a record is never lost, ev
 
 Several processes, possibly on several machines (``--shard I/N`` on NFS/Lustre), may share one output folder.
 Correctness does not rely on ``flock``: every process appends only to its own log, and a log is deleted only once
-it is closed ("end" line, or its process is gone) and no other live log exists, i.e. when no other writer can hold
-a merge that lacks it. ``flock`` on ``.cloak.json.lock`` is taken as well, only to avoid redundant merges locally.
+it is closed ("end" line, or its process is gone) and no other log is live or ended less than two minutes ago,
+i.e. when no other writer can hold a merge that lacks it; otherwise logs stay until a later run merges them. ``flock`` on ``.cloak.json.lock`` is taken as well, only to avoid redundant merges locally.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def close_all() -> None:
 
 atexit.register(close_all)
 ABANDONED_SECONDS = 24 * 3600  # a log from another host untouched this long belongs to a dead process
+MERGE_GRACE_SECONDS = 120  # an ended log is kept this long: its owner's final merge may still be landing
 FORMAT_VERSION = 1
 _TRACKED_PACKAGES = ("cloaklab", "torch", "diffusers", "transformers", "pillow", "numpy", "opencv-python-headless")
 
@@ -227,9 +228,15 @@ class Manifest:
         _OPEN.add(self)
 
     def _is_live(self, path: Path, ended: bool) -> bool:
-        """Whether another process may still append to (or hold an unmerged read of) log ``path``."""
-        if ended or path == self._log_path:
+        """Whether another process may still append to log ``path``, or may be in the middle of a merge that read
+        an older state (a log that ended less than ``MERGE_GRACE_SECONDS`` ago counts as live)."""
+        if path == self._log_path:
             return False
+        if ended:
+            try:
+                return time.time() - path.stat().st_mtime < MERGE_GRACE_SECONDS
+            except OSError:
+                return False
         parts = path.stem.split("-")
         try:
             host, pid = "-".join(parts[1:-2]), int(parts[-2])
@@ -332,6 +339,11 @@ class Manifest:
     def update(self, **fields: Any) -> None:
         """Merge top-level fields (e.g. a run summary or training state)."""
         self._append({"k": "top", "fields": fields})
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The merged manifest as this process sees it (``cloak.json`` + every log + this run's records)."""
+        return self._snapshot
 
     @property
     def files(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 JPEG = ["-m", "jpeg"]
@@ -315,3 +314,15 @@ def test_concurrent_shards_writing_one_output_keep_every_record(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(out), f"s{k}"]) for k in range(4)]
     assert all(proc.wait() == 0 for proc in procs)
     assert len(_records(out)["files"]) == 240
+
+
+def test_training_refuses_to_replace_a_final_artifact_it_did_not_write(tmp_path, cli):
+    folder = _folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "learned_embeds.safetensors").write_bytes(b"the user's own embedding")
+    code, _, stderr = cli(["train-ti", folder, "-o", out, "--model", "tiny",
+                           "--steps", "1", "--device", "cpu"])
+    assert code == 2, stderr
+    assert "not written by cloak" in stderr
+    assert (out / "learned_embeds.safetensors").read_bytes() == b"the user's own embedding"

@@ -36,7 +36,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -187,6 +187,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 # the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
 OWN_FILE_NAMES = re.compile(r"^step-\d{6}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
+
+
+def refuse_foreign_outputs(out_dir: Path, names: Sequence[str], owned: bool) -> None:
+    """Refuse to train into a folder where a final artifact's name is taken by something cloak did not write
+    (``owned``: the manifest records an earlier training there) or by a symlink (never written through)."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_symlink():
+            raise UsageError(f"{path} is a symlink inside the output folder; cloak does not write through "
+                             "symlinks (remove it)")
+        if path.exists() and not owned:
+            raise UsageError(f"{path} exists and was not written by cloak (its manifest has no record of it): "
+                             "move it away or choose another --output")
 
 
 def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: tuple[str, ...] = ()) -> None:

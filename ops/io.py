@@ -424,7 +424,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_owner()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as stream:
@@ -439,15 +439,44 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
 
 
 TEMP_SUFFIX = ".part"
-# what cloak's own temporaries look like: ``.NAME.RANDOM.part`` (atomic_write_bytes), ``NAME.safetensors.tmp`` and
-# ``step-NNNNNN.tmp`` (training); anything else is the user's
-_TEMP_NAMES = re.compile(r"^\..+\.[A-Za-z0-9_]{4,}\.part$|^.+\.safetensors\.tmp$|^step-\d{6}\.tmp$")
+# what cloak's own temporaries look like: ``.NAME.HOST-PID-RANDOM.part`` (atomic_write_bytes; older versions
+# ``.NAME.RANDOM.part``), ``NAME.safetensors.tmp`` and ``step-NNNNNN.tmp`` (training); anything else is the user's
+_TEMP_NAMES = re.compile(r"^\..+\.[A-Za-z0-9_-]{4,}\.part$|^.+\.safetensors\.tmp$|^step-\d{6}\.tmp$")
+_TEMP_OWNER = re.compile(r"\.([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+\.part$")
 STALE_SECONDS = 3600
 
 
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_owner() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether a temporary's name says it belongs to a process of this host that no longer runs."""
+    match = _TEMP_OWNER.search(name)
+    if not match or match.group(1) != _host_tag():
+        return False
+    pid = int(match.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
-    """Delete cloak's temporaries older than ``max_age`` seconds under ``folder`` (left by killed runs; younger
-    ones may belong to a run still going). Symlinked folders are not entered. Returns what was removed."""
+    """Delete cloak's temporaries under ``folder`` left by killed runs: those of a process of this host that is gone,
+    and any older than ``max_age`` seconds (a younger one of another host may belong to a run still going).
+    Symlinked folders are not entered. Returns what was removed."""
     removed: list[Path] = []
     cutoff = time.time() - max_age
     for parent, dirs, files in os.walk(folder, followlinks=False):
@@ -458,7 +487,7 @@ def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS) -> lis
             path = Path(parent) / name
             try:
                 info = path.lstat()
-                if path.is_symlink() or info.st_mtime > cutoff:
+                if path.is_symlink() or (info.st_mtime > cutoff and not _owner_gone(name)):
                     continue
                 path.unlink()
                 removed.append(path)

@@ -326,3 +326,16 @@ def test_training_refuses_to_replace_a_final_artifact_it_did_not_write(tmp_path,
     assert code == 2, stderr
     assert "not written by cloak" in stderr
     assert (out / "learned_embeds.safetensors").read_bytes() == b"the user's own embedding"
+
+
+def test_a_fresh_temporary_of_a_dead_process_is_cleaned_but_a_live_ones_is_kept(tmp_path):
+    from cloaklab.ops.io import _host_tag, clean_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    gone = tmp_path / f".cloak.json.{_host_tag()}-{dead}-abcd1234.part"
+    live = tmp_path / f".cloak.json.{_host_tag()}-{os.getppid()}-abcd1234.part"
+    for path in (gone, live):
+        path.write_bytes(b"{")
+    clean_stale_temporaries(tmp_path)
+    assert not gone.exists() and live.exists()

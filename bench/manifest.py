@@ -8,6 +8,10 @@ record rewriting the whole cloak.json under a lock).
 Each count runs in a fresh output folder through the same code path as the CLI (collect_inputs → Manifest →
 purify_folder, which calls the runner); the time includes decoding, the method, the PNG write and the records.
 Both CPU time and wall time are printed (wall time includes the fsync of every record line).
+
+Measured on the 2-core CI box (ext4, 8 px images), same session, before → after the record log:
+    before (82c33f0):  200 files 4.23 ms CPU/file · 2000 files 34.8 ms CPU/file · ratio 8.2 (wall 7.8)
+    after:             200 files 3.49 ms CPU/file · 2000 files 3.54 ms CPU/file · ratio 1.02 (wall 1.04)
 """
 
 from __future__ import annotations

@@ -101,6 +101,21 @@ def owns_record(record: dict[str, Any] | None, rel: str) -> bool:
     return bool(record.get("owned")) or (record.get("status") == "done" and record.get("output") == rel)
 
 
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The merged manifest of ``folder`` (``cloak.json`` + record logs, e.g. of a run still going or killed), read
+    only; ``None`` when the folder has none or it is unreadable."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file() and not (folder / LOG_DIR).is_dir():
+        return None
+    reader = Manifest.__new__(Manifest)
+    reader.folder, reader.path, reader.log_dir = folder, folder / MANIFEST_NAME, folder / LOG_DIR
+    reader.command, reader._log_path = None, None
+    try:
+        return reader.read()
+    except Exception:  # noqa: BLE001 - an unreadable manifest is treated as none
+        return None
+
+
 class Manifest:
     """``OUTPUT/cloak.json`` plus this process's append-only record log.
 

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 from .errors import CloakError, RejectedInput, UsageError
-from .io import DEFAULT_MAX_PIXELS, MANIFEST_NAME, InputItem, atomic_write_bytes, iter_chunks, read_image
+from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, iter_chunks, read_image
 
 Event = Callable[[str, str, dict], None]
 FLAT = "*"
@@ -59,11 +59,9 @@ class GenerateRecords:
 
     def _load(self, folder: Path) -> dict | None:
         if folder not in self._manifests:
-            path = folder / MANIFEST_NAME
-            try:
-                self._manifests[folder] = json.loads(path.read_text()) if path.is_file() else None
-            except (OSError, json.JSONDecodeError):
-                self._manifests[folder] = None
+            from .manifest import read_manifest
+
+            self._manifests[folder] = read_manifest(folder)  # cloak.json plus the record logs of a killed run
         return self._manifests[folder]
 
     def lookup(self, path: Path) -> tuple[dict, dict]:

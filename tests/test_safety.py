@@ -293,8 +293,11 @@ def test_records_go_to_a_per_process_log_and_merge_into_cloak_json(tmp_path):
     logs = list((out / "cloak.json.d").glob("records-*.jsonl"))
     lines = [json.loads(line) for line in logs[0].read_text().splitlines()] if len(logs) == 1 else []
     assert [entry["rel"] for entry in lines if entry["k"] == "file"] == [f"f{i}.png" for i in range(5)]
-    # a second process (resume) sees the records before any merge
+    # a second process (resume) and a reader (score's prompt lookup) see the records before any merge
     assert set(Manifest(out, "purify", {"method": "jpeg"}).files) == {f"f{i}.png" for i in range(5)}
+    from cloaklab.ops.manifest import read_manifest
+
+    assert set(read_manifest(out)["files"]) == {f"f{i}.png" for i in range(5)}
     manifest.close()
     assert set(_records(out)["files"]) == {f"f{i}.png" for i in range(5)}
 

@@ -268,7 +268,7 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         if preview:  # no write through a symlink inside OUTPUT, nor over a preview cloak did not write
             try:
                 target = output_path(out_dir, PurePosixPath("previews") / job.item.output_rel)
-                if target.exists() and not manifest.owns(job.item.output_rel.as_posix()):
+                if target.exists() and not job.owned:
                     raise RejectedInput(f"{target} exists and was not written by cloak")
                 write_preview(target, original, written, eps, scale)
             except RejectedInput as exc:

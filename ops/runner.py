@@ -28,6 +28,7 @@ class ImageJob:
     seed: int
     output: Path
     source_sha256: str
+    owned: bool = False  # the manifest listed this output as cloak's before this run (side files may be replaced)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def process_folder(
             continue
         for note in image.warnings:
             on_event("warn", str(item.path), {"message": note})
-        pending.append(ImageJob(item, image, item_seed(seed, item.rel), output, digest))
+        pending.append(ImageJob(item, image, item_seed(seed, item.rel), output, digest, manifest.owns(out_rel)))
 
     for batch in iter_chunks(pending, batch_size):
         started = time.perf_counter()

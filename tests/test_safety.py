@@ -342,3 +342,17 @@ def test_a_fresh_temporary_of_a_dead_process_is_cleaned_but_a_live_ones_is_kept(
         path.write_bytes(b"{")
     clean_stale_temporaries(tmp_path)
     assert not gone.exists() and live.exists()
+
+
+def test_poison_preview_never_replaces_a_users_file(tmp_path, cli):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    _tiny(folder / "p00.png", 1, size=32)
+    out = tmp_path / "out"
+    (out / "previews").mkdir(parents=True)
+    (out / "previews" / "p00.png").write_bytes(b"mine")
+    code, _, stderr = cli(["poison", folder, "-o", out, "--model", "tiny", "--resolution", "32", "--steps", "1",
+                           "--preview", "--eval-draws", "0"])
+    assert code == 0, stderr
+    assert (out / "previews" / "p00.png").read_bytes() == b"mine"
+    assert "preview not written" in json.dumps(_records(out)["files"]["p00.png"])

@@ -75,7 +75,10 @@ def mask(
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
-                                 collect_inputs, parse_shard, safe_join, select_shard)
+                                 check_outputs, collect_inputs, output_path, parse_shard, select_shard)
+    from pathlib import PurePosixPath
+
+    from cloaklab.ops.errors import RejectedInput
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.masks import (MaskPrompt, dilate_mask, load_sam, overlay, require_sam, scaled_dilation,
                                     segment)
@@ -89,6 +92,7 @@ def mask(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     sam_name = common.value(sam_type)
@@ -117,7 +121,13 @@ def mask(
 
                 buffer = _io.BytesIO()
                 Image.fromarray(overlay(rgb, binary)).save(buffer, format="PNG")
-                atomic_write_bytes(safe_join(output / "previews", job.item.output_rel), buffer.getvalue())
+                try:  # no write through a symlink inside OUTPUT, nor over a preview cloak did not write
+                    target = output_path(output, PurePosixPath("previews") / job.item.output_rel)
+                    if target.exists() and not manifest.owns(job.item.output_rel.as_posix()):
+                        raise RejectedInput(f"{target} exists and was not written by cloak")
+                    atomic_write_bytes(target, buffer.getvalue())
+                except RejectedInput as exc:
+                    stats["warning"] = f"preview not written: {exc}"
             plane = torch.from_numpy(binary.astype(np.float32))
             like = LoadedImage(plane[None].expand(3, -1, -1), None, None, True, 8, "L")
             results.append(ProcessedImage(plane[None].expand(3, -1, -1).clone(), stats, like=like))

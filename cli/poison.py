@@ -148,7 +148,7 @@ def poison(
     from cloaklab.ops.attacks.robust import parse_robust
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs, parse_shard, select_shard
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.poison import poison_folder
@@ -180,6 +180,7 @@ def poison(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -118,7 +118,7 @@ def purify(
     import sys
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
-    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs, parse_shard, select_shard
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.purify import get_purifier
     from cloaklab.ops.purify.run import purify_folder
@@ -136,6 +136,7 @@ def purify(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -21,13 +21,15 @@ METRIC_LIST = "\n\n".join(
 def score(
     inputs: Annotated[list[str], typer.Argument(help="Image files/folders (or - for paths on stdin); with --table: "
                                                 "score JSON files to merge.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.json); with --table: the "
+    output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path,
+                                         help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
     metrics: Annotated[str, typer.Option("--metrics", "-m", help="Comma-separated metrics (see the list below); "
                                          "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records and means as CSV.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
+                                                     help="Also write the records and means as CSV.")] = None,
     group_by: Annotated[str, typer.Option("--group-by", help="Concepts: folder (first subfolder, or the flat "
                                           "folder's name), none, field:NAME (a cloak generate record field), or "
                                           "regex:PATTERN on the relative path.")] = "folder",
@@ -100,10 +102,11 @@ def score(
         raise typer.Exit(0)
 
     from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import collect_inputs
+    from cloaklab.ops.io import check_output_file, collect_inputs
     from cloaklab.ops.manifest import package_versions
     from cloaklab.ops.metrics import parse_metrics
-    from cloaklab.ops.score import References, check_group_by, score_images, write_result
+    from cloaklab.ops.score import References, check_group_by, is_score_csv, is_score_output, score_images, \
+        write_result
 
     specs = parse_metrics(metrics)
     check_group_by(group_by)
@@ -116,15 +119,21 @@ def score(
     if output.exists() and output.is_dir():
         raise UsageError(f"--output {output} is a folder: give a .json file name")
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    ref_items = []
+    if ref is not None:
+        if not ref.exists():
+            raise UsageError(f"--ref {ref}: not found")
+        ref_items, _ = collect_inputs([str(ref)], True)
+    protected = [item.path for item in [*items, *ref_items]]
+    check_output_file(output, protected, "--output", owned=is_score_output)
+    if csv_path is not None:
+        check_output_file(csv_path, protected + [output], "--csv", owned=is_score_csv)
     references = None
     torch_device = resolve_device(device)
     with common.Reporter("score") as reporter:
         for note in notes:
             reporter.line(f"cloak: note: {note}")
         if ref is not None:
-            if not ref.exists():
-                raise UsageError(f"--ref {ref}: not found")
-            ref_items, _ = collect_inputs([str(ref)], True)
             references = References.load(ref_items, max_pixels or 2**27)
         options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
                    "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,

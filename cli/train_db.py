@@ -112,12 +112,12 @@ def train_db(
     """
 
     from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.dreambooth_train import DB_DEFAULTS, LORA_DEFAULTS, DreamBoothSettings
-    from cloaklab.ops.train.dreambooth_train import train_dreambooth
-    from cloaklab.ops.train.loop import TrainConfig
+    from cloaklab.ops.train.dreambooth_train import LORA_WEIGHTS, PIPELINE_DIR, train_dreambooth
+    from cloaklab.ops.train.loop import TrainConfig, refuse_foreign_outputs
     from cloaklab.ops.train.presets import resolve_preset
 
     defaults = LORA_DEFAULTS if lora else DB_DEFAULTS
@@ -131,6 +131,7 @@ def train_db(
         raise UsageError(f"--mask-mode {szt['mask_mode']} needs --masks DIR (make them with `cloak mask`)")
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     settings = DreamBoothSettings(
         instance_prompt=instance_prompt, class_prompt=class_prompt or ("a photo of person" if weight else None),
         neg_token=neg_token, lora_rank=lora, train_text_encoder=train_text_encoder, prior_weight=weight,
@@ -154,6 +155,8 @@ def train_db(
               "masks": str(masks) if masks else None, **config.resume_key()}
     manifest = Manifest(output, "train-db", params, seed=seed, model=model_record,
                         extra={"device": str(torch_device), "resume": resume})
+    refuse_foreign_outputs(output, (LORA_WEIGHTS, "unet", "text_encoder", PIPELINE_DIR),
+                           owned=manifest.data.get("training") is not None)
     manifest.start_run()
     for note in notes:
         sys.stderr.write(f"cloak: note: {note}\n")

@@ -94,11 +94,11 @@ def train_ti(
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images, load_templates
-    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, train
+    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, refuse_foreign_outputs, train
     from cloaklab.ops.train.presets import resolve_preset
     from cloaklab.ops.train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR, TextualInversion
 
@@ -114,6 +114,7 @@ def train_ti(
         raise UsageError(f"--masks {masks}: not a folder")
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
@@ -137,6 +138,7 @@ def train_ti(
         reporter.line(f"train-ti: {output / EMBEDS_NAME} already trained with these settings (--overwrite retrains)")
         common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
         raise typer.Exit(0)
+    refuse_foreign_outputs(output, (EMBEDS_NAME,), owned=bool(done.get("status")))
     prepare_run_folder(output, resume=resume, overwrite=overwrite, extra=(SNAPSHOT_DIR,))
     manifest.start_run()
 

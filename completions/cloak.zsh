@@ -45,7 +45,7 @@ _cloak() {
                 '--resolution[Square output size in pixels (the model'\''s default - 512 for SD 1.5, 64 for tiny).]:value: ' \
                 '--only[Generate only these images, e.g.]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -81,7 +81,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -104,7 +104,7 @@ _cloak() {
                 '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -141,7 +141,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -191,7 +191,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -253,7 +253,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -336,7 +336,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Seed of the run - one generator draws the data order, latent samples, timesteps, noise and prompts (same seed = same embedding).]:value: ' \

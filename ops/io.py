@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 import sys
+import time
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -46,6 +49,8 @@ class InputItem:
 
     path: Path
     rel: PurePosixPath
+    root: Path | None = None  # the input folder it was found in (None: named as a file)
+    clash_with: str | None = None  # set on a file whose output name an earlier input (in sorted order) takes
 
     @property
     def output_rel(self) -> PurePosixPath:
@@ -84,6 +89,7 @@ def _is_hidden(rel: PurePosixPath) -> bool:
 
 
 def _scan_folder(folder: Path, recursive: bool) -> tuple[list[InputItem], int]:
+    root = folder.resolve()
     items, skipped_dirs = [], 0
     walker = sorted(folder.rglob("*")) if recursive else sorted(folder.iterdir())
     for path in walker:
@@ -95,7 +101,7 @@ def _scan_folder(folder: Path, recursive: bool) -> tuple[list[InputItem], int]:
             continue
         if not path.is_file() or path.suffix.lower() in NON_IMAGE_EXTENSIONS:
             continue
-        items.append(InputItem(path, rel))
+        items.append(InputItem(path, rel, root))
     return items, skipped_dirs
 
 
@@ -130,7 +136,30 @@ def collect_inputs(
     if not items:
         raise UsageError("no input images found (give files, folders, or - for paths on stdin)")
     items.sort(key=lambda item: (item.rel.as_posix(), str(item.path)))
-    return items, notes
+    return mark_clashes(items), notes
+
+
+def mark_clashes(items: Sequence[InputItem]) -> list[InputItem]:
+    """Drop repeats of one file (the same file reached twice is not a clash) and mark name clashes.
+
+    Run on the whole sorted input set before sharding, so every shard agrees on the winner: the first input (in
+    sorted order) with an output name keeps it; later ones carry ``clash_with`` and are rejected by the runner.
+    """
+    seen: set[Path] = set()
+    owners: dict[str, str] = {}
+    marked: list[InputItem] = []
+    for item in items:
+        real = item.path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        name = item.output_rel.as_posix()
+        if name in owners:
+            item = replace(item, clash_with=owners[name])
+        else:
+            owners[name] = str(item.path)
+        marked.append(item)
+    return marked
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -165,6 +194,67 @@ def check_output_location(inputs: Sequence[str], output: Path) -> None:
             raise UsageError(f"output folder {output} is inside input folder {raw}: choose a folder outside it")
         if source.is_file() and out == source:
             raise UsageError(f"output {output} is an input file")
+
+
+def check_outputs(output: Path, items: Sequence[InputItem]) -> None:
+    """Refuse a run whose writes could land on its inputs, however they arrived (files, folders, ``-``, ``..``,
+    symlinks): OUTPUT equal to or inside an input folder, or an output path that resolves to an input file."""
+    out = Path(output).resolve()
+    roots = {item.root for item in items if item.root is not None}
+    for root in sorted(roots):
+        if out == root or root in out.parents:
+            raise UsageError(f"output folder {printable(output)} is inside input folder {printable(root)}: "
+                             "choose a folder outside it")
+    sources = {item.path.resolve(): item for item in items}
+    for item in items:
+        target = (out / item.output_rel).resolve()
+        if target in sources:
+            raise UsageError(f"output {printable(target)} would replace the input {printable(sources[target].path)}: "
+                             "choose another output folder (inputs are never modified)")
+
+
+def check_output_file(output: Path, protected: Iterable[Path], flag: str = "--output",
+                      owned: "Callable[[Path], bool] | None" = None) -> None:
+    """Refuse a single output file that is (resolves to) an input or reference file, or that exists and is not
+    cloak's own output (``owned(path)`` decides; without it any existing file is refused)."""
+    if not str(output).strip():
+        raise UsageError(f"{flag}: give a file name")
+    target = Path(output).resolve()
+    for path in protected:
+        if Path(path).resolve() == target:
+            raise UsageError(f"{flag} {printable(output)} is an input or reference file: choose another name")
+    if os.path.lexists(output):
+        if Path(output).is_symlink() or not Path(output).is_file():
+            raise UsageError(f"{flag} {printable(output)} exists and is not a regular file: choose another name")
+        if owned is None or not owned(Path(output)):
+            raise UsageError(f"{flag} {printable(output)} exists and was not written by cloak: move it away or "
+                             "choose another name")
+
+
+def output_path(root: Path, rel: str | PurePosixPath) -> Path:
+    """``root / rel`` for writing, refusing a symlink anywhere below ``root`` (writes never follow links inside
+    OUTPUT) and anything but a regular file at the target."""
+    root = Path(root)
+    current = root
+    parts = PurePosixPath(str(rel)).parts
+    for index, part in enumerate(parts):
+        current = current / part
+        if current.is_symlink():
+            raise RejectedInput(f"{printable(current)} is a symlink inside the output folder; cloak does not write "
+                                "through symlinks (remove it)")
+        if index < len(parts) - 1 and current.exists() and not current.is_dir():
+            raise RejectedInput(f"{printable(current)} is in the way (not a folder)")
+    if current.exists() and not current.is_file():
+        raise RejectedInput(f"{printable(current)} exists and is not a regular file")
+    return current
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (newline, ESC, …) escaped, so a file name cannot forge lines on stderr."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def safe_join(root: Path, rel: str | PurePosixPath) -> Path:
@@ -314,17 +404,111 @@ def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask (read once; ``os.umask`` can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see a partial file.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask; ``mkstemp`` alone gives 0600). The
+    rename replaces a symlink at ``path`` itself, never the file it points to.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_owner()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+            if fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+TEMP_SUFFIX = ".part"
+# what cloak's own temporaries look like: ``.NAME.HOST-PID-RANDOM.part`` (atomic_write_bytes; older versions
+# ``.NAME.RANDOM.part``), ``NAME.safetensors.tmp`` and ``step-NNNNNN.tmp`` (training); anything else is the user's
+_TEMP_NAMES = re.compile(r"^\..+\.[A-Za-z0-9_-]{4,}\.part$|^.+\.safetensors\.tmp$|^step-\d{6}\.tmp$")
+_TEMP_OWNER = re.compile(r"\.([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+\.part$")
+STALE_SECONDS = 3600
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_owner() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether a temporary's name says it belongs to a process of this host that no longer runs."""
+    match = _TEMP_OWNER.search(name)
+    if not match or match.group(1) != _host_tag():
+        return False
+    pid = int(match.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Delete cloak's temporaries under ``folder`` left by killed runs: those of a process of this host that is gone,
+    and any older than ``max_age`` seconds (a younger one of another host may belong to a run still going).
+    Symlinked folders are not entered. Returns what was removed."""
+    removed: list[Path] = []
+    cutoff = time.time() - max_age
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        for name in files:
+            if not _TEMP_NAMES.match(name):
+                continue
+            path = Path(parent) / name
+            try:
+                info = path.lstat()
+                if path.is_symlink() or (info.st_mtime > cutoff and not _owner_gone(name)):
+                    continue
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                continue
+    return removed
+
+
+def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a byte-stable header (keys sorted; the library's metadata order follows
+    a per-process hash seed), written atomically with the user's umask."""
+    from safetensors.torch import save
+
+    blob = save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=metadata or None)
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(Path(path), len(text).to_bytes(8, "little") + text + blob[8 + length :])
 
 
 def write_image(path: Path, rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:

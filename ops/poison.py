@@ -24,7 +24,7 @@ For every photo (oriented, as :func:`ops.io.read_image` decodes it):
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,8 +35,8 @@ from . import attacks
 from .attacks import engine, robust
 from .attacks.resample import NativeView
 from .errors import CloakError, RejectedInput, UsageError
-from .io import InputItem, LoadedImage, atomic_write_bytes, collect_inputs, quantize, read_back, read_image, \
-    safe_join
+from .io import InputItem, LoadedImage, atomic_write_bytes, collect_inputs, output_path, quantize, read_back, \
+    read_image, safe_join
 from .manifest import Manifest
 from .metrics.basic import psnr, ssim
 from .runner import ImageJob, ProcessedImage, RunSummary, process_folder
@@ -303,9 +303,16 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         scale = job.image.max_value
         a = original[..., : colour.shape[2]].astype(np.float64) / scale
         b = written[..., : colour.shape[2]].astype(np.float64) / scale
-        if preview:
-            write_preview(safe_join(out_dir / "previews", job.item.output_rel), original, written, eps, scale)
-        return {"linf": round(linf, 4), "l2": round(float(np.sqrt(((b - a) ** 2).sum())), 6),
+        notes = {}
+        if preview:  # no write through a symlink inside OUTPUT, nor over a preview cloak did not write
+            try:
+                target = output_path(out_dir, PurePosixPath("previews") / job.item.output_rel)
+                if target.exists() and not job.owned:
+                    raise RejectedInput(f"{target} exists and was not written by cloak")
+                write_preview(target, original, written, eps, scale)
+            except RejectedInput as exc:
+                notes["warning"] = f"preview not written: {exc}"
+        return {**notes, "linf": round(linf, 4), "l2": round(float(np.sqrt(((b - a) ** 2).sum())), 6),
                 "psnr": round(psnr(b, a), 4), "ssim": round(ssim(b, a), 6)}
 
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}

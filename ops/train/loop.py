@@ -29,13 +29,14 @@ The :class:`Trainable` protocol is the plug: ``parameters()``, ``condition(promp
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -184,14 +185,40 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
+OWN_FILE_NAMES = re.compile(r"^step-\d{6}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
+
+
+def refuse_foreign_outputs(out_dir: Path, names: Sequence[str], owned: bool) -> None:
+    """Refuse to train into a folder where a final artifact's name is taken by something cloak did not write
+    (``owned``: the manifest records an earlier training there) or by a symlink (never written through)."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_symlink():
+            raise UsageError(f"{path} is a symlink inside the output folder; cloak does not write through "
+                             "symlinks (remove it)")
+        if path.exists() and not owned:
+            raise UsageError(f"{path} exists and was not written by cloak (its manifest has no record of it): "
+                             "move it away or choose another --output")
+
+
 def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: tuple[str, ...] = ()) -> None:
     """Guard a training folder before a run: ``overwrite`` clears its checkpoints, train log and ``extra`` folders;
     otherwise earlier checkpoints are refused unless ``resume`` (a silent restart would mix two runs' files)."""
     out_dir = Path(out_dir)
-    if overwrite:
+    if overwrite:  # only files named the way cloak names them; anything the user put there stays
         for name in (CHECKPOINT_DIR, *extra):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-        (out_dir / LOG_NAME).unlink(missing_ok=True)
+            folder = out_dir / name
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if OWN_FILE_NAMES.match(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when nothing else is left
+        log = out_dir / LOG_NAME
+        if log.is_file() and not log.is_symlink():
+            log.unlink()
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise UsageError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
                          "--overwrite to start again")

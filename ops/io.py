@@ -113,9 +113,14 @@ def collect_inputs(
         if raw == "-":
             stream = stdin if stdin is not None else sys.stdin
             listed = [line.strip() for line in stream if line.strip()]
-            sub, sub_notes = collect_inputs(listed, recursive)
-            items += sub
-            notes += sub_notes
+            # A listed path that does not exist is that file's rejection (the runner cannot read it), not an abort.
+            present = [entry for entry in listed if Path(entry).exists()]
+            items += [InputItem(Path(entry), PurePosixPath(Path(entry).name)) for entry in listed
+                      if not Path(entry).exists()]
+            if present:
+                sub, sub_notes = collect_inputs(present, recursive)
+                items += sub
+                notes += sub_notes
             continue
         path = Path(raw)
         if path.is_dir():

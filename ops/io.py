@@ -243,23 +243,24 @@ _EXIF_TRANSPOSE = {  # EXIF orientation → the numpy equivalent of ImageOps.exi
 }
 
 
-def _to_unit(raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """Integer or float samples → float32 in [0, 1] and the bit depth written back (8 or 16), or a rejection.
+def _unit_scale(raw: np.ndarray) -> tuple[float, int]:
+    """How integer or float samples map to [0, 1] — divide by the returned scale — and the bit depth written back
+    (8 or 16), or a rejection.
 
     uint8 → /255; uint16 → /65535; other integers (e.g. int32 TIFF) → 8-bit when every sample is in 0..255, 16-bit
     when in 0..65535, else rejected; floats must be finite and already in [0, 1] (they are written as 16-bit)."""
     if raw.dtype == np.uint8:
-        return raw.astype(np.float32) / np.float32(255), 8
+        return 255.0, 8
     if raw.dtype == np.uint16:
-        return raw.astype(np.float32) / np.float32(65535), 16
+        return 65535.0, 16
     if raw.dtype == np.bool_:
-        return raw.astype(np.float32), 8
+        return 1.0, 8
     low, high = (raw.min(initial=0), raw.max(initial=0)) if raw.size else (0, 0)
     if np.issubdtype(raw.dtype, np.integer):
         if low >= 0 and high <= 255:
-            return raw.astype(np.float32) / np.float32(255), 8
+            return 255.0, 8
         if low >= 0 and high <= 65535:
-            return raw.astype(np.float32) / np.float32(65535), 16
+            return 65535.0, 16
         raise RejectedInput(f"{raw.dtype} samples span {low}..{high}, beyond 16 bits; convert it to 8- or 16-bit "
                             "first (cloak does not guess a scale)")
     if np.issubdtype(raw.dtype, np.floating):
@@ -268,7 +269,7 @@ def _to_unit(raw: np.ndarray) -> tuple[np.ndarray, int]:
         if low < 0 or high > 1:
             raise RejectedInput(f"float image with samples in [{float(low):.4g}, {float(high):.4g}]; only float "
                                 "images in [0, 1] are read (convert it first)")
-        return raw.astype(np.float32), 16
+        return 1.0, 16
     raise RejectedInput(f"unsupported sample type {raw.dtype}")
 
 
@@ -343,18 +344,20 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             image = image.convert("LA")
         raw = np.asarray(image)
         is_gray = image.mode in ("L", "LA")
-    values, bits = _to_unit(raw)
-    del raw, deep
-    if values.ndim == 2:
-        values = values[..., None]
+    scale, bits = _unit_scale(raw)
+    planes = raw[..., None] if raw.ndim == 2 else raw
+    colour = 1 if planes.shape[2] in (1, 2) else 3
+    # One plane at a time into float32: no full-size float64 or duplicate float copies of a large photo.
+    rgb = torch.empty((colour, planes.shape[0], planes.shape[1]), dtype=torch.float32)
+    for channel in range(colour):
+        np.divide(planes[..., channel], np.float32(scale), out=rgb[channel].numpy(), dtype=np.float32,
+                  casting="unsafe")
     alpha = None
-    if values.shape[2] in (2, 4):
-        alpha = np.ascontiguousarray(values[..., -1])
-        values = values[..., :-1]
+    if planes.shape[2] in (2, 4):
+        alpha = np.divide(planes[..., -1], np.float32(scale), dtype=np.float32, casting="unsafe")
+    del raw, deep, planes
     if mode == "CMYK" or _icc_colour_space(icc) != (b"GRAY" if is_gray else b"RGB "):
         icc = None  # a profile for another colour space would mislabel the written pixels
-    rgb = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-    del values
     if rgb.shape[0] == 1:
         rgb = rgb.expand(3, -1, -1).clone()
     return LoadedImage(rgb, alpha, icc, is_gray, bits, mode, notes)
@@ -367,16 +370,22 @@ def quantize(rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
     Grayscale images are written back as the mean of the three channels (a perturbation within ε on every channel
     stays within ε on the mean).
     """
-    values = rgb.detach().float().clamp(0, 1).cpu().numpy()
-    planes = values.mean(axis=0, keepdims=True) if like.gray else values
+    values = rgb.detach().float().cpu()
     scale = like.max_value
-    ints = np.rint(planes.transpose(1, 2, 0) * scale)
+    dtype = np.uint16 if like.bits == 16 else np.uint8
+    height, width = values.shape[-2:]
+    channels = (1 if like.gray else 3) + (1 if like.alpha is not None else 0)
+    if like.alpha is not None and like.alpha.shape[:2] != (height, width):
+        raise ValueError(f"alpha {like.alpha.shape[:2]} does not match image {(height, width)}")
+    out = np.empty((height, width, channels), dtype=dtype)
+    # Plane by plane (float32, in place): a large photo never gets a full-size float64 copy.
+    planes = [values.numpy().mean(axis=0)] if like.gray else [values[c].numpy() for c in range(3)]
     if like.alpha is not None:
-        alpha = np.rint(like.alpha[..., None].astype(np.float64) * scale)
-        if alpha.shape[:2] != ints.shape[:2]:
-            raise ValueError(f"alpha {alpha.shape[:2]} does not match image {ints.shape[:2]}")
-        ints = np.concatenate([ints, alpha], axis=2)
-    return ints.astype(np.uint16 if like.bits == 16 else np.uint8)
+        planes.append(like.alpha)
+    for index, plane in enumerate(planes):
+        scaled = np.clip(plane, 0, 1, dtype=np.float32) * np.float32(scale)
+        out[..., index] = np.rint(scaled, out=scaled)
+    return out
 
 
 def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":

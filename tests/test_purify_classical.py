@@ -52,7 +52,9 @@ def test_gaussian_kernel_size_is_honoured(kernel):
     sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
     reference = cv2.GaussianBlur(impulse[0, 0].numpy(), (kernel, kernel), sigma)
     np.testing.assert_allclose(blurred.numpy(), reference, atol=1e-6)
-    with pytest.raises(ValueError, match="odd"):
+    from cloaklab.ops.errors import UsageError
+
+    with pytest.raises(UsageError, match="--kernel 4: must be odd"):
         _run("gaussian", impulse, kernel=4)
 
 

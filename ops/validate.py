@@ -166,3 +166,18 @@ def check_command_flags(command: str, kwargs: Mapping[str, Any]) -> None:
         value = kwargs.get(key)
         if isinstance(value, Path) and not value.exists():
             raise UsageError(f"{flag_name(key)} {value}: not found")
+
+
+# ------------------------------------------------------------------------------------------ working images
+MAX_ASPECT = 8.0  # long side / short side of a photo that a command resizes to a working size (short side → R)
+
+
+def check_aspect(width: int, height: int) -> None:
+    """Refuse, before any allocation, a photo whose working image would be unbounded: a command that scales the
+    short side to R makes a 4000×8 strip R×(500·R) (512 → 512×256,000). The limit is 1:8 (long ≤ 8 × short)."""
+    from .errors import RejectedInput
+
+    short, long = sorted((int(width), int(height)))
+    if short <= 0 or long > MAX_ASPECT * short:
+        raise RejectedInput(f"aspect ratio {long}:{short} of a {width}x{height} image exceeds the 1:{MAX_ASPECT:g} "
+                            "limit of commands that resize to a working size; crop it first")

@@ -101,3 +101,17 @@ def test_one_missing_path_in_a_stdin_list_is_a_rejection_not_an_abort(tmp_path, 
     assert code == 3, stderr
     assert (tmp_path / "out" / "a.png").is_file()
     assert "gone.png" in stderr
+
+
+def test_an_extreme_aspect_ratio_is_rejected_before_the_working_image_is_made(tmp_path, cli):
+    """4000×8 at short side 512 would be a 512×256,000 working image (> 6 GB RSS): one line, exit 3, no model."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (4000, 8), (120, 90, 60)).save(folder / "strip.png")
+    code, _, stderr = cli(["poison", folder, "-o", tmp_path / "out", "--model", "tiny", "-a", "adm+",
+                           "--steps", "1"])
+    assert code == 3, stderr
+    assert "strip.png" in stderr and "1:8" in stderr
+    assert not (tmp_path / "out" / "strip.png").exists()

@@ -24,7 +24,7 @@ def _as_unit_hwc(image) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-TILE_PIXELS = 1 << 20  # rows per tile ≈ this many pixels: full-size photos never get full-size float64 copies
+TILE_PIXELS = 1 << 18  # rows per tile ≈ this many pixels: full-size photos never get full-size float64 copies
 
 
 def _rows(image) -> int:

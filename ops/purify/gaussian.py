@@ -15,4 +15,8 @@ def purify(images: torch.Tensor, *, kernel: int = 5, sigma: float | None = None,
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"--kernel must be a positive odd number, got {kernel}")
     sigma = sigma if sigma is not None else 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
-    return gaussian_blur(images, kernel_size=[kernel, kernel], sigma=[sigma, sigma]).clamp(0, 1)
+    output = torch.empty_like(images)
+    for channel in range(images.shape[1]):  # one plane at a time bounds the padded copy of a large photo
+        output[:, channel: channel + 1] = gaussian_blur(images[:, channel: channel + 1], kernel_size=[kernel, kernel],
+                                                        sigma=[sigma, sigma])
+    return output.clamp_(0, 1)

@@ -90,3 +90,20 @@ def test_guided_filter_with_image_as_its_own_guide_and_tiny_eps_is_identity():
 
     image = np.asarray(photo("chelsea", 32), dtype=np.float64)
     np.testing.assert_allclose(guided_filter(image, image, 2, 1e-6), image, atol=1e-2)
+
+
+def test_tiled_guided_filter_equals_the_whole_image_filter():
+    from cloaklab.ops.purify import adverse_cleaner
+
+    rng = np.random.default_rng(3)
+    guide = (rng.random((90, 30, 3)) * 255).astype(np.uint8)
+    source = rng.random((90, 30, 3)) * 255
+    whole = adverse_cleaner.guided_filter(guide.astype(np.float64), source, 4, 16.0)
+    tiled = source.astype(np.float32)
+    previous = adverse_cleaner.TILE_PIXELS
+    adverse_cleaner.TILE_PIXELS = 30 * 10  # many tiles, each shorter than twice the halo
+    try:
+        adverse_cleaner.guided_filter_inplace(guide, tiled, 4, 16.0)
+    finally:
+        adverse_cleaner.TILE_PIXELS = previous
+    np.testing.assert_allclose(tiled, whole, atol=1e-3)

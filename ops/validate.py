@@ -130,7 +130,9 @@ def check_params(params: Mapping[str, Any], table: Mapping[str, Range], override
 # purify are not here: the method's spec owns them.
 COMMON_FLAGS: dict[str, Range] = {"max_pixels": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE}
 TRAINING = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
-            "resolution": Range(8, 4096, note="pixels"), "t_param": UNIT}
+            "resolution": Range(8, 4096, note="pixels"),
+            # rho: a fraction in (0, 1) for the threshold samplers (checked by ops.diffusion), > -1 for power
+            "t_param": Range(-1, None, low_open=True)}
 COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "poison": {"resolution": Range(0, 4096, note="short side in px; 0 = native"), "eot_samples": AT_LEAST_ONE,
                "eval_draws": NON_NEGATIVE},

@@ -37,13 +37,13 @@ POISON = [
 ]
 TRAIN_TI = [
     ("--lr 0", "--lr"), ("--lr nan", "--lr"), ("--steps 0", "--steps"), ("--resolution 0", "--resolution"),
-    ("--t-param 1.5", "--t-param"), ("--jpeg 0", "--jpeg"), ("--batch-size 0", "--batch-size"),
+    ("--t-param -1", "--t-param"), ("--jpeg 0", "--jpeg"), ("--batch-size 0", "--batch-size"),
     ("--num-vectors 0", "--num-vectors"), ("--masks /nonexistent", "--masks"), ("-o {file}", "--output"),
 ]
 TRAIN_DB = [
     ("--lr -1", "--lr"), ("--weight-decay -1", "--weight-decay"), ("--max-grad-norm nan", "--max-grad-norm"),
     ("--prior-weight -1", "--prior-weight"), ("--class-guidance nan", "--class-guidance"),
-    ("--resolution 4", "--resolution"), ("--lora 0", "--lora"), ("--t-param -0.5", "--t-param"),
+    ("--resolution 4", "--resolution"), ("--lora 0", "--lora"), ("--t-param -2", "--t-param"),
     ("-o {file}", "--output"),
 ]
 IMMUNIZE = [

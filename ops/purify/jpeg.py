@@ -20,7 +20,7 @@ def compress(images: torch.Tensor, quality: int, fmt: str = "JPEG") -> torch.Ten
     """
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
-    outputs = torch.empty(images.shape, dtype=torch.float32)
+    outputs = None  # allocated after the first encode, so the encoder's buffers and the output never coexist
     for index, image in enumerate(images):
         image = image.detach().float().cpu()
         array = np.empty((image.shape[1], image.shape[2], 3), dtype=np.uint8)
@@ -29,16 +29,23 @@ def compress(images: torch.Tensor, quality: int, fmt: str = "JPEG") -> torch.Ten
             array[..., channel] = np.rint(scaled, out=scaled)
             del scaled
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format=fmt, quality=int(quality))
+        pil = Image.fromarray(array)
         del array
+        pil.save(buffer, format=fmt, quality=int(quality))
+        del pil
         buffer.seek(0)
         with Image.open(buffer) as encoded:
-            decoded = np.asarray(encoded.convert("RGB"))
+            encoded.load()
+            decoded = np.asarray(encoded if encoded.mode == "RGB" else encoded.convert("RGB"))
         del buffer
+        if outputs is None:
+            outputs = torch.empty(images.shape, dtype=torch.float32)
         for channel in range(3):
             np.divide(decoded[..., channel], np.float32(255), out=outputs[index, channel].numpy(), dtype=np.float32,
                       casting="unsafe")
         del decoded
+    if outputs is None:  # an empty batch
+        return images.clone()
     return outputs.to(images.device, images.dtype)
 
 

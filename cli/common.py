@@ -42,8 +42,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed; each file draws 
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (same-size images only).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Reject larger images as decompression "
-                                                  "bombs (default 134,217,728).")]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Reject larger images as "
+                                                  "decompression bombs (default 134,217,728).")]
 Model = Annotated[Optional[str], typer.Option("--model", envvar="CLOAK_MODEL", help="Hub id, local diffusers folder, "
                                               ".safetensors file, 'tiny', 'toy' or "
                                               "'sd15-shaped' (random weights, for timing) (default "
@@ -70,6 +70,9 @@ def handle_errors(function: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("CLOAK_DEBUG") == "1"
         try:
+            from cloaklab.ops.validate import check_command_flags
+
+            check_command_flags(function.__name__, kwargs)  # bad flag values: exit 2 before any work
             try:
                 return function(*args, **kwargs)
             finally:

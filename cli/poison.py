@@ -69,22 +69,22 @@ def poison(
     attack: Annotated[Optional[Attack], typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
                                                      help="Attack (list below). Without it: the artist preset "
                                                           f"({PRESET_TEXT}).")] = None,
-    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, "
+    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, "
                                           "MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
-    step_size: Annotated[Optional[float], _opt("PGD step in /255 units (1).", min=0)] = None,
+    step_size: Annotated[Optional[float], _opt("PGD step in /255 units, 0 < step <= 255 (1).", min=0)] = None,
     steps: Annotated[Optional[int], _opt("PGD iterations (100; da 200).", min=0)] = None,
     random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", show_default=False,
                                                          help="Start from a uniform draw in the ε-ball (on for "
                                                               "adm±, sds±, ea, mist as Mist v1; off for lf-*, "
                                                               "da).")] = None,
-    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).",
+    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole schedule).",
                                            metavar="LO,HI")] = None,
     prompt: Annotated[Optional[str], _opt("Prompt conditioning the UNet ('a photo').")] = None,
     target: Annotated[Optional[str], _opt("ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, "
                                           "or an image path (pattern).")] = None,
-    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η (0.25).", min=0,
+    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η, 0 < η <= 1 (0.25).", min=0,
                                               max=1)] = None,
-    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term (1e4).")] = None,
+    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term, >= 0 (1e4).")] = None,
     mask: Annotated[Optional[Path], _opt("Perturb only inside this mask (white = perturb): one image for all "
                                          "inputs, or a folder of <name>.png masks as `cloak mask` writes.")] = None,
     robust: Annotated[Optional[str], _opt("EoT transforms inside the loss, comma-separated: jpeg "
@@ -93,8 +93,9 @@ def poison(
     eot_samples: Annotated[int, typer.Option(help="EoT draws averaged per step.", min=1)] = 1,
     jpeg_quality: Annotated[Optional[int], _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
                                                 max=100)] = None,
-    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px, aspect kept, multiples "
-                                                 "of 8; 0 = native size.", min=0)] = 512,
+    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px (0-4096), aspect kept, "
+                                                 "multiples of 8; 0 = native size. Photos longer than 8× their "
+                                                 "short side are rejected.", min=0)] = 512,
     native_size: Annotated[bool, typer.Option("--native-size/--working-size",
                                               help="Single-image attacks on photos larger than the working "
                                                    "resolution: optimize in the photo's own pixels through a "

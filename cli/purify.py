@@ -24,22 +24,22 @@ def purify(
     quality: Annotated[Optional[int], typer.Option(help="jpeg/webp: encoder quality 1-100 (75; SZT uses 25).",
                                                    min=1, max=100)] = None,
     sigma: Annotated[Optional[float], typer.Option(
-        help="gaussian: blur σ in pixels = Pillow's GaussianBlur radius (5, DiffShortcut; 0 = no-op). ddspure: "
+        help="gaussian: blur σ > 0 in pixels = Pillow's GaussianBlur radius (5, DiffShortcut). ddspure: "
              "perturbation radius σ on the 0-255 scale (11); t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel "
              "model's own schedule.")] = None,
     resolution: Annotated[Optional[int], typer.Option(
-        help="tvm: working resolution (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
+        help="tvm: working resolution, 8-4096 (64). diffpure-pixel/ddspure: pixel-model input size (the model's own, 256 "
              "for the default). pdm-pure: stage-II size (256).")] = None,
-    drop: Annotated[Optional[float], typer.Option(help="tvm: fraction of pixels dropped (0.02).")] = None,
-    tv_weight: Annotated[Optional[float], typer.Option(help="tvm: TV weight λ (0.01).")] = None,
+    drop: Annotated[Optional[float], typer.Option(help="tvm: fraction of pixels dropped, 0 <= drop < 1 (0.02).")] = None,
+    tv_weight: Annotated[Optional[float], typer.Option(help="tvm: TV weight λ >= 0 (0.01).")] = None,
     iters: Annotated[Optional[int], typer.Option(
         help="Iterations — speed/quality trade-off. tvm: optimizer steps (200). gridpure: purify-and-blend rounds "
              "(10; official README 20). impress: Adam steps (3000 as in the paper; 500 is ~6× faster).",
         min=1)] = None,
-    bilateral_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: bilateral passes (64).")] = None,
-    guided_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter passes (4).")] = None,
-    radius: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter radius (4).")] = None,
-    eps: Annotated[Optional[float], typer.Option(help="adverse-cleaner: guided-filter eps, 0-255 scale (16).")] = None,
+    bilateral_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: bilateral passes >= 0 (64).")] = None,
+    guided_iters: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter passes >= 0 (4).")] = None,
+    radius: Annotated[Optional[int], typer.Option(help="adverse-cleaner: guided-filter radius >= 1 (4).")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="adverse-cleaner: guided-filter eps > 0, 0-255 scale (16).")] = None,
     t: Annotated[Optional[int], typer.Option(
         "--t", help="Noise step (strength) in the model's 1000-step schedule; higher = stronger, less faithful. "
                     "regen 60, diffpure-latent 300, diffpure-pixel 100, gridpure 10, pdm-pure 444.",
@@ -65,23 +65,23 @@ def purify(
     stride: Annotated[Optional[int], typer.Option(help="gridpure: window stride (128).", min=1)] = None,
     gamma: Annotated[Optional[float], typer.Option(
         help="gridpure: weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).", min=0.0, max=1.0)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="impress: Adam learning rate, cosine-annealed (0.01).")] = None,
-    lpips_weight: Annotated[Optional[float], typer.Option(help="impress: LPIPS hinge weight α (0.1).")] = None,
-    lpips_budget: Annotated[Optional[float], typer.Option(help="impress: LPIPS budget Δ of the hinge (0.1).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="impress: Adam learning rate > 0, cosine-annealed (0.01).")] = None,
+    lpips_weight: Annotated[Optional[float], typer.Option(help="impress: LPIPS hinge weight α >= 0 (0.1).")] = None,
+    lpips_budget: Annotated[Optional[float], typer.Option(help="impress: LPIPS budget Δ >= 0 of the hinge (0.1).")] = None,
     lpips_model: Annotated[Optional[str], typer.Option(
         help="impress: LPIPS backbone vgg (default), alex, squeeze (torchvision ImageNet weights from TORCH_HOME), "
              "or tiny (random, demo).")] = None,
     fidelity: Annotated[Optional[float], typer.Option(
         help="codeformer-sr: CodeFormer fidelity weight w (0.5; 1 = keep the input).", min=0.0, max=1.0)] = None,
     noise: Annotated[Optional[float], typer.Option(
-        help="noisy-upscale: Gaussian noise std as a fraction of the [0,1] range (0.05; robust-style-mimicry uses "
+        help="noisy-upscale: Gaussian noise std in [0, 1], a fraction of the [0,1] range (0.05; robust-style-mimicry uses "
              "0.05-0.1). impress: std of the starting noise, same unit (0.05 = the release's 0.1 on [-1,1]; 0 "
              "starts at the input).", min=0.0)] = None,
     noise_level: Annotated[Optional[int], typer.Option(
         help="x4 upscaler noise level (0-350): noisy-upscale 320, codeformer-sr 20, pdm-pure 20.",
         min=0, max=350)] = None,
     upscaler_steps: Annotated[Optional[int], typer.Option(help="pdm-pure: x4 upscaler steps (50).", min=1)] = None,
-    upscaler_guidance: Annotated[Optional[float], typer.Option(help="pdm-pure: x4 upscaler guidance (4).")] = None,
+    upscaler_guidance: Annotated[Optional[float], typer.Option(help="pdm-pure: x4 upscaler guidance >= 0 (4).")] = None,
     pixel_model: Annotated[Optional[str], typer.Option(
         help="diffpure-pixel/ddspure/gridpure: pixel diffusion model — Hub id or diffusers folder (UNet2DModel + "
              "DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 001 used guided-diffusion ImageNet 256 "

@@ -44,16 +44,16 @@ def train_db(
     class_dir: Annotated[Optional[Path], typer.Option("--class-dir", help="Cache folder for the class images "
                                                       "(reused and resumed; default OUTPUT/class_images).")] = None,
     class_steps: Annotated[int, typer.Option("--class-steps", min=1, help="DDIM steps per class image.")] = 50,
-    class_guidance: Annotated[float, typer.Option("--class-guidance", help="CFG scale for class images.")] = 7.5,
+    class_guidance: Annotated[float, typer.Option("--class-guidance", help="CFG scale >= 0 for class images.")] = 7.5,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (1000).")] = 1000,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate, constant (5e-7 DreamBooth, papers "
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate > 0, constant (5e-7 DreamBooth, papers "
                                                 "001/004; 1e-4 LoRA).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Instance images per step (2); as many "
                                             "class images.")] = 2,
     grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Batches accumulated per "
                                                    "optimizer step (1).")] = 1,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip (1.0; 0 = off).")] = 1.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (1e-2).")] = 1e-2,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip >= 0 (1.0; 0 = off).")] = 1.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay >= 0 (1e-2).")] = 1e-2,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training size (the model's: 512 for "
                                                       "SD 1.5, 64 for tiny).")] = None,
     use_8bit_adam: Annotated[bool, typer.Option("--use-8bit-adam", help="bitsandbytes 8-bit AdamW (papers "

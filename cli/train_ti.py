@@ -52,7 +52,7 @@ def train_ti(
                                                        "SZT: 16).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
     = 5000,
-    lr: Annotated[float, typer.Option(help="Learning rate, constant (paper 000: 5e-4).")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Learning rate > 0, constant (paper 000: 5e-4).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps (paper 000: 0).")] = 0,
     grad_accumulation: Annotated[int, typer.Option(min=1, help="Gradient accumulation (App. O SDXL: 5).")] = 1,
     resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's, e.g. 512 for "

@@ -117,20 +117,20 @@ _cloak() {
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--attack -a)'{--attack,-a}'[Attack (list below).]:value:(adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace)' \
-                '--eps[L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
-                '--step-size[PGD step in /255 units (1).]:value: ' \
+                '--eps[L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
+                '--step-size[PGD step in /255 units, 0 < step <= 255 (1).]:value: ' \
                 '--steps[PGD iterations (100; da 200).]:value: ' \
                 '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (on for adm±, sds±, ea, mist as Mist v1; off for lf-*, da).]' \
-                '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).]:value: ' \
+                '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole schedule).]:value: ' \
                 '--prompt[Prompt conditioning the UNet ('\''a photo'\'').]:value: ' \
                 '--target[ea/mist/da/ace target - pattern (ours, high-contrast), gray, zero, or an image path (pattern).]:file:_files' \
-                '--lf-ratio[lf-*/inmark - DCT low-frequency ratio η (0.25).]:value: ' \
-                '--fused-weight[mist - weight of the AdvDM term (1e4).]:value: ' \
+                '--lf-ratio[lf-*/inmark - DCT low-frequency ratio η, 0 < η <= 1 (0.25).]:value: ' \
+                '--fused-weight[mist - weight of the AdvDM term, >= 0 (1e4).]:value: ' \
                 '--mask[Perturb only inside this mask (white = perturb) - one image for all inputs, or a folder of <name>.png masks as `cloak mask` writes.]:file:_files' \
                 '--robust[EoT transforms inside the loss, comma-separated - jpeg (differentiable), resize, blur; '\''none'\'' to switch off the preset'\''s.]:value: ' \
                 '--eot-samples[EoT draws averaged per step.]:value: ' \
                 '--jpeg-quality[Fix the EoT JPEG quality (default random 50-90).]:value: ' \
-                '--resolution[Working resolution - short side in px, aspect kept, multiples of 8; 0 = native size.]:value: ' \
+                '--resolution[Working resolution - short side in px (0-4096), aspect kept, multiples of 8; 0 = native size.]:value: ' \
                 '(--native-size --working-size)'{--native-size,--working-size}'[Single-image attacks on photos larger than the working resolution - optimize in the photo'\''s own pixels through a mimic'\''s random resize (PIL bicubic/bilinear/Lanc]' \
                 '--native-crops[--native-size - share of the resize draws that are random crops (windows 95-100 % of the photo per side at a random place), for mimics that random-crop.]:value: ' \
                 '--preview[Also write OUTPUT/previews/<name>.png - original | cloaked | amplified difference.]' \
@@ -157,15 +157,15 @@ _cloak() {
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
-                '--sigma[gaussian - blur σ in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut; 0 = no-op).]:value: ' \
-                '--resolution[tvm - working resolution (64).]:value: ' \
-                '--drop[tvm - fraction of pixels dropped (0.02).]:value: ' \
-                '--tv-weight[tvm - TV weight λ (0.01).]:value: ' \
+                '--sigma[gaussian - blur σ > 0 in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut).]:value: ' \
+                '--resolution[tvm - working resolution, 8-4096 (64).]:value: ' \
+                '--drop[tvm - fraction of pixels dropped, 0 <= drop < 1 (0.02).]:value: ' \
+                '--tv-weight[tvm - TV weight λ >= 0 (0.01).]:value: ' \
                 '--iters[Iterations — speed/quality trade-off.]:value: ' \
-                '--bilateral-iters[adverse-cleaner - bilateral passes (64).]:value: ' \
-                '--guided-iters[adverse-cleaner - guided-filter passes (4).]:value: ' \
-                '--radius[adverse-cleaner - guided-filter radius (4).]:value: ' \
-                '--eps[adverse-cleaner - guided-filter eps, 0-255 scale (16).]:value: ' \
+                '--bilateral-iters[adverse-cleaner - bilateral passes >= 0 (64).]:value: ' \
+                '--guided-iters[adverse-cleaner - guided-filter passes >= 0 (4).]:value: ' \
+                '--radius[adverse-cleaner - guided-filter radius >= 1 (4).]:value: ' \
+                '--eps[adverse-cleaner - guided-filter eps > 0, 0-255 scale (16).]:value: ' \
                 '--t[Noise step (strength) in the model'\''s 1000-step schedule; higher = stronger, less faithful.]:value: ' \
                 '--steps[Length of the sampling schedule; denoising runs its part below --t (fewer = faster).]:value: ' \
                 '--guidance[Classifier-free guidance.]:value: ' \
@@ -175,15 +175,15 @@ _cloak() {
                 '--window[gridpure - window size in pixels (256).]:value: ' \
                 '--stride[gridpure - window stride (128).]:value: ' \
                 '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \
-                '--lr[impress - Adam learning rate, cosine-annealed (0.01).]:value: ' \
-                '--lpips-weight[impress - LPIPS hinge weight α (0.1).]:value: ' \
-                '--lpips-budget[impress - LPIPS budget Δ of the hinge (0.1).]:value: ' \
+                '--lr[impress - Adam learning rate > 0, cosine-annealed (0.01).]:value: ' \
+                '--lpips-weight[impress - LPIPS hinge weight α >= 0 (0.1).]:value: ' \
+                '--lpips-budget[impress - LPIPS budget Δ >= 0 of the hinge (0.1).]:value: ' \
                 '--lpips-model[impress - LPIPS backbone vgg (default), alex, squeeze (torchvision ImageNet weights from TORCH_HOME), or tiny (random, demo).]:file:_files' \
                 '--fidelity[codeformer-sr - CodeFormer fidelity weight w (0.5; 1 = keep the input).]:value: ' \
-                '--noise[noisy-upscale - Gaussian noise std as a fraction of the (0,1) range (0.05; robust-style-mimicry uses 0.05-0.1).]:value: ' \
+                '--noise[noisy-upscale - Gaussian noise std in (0, 1), a fraction of the (0,1) range (0.05; robust-style-mimicry uses 0.05-0.1).]:value: ' \
                 '--noise-level[x4 upscaler noise level (0-350) - noisy-upscale 320, codeformer-sr 20, pdm-pure 20.]:value: ' \
                 '--upscaler-steps[pdm-pure - x4 upscaler steps (50).]:value: ' \
-                '--upscaler-guidance[pdm-pure - x4 upscaler guidance (4).]:value: ' \
+                '--upscaler-guidance[pdm-pure - x4 upscaler guidance >= 0 (4).]:value: ' \
                 '--pixel-model[diffpure-pixel/ddspure/gridpure - pixel diffusion model — Hub id or diffusers folder (UNet2DModel + DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 0]:file:_files' \
                 '--upscaler-model[pdm-pure/codeformer-sr/noisy-upscale - x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), or tiny.]:file:_files' \
                 '--stage2-model[pdm-pure - pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.]:file:_files' \
@@ -276,13 +276,13 @@ _cloak() {
                 '--num-class-images[Class images generated once by the base model (200, papers 001/004).]:value: ' \
                 '--class-dir[Cache folder for the class images (reused and resumed; default OUTPUT/class_images).]:directory:_files -/' \
                 '--class-steps[DDIM steps per class image.]:value: ' \
-                '--class-guidance[CFG scale for class images.]:value: ' \
+                '--class-guidance[CFG scale >= 0 for class images.]:value: ' \
                 '--steps[Optimizer steps (1000).]:value: ' \
-                '--lr[Learning rate, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
+                '--lr[Learning rate > 0, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
                 '--batch-size[Instance images per step (2); as many class images.]:value: ' \
                 '--grad-accumulation[Batches accumulated per optimizer step (1).]:value: ' \
-                '--max-grad-norm[Gradient-norm clip (1.0; 0 = off).]:value: ' \
-                '--weight-decay[AdamW weight decay (1e-2).]:value: ' \
+                '--max-grad-norm[Gradient-norm clip >= 0 (1.0; 0 = off).]:value: ' \
+                '--weight-decay[AdamW weight decay >= 0 (1e-2).]:value: ' \
                 '--resolution[Training size (the model'\''s - 512 for SD 1.5, 64 for tiny).]:value: ' \
                 '--use-8bit-adam[bitsandbytes 8-bit AdamW (papers 001/004; needs bitsandbytes + CUDA).]' \
                 '--gradient-checkpointing[Recompute activations in backward (less memory, ~30 % slower).]' \
@@ -324,7 +324,7 @@ _cloak() {
                 '--mask-mode[App.]:value:(none lm im lim zm)' \
                 '--dilate[Dilate masks by N px at a 512 training resolution, any aspect ratio (max filter 2N'\''+1, N'\'' = N·min(W,H)/512; SZT - 16).]:value: ' \
                 '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
-                '--lr[Learning rate, constant (paper 000 - 5e-4).]:value: ' \
+                '--lr[Learning rate > 0, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \
                 '--grad-accumulation[Gradient accumulation (App.]:value: ' \
                 '--resolution[Training size (default - the model'\''s, e.g.]:value: ' \

@@ -119,9 +119,14 @@ def collect_inputs(
         if raw == "-":
             stream = stdin if stdin is not None else sys.stdin
             listed = [line.strip() for line in stream if line.strip()]
-            sub, sub_notes = collect_inputs(listed, recursive)
-            items += sub
-            notes += sub_notes
+            # A listed path that does not exist is that file's rejection (the runner cannot read it), not an abort.
+            present = [entry for entry in listed if Path(entry).exists()]
+            items += [InputItem(Path(entry), PurePosixPath(Path(entry).name)) for entry in listed
+                      if not Path(entry).exists()]
+            if present:
+                sub, sub_notes = collect_inputs(present, recursive)
+                items += sub
+                notes += sub_notes
             continue
         path = Path(raw)
         if path.is_dir():
@@ -287,8 +292,82 @@ def _icc_colour_space(profile: bytes | None) -> bytes | None:
     return profile[16:20] if profile and len(profile) >= 20 else None
 
 
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG's IHDR, or ``None`` for other files."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_deep(path: Path, fmt: str | None) -> np.ndarray | None:
+    """The samples of a file Pillow would narrow to 8 bits (16-bit RGB/RGBA PNG; 16-bit, float or RGB float TIFF),
+    as an ``(H, W[, C])`` array in RGB(A) order and the file's own dtype; ``None`` when Pillow reads it faithfully."""
+    if fmt in (None, "PNG"):
+        header = _png_header(path)
+        if header is not None and header[0] == 16 and header[1] in (2, 6):
+            import cv2
+
+            array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if array is None:
+                raise RejectedInput("unreadable 16-bit PNG")
+            return array[..., [2, 1, 0, 3][: array.shape[2]]]
+    if fmt in (None, "TIFF") and path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            array = tifffile.imread(path, key=0)
+        except Exception as exc:  # noqa: BLE001 - any decoder fault is this file's rejection
+            raise RejectedInput(f"unreadable TIFF ({exc})") from None
+        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
+            array = np.moveaxis(array, 0, -1)  # planar-configured samples
+        return array
+    return None
+
+
+_EXIF_TRANSPOSE = {  # EXIF orientation → the numpy equivalent of ImageOps.exif_transpose
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _unit_scale(raw: np.ndarray) -> tuple[float, int]:
+    """How integer or float samples map to [0, 1] — divide by the returned scale — and the bit depth written back
+    (8 or 16), or a rejection.
+
+    uint8 → /255; uint16 → /65535; other integers (e.g. int32 TIFF) → 8-bit when every sample is in 0..255, 16-bit
+    when in 0..65535, else rejected; floats must be finite and already in [0, 1] (they are written as 16-bit)."""
+    if raw.dtype == np.uint8:
+        return 255.0, 8
+    if raw.dtype == np.uint16:
+        return 65535.0, 16
+    if raw.dtype == np.bool_:
+        return 1.0, 8
+    low, high = (raw.min(initial=0), raw.max(initial=0)) if raw.size else (0, 0)
+    if np.issubdtype(raw.dtype, np.integer):
+        if low >= 0 and high <= 255:
+            return 255.0, 8
+        if low >= 0 and high <= 65535:
+            return 65535.0, 16
+        raise RejectedInput(f"{raw.dtype} samples span {low}..{high}, beyond 16 bits; convert it to 8- or 16-bit "
+                            "first (cloak does not guess a scale)")
+    if np.issubdtype(raw.dtype, np.floating):
+        if not np.isfinite(raw).all():
+            raise RejectedInput("float image with NaN or infinite samples")
+        if low < 0 or high > 1:
+            raise RejectedInput(f"float image with samples in [{float(low):.4g}, {float(high):.4g}]; only float "
+                                "images in [0, 1] are read (convert it first)")
+        return 1.0, 16
+    raise RejectedInput(f"unsupported sample type {raw.dtype}")
+
+
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Decode ``path`` faithfully, or raise :class:`RejectedInput` with a one-line reason."""
+    """Decode ``path`` faithfully, or raise :class:`RejectedInput` with a one-line reason.
+
+    8-bit files come back at 8 bits; 16-bit files (grayscale, RGB and RGBA PNG/TIFF) and float TIFFs with samples in
+    [0, 1] come back as 16-bit images (written back as 16-bit PNGs); other depths are rejected, never clipped."""
     import torch
 
     if path.stat().st_size == 0:
@@ -296,6 +375,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     notes: list[str] = []
+    image = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -308,53 +388,66 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             f"decompression-bomb-sized image (more than {max_pixels} pixels); pass --max-pixels to allow it"
         ) from None
     except UnidentifiedImageError:
-        raise RejectedInput("not an image (or a format Pillow cannot read)") from None
+        image = None  # maybe a TIFF Pillow cannot read (float RGB): tried below
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectedInput(f"unreadable or truncated image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
-    icc = image.info.get("icc_profile")
-    transparency = "transparency" in image.info
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    alpha = None
-    bits = 8
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        if mode == "I" and values.max(initial=0) <= 255:
-            gray, bits = values / 255.0, 8
-        else:
-            gray, bits = np.clip(values, 0, 65535) / 65535.0, 16
-        planes, is_gray = gray[..., None], True
+    deep = None
+    if image is None or image.mode in ("RGB", "RGBA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        deep = _read_deep(path, image.format if image is not None else None)
+    if image is None and deep is None:
+        raise RejectedInput("not an image (or a format Pillow cannot read)")
+
+    icc = image.info.get("icc_profile") if image is not None else None
+    transparency = image is not None and "transparency" in image.info
+    mode = image.mode if image is not None else f"TIFF {deep.dtype}"
+    if deep is not None:
+        if deep.ndim == 3 and deep.shape[2] == 1:
+            deep = deep[..., 0]
+        if deep.ndim not in (2, 3) or (deep.ndim == 3 and deep.shape[2] not in (3, 4)):
+            raise RejectedInput(f"unsupported sample layout {deep.shape} (expected gray, RGB or RGBA)")
+        if deep.shape[0] * deep.shape[1] > max_pixels:
+            raise RejectedInput(f"decompression-bomb-sized image (more than {max_pixels} pixels); pass "
+                                "--max-pixels to allow it")
+        orientation = image.getexif().get(0x0112) if image is not None else None
+        raw = _EXIF_TRANSPOSE.get(orientation, lambda a: a)(deep)
+        is_gray = raw.ndim == 2
+    elif image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raw = np.asarray(ImageOps.exif_transpose(image))
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+        is_gray = True
     else:
-        if mode == "1":
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "1":
             image = image.convert("L")
-        elif mode == "F":
-            image = image.convert("L")
-        elif mode == "P":
+        elif image.mode == "P":
             image = image.convert("RGBA" if transparency else "RGB")
-        elif mode == "PA":
+        elif image.mode in ("PA", "RGBa"):
             image = image.convert("RGBA")
-        elif mode == "RGBa":
-            image = image.convert("RGBA")
-        elif mode == "La":
+        elif image.mode == "La":
             image = image.convert("LA")
-        elif mode not in ("L", "LA", "RGB", "RGBA"):
+        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
             image = image.convert("RGBA" if transparency else "RGB")
         if image.mode == "L" and transparency:
             image = image.convert("LA")
-        array = np.asarray(image, dtype=np.float64) / 255.0
-        if array.ndim == 2:
-            array = array[..., None]
+        raw = np.asarray(image)
         is_gray = image.mode in ("L", "LA")
-        if image.mode in ("LA", "RGBA"):
-            alpha = array[..., -1].astype(np.float32)
-            array = array[..., :-1]
-        planes = array
+    scale, bits = _unit_scale(raw)
+    planes = raw[..., None] if raw.ndim == 2 else raw
+    colour = 1 if planes.shape[2] in (1, 2) else 3
+    # One plane at a time into float32: no full-size float64 or duplicate float copies of a large photo.
+    rgb = torch.empty((colour, planes.shape[0], planes.shape[1]), dtype=torch.float32)
+    for channel in range(colour):
+        np.divide(planes[..., channel], np.float32(scale), out=rgb[channel].numpy(), dtype=np.float32,
+                  casting="unsafe")
+    alpha = None
+    if planes.shape[2] in (2, 4):
+        alpha = np.divide(planes[..., -1], np.float32(scale), dtype=np.float32, casting="unsafe")
+    del raw, deep, planes
     if mode == "CMYK" or _icc_colour_space(icc) != (b"GRAY" if is_gray else b"RGB "):
         icc = None  # a profile for another colour space would mislabel the written pixels
-    rgb = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1), dtype=np.float32))
     if rgb.shape[0] == 1:
         rgb = rgb.expand(3, -1, -1).clone()
     return LoadedImage(rgb, alpha, icc, is_gray, bits, mode, notes)
@@ -367,16 +460,22 @@ def quantize(rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
     Grayscale images are written back as the mean of the three channels (a perturbation within ε on every channel
     stays within ε on the mean).
     """
-    values = rgb.detach().float().clamp(0, 1).cpu().numpy()
-    planes = values.mean(axis=0, keepdims=True) if like.gray else values
+    values = rgb.detach().float().cpu()
     scale = like.max_value
-    ints = np.rint(planes.transpose(1, 2, 0) * scale)
+    dtype = np.uint16 if like.bits == 16 else np.uint8
+    height, width = values.shape[-2:]
+    channels = (1 if like.gray else 3) + (1 if like.alpha is not None else 0)
+    if like.alpha is not None and like.alpha.shape[:2] != (height, width):
+        raise ValueError(f"alpha {like.alpha.shape[:2]} does not match image {(height, width)}")
+    out = np.empty((height, width, channels), dtype=dtype)
+    # Plane by plane (float32, in place): a large photo never gets a full-size float64 copy.
+    planes = [values.numpy().mean(axis=0)] if like.gray else [values[c].numpy() for c in range(3)]
     if like.alpha is not None:
-        alpha = np.rint(like.alpha[..., None].astype(np.float64) * scale)
-        if alpha.shape[:2] != ints.shape[:2]:
-            raise ValueError(f"alpha {alpha.shape[:2]} does not match image {ints.shape[:2]}")
-        ints = np.concatenate([ints, alpha], axis=2)
-    return ints.astype(np.uint16 if like.bits == 16 else np.uint8)
+        planes.append(like.alpha)
+    for index, plane in enumerate(planes):
+        scaled = np.clip(plane, 0, 1, dtype=np.float32) * np.float32(scale)
+        out[..., index] = np.rint(scaled, out=scaled)
+    return out
 
 
 def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":
@@ -391,9 +490,9 @@ def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":
 
 def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     """Encode a quantized array as PNG bytes in the input's kind of mode, with its ICC profile."""
+    if like.bits == 16 and array.shape[2] > 1:
+        return _encode_png16_colour(np.ascontiguousarray(array).astype(np.uint16), like.icc_profile)
     if like.bits == 16:
-        if array.shape[2] != 1:
-            raise ValueError("16-bit output is written for grayscale images only")
         image = Image.fromarray(np.ascontiguousarray(array[..., 0]).astype(np.uint16))  # → mode I;16
     else:
         data = array[..., 0] if array.shape[2] == 1 else array
@@ -402,6 +501,28 @@ def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     params = {"icc_profile": like.icc_profile} if like.icc_profile else {}
     image.save(buffer, format="PNG", **params)
     return buffer.getvalue()
+
+
+def _encode_png16_colour(array: np.ndarray, icc_profile: bytes | None) -> bytes:
+    """16-bit gray+alpha, RGB or RGBA PNG (Pillow writes these only at 8 bits): OpenCV's encoder, plus an iCCP
+    chunk after IHDR for the profile."""
+    import struct
+    import zlib
+
+    import cv2
+
+    if array.shape[2] == 2:  # gray + alpha: OpenCV has no LA, so store it as RGBA with equal channels
+        array = np.concatenate([np.repeat(array[..., :1], 3, axis=2), array[..., 1:]], axis=2)
+    order = [2, 1, 0, 3][: array.shape[2]]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array[..., order]))
+    if not ok:
+        raise ValueError("OpenCV could not encode the 16-bit PNG")
+    data = encoded.tobytes()
+    if icc_profile:
+        body = b"icc\x00\x00" + zlib.compress(icc_profile)
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        data = data[:33] + chunk + data[33:]  # signature (8) + IHDR (25)
+    return data
 
 
 _UMASK: int | None = None
@@ -520,6 +641,9 @@ def write_image(path: Path, rgb: "torch.Tensor", like: LoadedImage) -> np.ndarra
 
 def read_back(path: Path) -> np.ndarray:
     """The integer array of a written PNG, shaped ``(H, W, C)``, for verifying what was really stored."""
+    deep = _read_deep(path, "PNG")
+    if deep is not None:
+        return deep
     with Image.open(path) as image:
         array = np.asarray(image)
     return array[..., None] if array.ndim == 2 else array

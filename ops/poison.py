@@ -40,6 +40,7 @@ from .io import InputItem, LoadedImage, atomic_write_bytes, collect_inputs, outp
 from .manifest import Manifest
 from .metrics.basic import psnr, ssim
 from .runner import ImageJob, ProcessedImage, RunSummary, process_folder
+from .validate import check_aspect
 
 MODEL_PARAMS = ("prompt",)  # configure AttackModels, not the attack function (t_range goes to both)
 WORKING_SIZE_ONLY = ("da",)  # budgets/transforms defined on the working grid: never optimized at native size
@@ -318,5 +319,5 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     return process_folder(items, out_dir, manifest, process_set if spec.set_level else process_single, seed=seed,
                           batch_size=max(1, len(items)) if spec.set_level else (batch_size or 1),
-                          overwrite=overwrite,
-                          min_size=8, verify=verify, on_event=on_event or (lambda *a: None), **kwargs)
+                          overwrite=overwrite, min_size=8, verify=verify, on_event=on_event or (lambda *a: None),
+                          accept=(lambda image: check_aspect(*image.size)) if resolution > 0 else None, **kwargs)

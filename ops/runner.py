@@ -82,11 +82,13 @@ def process_folder(
     min_size: int = 1,
     verify: Callable[[ImageJob, np.ndarray], dict[str, Any]] | None = None,
     on_event: Event = _no_event,
+    accept: Callable[[LoadedImage], None] | None = None,
 ) -> RunSummary:
     """Run ``process`` over ``items`` and write ``OUT/<rel>.png`` for each, recording everything in ``manifest``.
 
     ``verify(job, stored)`` sees the integer array actually written and returns extra stats (or raises
-    :class:`CloakError` to fail that file). Images smaller than ``min_size`` on either side are rejected.
+    :class:`CloakError` to fail that file). Images smaller than ``min_size`` on either side are rejected, and so are
+    those ``accept(image)`` refuses (it raises :class:`RejectedInput`).
     """
     summary = RunSummary()
     manifest.start_run()
@@ -133,6 +135,8 @@ def process_folder(
             width, height = image.size
             if min(width, height) < min_size:
                 raise RejectedInput(f"image is {width}x{height}; this method needs at least {min_size} px per side")
+            if accept is not None:
+                accept(image)  # e.g. the working-size aspect limit (raises RejectedInput)
         except RejectedInput as exc:
             reject(item, str(exc))
             continue

@@ -23,6 +23,7 @@ from .errors import CloakError, RejectedInput, UsageError
 from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, file_sha256, item_seed, output_path, read_image, \
     safe_join
 from .manifest import Manifest
+from .validate import check_aspect
 
 PROFILES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")
 Event = Callable[[str, str, dict], None]
@@ -35,6 +36,7 @@ def working_resolution(pipe, resolution: int | None) -> int:
 def to_square(image: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
     """``(C, H, W)`` → short side ``size`` then centre crop ``size²`` (the working resolution)."""
     height, width = image.shape[-2:]
+    check_aspect(width, height)
     scale = size / min(height, width)
     shape = (max(size, round(height * scale)), max(size, round(width * scale)))
     kwargs = {"antialias": True, "align_corners": False} if mode in ("bicubic", "bilinear") else {}

@@ -66,9 +66,11 @@ def test_gaussian_sigma_is_the_standard_deviation_in_pixels(sigma):
     variance = (slope * (position - mean) ** 2).sum() / slope.sum()
     assert slope.sum() == pytest.approx(1.0, abs=1e-6)
     assert variance == pytest.approx(sigma**2, rel=0.05)
-    assert torch.equal(_run("gaussian", step, sigma=0.0), step)
-    with pytest.raises(ValueError, match="sigma"):
-        _run("gaussian", step, sigma=-1.0)
+    from cloaklab.ops.errors import UsageError
+
+    for bad in (0.0, -1.0, float("nan")):  # issue 17: --sigma 0|-1|nan are usage errors
+        with pytest.raises(UsageError, match="--sigma"):
+            _run("gaussian", step, sigma=bad)
 
 
 def test_tvm_lowers_total_variation_keeps_size_and_is_seeded():
@@ -135,3 +137,20 @@ def test_adverse_cleaner_stages_equal_opencv_and_scipy():
     twice = np.stack([uniform_filter(uniform_filter(source[..., c], 9, mode="reflect"), 9, mode="reflect")
                       for c in range(3)], -1)
     np.testing.assert_allclose(guided_filter(flat, source, 4, 16.0), twice, atol=1e-6)
+
+
+def test_tiled_guided_filter_equals_the_whole_image_filter():
+    from cloaklab.ops.purify import adverse_cleaner
+
+    rng = np.random.default_rng(3)
+    guide = (rng.random((90, 30, 3)) * 255).astype(np.uint8)
+    source = rng.random((90, 30, 3)) * 255
+    whole = adverse_cleaner.guided_filter(guide.astype(np.float64), source, 4, 16.0)
+    tiled = source.astype(np.float32)
+    previous = adverse_cleaner.TILE_PIXELS
+    adverse_cleaner.TILE_PIXELS = 30 * 10  # many tiles, each shorter than twice the halo
+    try:
+        adverse_cleaner.guided_filter_inplace(guide, tiled, 4, 16.0)
+    finally:
+        adverse_cleaner.TILE_PIXELS = previous
+    np.testing.assert_allclose(tiled, whole, atol=1e-3)

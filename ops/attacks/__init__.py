@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..registry import MethodSpec
+from ..validate import ATTACK_RANGES
 
 # PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000), and a
 # uniform random start in the ε-ball (paper 000 made ADM+ and EA through Mist v1's modes: psyker-team/mist
@@ -58,6 +59,7 @@ class AttackSpec(MethodSpec):
     fixed: dict[str, Any] = field(default_factory=dict)  # passed to the module, not user-settable (adm-: ascent)
 
     selector: ClassVar[str] = "--attack"
+    range_table: ClassVar[dict[str, Any]] = ATTACK_RANGES
 
 
 ATTACKS: dict[str, AttackSpec] = {}

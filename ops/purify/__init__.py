@@ -10,14 +10,18 @@ model=, trust_pickle=, **params)``, and may return ``(images, [per-image stats])
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..registry import MethodSpec
+from ..validate import PURIFIER_RANGES
 
 
 @dataclass(frozen=True)
 class PurifierSpec(MethodSpec):
     needs_model: bool = False
     min_size: int = 1
+
+    range_table: ClassVar[dict[str, Any]] = PURIFIER_RANGES
 
 
 PURIFIERS: dict[str, PurifierSpec] = {}

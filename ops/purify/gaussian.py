@@ -7,8 +7,8 @@ with Pillow's own kernel extent (its extended-box approximation of a Gaussian). 
 equals DiffShortcut's on the same 8-bit image.
 
 Where we differ: the input batch is float in [0, 1]; each image is rounded to 8 bits first (Pillow blurs only 8-bit
-images; the reference read 8-bit PNGs anyway), so a float input gets 8-bit precision out; ``sigma`` 0 returns
-the input unchanged. ``sigma`` (= Pillow's ``radius``) may be set to another value; there is no kernel-size
+images; the reference read 8-bit PNGs anyway), so a float input gets 8-bit precision out; ``sigma`` must be
+> 0 (issue 17: 0 is a usage error, not a silent no-op). ``sigma`` (= Pillow's ``radius``) may be set to another value; there is no kernel-size
 parameter (Pillow derives the extent from σ).
 """
 
@@ -24,10 +24,8 @@ DIFFSHORTCUT_SIGMA = 5.0
 def purify(images: torch.Tensor, *, sigma: float = DIFFSHORTCUT_SIGMA,
            generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Blur ``(B, 3, H, W)`` images in [0, 1] with Pillow's ``GaussianBlur(radius=sigma)``; returns the same shape."""
-    if not sigma >= 0:
-        raise ValueError(f"--sigma (Pillow's GaussianBlur radius) must be >= 0, got {sigma}")
-    if sigma == 0:  # Pillow's zero-radius blur is the identity; skip the 8-bit round trip
-        return images.clone()
+    if not sigma > 0:
+        raise ValueError(f"--sigma (Pillow's GaussianBlur radius) must be > 0, got {sigma}")
     out = []
     for image in images:
         pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -26,6 +26,7 @@ from PIL import Image
 from ..errors import CloakError, RejectedInput, UsageError
 from ..io import InputItem, read_image
 from ..masks import dilate_mask, read_mask, scaled_dilation
+from ..validate import check_aspect
 
 # Object templates of the Textual Inversion paper (Gal et al. 2022), the "object" set of the diffusers TI example
 # that paper 000 trains with (§5.1.2). "{}" is replaced by the placeholder token.
@@ -90,6 +91,7 @@ def jpeg_compress(rgb: torch.Tensor, quality: int) -> torch.Tensor:
 def resize_and_crop(rgb: torch.Tensor, resolution: int, resample: int = Image.BICUBIC) -> torch.Tensor:
     """``(C, H, W)`` in [0, 1] → ``(C, R, R)``: short side to R with Pillow, then a centre crop."""
     channels, height, width = rgb.shape
+    check_aspect(width, height)  # short side → R would make a huge strip of an extreme panorama
     scale = resolution / min(height, width)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     planes = []

@@ -127,7 +127,7 @@ _cloak() {
         purify)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-                --method|-m) COMPREPLY=($(compgen -W "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
+                --method|-m) COMPREPLY=($(compgen -W "none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
                 --sigma) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;

@@ -133,7 +133,7 @@ complete -c cloak -n "__fish_seen_subcommand_from poison" -l debug -d "Show trac
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -F
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l output -s o -r -d "Output folder (created; must not be inside an input folder)."
-complete -c cloak -n "__fish_seen_subcommand_from purify" -l method -s m -xa "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -d "Purifier (see the method list below)."
+complete -c cloak -n "__fish_seen_subcommand_from purify" -l method -s m -xa "none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -d "Purifier (see the method list below)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l quality -r -d "jpeg/webp: encoder quality 1-100 (75; SZT uses 25)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l sigma -r -d "gaussian: blur σ > 0 in pixels = Pillow's GaussianBlur radius (5, DiffShortcut)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l resolution -r -d "tvm: working resolution, 8-4096 (64)."

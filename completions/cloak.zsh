@@ -155,7 +155,7 @@ _cloak() {
         purify)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
+                '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
                 '--sigma[gaussian - blur σ > 0 in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut).]:value: ' \
                 '--resolution[tvm - working resolution, 8-4096 (64).]:value: ' \

@@ -154,3 +154,9 @@ def test_tiled_guided_filter_equals_the_whole_image_filter():
     finally:
         adverse_cleaner.TILE_PIXELS = previous
     np.testing.assert_allclose(tiled, whole, atol=1e-3)
+
+
+def test_none_returns_every_pixel_unchanged():
+    image = photo_tensor("coffee", 24)[None]
+    out = _run("none", image)
+    assert torch.equal(out, image) and out.data_ptr() != image.data_ptr()

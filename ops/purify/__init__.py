@@ -40,6 +40,8 @@ def get_purifier(name: str) -> PurifierSpec:
     return PURIFIERS[name]
 
 
+register(PurifierSpec("none", "identity", "No purification: every image unchanged (the grid's no-defence column, "
+                      "written with a manifest like any other).", {}))
 register(PurifierSpec("jpeg", "jpeg", "JPEG encode → decode (Pillow, 4:2:0); saved losslessly so later steps see "
                       "exactly what JPEG did. Default quality 75 (DiffShortcut/MetaCloak eval; SZT uses 25).",
                       {"quality": 75}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -133,7 +134,7 @@ def score(
         params = {"metrics": [s.name for s in specs], "ref": str(ref) if ref else None, "group_by": group_by,
                   "class": class_name, "prompt": prompt, "token": token,
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        document = {"command": "score", "argv": sys.argv, "labels": labels, "params": params,
+        document = {"command": "score", "argv": sys.argv, "cwd": os.getcwd(), "labels": labels, "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}
         write_result(output, document, csv_path)
         _print_table(reporter, result)

@@ -11,6 +11,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import os
 import platform
 import sys
 from importlib import metadata
@@ -31,6 +32,23 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far in MiB: ``peak_rss_mb`` (resident set, from ``getrusage``) and, once CUDA
+    is in use, ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated``). Process-wide, so a record's value is the peak
+    of its command up to that file (``cloak report`` shows it as the cost of the step)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    torch = sys.modules.get("torch")  # never import torch just to measure
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except Exception:  # noqa: BLE001 - a measurement must never fail a run
+        pass
+    return peak
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -99,6 +117,7 @@ class Manifest:
         with self._locked() as data:
             data["command"] = self.command
             data["argv"] = self.argv
+            data["cwd"] = os.getcwd()  # relative paths in argv are relative to it (cloak report follows them)
             data["params"] = self.params
             data["params_hash"] = self.hash
             data["seed"] = self.seed
@@ -119,9 +138,9 @@ class Manifest:
         )
 
     def record(self, output_rel: str, **fields: Any) -> None:
-        """Store (replace) the record of one output file."""
+        """Store (replace) the record of one output file (with the process's peak memory so far)."""
         with self._locked() as data:
-            data["files"][output_rel] = {"params_hash": self.hash, "time": _now(), **fields}
+            data["files"][output_rel] = {"params_hash": self.hash, "time": _now(), **peak_memory(), **fields}
 
     def update(self, **fields: Any) -> None:
         """Merge top-level fields (e.g. a run summary or training state)."""

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import generate, immunize, mask, poison, purify, score, ssm, train_db, train_ti
+from . import generate, immunize, mask, poison, purify, report, score, ssm, train_db, train_ti
 
 app = typer.Typer(
     name="cloak",
@@ -39,7 +39,7 @@ def root(
     """cloaklab's command line."""
 
 
-for _module in (purify, poison, mask, train_ti, train_db, generate, score, ssm, immunize):
+for _module in (purify, poison, mask, train_ti, train_db, generate, score, report, ssm, immunize):
     _module.register(app)
 
 

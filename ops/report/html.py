@@ -125,27 +125,16 @@ class Thumbnails:
 
 
 def difference_image(original: Path, processed: Path):
-    """``(amplified, gain)``: 0.5 + gain·(processed − original) with the largest change mapped to full range, and the
-    measured ``(L∞ in /255, PSNR dB, SSIM)`` of the pair (scikit-image, as ``cloak poison`` records them)."""
+    """``(amplified, gain)``: 0.5 + gain·(processed − original) as uint8, the largest change mapped to full range."""
     import numpy as np
-    from PIL import Image, ImageOps
 
-    from ..metrics.basic import psnr, ssim
+    from .model import load_pair
 
-    with Image.open(processed) as opened:
-        after = ImageOps.exif_transpose(opened).convert("RGB")
-    with Image.open(original) as opened:
-        before = ImageOps.exif_transpose(opened).convert("RGB")
-    if before.size != after.size:
-        before = before.resize(after.size, Image.BICUBIC)
-    a = np.asarray(before, dtype=np.float64) / 255
-    b = np.asarray(after, dtype=np.float64) / 255
+    a, b = load_pair(original, processed)
     delta = b - a
     largest = float(np.abs(delta).max())
     gain = 0.5 / largest if largest > 0 else 1.0
-    amplified = np.clip(0.5 + gain * delta, 0, 1)
-    stats = (largest * 255, psnr(b, a) if largest > 0 else None, ssim(b, a))
-    return (amplified * 255).round().astype(np.uint8), gain, stats
+    return (np.clip(0.5 + gain * delta, 0, 1) * 255).round().astype(np.uint8), gain
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -173,7 +162,7 @@ outline-offset:2px}
 .strip img{display:block;width:48px;height:48px;object-fit:cover;image-rendering:auto}
 .empty{padding:.4rem .5rem;color:var(--muted)}
 .num{text-align:right;font-variant-numeric:tabular-nums}
-.previews img,.samples img,.training img{display:block;max-width:100%;height:auto}
+.previews img,.samples img,.training img{display:block;max-width:100%;min-width:64px;height:auto}
 .previews td,.samples td{font-size:.9rem}
 dialog{max-width:min(1100px,96vw);max-height:92vh;border:1px solid var(--line);background:var(--bg);
 color:var(--fg);padding:0 1.2rem 1rem}
@@ -240,15 +229,13 @@ def _preview_rows(run: Run, thumbs: Thumbnails, size: int) -> str:
         original = thumbs.of_file(preview.original, size)
         processed = thumbs.of_file(preview.processed, size)
         diff = gain = None
-        stats: tuple = (preview.linf, preview.psnr, preview.ssim)
         if preview.original is not None:
             try:
-                amplified, gain, measured = difference_image(preview.original, preview.processed)
+                amplified, gain = difference_image(preview.original, preview.processed)
                 diff = thumbs.of_array(amplified, size)
-                stats = tuple(m if s is None else s for s, m in zip(stats, measured))
             except (OSError, ValueError):
                 pass
-        linf, psnr_value, ssim_value = stats
+        linf, psnr_value, ssim_value = preview.linf, preview.psnr, preview.ssim
         verb = "cloaked" if run.command == "poison" else "processed"
         rows.append(
             f"<tr><th scope=\"row\">{escape(preview.name)}</th>"

@@ -274,11 +274,45 @@ def read_run(folder: Path, manifests: Manifests, label: str | None = None) -> Ru
         if not processed.is_file():
             continue
         stats = record.get("stats") or {}
-        run.previews.append(Preview(
+        preview = Preview(
             name=name, original=resolve_path(record.get("source"), manifest, folder), processed=processed,
             linf=stats.get("linf"), psnr=stats.get("psnr"), ssim=stats.get("ssim"), seconds=record.get("seconds"),
-            peak_rss_mb=record.get("peak_rss_mb"), peak_cuda_mb=record.get("peak_cuda_mb")))
+            peak_rss_mb=record.get("peak_rss_mb"), peak_cuda_mb=record.get("peak_cuda_mb"))
+        if preview.original is not None and None in (preview.linf, preview.psnr, preview.ssim):
+            try:
+                measured = measure(preview.original, preview.processed)
+            except (OSError, ValueError):
+                measured = (None, None, None)
+            preview.linf, preview.psnr, preview.ssim = (
+                value if value is not None else new for value, new in
+                zip((preview.linf, preview.psnr, preview.ssim), measured))
+        run.previews.append(preview)
     return run
+
+
+def load_pair(original: Path, processed: Path):
+    """Both images as float64 ``(H, W, 3)`` arrays in [0, 1], EXIF-oriented; the original resized (bicubic) to the
+    processed image's size when they differ."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(processed) as opened:
+        after = ImageOps.exif_transpose(opened).convert("RGB")
+    with Image.open(original) as opened:
+        before = ImageOps.exif_transpose(opened).convert("RGB")
+    if before.size != after.size:
+        before = before.resize(after.size, Image.BICUBIC)
+    return np.asarray(before, dtype=np.float64) / 255, np.asarray(after, dtype=np.float64) / 255
+
+
+def measure(original: Path, processed: Path) -> tuple[float, float | None, float]:
+    """``(L∞ in 1/255 steps, PSNR dB, SSIM)`` of processed vs original (scikit-image, as ``cloak poison`` records
+    them); PSNR is None for identical images."""
+    from ..metrics.basic import psnr, ssim
+
+    a, b = load_pair(original, processed)
+    largest = float(abs(b - a).max())
+    return largest * 255, (psnr(b, a) if largest > 0 else None), ssim(b, a)
 
 
 # ---------------------------------------------------------------------------------------------------- grid

@@ -200,6 +200,10 @@ def test_single_run_mode_shows_before_after_with_measured_numbers(grid, tmp_path
     numbers = re.findall(r"<td class=\"num\">([^<]+)</td>", row)
     assert float(numbers[0]) == pytest.approx(linf, abs=0.05) and linf == pytest.approx(8, abs=1e-6)
     assert float(numbers[1]) == pytest.approx(psnr, abs=0.01)
+    from cloaklab.ops.report.model import Manifests, read_run
+
+    preview = read_run(folder, Manifests()).previews[0]  # the record has no stats: measured from the files
+    assert preview.linf == pytest.approx(linf, abs=1e-9) and preview.psnr == pytest.approx(psnr, abs=1e-3)
     # the difference image: no change → mid grey; the largest change → full range
     diff_src = [img["src"] for img in page.images if img["alt"].startswith("difference of mug_00")][0]
     diff = np.asarray(Image.open(index.parent / diff_src).convert("RGB"), dtype=int)

@@ -407,6 +407,8 @@ def _follow(sample_paths: Sequence[Path], manifests: Manifests) -> dict[str, Any
     poison = manifests.load(train_input) if train_input is not None and train_input.is_dir() else None
     if poison and poison.get("command") == "poison":
         found["poison"], found["poison_folder"] = poison, train_input
+    elif poison:  # e.g. a cloak purify output: neither clean nor poisoned; only the defended image is shown
+        found["other_input"] = str(poison.get("command"))
     return found
 
 
@@ -427,9 +429,11 @@ def _training(concept: str, lineage: dict, render_defended: bool) -> Training | 
         entry.poisoned = train_input / name
         record = (poison.get("files") or {}).get(Path(name).with_suffix(".png").as_posix()) or {}
         entry.clean = resolve_path(record.get("source"), poison, train_input)
+    elif lineage.get("other_input"):
+        entry.defence = f"input: a cloak {lineage['other_input']} output; "
     else:
         entry.clean = train_input / name
-    parts = [f"preset {params.get('preset') or 'custom'}"]
+    parts = [f"{entry.defence}preset {params.get('preset') or 'custom'}"]
     if params.get("jpeg"):
         parts.append(f"JPEG q{params['jpeg']}")
     if params.get("mask_mode") not in (None, "none"):

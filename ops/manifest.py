@@ -14,9 +14,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .io import MANIFEST_NAME, atomic_write_bytes
 
@@ -43,11 +44,9 @@ def peak_memory() -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
     torch = sys.modules.get("torch")  # never import torch just to measure
-    try:
+    with contextlib.suppress(Exception):  # a measurement must never fail a run
         if torch is not None and torch.cuda.is_initialized():
             peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except Exception:  # noqa: BLE001 - a measurement must never fail a run
-        pass
     return peak
 
 

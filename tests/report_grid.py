@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from cloaklab.tests.conftest import photo
+from PIL import Image
 
 CONCEPTS = {"cat": "chelsea", "mug": "coffee"}
 POISONS = ("none", "adm+")

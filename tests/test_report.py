@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cloaklab.tests import report_grid
+from PIL import Image
 
 
 def _runner():
-    from typer.testing import CliRunner
-
     from cloaklab.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
 
@@ -196,7 +194,7 @@ def test_single_run_mode_shows_before_after_with_measured_numbers(grid, tmp_path
     after = np.asarray(Image.open(folder / "mug_00.png").convert("RGB"), dtype=np.float64) / 255
     linf = np.abs(after - before).max() * 255
     psnr = 10 * math.log10(1 / np.mean((after - before) ** 2))
-    row = re.search(r"<th scope=\"row\">mug_00.png</th>(.*?)</tr>", index.read_text(), re.S).group(1)
+    row = re.search(r"<th scope=\"row\">mug_00.png</th>(.*?)</tr>", index.read_text(), re.DOTALL).group(1)
     numbers = re.findall(r"<td class=\"num\">([^<]+)</td>", row)
     assert float(numbers[0]) == pytest.approx(linf, abs=0.05) and linf == pytest.approx(8, abs=1e-6)
     assert float(numbers[1]) == pytest.approx(psnr, abs=0.01)
@@ -205,7 +203,7 @@ def test_single_run_mode_shows_before_after_with_measured_numbers(grid, tmp_path
     preview = read_run(folder, Manifests()).previews[0]  # the record has no stats: measured from the files
     assert preview.linf == pytest.approx(linf, abs=1e-9) and preview.psnr == pytest.approx(psnr, abs=1e-3)
     # the difference image: no change → mid grey; the largest change → full range
-    diff_src = [img["src"] for img in page.images if img["alt"].startswith("difference of mug_00")][0]
+    diff_src = next(img["src"] for img in page.images if img["alt"].startswith("difference of mug_00"))
     diff = np.asarray(Image.open(index.parent / diff_src).convert("RGB"), dtype=int)
     delta = (after - before) * 255
     expected = 255 * (0.5 + delta / (2 * np.abs(delta).max()))

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cloaklab.tests import report_grid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -45,9 +44,8 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from typer.testing import CliRunner
-
     from cloaklab.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
 
@@ -93,15 +91,17 @@ def _markdown_cells(path: Path) -> dict[tuple[str, str], str]:
 
 def _all_images_loaded(driver, scope) -> list[str]:
     """Scroll each image of ``scope`` into view (they are lazy) and return the sources that failed to decode."""
+    import contextlib
+
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     failed = []
     for image in scope.find_elements("css selector", "img"):
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", image)
-        try:
-            WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].complete;", image))
-        except Exception:  # noqa: BLE001 - reported below as not loaded
-            pass
+        with contextlib.suppress(TimeoutException):  # reported below as not loaded
+            WebDriverWait(driver, 10).until(
+                lambda d, image=image: d.execute_script("return arguments[0].complete;", image))
         if not driver.execute_script("return arguments[0].naturalWidth;", image):
             failed.append(image.get_attribute("src"))
     return failed

@@ -3,9 +3,9 @@ or of one poison/purify run. :mod:`.model` reads the runs into dataclasses, :mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import UsageError
 from ..io import MANIFEST_NAME, atomic_write_bytes

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .model import Cell, Grid, Run, Step
 
@@ -377,8 +378,8 @@ def _training_table(cell: Cell, thumbs: Thumbnails) -> str:
         rows.append(
             f"<tr><th scope=\"row\">{escape(entry.concept)}</th>"
             f"<td>{_img(thumbs.of_file(entry.clean), f'clean {entry.name} ({entry.concept})')}</td>"
-            f"<td>{_img(thumbs.of_file(entry.poisoned), f'poisoned {entry.name} ({entry.concept})') if entry.poisoned else '— (no poison)'}</td>"  # noqa: E501
-            f"<td>{_img(thumbs.of_array(entry.defended), f'defended {entry.name} ({entry.concept})') if entry.defended is not None else '—'}"  # noqa: E501
+            f"<td>{_img(thumbs.of_file(entry.poisoned), f'poisoned {entry.name} ({entry.concept})') if entry.poisoned else '— (no poison)'}</td>"
+            f"<td>{_img(thumbs.of_array(entry.defended), f'defended {entry.name} ({entry.concept})') if entry.defended is not None else '—'}"
             f"<br><span class=\"muted\">{escape(entry.defence)}</span></td></tr>")
     return ("<table class=\"training\"><thead><tr><th scope=\"col\">concept</th><th scope=\"col\">clean</th>"
             "<th scope=\"col\">poisoned</th><th scope=\"col\">defended (what training saw)</th></tr></thead>"

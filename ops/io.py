@@ -314,11 +314,26 @@ def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     return buffer.getvalue()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status`` on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+    """Write via a temporary file in the same folder and rename, so readers never see a partial file. The file gets
+    the user's umask (``mkstemp`` alone would leave it readable by the owner only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
         os.replace(temp, path)

@@ -243,3 +243,16 @@ def test_manifest_records_cwd_and_peak_memory(tmp_path):
     data = json.loads((tmp_path / "out" / "cloak.json").read_text())
     assert data["cwd"] == str(Path.cwd())
     assert data["files"]["a.png"]["peak_rss_mb"] > 10  # this Python process holds well over 10 MiB
+
+
+def test_report_files_get_the_users_umask(grid, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        assert grid["cli"](["report", grid["scores"][0], "-o", tmp_path / "shared"])[0] == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "shared").rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}  # mkstemp alone gives 0o600

@@ -158,7 +158,7 @@ cursor:pointer}
 outline-offset:2px}
 .cell .value{font-variant-numeric:tabular-nums;font-weight:600}
 .cell .metric{font-size:.8rem}
-.strip{display:flex;gap:2px;padding:3px;background:var(--panel);flex-wrap:wrap}
+.strip{display:flex;gap:2px;padding:3px;background:var(--panel);flex-wrap:nowrap}
 .strip figure{margin:0;text-align:center}.strip figcaption{font-size:.68rem;line-height:1.1}
 .strip img{display:block;width:48px;height:48px;object-fit:cover;image-rendering:auto}
 .empty{padding:.4rem .5rem;color:var(--muted)}

@@ -4,8 +4,9 @@ Grid mode reads ``cloak score`` files labelled with ``--label`` (rows × cols, t
 :func:`cloaklab.ops.score.merge_tables`, the code behind ``cloak score --table``) and follows each generated image
 back through the ``cloak.json`` manifests that made it:
 
-    score file → image ``path`` → ``cloak generate`` manifest (prompt, seed, ``--embedding``)
-    → ``cloak train-ti`` manifest beside the embedding (preset: JPEG / mask settings; its input folder)
+    score file → image ``path`` → ``cloak generate`` manifest (prompt, seed, ``--embedding``/``--lora``/``--unet``)
+    → the ``cloak train-ti``/``train-db`` manifest beside (or up to two folders above) that file (preset: JPEG /
+    mask settings; its input folder)
     → ``cloak poison`` manifest of that folder, if any (per-file source, L∞, PSNR, SSIM).
 
 Every link is optional: a missing manifest leaves that part of the page empty, never an error. Relative paths in a
@@ -398,11 +399,21 @@ def _follow(sample_paths: Sequence[Path], manifests: Manifests) -> dict[str, Any
     generate = found["generate"]
     if generate is None:
         return found
-    embedding = resolve_path(option_value(generate.get("argv") or [], "--embedding", "-e"), generate)
-    train = manifests.load(embedding.parent) if embedding is not None else None
-    if not train or train.get("command") not in ("train-ti", "train-db"):
+    argv = generate.get("argv") or []
+    trained = None
+    for flag in ("--embedding", "--lora", "--unet"):  # TI file; DreamBooth/LoRA file or folder
+        trained = resolve_path(option_value(argv, flag), generate)
+        if trained is not None:
+            break
+    train = train_folder = None
+    for folder in ((trained, trained.parent, trained.parent.parent) if trained is not None else ()):
+        train = manifests.load(folder) if folder.is_dir() else None
+        if train and train.get("command") in ("train-ti", "train-db"):
+            train_folder = folder
+            break
+    if train_folder is None:
         return found
-    found["train"], found["train_folder"] = train, embedding.parent
+    found["train"], found["train_folder"] = train, train_folder
     train_input = resolve_path(first_input(train.get("argv") or [], str(train["command"])), train)
     found["train_input"] = train_input
     poison = manifests.load(train_input) if train_input is not None and train_input.is_dir() else None

@@ -256,3 +256,22 @@ def test_report_files_get_the_users_umask(grid, tmp_path):
         os.umask(previous)
     files = [p for p in (tmp_path / "shared").rglob("*") if p.is_file()]
     assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}  # mkstemp alone gives 0o600
+
+
+def test_defended_image_with_a_loss_mask_darkens_what_the_loss_ignores(tmp_path):
+    from cloaklab.ops.report.model import defended_image
+    from cloaklab.tests.conftest import photo
+
+    image = np.asarray(photo("astronaut", 32))
+    Image.fromarray(image).save(tmp_path / "a.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    shown = defended_image(tmp_path / "a.png", {"preset": "lm", "mask_mode": "lm", "dilate": 0},
+                           tmp_path / "masks").astype(float)
+    inside, outside = mask > 0, mask == 0
+    assert np.abs(shown[inside] - image[inside]).max() <= 2  # what the loss sees, unchanged (no JPEG in lm)
+    assert np.abs(shown[outside] - 0.3 * image[outside]).max() <= 2  # the rest at 30 %
+    unmasked = defended_image(tmp_path / "a.png", {"preset": "lm", "mask_mode": "none"}, tmp_path / "masks")
+    assert np.abs(unmasked.astype(float) - image).max() <= 2

@@ -380,7 +380,7 @@ def defended_image(image_path: Path, train_params: dict, masks: Path | None) -> 
     rgb = data.images[0] if hasattr(data, "images") else data[0]
     array = rgb.permute(1, 2, 0).clamp(0, 1).numpy()
     masks_out = getattr(data, "masks", None)
-    if masks_out:
+    if masks_out is not None:
         mask = masks_out[0][0].numpy()[..., None]
         array = array * (0.3 + 0.7 * mask)
     return (array * 255).round().astype(np.uint8)

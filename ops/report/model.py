@@ -462,7 +462,7 @@ def _training(concept: str, lineage: dict, render_defended: bool) -> Training | 
     return entry
 
 
-def _steps(concept: str, lineage: dict, samples: Sequence[Sample], score: dict) -> list[Step]:
+def _steps(concept: str, lineage: dict) -> list[Step]:
     steps = []
     poison = lineage["poison"]
     if poison is not None:
@@ -542,7 +542,7 @@ def build_grid(score_paths: Sequence[Path], rows: str = "poison", cols: str = "d
             training = _training(concept, lineage, render_defended)
             if training is not None:
                 cell.training.append(training)
-            cell.steps += _steps(concept, lineage, samples, data)
+            cell.steps += _steps(concept, lineage)
             if lineage["poison_folder"] is not None and lineage["poison_folder"] not in runs:
                 runs[lineage["poison_folder"]] = read_run(lineage["poison_folder"], manifests,
                                                           f"{row} · {concept}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -149,7 +150,7 @@ def score(
                   **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
                      else {}),
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        document = {"command": "score", "argv": sys.argv, "labels": labels, "params": params,
+        document = {"command": "score", "argv": sys.argv, "cwd": os.getcwd(), "labels": labels, "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}
         write_result(output, document, csv_path)
         _print_table(reporter, result)

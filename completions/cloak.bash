@@ -5,7 +5,7 @@ _cloak() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "generate immunize mask poison purify score ssm train-db train-ti --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "generate immunize mask poison purify report score ssm train-db train-ti --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -170,6 +170,24 @@ _cloak() {
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--output -o --method -m --quality --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        report)
+            case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --rows) COMPREPLY=(); return ;;
+                --cols) COMPREPLY=(); return ;;
+                --metric) COMPREPLY=(); return ;;
+                --pick) COMPREPLY=(); return ;;
+                --average-row) COMPREPLY=(); return ;;
+                --average-exclude) COMPREPLY=(); return ;;
+                --thumb-size) COMPREPLY=(); return ;;
+                --preview-size) COMPREPLY=(); return ;;
+                --title) COMPREPLY=(); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--output -o --rows --cols --metric --pick --average-row --average-exclude --thumb-size --preview-size --title --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -9,6 +9,7 @@ _cloak() {
         'mask:Segment the concept in each image with SAM - OUTPUT/<same name>.png is a binary mask (0/255) of the image'\''s size; cloak.json records the mask'\''s area fraction, SA'
         'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile, within ε of the input on the saved byte'
         'purify:Purify images - every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.'
+        'report:Write OUT/index.html (inline CSS/JS, thumbnails in OUT/thumbs/; opens offline from the folder).'
         'score:Score images - per-image records, per-concept means, then the dataset mean (paper 000'\''s order) → a JSON file.'
         'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq.'
         'train-db:DreamBooth (full UNet, + text encoder) or LoRA fine-tuning with prior preservation, SZT and DiffShortcut.'
@@ -198,6 +199,22 @@ _cloak() {
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
+                '(--help -h)'{--help,-h}'[Show the help and exit.]' \
+                '*:file:_files' ;;
+        report)
+            _arguments -s \
+                '(--output -o)'{--output,-o}'[Report folder - index.html and thumbs/ (new, empty, or an earlier report).]:directory:_files -/' \
+                '--rows[Label key for rows (the score files'\'' --label).]:value: ' \
+                '--cols[Label key for columns.]:value: ' \
+                '--metric[Metric that colours the cells (default - the first file'\''s first); every metric is shown.]:value: ' \
+                '--pick[Metric that picks the best / median / worst samples (default - --metric; its registered direction decides best).]:value: ' \
+                '--average-row[Add a row averaging the rows, as score --table, e.g.]:value: ' \
+                '--average-exclude[Rows left out of the average (repeatable), e.g.]:value: ' \
+                '--thumb-size[Longest side of the grid and sample thumbnails (px).]:value: ' \
+                '--preview-size[Longest side of before/after previews (px).]:value: ' \
+                '--title[Page title.]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \

@@ -26,9 +26,10 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UsageError
 from .io import MANIFEST_NAME, atomic_write_bytes, clean_stale_temporaries, printable
@@ -62,6 +63,21 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far in MiB: ``peak_rss_mb`` (resident set, from ``getrusage``) and, once CUDA
+    is in use, ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated``). Process-wide, so a record's value is the peak
+    of its command up to that file (``cloak report`` shows it as the cost of the step)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    torch = sys.modules.get("torch")  # never import torch just to measure
+    with contextlib.suppress(Exception):  # a measurement must never fail a run
+        if torch is not None and torch.cuda.is_initialized():
+            peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -306,8 +322,8 @@ class Manifest:
         killed) runs logged into ``cloak.json``, and clean stale temporaries left in the folder."""
         clean_stale_temporaries(self.folder)
         self._append({"k": "top", "fields": {"command": self.command, "argv": self.argv, "params": self.params,
-                                             "params_hash": self.hash, "seed": self.seed, "model": self.model,
-                                             "versions": package_versions()}})
+                                             "params_hash": self.hash, "seed": self.seed, "cwd": os.getcwd(),
+                                             "model": self.model, "versions": package_versions()}})
         self._append({"k": "run", "run": {"id": secrets.token_hex(6), "started": _now(), "params_hash": self.hash,
                                           "argv": self.argv, **self.extra}})
         self.compact()
@@ -343,7 +359,8 @@ class Manifest:
         A ``status="writing"`` claim (written just before the file) is not fsync'd: a killed process loses no
         written data, and after a power loss the file's own rename is no more durable than the claim.
         """
-        self._append({"k": "file", "rel": output_rel, "rec": {"params_hash": self.hash, "time": _now(), **fields}},
+        self._append({"k": "file", "rel": output_rel,
+                      "rec": {"params_hash": self.hash, "time": _now(), **peak_memory(), **fields}},
                      durable=fields.get("status") != "writing")
 
     def clash(self, source: str, **fields: Any) -> None:

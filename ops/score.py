@@ -230,7 +230,8 @@ def score_images(items: Sequence[InputItem], references: References | None, metr
                 continue
             images.append(rgb)
             contexts.append(ImageContext(rel, concept, references.paired(item.rel), item_prompt, class_name))
-            rows.append({"image": rel, "concept": concept, "status": "done", "metrics": {}, "started": started,
+            rows.append({"image": rel, "path": str(item.path.resolve()), "concept": concept, "status": "done",
+                         "metrics": {}, "started": started,
                          **({"prompt": item_prompt} if item_prompt else {})})
         if not images:
             continue

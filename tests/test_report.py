@@ -240,6 +240,7 @@ def test_manifest_records_cwd_and_peak_memory(tmp_path):
     manifest = Manifest(tmp_path / "out", "poison", {"eps": 8})
     manifest.start_run()
     manifest.record("a.png", status="done")
+    manifest.close()  # records go to the process's log first; closing merges them into cloak.json
     data = json.loads((tmp_path / "out" / "cloak.json").read_text())
     assert data["cwd"] == str(Path.cwd())
     assert data["files"]["a.png"]["peak_rss_mb"] > 10  # this Python process holds well over 10 MiB

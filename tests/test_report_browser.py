@@ -2,15 +2,18 @@
 axe-core's accessibility rules injected into the page (offline, from ``tests/.node``).
 
 Needs ``apt-get install chromium chromium-driver``, ``pip install 'cloaklab[report-tests]'`` (selenium) and
-``npm install --prefix tests/.node axe-core@4.14.1``; each test skips, saying which is missing, without them.
+``npm install --prefix tests/.node axe-core@4.14.1``; each test skips, saying which is missing, without them
+(and fails instead under ``CLOAK_REQUIRE_BROWSER=1``, as in CI).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
 from cloaklab.tests import report_grid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -27,18 +30,26 @@ def _chromium() -> str | None:
     return None
 
 
+def _missing(reason: str) -> None:
+    """Skip without the browser tools — except in CI (``CLOAK_REQUIRE_BROWSER=1``, set by ``.ci/run``), where a
+    missing tool must fail the run instead of silently dropping the browser tests."""
+    if os.environ.get("CLOAK_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CLOAK_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
 def _browser_or_skip():
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("selenium not installed (pip install 'cloaklab[report-tests]')")
+        _missing("selenium not installed (pip install 'cloaklab[report-tests]')")
     binary = _chromium()
     if binary is None:
-        pytest.skip("chromium not installed (apt-get install chromium)")
+        _missing("chromium not installed (apt-get install chromium)")
     driver_path = CHROMEDRIVER if CHROMEDRIVER.exists() else shutil.which("chromedriver")
     if not driver_path:
-        pytest.skip("chromedriver not installed (apt-get install chromium-driver)")
+        _missing("chromedriver not installed (apt-get install chromium-driver)")
     return webdriver, Service, binary, str(driver_path)
 
 
@@ -158,7 +169,7 @@ def test_grid_in_chromium_cells_numbers_dialog_images_console(browser, report, t
 
 def test_axe_core_finds_no_serious_or_critical_violations(browser, report):
     if not AXE.exists():
-        pytest.skip(f"axe-core not installed at {AXE} (npm install --prefix tests/.node axe-core@4.14.1)")
+        _missing(f"axe-core not installed at {AXE} (npm install --prefix tests/.node axe-core@4.14.1)")
     source = AXE.read_text()
 
     def audit(context: str) -> list[dict]:

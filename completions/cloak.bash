@@ -128,6 +128,7 @@ _cloak() {
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --method|-m) COMPREPLY=($(compgen -W "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
+                --jpeg-scale) COMPREPLY=(); return ;;
                 --kernel) COMPREPLY=(); return ;;
                 --sigma) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
@@ -169,7 +170,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --method -m --quality --kernel --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --method -m --quality --jpeg-scale --kernel --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -191,6 +192,7 @@ _cloak() {
                 --fid-features) COMPREPLY=(); return ;;
                 --arcface-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --vggface-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --face-detector) COMPREPLY=(); return ;;
                 --rows) COMPREPLY=(); return ;;
                 --cols) COMPREPLY=(); return ;;
                 --metric) COMPREPLY=(); return ;;
@@ -201,7 +203,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -267,7 +269,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -280,6 +282,7 @@ _cloak() {
                 --templates) COMPREPLY=($(compgen -W "object style" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --preset) COMPREPLY=($(compgen -W "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -- "$cur")); return ;;
                 --jpeg) COMPREPLY=(); return ;;
+                --jpeg-scale) COMPREPLY=(); return ;;
                 --t-sampler) COMPREPLY=($(compgen -W "uniform threshold-high threshold-low power tanh" -- "$cur")); return ;;
                 --t-param) COMPREPLY=(); return ;;
                 --masks) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -288,6 +291,8 @@ _cloak() {
                 --steps) COMPREPLY=(); return ;;
                 --lr) COMPREPLY=(); return ;;
                 --warmup-steps) COMPREPLY=(); return ;;
+                --weight-decay) COMPREPLY=(); return ;;
+                --flip-p) COMPREPLY=(); return ;;
                 --grad-accumulation) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -300,7 +305,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --t-sampler --t-param --masks --mask-mode --dilate --steps --lr --warmup-steps --grad-accumulation --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --lr --warmup-steps --weight-decay --flip-p --grad-accumulation --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

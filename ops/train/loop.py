@@ -8,8 +8,9 @@ How a trainer uses it::
     config = TrainConfig(steps=5000, lr=5e-4, t_sampler="threshold-high", t_param=0.5, mask_mode="lm")
     result = train(pipe, trainable, data, prompts, config, out_dir, resume=False, on_progress=callback)
 
-One step (batch ``B`` drawn from a seeded data order; everything random comes from ONE CPU generator, so a run is a
-function of its seed and ``--resume`` continues bit-exactly):
+One step (batch ``B`` drawn from a seeded data order; everything random comes from ONE CPU generator — plus, with
+flips, a second one seeded from the same seed — so a run is a function of its seed and ``--resume`` continues
+bit-exactly):
   0. with ``flip_p`` > 0, each sample is mirrored left-right with probability ``flip_p`` (the diffusers TI
      example's ``RandomHorizontalFlip(p=flip_p)`` after the resize, ``TextualInversionDataset.__getitem__``); the
      draws come from a second generator seeded ``seed + FLIP_STREAM`` (one ``torch.rand(B)`` per micro-batch, flip

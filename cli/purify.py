@@ -23,6 +23,10 @@ def purify(
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "jpeg",  # type: ignore[valid-type]
     quality: Annotated[Optional[int], typer.Option(help="jpeg/webp: encoder quality 1-100 (75; SZT uses 25).",
                                                    min=1, max=100)] = None,
+    jpeg_scale: Annotated[Optional[int], typer.Option(
+        metavar="S", min=8, help="jpeg: apply JPEG at short side S px (Pillow bicubic resize, encode/decode, resize "
+                                 "back; e.g. 512 = paper 000's photo size for small images). Default: own size.")]
+    = None,
     sigma: Annotated[Optional[float], typer.Option(
         help="gaussian: blur σ > 0 in pixels = Pillow's GaussianBlur radius (5, DiffShortcut). ddspure: "
              "perturbation radius σ on the 0-255 scale (11); t* solves (1−ᾱ)/ᾱ = (2σ/255)² in the pixel "
@@ -124,7 +128,7 @@ def purify(
     from cloaklab.ops.purify.run import purify_folder
 
     spec = get_purifier(common.value(method))
-    params = spec.resolve({"quality": quality, "sigma": sigma, "resolution": resolution,
+    params = spec.resolve({"quality": quality, "jpeg_scale": jpeg_scale, "sigma": sigma, "resolution": resolution,
                            "drop": drop, "tv_weight": tv_weight, "iters": iters, "bilateral_iters": bilateral_iters,
                            "guided_iters": guided_iters, "radius": radius, "eps": eps, "t": t, "steps": steps,
                            "guidance": guidance, "prompt": prompt, "class_name": class_name, "eta": eta,

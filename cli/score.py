@@ -57,8 +57,15 @@ def score(
     fid_features: Annotated[str, typer.Option(help="fid features: inception (torch-fidelity) or tiny.")] =
     "inception",
     arcface_model: Annotated[Optional[str], typer.Option(help="ism/ims: ArcFace ONNX file (e.g. antelopev2 "
-                                                        "glintr100.onnx), or tiny.")] = None,
-    vggface_model: Annotated[Optional[str], typer.Option(help="ims: VGG-Face ONNX file, or tiny.")] = None,
+                                                        "glintr100.onnx; needs onnxruntime), TorchScript file "
+                                                        "(--trust-pickle), or tiny.")] = None,
+    vggface_model: Annotated[Optional[str], typer.Option(help="ims: VGG-Face ONNX or TorchScript file, or tiny.")]
+    = None,
+    face_detector: Annotated[Optional[str], typer.Option(
+        help="fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file "
+             "returning (N, 15) boxes, scores and 5 landmarks: faces are then aligned to ArcFace's 112² template "
+             "(the papers' pipeline; docs/score.md).")] = None,
+    trust_pickle: common.TrustPickle = False,
     table: Annotated[bool, typer.Option("--table", help="Merge score files (the inputs) into a rows × cols table.")]
     = False,
     rows: Annotated[Optional[str], typer.Option(help="--table: label key for rows (e.g. poison).")] = None,
@@ -139,7 +146,8 @@ def score(
         options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
                    "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,
                    "lpips_net": lpips_net, "fid_features": fid_features,
-                   "arcface_model": arcface_model, "vggface_model": vggface_model}
+                   "arcface_model": arcface_model, "vggface_model": vggface_model, "face_detector": face_detector,
+                   "trust_pickle": trust_pickle}
         result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
                               prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,
                               on_event=lambda kind, name, info: reporter.line(
@@ -163,11 +171,15 @@ def score(
 
 
 def _backbone(name: str, options: dict) -> str | None:
+    aligned = f" (aligned, detector {options['face_detector']})" if options.get("face_detector") not in (None, "haar") \
+        else ""
     return {"dinov2": options["dinov2_model"], "clip": options["clip_model"], "clip-iqa": options["clip_model"],
             "clip-iqac": options["clip_model"], "liqe": options["liqe_model"] or options["clip_model"],
             "q": options["clip_model"], "lpips": options["lpips_net"], "fid": options["fid_features"],
-            "ism": options["arcface_model"], "ims": f"{options['arcface_model']}+{options['vggface_model']}",
-            "fdfr": "opencv-haar-frontalface-default", "brisque": "brisque-bundled-svm"}.get(name)
+            "ism": f"{options['arcface_model']}{aligned}", "ims": f"{options['arcface_model']}+"
+            f"{options['vggface_model']}{aligned}",
+            "fdfr": options.get("face_detector") or "opencv-haar-frontalface-default",
+            "brisque": "brisque-bundled-svm"}.get(name)
 
 
 def _print_table(reporter, result: dict) -> None:

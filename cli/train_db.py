@@ -18,7 +18,8 @@ MaskMode = common.choices("MaskMode", ["none", "lm", "im", "lim", "zm"])
 MixedPrecision = common.choices("MixedPrecision", ["no", "bf16", "fp16"])
 NEG_HELP = ("DiffShortcut contrastive decoupling (paper 001 Alg. 1): instance prompt + ', NEG', class prompt + "
             "', without NEG'. Paper's best: 'UNKNOWN artifact masked'.")
-TE_HELP = "Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do."
+TE_HELP = ("Also train the text encoder (full, or LoRA adapters with --lora). Default: on for DreamBooth (paper "
+           "001's full.sh), off for --lora.")
 MP_HELP = "Autocast compute dtype (fp32 master weights); papers 001/004 use bf16. fp16 has no loss scaling."
 
 
@@ -35,7 +36,8 @@ def train_db(
     lora: Annotated[Optional[int], typer.Option("--lora", metavar="RANK", min=1, help="Train rank-RANK LoRA "
                                                 "adapters instead of the full UNet (paper 000 App. P: 4); writes "
                                                 "pytorch_lora_weights.safetensors.")] = None,
-    train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help=TE_HELP)] = False,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder",
+                                                               help=TE_HELP, show_default=False)] = None,
     prior_weight: Annotated[Optional[float], typer.Option("--prior-weight", min=0.0, help="Prior-preservation "
                                                           "weight λ (1.0 for DreamBooth; 0 for --lora, as paper "
                                                           "000 App. P).")] = None,
@@ -48,8 +50,9 @@ def train_db(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (1000).")] = 1000,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate > 0, constant (5e-7 DreamBooth, papers "
                                                 "001/004; 1e-4 LoRA).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Instance images per step (2); as many "
-                                            "class images.")] = 2,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Instance images per step; as "
+                                                      "many class images (DreamBooth 1 + 1 as paper 001's full.sh; "
+                                                      "--lora 2).")] = None,
     grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Batches accumulated per "
                                                    "optimizer step (1).")] = 1,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip >= 0 (1.0; 0 = off).")] = 1.0,
@@ -122,6 +125,8 @@ def train_db(
 
     defaults = LORA_DEFAULTS if lora else DB_DEFAULTS
     weight = defaults["prior_weight"] if prior_weight is None else prior_weight
+    train_text_encoder = defaults["train_text_encoder"] if train_text_encoder is None else train_text_encoder
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
     szt = resolve_preset(common.value(preset), {"jpeg": jpeg, "t_sampler": common.value(t_sampler),
                                                 "t_param": t_param, "mask_mode": common.value(mask_mode),
                                                 "dilate": dilate})

@@ -158,6 +158,7 @@ _cloak() {
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
+                '--jpeg-scale[jpeg - apply JPEG at short side S px (Pillow bicubic resize, encode/decode, resize back; e.g.]:value: ' \
                 '--sigma[gaussian - blur σ > 0 in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut).]:value: ' \
                 '--resolution[tvm - working resolution, 8-4096 (64).]:value: ' \
                 '--drop[tvm - fraction of pixels dropped, 0 <= drop < 1 (0.02).]:value: ' \
@@ -238,7 +239,9 @@ _cloak() {
                 '--lpips-net[lpips backbone - alex, vgg, squeeze, or tiny (random backbone).]:value: ' \
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \
                 '--arcface-model[ism/ims - ArcFace ONNX file (e.g.]:file:_files' \
-                '--vggface-model[ims - VGG-Face ONNX file, or tiny.]:file:_files' \
+                '--vggface-model[ims - VGG-Face ONNX or TorchScript file, or tiny.]:file:_files' \
+                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes, scores and 5 landmarks - faces a]:value: ' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '--table[Merge score files (the inputs) into a rows × cols table.]' \
                 '--rows[--table - label key for rows (e.g.]:value: ' \
                 '--cols[--table - label key for columns (e.g.]:value: ' \
@@ -288,7 +291,7 @@ _cloak() {
                 '--class-prompt[Prompt of the prior-preservation class images (default - '\''a photo of person'\'').]:value: ' \
                 '--neg-token[DiffShortcut contrastive decoupling (paper 001 Alg.]:value: ' \
                 '--lora[Train rank-RANK LoRA adapters instead of the full UNet (paper 000 App.]:file:_files' \
-                '--train-text-encoder[Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do.]' \
+                '(--train-text-encoder --no-train-text-encoder)'{--train-text-encoder,--no-train-text-encoder}'[Also train the text encoder (full, or LoRA adapters with --lora).]' \
                 '--prior-weight[Prior-preservation weight λ (1.0 for DreamBooth; 0 for --lora, as paper 000 App.]:value: ' \
                 '--num-class-images[Class images generated once by the base model (200, papers 001/004).]:value: ' \
                 '--class-dir[Cache folder for the class images (reused and resumed; default OUTPUT/class_images).]:directory:_files -/' \
@@ -296,7 +299,7 @@ _cloak() {
                 '--class-guidance[CFG scale >= 0 for class images.]:value: ' \
                 '--steps[Optimizer steps (1000).]:value: ' \
                 '--lr[Learning rate > 0, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
-                '--batch-size[Instance images per step (2); as many class images.]:value: ' \
+                '--batch-size[Instance images per step; as many class images (DreamBooth 1 + 1 as paper 001'\''s full.sh; --lora 2).]:value: ' \
                 '--grad-accumulation[Batches accumulated per optimizer step (1).]:value: ' \
                 '--max-grad-norm[Gradient-norm clip >= 0 (1.0; 0 = off).]:value: ' \
                 '--weight-decay[AdamW weight decay >= 0 (1e-2).]:value: ' \
@@ -335,6 +338,7 @@ _cloak() {
                 '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:value:_alternative "sets:set:(object style)" "files:file:_files"' \
                 '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress training images at quality Q (SZT - 25).]:value: ' \
+                '--jpeg-scale[Apply that JPEG at short side S px (Pillow bicubic up, encode/decode, back; paper 000 compressed 512-px photos, so the toy grid'\''s 64-px images use 512).]:value: ' \
                 '--t-sampler[Timestep sampler (App.]:value:(uniform threshold-high threshold-low power tanh)' \
                 '--t-param[rho of the sampler (t600 - 0.6; szt - 0.5).]:value: ' \
                 '--masks[Folder of concept masks (from `cloak mask`) - same relative name (.png) and size as each image.]:file:_files' \
@@ -343,6 +347,8 @@ _cloak() {
                 '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
                 '--lr[Learning rate > 0, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \
+                '--weight-decay[AdamW weight decay of the new token'\''s rows (diffusers'\'' textual_inversion.py --adam_weight_decay - 1e-2; 0 = plain Adam).]:value: ' \
+                '--flip-p[Probability of mirroring a training image left-right per sample (diffusers'\'' TextualInversionDataset flip_p - 0.5; 0 = never).]:value: ' \
                 '--grad-accumulation[Gradient accumulation (App.]:value: ' \
                 '--resolution[Training size (default - the model'\''s, e.g.]:value: ' \
                 '(--mean-latents --no-mean-latents)'{--mean-latents,--no-mean-latents}'[Use the VAE posterior mean instead of a sample per step.]' \

@@ -105,7 +105,7 @@ ATTACK_RANGES: dict[str, Range] = {
     "rotation": Range(0, 180, note="degrees"), "trials": AT_LEAST_ONE, "unroll_steps": AT_LEAST_ONE,
 }
 PURIFIER_RANGES: dict[str, Range] = {
-    "quality": Range(1, 100), "sigma": POSITIVE,
+    "quality": Range(1, 100), "jpeg_scale": Range(8, 4096, note="pixels"), "sigma": POSITIVE,
     "resolution": Range(8, 4096), "drop": Range(0, 1, high_open=True, note="fraction of pixels"),
     "tv_weight": NON_NEGATIVE, "iters": AT_LEAST_ONE, "bilateral_iters": NON_NEGATIVE, "guided_iters": NON_NEGATIVE,
     "radius": AT_LEAST_ONE, "eps": POSITIVE, "t": TIMESTEP, "steps": AT_LEAST_ONE, "guidance": NON_NEGATIVE,
@@ -137,7 +137,7 @@ COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "poison": {"resolution": Range(0, 4096, note="short side in px; 0 = native"), "eot_samples": AT_LEAST_ONE,
                "eval_draws": NON_NEGATIVE},
     "purify": {},
-    "train_ti": TRAINING,
+    "train_ti": {**TRAINING, "flip_p": UNIT, "jpeg_scale": Range(8, 4096, note="pixels")},
     "train_db": {**TRAINING, "class_guidance": NON_NEGATIVE, "prior_weight": NON_NEGATIVE},
     "immunize": {**TRAINING, "defence_lr": POSITIVE},
     "generate": {"guidance": NON_NEGATIVE, "eta": UNIT, "resolution": Range(8, 4096, note="pixels")},
@@ -147,7 +147,7 @@ COMMAND_FLAGS: dict[str, dict[str, Range]] = {
 }
 # Path flags that name something that must already exist (checked before any model loads).
 EXISTING_PATHS = ("mask", "clean_dir", "masks", "embedding", "lora", "unet", "text_encoder", "ref", "clean",
-                  "sam_checkpoint")
+                  "sam_checkpoint", "face_detector")
 FILE_OUTPUT_COMMANDS = ("score",)  # -o names a file there, a folder everywhere else
 
 

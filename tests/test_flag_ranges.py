@@ -14,7 +14,7 @@ PURIFY = [
     ("-m tvm --drop 1.5", "--drop"), ("-m tvm --drop -0.1", "--drop"), ("-m tvm --tv-weight nan", "--tv-weight"),
     ("-m tvm --iters 0", "--iters"), ("-m adverse-cleaner --radius -1", "--radius"),
     ("-m adverse-cleaner --eps 0", "--eps"), ("-m adverse-cleaner --bilateral-iters -2", "--bilateral-iters"),
-    ("-m jpeg --quality 0", "--quality"), ("-m webp --quality 101", "--quality"),
+    ("-m jpeg --quality 0", "--quality"), ("-m jpeg --jpeg-scale 4", "--jpeg-scale"), ("-m webp --quality 101", "--quality"),
     ("--max-pixels -5", "--max-pixels"), ("--max-pixels 0", "--max-pixels"), ("--batch-size 0", "--batch-size"),
     ("-m regen --t 1000", "--t"), ("-m regen --guidance nan", "--guidance"), ("-m regen --steps 0", "--steps"),
     ("-m gridpure --gamma 1.5", "--gamma"), ("-m impress --lr 0", "--lr"), ("-m impress --lr -1", "--lr"),
@@ -38,6 +38,8 @@ TRAIN_TI = [
     ("--lr 0", "--lr"), ("--lr nan", "--lr"), ("--steps 0", "--steps"), ("--resolution 0", "--resolution"),
     ("--t-param -1", "--t-param"), ("--jpeg 0", "--jpeg"), ("--batch-size 0", "--batch-size"),
     ("--num-vectors 0", "--num-vectors"), ("--masks /nonexistent", "--masks"), ("-o {file}", "--output"),
+    ("--flip-p 1.5", "--flip-p"), ("--flip-p nan", "--flip-p"), ("--weight-decay -1", "--weight-decay"),
+    ("--jpeg-scale 4", "--jpeg-scale"),
 ]
 TRAIN_DB = [
     ("--lr -1", "--lr"), ("--weight-decay -1", "--weight-decay"), ("--max-grad-norm nan", "--max-grad-norm"),

@@ -22,7 +22,7 @@ def _run(name: str, images: torch.Tensor, **params) -> torch.Tensor:
 
 
 def test_published_defaults():
-    assert PURIFIERS["jpeg"].defaults == {"quality": 75}
+    assert PURIFIERS["jpeg"].defaults == {"quality": 75, "jpeg_scale": None}
     assert PURIFIERS["webp"].defaults == {"quality": 75}
     assert PURIFIERS["gaussian"].defaults == {"sigma": 5.0}
     assert PURIFIERS["tvm"].defaults | {} == {"resolution": 64, "drop": 0.02, "tv_weight": 0.01, "iters": 200}

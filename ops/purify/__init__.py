@@ -43,8 +43,9 @@ def get_purifier(name: str) -> PurifierSpec:
 register(PurifierSpec("none", "identity", "No purification: every image unchanged (the grid's no-defence column, "
                       "written with a manifest like any other).", {}))
 register(PurifierSpec("jpeg", "jpeg", "JPEG encode → decode (Pillow, 4:2:0); saved losslessly so later steps see "
-                      "exactly what JPEG did. Default quality 75 (DiffShortcut/MetaCloak eval; SZT uses 25).",
-                      {"quality": 75}))
+                      "exactly what JPEG did. Default quality 75 (DiffShortcut/MetaCloak eval; SZT uses 25). "
+                      "--jpeg-scale S: JPEG at short side S (bicubic up, encode, back; paper 000 used 512-px photos).",
+                      {"quality": 75, "jpeg_scale": None}))
 register(PurifierSpec("webp", "webp", "WebP encode → decode (Pillow), quality 75 (InMark, paper 004).",
                       {"quality": 75}))
 register(PurifierSpec("gaussian", "gaussian", "Gaussian blur as DiffShortcut ran it: Pillow GaussianBlur(radius=5); "

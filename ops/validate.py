@@ -145,9 +145,10 @@ COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "mask": {},
     "score": {},
 }
-# Path flags that name something that must already exist (checked before any model loads).
+# Path flags that name something that must already exist (checked before any model loads). Model checkpoints
+# (--sam-checkpoint) are left to their loader: a missing one is exit 1 with where to download it.
 EXISTING_PATHS = ("mask", "clean_dir", "masks", "embedding", "lora", "unet", "text_encoder", "ref", "clean",
-                  "sam_checkpoint", "face_detector")
+                  "face_detector")
 FILE_OUTPUT_COMMANDS = ("score",)  # -o names a file there, a folder everywhere else
 
 

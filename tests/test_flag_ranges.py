@@ -55,7 +55,7 @@ IMMUNIZE = [
 SSM = [("--samples 0", "--samples"), ("--quality 0", "--quality"), ("--resolution 3", "--resolution"),
        ("--embedding /nonexistent.safetensors", "--embedding"), ("-o {file}", "--output")]
 MASK = [("--dilate -1", "--dilate"), ("--points-per-side 0", "--points-per-side"),
-        ("--sam-checkpoint /nonexistent.pth", "--sam-checkpoint"), ("--max-pixels 0", "--max-pixels"),
+        ("--max-pixels 0", "--max-pixels"),
         ("-o {file}", "--output")]
 SCORE = [("--batch-size 0", "--batch-size"), ("--ref /nonexistent", "--ref"), ("--max-pixels -1", "--max-pixels")]
 GENERATE = [("--steps 0", "--steps"), ("--guidance nan", "--guidance"), ("--eta 2", "--eta"),

@@ -202,7 +202,7 @@ def test_manifest_records_command_params_versions_and_stats(tmp_path, photo_dir,
     out = tmp_path / "out"
     cli(["purify", photo_dir, "-o", out, "--method", "jpeg", "--quality", "25", "--seed", "7"])
     data = _manifest(out)
-    assert data["command"] == "purify" and data["params"] == {"method": "jpeg", "quality": 25}
+    assert data["command"] == "purify" and data["params"] == {"method": "jpeg", "quality": 25, "jpeg_scale": None}
     assert data["seed"] == 7 and {"torch", "diffusers", "python"} <= set(data["versions"])
     record = data["files"]["astronaut.png"]
     assert record["status"] == "done" and record["source"].endswith("astronaut.png")

@@ -74,7 +74,7 @@ def mask(
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
-                                 collect_inputs, parse_shard, safe_join, select_shard)
+                                 collect_inputs, parse_shard, safe_join, select_shard, shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.masks import (MaskPrompt, dilate_mask, load_sam, overlay, require_sam, scaled_dilation,
                                     segment)
@@ -95,7 +95,7 @@ def mask(
               "select": prompt.select, "points_per_side": points_per_side, "dilate": dilate, "sam_type": sam_name,
               "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None, "preview": preview}
     manifest = Manifest(output, "mask", params, seed=seed, model={"name": f"sam-{sam_name}"},
-                        extra={"device": str(torch_device), "shard": shard})
+                        extra={"device": str(torch_device), "shard": shard_label(shard_spec)})
     sam = load_sam(sam_name, str(sam_checkpoint) if sam_checkpoint else None, torch_device)
 
     def process(jobs):

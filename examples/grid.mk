@@ -24,6 +24,8 @@ DATA_DEP ?=  # a target that creates $(DATA) (the toy world writes its concepts)
 MASKED_DEFENCES := lm jpeg+lm szt
 
 .PHONY: all table poisons clean-grid
+# (the including Makefile may define a rule first, e.g. the toy world's $(DATA_DEP): `make` alone still means all)
+.DEFAULT_GOAL := all
 all: table
 
 # $(call poisoned,P,C): folder of concept C's images under poison P

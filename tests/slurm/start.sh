@@ -13,12 +13,13 @@ for tool in munged slurmctld slurmd sinfo; do
 done
 [ "$(id -u)" = 0 ] || { echo "start.sh: run as root (slurmd starts jobs as their owner)" >&2; exit 3; }
 
-# munge: its own key, socket and pid file in DIR (a system munged, if any, is left alone)
+# munge: its own key, socket and pid file in DIR, run as root like the daemons below (DIR may sit in a folder the
+# munge user cannot enter, e.g. pytest's tmp); a system munged, if any, is left alone
 KEY="$DIR/munge/munge.key"
 [ -s "$KEY" ] || { dd if=/dev/urandom of="$KEY" bs=1 count=1024 status=none; }
-chown -R munge:munge "$DIR/munge"; chmod 700 "$DIR/munge"; chmod 400 "$KEY"
+chmod 700 "$DIR/munge"; chmod 400 "$KEY"
 SOCKET="$DIR/munge/munge.socket"
-runuser -u munge -- munged --key-file="$KEY" --socket="$SOCKET" --pid-file="$DIR/munge/munged.pid" \
+munged --key-file="$KEY" --socket="$SOCKET" --pid-file="$DIR/munge/munged.pid" \
   --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" --force
 
 HOST=$(hostname -s)
@@ -61,6 +62,15 @@ PartitionName=gpu Nodes=$HOST MaxTime=INFINITE State=UP
 CONF
 echo > "$DIR/cgroup.conf"
 export SLURM_CONF="$DIR/slurm.conf"
+# Inside a job, snakemake-executor-plugin-slurm-jobstep (0.6.1) runs the rule through `srun` with every SLURM_*
+# variable but a few ids removed — SLURM_CONF included — so srun only finds the default /etc/slurm/slurm.conf.
+# Point that at this cluster's config when no real one is there (stop.sh removes the link).
+DEFAULT_CONF=/etc/slurm/slurm.conf
+if [ ! -e "$DEFAULT_CONF" ] || { [ -L "$DEFAULT_CONF" ] && [ "${CLOAK_SLURM_RELINK:-1}" = 1 ]; }; then
+  mkdir -p /etc/slurm && ln -sfn "$SLURM_CONF" "$DEFAULT_CONF"
+else
+  echo "start.sh: $DEFAULT_CONF exists; jobs run by the Snakemake Slurm executor will read it, not $SLURM_CONF" >&2
+fi
 slurmctld -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 60); do

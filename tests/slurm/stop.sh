@@ -7,4 +7,7 @@ for pidfile in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/munge/munged
   kill "$pid" 2>/dev/null || continue
   for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
 done
+if [ -L /etc/slurm/slurm.conf ] && [ "$(readlink /etc/slurm/slurm.conf)" = "$DIR/slurm.conf" ]; then
+  rm -f /etc/slurm/slurm.conf
+fi
 exit 0

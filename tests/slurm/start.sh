@@ -9,7 +9,8 @@ set -euo pipefail
 DIR=$(realpath -m "${1:?usage: start.sh DIR}")
 mkdir -p "$DIR"/{state,spool,log,run,munge}
 for tool in munged slurmctld slurmd sinfo; do
-  command -v "$tool" >/dev/null || { echo "start.sh: $tool not found (apt-get install munge slurmctld slurmd slurm-client)" >&2; exit 3; }
+  command -v "$tool" >/dev/null ||
+    { echo "start.sh: $tool not found (apt-get install munge slurmctld slurmd slurm-client)" >&2; exit 3; }
 done
 [ "$(id -u)" = 0 ] || { echo "start.sh: run as root (slurmd starts jobs as their owner)" >&2; exit 3; }
 

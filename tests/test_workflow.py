@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -79,6 +80,16 @@ def test_dry_run_of_the_sd15_grid_lists_every_job(tmp_path):
     total = stats.pop("total")
     assert stats == expected
     assert total == sum(expected.values()) == 40 + 50 + 350 + 350 + 35 + 1 + 1
+    # every model-running job asks for one GPU (`--resources gpu=N` / sbatch --gpus); the table does not
+    blocks = re.split(r"\n(?:local)?rule (\w+):\n", out)
+    gpus = {}
+    for rule, body in zip(blocks[1::2], blocks[2::2]):
+        resources = re.search(r"resources: (.*)", body).group(1)
+        gpus.setdefault(rule, set()).add(re.search(r"\bgpu=(\d+)", resources).group(1)
+                                         if "gpu=" in resources else None)
+    assert {rule: gpus[rule] for rule in ("poison", "mask", "train_ti", "generate", "score")} == \
+        {rule: {"1"} for rule in ("poison", "mask", "train_ti", "generate", "score")}
+    assert gpus["table"] == {None}
 
 
 def _cloak_lines(lines):

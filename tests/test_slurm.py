@@ -90,6 +90,10 @@ def _profile(tmp_path: Path) -> Path:
         resources.update(mem_mb=600, cpus_per_task=1)
     profile["latency-wait"] = 5
     profile["retries"] = 0
+    # no accounting database here: sacct fails, and the plugin would wait on it forever; squeue sees finished jobs
+    # for MinJobAge (3600 s in start.sh's slurm.conf)
+    profile["slurm-status-command"] = "squeue"
+    profile["slurm-init-seconds-before-status-checks"] = 5
     folder = tmp_path / "profile"
     folder.mkdir()
     (folder / "config.v8+.yaml").write_text(yaml.safe_dump(profile))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cloaklab.ops.errors import UsageError
 from cloaklab.ops.io import parse_shard
@@ -98,3 +100,29 @@ def test_auto_outside_an_array_job_exits_2_with_one_line(tmp_path, photo_dir, cl
     assert code == 2 and stdout == ""
     assert "--shard auto" in stderr and "SLURM_ARRAY_TASK_ID" in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_auto_shards_split_the_prompt_by_image_plan(tmp_path, cli, clean_env):
+    """generate shards its prompt × image plan (not a folder): two array tasks make the unsharded run's images."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {token} on the beach\na {token} in the snow\n")
+    fast = ["--prompts", prompts, "-n", "2", "--token", "R*", "--seed", "3", "--model", "tiny", "--steps", "1",
+            "--device", "cpu", "--dtype", "fp32", "--json"]
+    code, stdout, stderr = cli(["generate", "-o", tmp_path / "whole", *fast])
+    assert code == 0, stderr
+    expected = set(json.loads(stdout)["done"])
+    assert expected == {"p00_i000.png", "p00_i001.png", "p01_i000.png", "p01_i001.png"}
+    done = []
+    for task in (1, 2):  # sbatch --array=1-2
+        for name, value in _slurm(task, 1, 2).items():
+            clean_env.setenv(name, value)
+        code, stdout, stderr = cli(["generate", "-o", tmp_path / "sharded", "--shard", "auto", *fast])
+        assert code == 0, stderr
+        done.append(set(json.loads(stdout)["done"]))
+    # round-robin over the plan's order p00_i000, p00_i001, p01_i000, p01_i001
+    assert done == [{"p00_i000.png", "p01_i000.png"}, {"p00_i001.png", "p01_i001.png"}]
+    for name in expected:  # the same image whatever the batch it was drawn in (float noise: ±1 level, as
+        # tests/test_generate.py allows)
+        whole = np.asarray(Image.open(tmp_path / "whole" / name)).astype(np.int16)
+        sharded = np.asarray(Image.open(tmp_path / "sharded" / name)).astype(np.int16)
+        assert np.abs(whole - sharded).max() <= 1

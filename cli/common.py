@@ -16,12 +16,22 @@ import typer
 # ------------------------------------------------------------------------------------------- shared options
 Inputs = Annotated[list[str], typer.Argument(help="Image files, folders, or - to read paths from stdin.",
                                              show_default=False)]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; must not be inside an input "
-                                      "folder).", show_default=False)]
+def output_path(value: Any) -> Path:
+    """``-o`` parser: an empty name is a usage error (it would silently mean the current folder)."""
+    if isinstance(value, Path):
+        return value
+    if value is None or not str(value).strip():
+        raise typer.BadParameter("must not be empty (give a folder name; '.' for the current folder)")
+    return Path(value)
+
+
+Output = Annotated[Path, typer.Option("--output", "-o", parser=output_path, help="Output folder (created; must not "
+                                      "be inside an input folder).", show_default=False)]
 Recursive = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders (relative paths are "
                                          "kept in the output).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that a previous run with the same "
-                                         "parameters already wrote (default: skip them).")]
+                                         "parameters already wrote (default: skip them); files cloak did not write "
+                                         "are never replaced (docs/contract.md).")]
 Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N|auto", help="Process only shard I of N "
                                               "(1-based, round-robin over the sorted inputs) so N processes can "
                                               "share a folder; auto: this array task's shard from Slurm "
@@ -34,8 +44,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed; each file draws 
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (same-size images only).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Reject larger images as decompression "
-                                                  "bombs (default 134,217,728).")]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Reject larger images as "
+                                                  "decompression bombs (default 134,217,728).")]
 Model = Annotated[Optional[str], typer.Option("--model", envvar="CLOAK_MODEL", help="Hub id, local diffusers folder, "
                                               ".safetensors file, 'tiny', 'toy' or "
                                               "'sd15-shaped' (random weights, for timing) (default "
@@ -62,7 +72,15 @@ def handle_errors(function: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("CLOAK_DEBUG") == "1"
         try:
-            return function(*args, **kwargs)
+            from cloaklab.ops.validate import check_command_flags
+
+            check_command_flags(function.__name__, kwargs)  # bad flag values: exit 2 before any work
+            try:
+                return function(*args, **kwargs)
+            finally:
+                from cloaklab.ops.manifest import close_all
+
+                close_all()  # merge this run's record log into cloak.json, whatever the outcome
         except typer.Exit:
             raise
         except KeyboardInterrupt:
@@ -73,10 +91,12 @@ def handle_errors(function: Callable) -> Callable:
 
             if debug:
                 traceback.print_exc()
+            from cloaklab.ops.io import printable
+
             if isinstance(exc, CloakError):
-                sys.stderr.write(f"cloak: error: {exc}\n")
+                sys.stderr.write(f"cloak: error: {printable(exc)}\n")
                 raise typer.Exit(exc.exit_code)
-            sys.stderr.write(f"cloak: internal error: {type(exc).__name__}: {exc}"
+            sys.stderr.write(f"cloak: internal error: {type(exc).__name__}: {printable(exc)}"
                              f"{'' if debug else ' (rerun with --debug for the traceback)'}\n")
             raise typer.Exit(1)
 
@@ -103,6 +123,9 @@ class Reporter:
             self.progress.stop()
 
     def line(self, text: str) -> None:
+        from cloaklab.ops.io import printable
+
+        text = printable(text)  # a newline or escape sequence in a file name must not forge lines
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:

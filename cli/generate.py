@@ -49,7 +49,8 @@ def generate(
                                                    "pattern, low quality' (+ --negative-prompt).")] = False,
     neg_token: Annotated[Optional[str], typer.Option("--neg-token", help="DiffShortcut negative token used in "
                                                      "training (e.g. 'UNKNOWN artifact masked'); prepended to the "
-                                                     "quality negative prompt.")] = None,
+                                                     "quality negative prompt, and ', without NEG' is appended to "
+                                                     "every prompt (paper 001 §4.2, DiffShortcut's infer).")] = None,
     scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="Sampler: ddim (η=0), dpm "  # type: ignore
                                                  "(DPM-Solver++), pndm, euler, or the model's own.")] = "ddim",
     eta: Annotated[float, typer.Option("--eta", help="DDIM η (0 = deterministic).")] = 0.0,
@@ -103,7 +104,7 @@ def generate(
     model_name = model or default_model()
     token = token or (embedding_token(embedding) if embedding and embedding.suffix == ".safetensors" else None) \
         or DEFAULT_TOKEN
-    jobs = plan_jobs(templates, token, count, seed, negative)
+    jobs = plan_jobs(templates, token, count, seed, negative, without=neg_token if quality_negative else None)
     if only:
         wanted = {name if name.endswith(".png") else f"{name}.png" for name in only}
         unknown = wanted - {job.name for job in jobs}

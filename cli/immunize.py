@@ -93,7 +93,7 @@ def immunize(
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_output_location, check_outputs, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import load_instance_images
@@ -109,6 +109,7 @@ def immunize(
     all_notes: list[str] = []
     for group in groups:
         items, notes = collect_inputs(group, recursive, sys.stdin)
+        check_outputs(output, items)
         all_notes += notes
         if not items:
             raise UsageError(f"no images in {' '.join(group)}")
@@ -151,6 +152,10 @@ def immunize(
         common.emit(output, {"output": str(output), "pipeline": str(pipeline_dir), "weights": str(final),
                        "skipped": True}, json_out)
         raise typer.Exit(0)
+    if (pipeline_dir.is_symlink() or (pipeline_dir.exists() and not done.get("status"))
+            or (final.exists() and not done.get("status"))):
+        raise UsageError(f"{pipeline_dir} or {final} exists and was not written by cloak (its manifest has no "
+                         "record of it): move it away or choose another --output")
     for folder in stage_dirs:
         prepare_run_folder(folder, resume=resume, overwrite=overwrite)
     manifest.start_run()

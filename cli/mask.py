@@ -42,8 +42,9 @@ def mask(
     points_per_side: Annotated[int, typer.Option(min=1, rich_help_panel=PROMPTS,
                                                  help="Automatic mode: SAM point grid per side (SAM default 32).")]
     = 32,
-    dilate: Annotated[int, typer.Option(min=0, metavar="N", help="Dilate by N px at 512² (max filter 2N+1, scaled "
-                                        "to the image). Leave 0 if train-ti dilates (--dilate / --preset szt).")] = 0,
+    dilate: Annotated[int, typer.Option(min=0, metavar="N", help="Dilate by N px at a 512 training resolution (max "
+                                        "filter 2N'+1, N' = N·min(W,H)/512). Leave 0 if train-ti dilates "
+                                        "(--dilate / --preset szt).")] = 0,
     sam_type: Annotated[SamType, typer.Option(help="SAM backbone (tiny = random demo model built in code).")]  # type: ignore[valid-type]
     = "vit_h",
     sam_checkpoint: Annotated[Optional[Path], typer.Option(envvar="CLOAK_SAM_CHECKPOINT", help="SAM checkpoint "
@@ -74,7 +75,11 @@ def mask(
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
-                                 collect_inputs, parse_shard, safe_join, select_shard, shard_label)
+                                 check_outputs, collect_inputs, output_path, parse_shard, select_shard,
+                                 shard_label)
+    from pathlib import PurePosixPath
+
+    from cloaklab.ops.errors import RejectedInput
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.masks import (MaskPrompt, dilate_mask, load_sam, overlay, require_sam, scaled_dilation,
                                     segment)
@@ -88,6 +93,7 @@ def mask(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     sam_name = common.value(sam_type)
@@ -116,7 +122,13 @@ def mask(
 
                 buffer = _io.BytesIO()
                 Image.fromarray(overlay(rgb, binary)).save(buffer, format="PNG")
-                atomic_write_bytes(safe_join(output / "previews", job.item.output_rel), buffer.getvalue())
+                try:  # no write through a symlink inside OUTPUT, nor over a preview cloak did not write
+                    target = output_path(output, PurePosixPath("previews") / job.item.output_rel)
+                    if target.exists() and not manifest.owns(job.item.output_rel.as_posix()):
+                        raise RejectedInput(f"{target} exists and was not written by cloak")
+                    atomic_write_bytes(target, buffer.getvalue())
+                except RejectedInput as exc:
+                    stats["warning"] = f"preview not written: {exc}"
             plane = torch.from_numpy(binary.astype(np.float32))
             like = LoadedImage(plane[None].expand(3, -1, -1), None, None, True, 8, "L")
             results.append(ProcessedImage(plane[None].expand(3, -1, -1).clone(), stats, like=like))

@@ -69,20 +69,22 @@ def poison(
     attack: Annotated[Optional[Attack], typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
                                                      help="Attack (list below). Without it: the artist preset "
                                                           f"({PRESET_TEXT}).")] = None,
-    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, "
+    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, "
                                           "MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
-    step_size: Annotated[Optional[float], _opt("PGD step in /255 units (1).", min=0)] = None,
+    step_size: Annotated[Optional[float], _opt("PGD step in /255 units, 0 < step <= 255 (1).", min=0)] = None,
     steps: Annotated[Optional[int], _opt("PGD iterations (100; da 200).", min=0)] = None,
     random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", show_default=False,
-                                                         help="Start from a uniform draw in the ε-ball (off).")] = None,
-    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).",
+                                                         help="Start from a uniform draw in the ε-ball (on for "
+                                                              "adm±, sds±, ea, mist as Mist v1; off for lf-*, "
+                                                              "da).")] = None,
+    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole schedule).",
                                            metavar="LO,HI")] = None,
     prompt: Annotated[Optional[str], _opt("Prompt conditioning the UNet ('a photo').")] = None,
     target: Annotated[Optional[str], _opt("ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, "
                                           "or an image path (pattern).")] = None,
-    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η (0.25).", min=0,
+    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η, 0 < η <= 1 (0.25).", min=0,
                                               max=1)] = None,
-    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term (1e4).")] = None,
+    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term, >= 0 (1e4).")] = None,
     mask: Annotated[Optional[Path], _opt("Perturb only inside this mask (white = perturb): one image for all "
                                          "inputs, or a folder of <name>.png masks as `cloak mask` writes.")] = None,
     robust: Annotated[Optional[str], _opt("EoT transforms inside the loss, comma-separated: jpeg "
@@ -91,8 +93,18 @@ def poison(
     eot_samples: Annotated[int, typer.Option(help="EoT draws averaged per step.", min=1)] = 1,
     jpeg_quality: Annotated[Optional[int], _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
                                                 max=100)] = None,
-    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px, aspect kept, multiples "
-                                                 "of 8; 0 = native size.", min=0)] = 512,
+    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px (0-4096), aspect kept, "
+                                                 "multiples of 8; 0 = native size. Photos longer than 8× their "
+                                                 "short side are rejected.", min=0)] = 512,
+    native_size: Annotated[bool, typer.Option("--native-size/--working-size",
+                                              help="Single-image attacks on photos larger than the working "
+                                                   "resolution: optimize in the photo's own pixels through a "
+                                                   "mimic's random resize (PIL bicubic/bilinear/Lanczos/box, "
+                                                   "random crops); --working-size: optimize at the working size "
+                                                   "and upsample the perturbation (lf-* and da always do).")] = True,
+    native_crops: Annotated[float, typer.Option(help="--native-size: share of the resize draws that are random "
+                                                     "crops (windows 95-100 % of the photo per side at a random "
+                                                     "place), for mimics that random-crop.", min=0, max=1)] = 0.0,
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
     clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
@@ -111,7 +123,10 @@ def poison(
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
-    batch_size: common.BatchSize = 1,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
+                                                      help="Images per batch, same-size images only (1); "
+                                                           "set-level attacks: the PGD minibatch (all images at "
+                                                           "once, as Anti-DreamBooth).")] = None,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
@@ -134,7 +149,8 @@ def poison(
     from cloaklab.ops.attacks.robust import parse_robust
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard, shard_label
+    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
+                                 shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.poison import poison_folder
@@ -166,12 +182,14 @@ def poison(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
     model_record = model_info(model_name).as_dict()
-    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "robust": transforms,
+    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size, "native_crops": native_crops,
+                  "robust": transforms,
                   "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
                   "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
                   "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
@@ -192,7 +210,9 @@ def poison(
                                 resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
                                 jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
                                 clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
-                                checkpointing=checkpointing, eval_draws=eval_draws, on_event=reporter.event,
+                                checkpointing=checkpointing, eval_draws=eval_draws, native=native_size,
+                                native_crops=native_crops,
+                                on_event=reporter.event,
                                 progress=lambda text: reporter.line(f"poison: {text}"))
         code = reporter.summary(summary, output, json_out)
     raise typer.Exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,13 +22,15 @@ METRIC_LIST = "\n\n".join(
 def score(
     inputs: Annotated[list[str], typer.Argument(help="Image files/folders (or - for paths on stdin); with --table: "
                                                 "score JSON files to merge.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.json); with --table: the "
+    output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path,
+                                         help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
     metrics: Annotated[str, typer.Option("--metrics", "-m", help="Comma-separated metrics (see the list below); "
                                          "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records and means as CSV.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
+                                                     help="Also write the records and means as CSV.")] = None,
     group_by: Annotated[str, typer.Option("--group-by", help="Concepts: folder (first subfolder, or the flat "
                                           "folder's name), none, field:NAME (a cloak generate record field), or "
                                           "regex:PATTERN on the relative path.")] = "folder",
@@ -43,6 +46,10 @@ def score(
     "facebook/dinov2-base",
     clip_model: Annotated[str, typer.Option(help="CLIP weights for clip, clip-iqa, clip-iqac, liqe, q: Hub id, "
                                             "folder, or tiny.")] = "openai/clip-vit-base-patch32",
+    clip_scale: Annotated[float, typer.Option(help="clip: CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'s "
+                                              "CLIP-S (paper 000's tables), 100 torchmetrics' scale.")] = 2.5,
+    clip_prefix: Annotated[str, typer.Option(help="clip: text put before each prompt; Hessel et al.'s code uses "
+                                             "'A photo depicts ' (default: none).")] = "",
     liqe_model: Annotated[Optional[str], typer.Option(help="liqe: LIQE CLIP weights as a transformers folder "
                                                       "(default: zero-shot with --clip-model).")] = None,
     lpips_net: Annotated[str, typer.Option(help="lpips backbone: alex, vgg, squeeze, or tiny (random backbone).")] =
@@ -50,8 +57,15 @@ def score(
     fid_features: Annotated[str, typer.Option(help="fid features: inception (torch-fidelity) or tiny.")] =
     "inception",
     arcface_model: Annotated[Optional[str], typer.Option(help="ism/ims: ArcFace ONNX file (e.g. antelopev2 "
-                                                        "glintr100.onnx), or tiny.")] = None,
-    vggface_model: Annotated[Optional[str], typer.Option(help="ims: VGG-Face ONNX file, or tiny.")] = None,
+                                                        "glintr100.onnx; needs onnxruntime), TorchScript file "
+                                                        "(--trust-pickle), or tiny.")] = None,
+    vggface_model: Annotated[Optional[str], typer.Option(help="ims: VGG-Face ONNX or TorchScript file, or tiny.")]
+    = None,
+    face_detector: Annotated[Optional[str], typer.Option(
+        help="fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file "
+             "returning (N, 15) boxes, scores and 5 landmarks: faces are then aligned to ArcFace's 112² template "
+             "(the papers' pipeline; docs/score.md).")] = None,
+    trust_pickle: common.TrustPickle = False,
     table: Annotated[bool, typer.Option("--table", help="Merge score files (the inputs) into a rows × cols table.")]
     = False,
     rows: Annotated[Optional[str], typer.Option(help="--table: label key for rows (e.g. poison).")] = None,
@@ -96,10 +110,11 @@ def score(
         raise typer.Exit(0)
 
     from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import collect_inputs
+    from cloaklab.ops.io import check_output_file, collect_inputs
     from cloaklab.ops.manifest import package_versions
     from cloaklab.ops.metrics import parse_metrics
-    from cloaklab.ops.score import References, check_group_by, score_images, write_result
+    from cloaklab.ops.score import References, check_group_by, is_score_csv, is_score_output, score_images, \
+        write_result
 
     specs = parse_metrics(metrics)
     check_group_by(group_by)
@@ -112,19 +127,27 @@ def score(
     if output.exists() and output.is_dir():
         raise UsageError(f"--output {output} is a folder: give a .json file name")
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    ref_items = []
+    if ref is not None:
+        if not ref.exists():
+            raise UsageError(f"--ref {ref}: not found")
+        ref_items, _ = collect_inputs([str(ref)], True)
+    protected = [item.path for item in [*items, *ref_items]]
+    check_output_file(output, protected, "--output", owned=is_score_output)
+    if csv_path is not None:
+        check_output_file(csv_path, protected + [output], "--csv", owned=is_score_csv)
     references = None
     torch_device = resolve_device(device)
     with common.Reporter("score") as reporter:
         for note in notes:
             reporter.line(f"cloak: note: {note}")
         if ref is not None:
-            if not ref.exists():
-                raise UsageError(f"--ref {ref}: not found")
-            ref_items, _ = collect_inputs([str(ref)], True)
             references = References.load(ref_items, max_pixels or 2**27)
         options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
-                   "liqe_model": liqe_model, "lpips_net": lpips_net, "fid_features": fid_features,
-                   "arcface_model": arcface_model, "vggface_model": vggface_model}
+                   "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,
+                   "lpips_net": lpips_net, "fid_features": fid_features,
+                   "arcface_model": arcface_model, "vggface_model": vggface_model, "face_detector": face_detector,
+                   "trust_pickle": trust_pickle}
         result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
                               prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,
                               on_event=lambda kind, name, info: reporter.line(
@@ -132,8 +155,10 @@ def score(
                               if kind == "done" and reporter.progress is None else reporter.event(kind, name, info))
         params = {"metrics": [s.name for s in specs], "ref": str(ref) if ref else None, "group_by": group_by,
                   "class": class_name, "prompt": prompt, "token": token,
+                  **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
+                     else {}),
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        document = {"command": "score", "argv": sys.argv, "labels": labels, "params": params,
+        document = {"command": "score", "argv": sys.argv, "cwd": os.getcwd(), "labels": labels, "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}
         write_result(output, document, csv_path)
         _print_table(reporter, result)
@@ -146,11 +171,15 @@ def score(
 
 
 def _backbone(name: str, options: dict) -> str | None:
+    aligned = f" (aligned, detector {options['face_detector']})" if options.get("face_detector") not in (None, "haar") \
+        else ""
     return {"dinov2": options["dinov2_model"], "clip": options["clip_model"], "clip-iqa": options["clip_model"],
             "clip-iqac": options["clip_model"], "liqe": options["liqe_model"] or options["clip_model"],
             "q": options["clip_model"], "lpips": options["lpips_net"], "fid": options["fid_features"],
-            "ism": options["arcface_model"], "ims": f"{options['arcface_model']}+{options['vggface_model']}",
-            "fdfr": "opencv-haar-frontalface-default", "brisque": "brisque-bundled-svm"}.get(name)
+            "ism": f"{options['arcface_model']}{aligned}", "ims": f"{options['arcface_model']}+"
+            f"{options['vggface_model']}{aligned}",
+            "fdfr": options.get("face_detector") or "opencv-haar-frontalface-default",
+            "brisque": "brisque-bundled-svm"}.get(name)
 
 
 def _print_table(reporter, result: dict) -> None:

@@ -74,7 +74,8 @@ def ssm(
     from cloaklab.ops import diffusion
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.extras import PLOT_SKIPPED
-    from cloaklab.ops.io import check_output_location, collect_inputs, parse_shard, select_shard, shard_label
+    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
+                                 shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
@@ -95,6 +96,7 @@ def ssm(
     shard_spec = parse_shard(shard)
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     items = select_shard(items, shard_spec)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -18,7 +18,8 @@ MaskMode = common.choices("MaskMode", ["none", "lm", "im", "lim", "zm"])
 MixedPrecision = common.choices("MixedPrecision", ["no", "bf16", "fp16"])
 NEG_HELP = ("DiffShortcut contrastive decoupling (paper 001 Alg. 1): instance prompt + ', NEG', class prompt + "
             "', without NEG'. Paper's best: 'UNKNOWN artifact masked'.")
-TE_HELP = "Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do."
+TE_HELP = ("Also train the text encoder (full, or LoRA adapters with --lora). Default: on for DreamBooth (paper "
+           "001's full.sh), off for --lora.")
 MP_HELP = "Autocast compute dtype (fp32 master weights); papers 001/004 use bf16. fp16 has no loss scaling."
 
 
@@ -35,7 +36,8 @@ def train_db(
     lora: Annotated[Optional[int], typer.Option("--lora", metavar="RANK", min=1, help="Train rank-RANK LoRA "
                                                 "adapters instead of the full UNet (paper 000 App. P: 4); writes "
                                                 "pytorch_lora_weights.safetensors.")] = None,
-    train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help=TE_HELP)] = False,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder",
+                                                               help=TE_HELP, show_default=False)] = None,
     prior_weight: Annotated[Optional[float], typer.Option("--prior-weight", min=0.0, help="Prior-preservation "
                                                           "weight λ (1.0 for DreamBooth; 0 for --lora, as paper "
                                                           "000 App. P).")] = None,
@@ -44,16 +46,17 @@ def train_db(
     class_dir: Annotated[Optional[Path], typer.Option("--class-dir", help="Cache folder for the class images "
                                                       "(reused and resumed; default OUTPUT/class_images).")] = None,
     class_steps: Annotated[int, typer.Option("--class-steps", min=1, help="DDIM steps per class image.")] = 50,
-    class_guidance: Annotated[float, typer.Option("--class-guidance", help="CFG scale for class images.")] = 7.5,
+    class_guidance: Annotated[float, typer.Option("--class-guidance", help="CFG scale >= 0 for class images.")] = 7.5,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (1000).")] = 1000,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate, constant (5e-7 DreamBooth, papers "
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate > 0, constant (5e-7 DreamBooth, papers "
                                                 "001/004; 1e-4 LoRA).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Instance images per step (2); as many "
-                                            "class images.")] = 2,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Instance images per step; as "
+                                                      "many class images (DreamBooth 1 + 1 as paper 001's full.sh; "
+                                                      "--lora 2).")] = None,
     grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Batches accumulated per "
                                                    "optimizer step (1).")] = 1,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip (1.0; 0 = off).")] = 1.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (1e-2).")] = 1e-2,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip >= 0 (1.0; 0 = off).")] = 1.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay >= 0 (1e-2).")] = 1e-2,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training size (the model's: 512 for "
                                                       "SD 1.5, 64 for tiny).")] = None,
     use_8bit_adam: Annotated[bool, typer.Option("--use-8bit-adam", help="bitsandbytes 8-bit AdamW (papers "
@@ -79,8 +82,8 @@ def train_db(
                          ] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of concept masks (same names as the "
                                                   "images; `cloak mask`).")] = None,
-    dilate: Annotated[Optional[int], typer.Option("--dilate", min=0, help="Mask dilation in px at 512² (SZT: "
-                                                  "16).")] = None,
+    dilate: Annotated[Optional[int], typer.Option("--dilate", min=0, help="Mask dilation in px at a 512 training "
+                                                  "resolution (N·R/512 at R), any aspect ratio (SZT: 16).")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Resumable checkpoint every N "
                                                   "steps (last two kept; full runs: weights + Adam states).")] = 500,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Also save weights every N steps under "
@@ -112,16 +115,18 @@ def train_db(
     """
 
     from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.dreambooth_train import DB_DEFAULTS, LORA_DEFAULTS, DreamBoothSettings
-    from cloaklab.ops.train.dreambooth_train import train_dreambooth
-    from cloaklab.ops.train.loop import TrainConfig
+    from cloaklab.ops.train.dreambooth_train import LORA_WEIGHTS, PIPELINE_DIR, train_dreambooth
+    from cloaklab.ops.train.loop import TrainConfig, refuse_foreign_outputs
     from cloaklab.ops.train.presets import resolve_preset
 
     defaults = LORA_DEFAULTS if lora else DB_DEFAULTS
     weight = defaults["prior_weight"] if prior_weight is None else prior_weight
+    train_text_encoder = defaults["train_text_encoder"] if train_text_encoder is None else train_text_encoder
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
     szt = resolve_preset(common.value(preset), {"jpeg": jpeg, "t_sampler": common.value(t_sampler),
                                                 "t_param": t_param, "mask_mode": common.value(mask_mode),
                                                 "dilate": dilate})
@@ -131,6 +136,7 @@ def train_db(
         raise UsageError(f"--mask-mode {szt['mask_mode']} needs --masks DIR (make them with `cloak mask`)")
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     settings = DreamBoothSettings(
         instance_prompt=instance_prompt, class_prompt=class_prompt or ("a photo of person" if weight else None),
         neg_token=neg_token, lora_rank=lora, train_text_encoder=train_text_encoder, prior_weight=weight,
@@ -154,6 +160,8 @@ def train_db(
               "masks": str(masks) if masks else None, **config.resume_key()}
     manifest = Manifest(output, "train-db", params, seed=seed, model=model_record,
                         extra={"device": str(torch_device), "resume": resume})
+    refuse_foreign_outputs(output, (LORA_WEIGHTS, "unet", "text_encoder", PIPELINE_DIR),
+                           owned=manifest.data.get("training") is not None)
     manifest.start_run()
     for note in notes:
         sys.stderr.write(f"cloak: note: {note}\n")

@@ -35,6 +35,11 @@ def train_ti(
         rich_help_panel=SZT)] = None,
     jpeg: Annotated[Optional[int], typer.Option(min=1, max=100, metavar="Q", rich_help_panel=SZT,
                                                 help="JPEG-compress training images at quality Q (SZT: 25).")] = None,
+    jpeg_scale: Annotated[Optional[int], typer.Option(
+        min=8, metavar="S", rich_help_panel=SZT,
+        help="Apply that JPEG at short side S px (Pillow bicubic up, encode/decode, back; paper 000 compressed 512-px "
+             "photos, so the toy grid's 64-px images use 512). Default: each file's own size. Ignored without JPEG.")]
+    = None,
     t_sampler: Annotated[Optional[Sampler], typer.Option(  # type: ignore[valid-type]
         rich_help_panel=SZT, help="Timestep sampler (App. H): uniform; threshold-high U(rho,1); threshold-low "
                                   "U(0,rho); power p(t)~t^rho; tanh p(t)~tanh(rho(t-0.5))/2+0.5 (t in [0,1] x T).")]
@@ -47,12 +52,19 @@ def train_ti(
         rich_help_panel=SZT, help="App. I: lm = loss mask, im = masked input image, lim = both, zm = masked z_t "
                                   "(default lm when --masks is given).")] = None,
     dilate: Annotated[Optional[int], typer.Option(min=0, metavar="N", rich_help_panel=SZT,
-                                                  help="Dilate masks by N px at 512² (max filter 2N+1, scaled to the "
-                                                       "image; SZT: 16).")] = None,
+                                                  help="Dilate masks by N px at a 512 training resolution, any "
+                                                       "aspect ratio (max filter 2N'+1, N' = N·min(W,H)/512; "
+                                                       "SZT: 16).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
     = 5000,
-    lr: Annotated[float, typer.Option(help="Learning rate, constant (paper 000: 5e-4).")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Learning rate > 0, constant (paper 000: 5e-4).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps (paper 000: 0).")] = 0,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay of the new token's rows (diffusers' "
+                                                "textual_inversion.py --adam_weight_decay: 1e-2; 0 = plain Adam).")]
+    = 1e-2,
+    flip_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability of mirroring a training image left-right "
+                                          "per sample (diffusers' TextualInversionDataset flip_p: 0.5; 0 = never). "
+                                          "Drawn from the run's seed.")] = 0.5,
     grad_accumulation: Annotated[int, typer.Option(min=1, help="Gradient accumulation (App. O SDXL: 5).")] = 1,
     resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's, e.g. 512 for "
                                                       "SD1.5, 64 for tiny).")] = None,
@@ -82,7 +94,8 @@ def train_ti(
     """Learn a new token for the concept in IMAGES (Textual Inversion), optionally with Safe-Zone Training.
 
     Writes OUTPUT/learned_embeds.safetensors (diffusers `load_textual_inversion`), snapshots/, train_log.jsonl,
-    checkpoints/ (for --resume) and cloak.json. Defaults are paper 000's: lr 5e-4 constant, 5000 steps, batch 1.
+    checkpoints/ (for --resume) and cloak.json. Defaults are paper 000's: lr 5e-4 constant, 5000 steps, batch 1,
+    with the diffusers TI script it builds on: AdamW weight decay 1e-2, horizontal flips with p 0.5.
 
     Examples:  cloak train-ti photos -o ti --token '<R*>' --init-token toy ·
     cloak mask photos -o masks && cloak train-ti photos -o ti-szt --preset szt --masks masks ·
@@ -93,11 +106,11 @@ def train_ti(
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_output_location, collect_inputs
+    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images, load_templates
-    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, train
+    from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, refuse_foreign_outputs, train
     from cloaklab.ops.train.presets import resolve_preset
     from cloaklab.ops.train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR, TextualInversion
 
@@ -113,6 +126,7 @@ def train_ti(
         raise UsageError(f"--masks {masks}: not a folder")
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, sys.stdin)
+    check_outputs(output, items)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
@@ -121,7 +135,8 @@ def train_ti(
     params = {"token": token, "init_token": init_token, "num_vectors": num_vectors,
               "templates": templates if templates in TEMPLATE_SETS  # a file's lines enter the run hash
               else {"file": templates, "lines": list(template_list)},
-              "preset": common.value(preset), **szt, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
+              "preset": common.value(preset), **szt, "jpeg_scale": jpeg_scale if szt["jpeg"] else None,
+              "flip_p": flip_p, "weight_decay": weight_decay, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
               "grad_accumulation": grad_accumulation, "batch_size": batch_size, "resolution": resolution,
               "mean_latents": mean_latents, "masks": str(masks) if masks else None, "model": record,
               "inputs": [item.rel.as_posix() for item in items]}
@@ -136,6 +151,7 @@ def train_ti(
         reporter.line(f"train-ti: {output / EMBEDS_NAME} already trained with these settings (--overwrite retrains)")
         common.emit(output, {"output": str(output), "embeds": str(output / EMBEDS_NAME), "skipped": True}, json_out)
         raise typer.Exit(0)
+    refuse_foreign_outputs(output, (EMBEDS_NAME,), owned=bool(done.get("status")))
     prepare_run_folder(output, resume=resume, overwrite=overwrite, extra=(SNAPSHOT_DIR,))
     manifest.start_run()
 
@@ -145,7 +161,8 @@ def train_ti(
         if encoder is not None:
             encoder.to(dtype=torch.float32)  # the trained rows and their gradients stay in fp32
     rejected: list[tuple[str, str]] = []
-    data = load_instance_images(items, size, jpeg_quality=szt["jpeg"], mask_dir=masks, dilate=szt["dilate"],
+    data = load_instance_images(items, size, jpeg_quality=szt["jpeg"],
+                                jpeg_scale=jpeg_scale if szt["jpeg"] else None, mask_dir=masks, dilate=szt["dilate"],
                                 max_pixels=max_pixels, rejected=rejected)
     for name, reason in rejected:
         reporter.line(f"cloak: rejected {name}: {reason}")
@@ -156,10 +173,11 @@ def train_ti(
                          grad_accumulation=grad_accumulation, seed=seed, t_sampler=szt["t_sampler"],
                          t_param=szt["t_param"], mask_mode=szt["mask_mode"], sample_latents=not mean_latents,
                          checkpoint_every=checkpoint_every, snapshot_every=snapshot_every,
-                         log_grad_by_t=log_grad_by_t)
+                         log_grad_by_t=log_grad_by_t, weight_decay=weight_decay, flip_p=flip_p)
     rho = "" if szt["t_param"] is None else f" rho {szt['t_param']}"
     reporter.line(f"train-ti: {len(data)} image(s) at {size}px, {steps} steps, t-sampler {szt['t_sampler']}{rho}, "
-                  f"mask {szt['mask_mode']}, jpeg {szt['jpeg'] or 'off'}, dilate {szt['dilate']}")
+                  f"mask {szt['mask_mode']}, jpeg {szt['jpeg'] or 'off'}"
+                  f"{f' at {jpeg_scale}px' if szt['jpeg'] and jpeg_scale else ''}, dilate {szt['dilate']}")
     progress = common.StepProgress("train-ti", reporter,
                                    lambda record: f"loss {record['loss']:.4f} t {record['t'][0]}")
     with progress:

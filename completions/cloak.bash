@@ -5,7 +5,7 @@ _cloak() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "generate immunize mask poison purify score ssm train-db train-ti --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "generate immunize mask poison purify report score ssm train-db train-ti --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -107,6 +107,7 @@ _cloak() {
                 --eot-samples) COMPREPLY=(); return ;;
                 --jpeg-quality) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
+                --native-crops) COMPREPLY=(); return ;;
                 --clean-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --param|-p) COMPREPLY=(); return ;;
                 --eval-draws) COMPREPLY=(); return ;;
@@ -119,16 +120,16 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         purify)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-                --method|-m) COMPREPLY=($(compgen -W "jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
+                --method|-m) COMPREPLY=($(compgen -W "none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale" -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
-                --kernel) COMPREPLY=(); return ;;
+                --jpeg-scale) COMPREPLY=(); return ;;
                 --sigma) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --drop) COMPREPLY=(); return ;;
@@ -169,7 +170,25 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --method -m --quality --kernel --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --method -m --quality --jpeg-scale --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        report)
+            case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --rows) COMPREPLY=(); return ;;
+                --cols) COMPREPLY=(); return ;;
+                --metric) COMPREPLY=(); return ;;
+                --pick) COMPREPLY=(); return ;;
+                --average-row) COMPREPLY=(); return ;;
+                --average-exclude) COMPREPLY=(); return ;;
+                --thumb-size) COMPREPLY=(); return ;;
+                --preview-size) COMPREPLY=(); return ;;
+                --title) COMPREPLY=(); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--output -o --rows --cols --metric --pick --average-row --average-exclude --thumb-size --preview-size --title --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -186,11 +205,14 @@ _cloak() {
                 --label) COMPREPLY=(); return ;;
                 --dinov2-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --clip-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --clip-scale) COMPREPLY=(); return ;;
+                --clip-prefix) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --liqe-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lpips-net) COMPREPLY=(); return ;;
                 --fid-features) COMPREPLY=(); return ;;
                 --arcface-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --vggface-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --face-detector) COMPREPLY=(); return ;;
                 --rows) COMPREPLY=(); return ;;
                 --cols) COMPREPLY=(); return ;;
                 --metric) COMPREPLY=(); return ;;
@@ -201,7 +223,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -267,7 +289,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -280,6 +302,7 @@ _cloak() {
                 --templates) COMPREPLY=($(compgen -W "object style" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --preset) COMPREPLY=($(compgen -W "nominal jpeg t600 lm jpeg+t600 jpeg+lm szt" -- "$cur")); return ;;
                 --jpeg) COMPREPLY=(); return ;;
+                --jpeg-scale) COMPREPLY=(); return ;;
                 --t-sampler) COMPREPLY=($(compgen -W "uniform threshold-high threshold-low power tanh" -- "$cur")); return ;;
                 --t-param) COMPREPLY=(); return ;;
                 --masks) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -288,6 +311,8 @@ _cloak() {
                 --steps) COMPREPLY=(); return ;;
                 --lr) COMPREPLY=(); return ;;
                 --warmup-steps) COMPREPLY=(); return ;;
+                --weight-decay) COMPREPLY=(); return ;;
+                --flip-p) COMPREPLY=(); return ;;
                 --grad-accumulation) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -300,7 +325,7 @@ _cloak() {
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --t-sampler --t-param --masks --mask-mode --dilate --steps --lr --warmup-steps --grad-accumulation --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --lr --warmup-steps --weight-decay --flip-p --grad-accumulation --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

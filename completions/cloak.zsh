@@ -9,6 +9,7 @@ _cloak() {
         'mask:Segment the concept in each image with SAM - OUTPUT/<same name>.png is a binary mask (0/255) of the image'\''s size; cloak.json records the mask'\''s area fraction, SA'
         'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile, within ε of the input on the saved byte'
         'purify:Purify images - every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.'
+        'report:Write OUT/index.html (inline CSS/JS, thumbnails in OUT/thumbs/; opens offline from the folder).'
         'score:Score images - per-image records, per-concept means, then the dataset mean (paper 000'\''s order) → a JSON file.'
         'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq.'
         'train-db:DreamBooth (full UNet, + text encoder) or LoRA fine-tuning with prior preservation, SZT and DiffShortcut.'
@@ -45,7 +46,7 @@ _cloak() {
                 '--resolution[Square output size in pixels (the model'\''s default - 512 for SD 1.5, 64 for tiny).]:value: ' \
                 '--only[Generate only these images, e.g.]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -81,7 +82,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -99,12 +100,12 @@ _cloak() {
                 '(--center --no-center)'{--center,--no-center}'[Prompt with the image centre.]' \
                 '--select[Automatic mode - the central object (largest mask containing the centre) or the largest object.]:value:(central largest)' \
                 '--points-per-side[Automatic mode - SAM point grid per side (SAM default 32).]:value: ' \
-                '--dilate[Dilate by N px at 512² (max filter 2N+1, scaled to the image).]:value: ' \
+                '--dilate[Dilate by N px at a 512 training resolution (max filter 2N'\''+1, N'\'' = N·min(W,H)/512).]:value: ' \
                 '--sam-type[SAM backbone (tiny = random demo model built in code).]:value:(vit_h vit_l vit_b tiny)' \
                 '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -117,20 +118,22 @@ _cloak() {
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
                 '(--attack -a)'{--attack,-a}'[Attack (list below).]:value:(adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace)' \
-                '--eps[L∞ budget in /255 pixel units (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
-                '--step-size[PGD step in /255 units (1).]:value: ' \
+                '--eps[L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
+                '--step-size[PGD step in /255 units, 0 < step <= 255 (1).]:value: ' \
                 '--steps[PGD iterations (100; da 200).]:value: ' \
-                '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (off).]' \
-                '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI (whole schedule).]:value: ' \
+                '(--random-start --no-random-start)'{--random-start,--no-random-start}'[Start from a uniform draw in the ε-ball (on for adm±, sds±, ea, mist as Mist v1; off for lf-*, da).]' \
+                '--t-range[Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole schedule).]:value: ' \
                 '--prompt[Prompt conditioning the UNet ('\''a photo'\'').]:value: ' \
                 '--target[ea/mist/da/ace target - pattern (ours, high-contrast), gray, zero, or an image path (pattern).]:file:_files' \
-                '--lf-ratio[lf-*/inmark - DCT low-frequency ratio η (0.25).]:value: ' \
-                '--fused-weight[mist - weight of the AdvDM term (1e4).]:value: ' \
+                '--lf-ratio[lf-*/inmark - DCT low-frequency ratio η, 0 < η <= 1 (0.25).]:value: ' \
+                '--fused-weight[mist - weight of the AdvDM term, >= 0 (1e4).]:value: ' \
                 '--mask[Perturb only inside this mask (white = perturb) - one image for all inputs, or a folder of <name>.png masks as `cloak mask` writes.]:file:_files' \
                 '--robust[EoT transforms inside the loss, comma-separated - jpeg (differentiable), resize, blur; '\''none'\'' to switch off the preset'\''s.]:value: ' \
                 '--eot-samples[EoT draws averaged per step.]:value: ' \
                 '--jpeg-quality[Fix the EoT JPEG quality (default random 50-90).]:value: ' \
-                '--resolution[Working resolution - short side in px, aspect kept, multiples of 8; 0 = native size.]:value: ' \
+                '--resolution[Working resolution - short side in px (0-4096), aspect kept, multiples of 8; 0 = native size.]:value: ' \
+                '(--native-size --working-size)'{--native-size,--working-size}'[Single-image attacks on photos larger than the working resolution - optimize in the photo'\''s own pixels through a mimic'\''s random resize (PIL bicubic/bilinear/Lanc]' \
+                '--native-crops[--native-size - share of the resize draws that are random crops (windows 95-100 % of the photo per side at a random place), for mimics that random-crop.]:value: ' \
                 '--preview[Also write OUTPUT/previews/<name>.png - original | cloaked | amplified difference.]' \
                 '--clean-dir[Set-level attacks - clean images of the same subject (set A).]:directory:_files -/' \
                 '(--param -p)'{--param,-p}'[Any other method parameter (see the list below), e.g.]:value: ' \
@@ -139,7 +142,58 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
+                '--batch-size[Images per batch, same-size images only (1); set-level attacks - the PGD minibatch (all images at once, as Anti-DreamBooth).]:value: ' \
+                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--debug[Show tracebacks for errors.]' \
+                '(--help -h)'{--help,-h}'[Show the help and exit.]' \
+                '*:file:_files' ;;
+        purify)
+            _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
+                '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
+                '--jpeg-scale[jpeg - apply JPEG at short side S px (Pillow bicubic resize, encode/decode, resize back; e.g.]:value: ' \
+                '--sigma[gaussian - blur σ > 0 in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut).]:value: ' \
+                '--resolution[tvm - working resolution, 8-4096 (64).]:value: ' \
+                '--drop[tvm - fraction of pixels dropped, 0 <= drop < 1 (0.02).]:value: ' \
+                '--tv-weight[tvm - TV weight λ >= 0 (0.01).]:value: ' \
+                '--iters[Iterations — speed/quality trade-off.]:value: ' \
+                '--bilateral-iters[adverse-cleaner - bilateral passes >= 0 (64).]:value: ' \
+                '--guided-iters[adverse-cleaner - guided-filter passes >= 0 (4).]:value: ' \
+                '--radius[adverse-cleaner - guided-filter radius >= 1 (4).]:value: ' \
+                '--eps[adverse-cleaner - guided-filter eps > 0, 0-255 scale (16).]:value: ' \
+                '--t[Noise step (strength) in the model'\''s 1000-step schedule; higher = stronger, less faithful.]:value: ' \
+                '--steps[Length of the sampling schedule; denoising runs its part below --t (fewer = faster).]:value: ' \
+                '--guidance[Classifier-free guidance.]:value: ' \
+                '--prompt[Text prompt ({class} is replaced by --class-name; without it such a prompt becomes "").]:value: ' \
+                '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g.]:value: ' \
+                '--eta[diffpure-latent/diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g.]:value: ' \
+                '--window[gridpure - window size in pixels (256).]:value: ' \
+                '--stride[gridpure - window stride (128).]:value: ' \
+                '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \
+                '--lr[impress - Adam learning rate > 0, cosine-annealed (0.01).]:value: ' \
+                '--lpips-weight[impress - LPIPS hinge weight α >= 0 (0.1).]:value: ' \
+                '--lpips-budget[impress - LPIPS budget Δ >= 0 of the hinge (0.1).]:value: ' \
+                '--lpips-model[impress - LPIPS backbone vgg (default), alex, squeeze (torchvision ImageNet weights from TORCH_HOME), or tiny (random, demo).]:file:_files' \
+                '--fidelity[codeformer-sr - CodeFormer fidelity weight w (0.5; 1 = keep the input).]:value: ' \
+                '--noise[noisy-upscale - Gaussian noise std in (0, 1), a fraction of the (0,1) range (0.05; robust-style-mimicry uses 0.05-0.1).]:value: ' \
+                '--noise-level[x4 upscaler noise level (0-350) - noisy-upscale 320, codeformer-sr 20, pdm-pure 20.]:value: ' \
+                '--upscaler-steps[pdm-pure - x4 upscaler steps (50).]:value: ' \
+                '--upscaler-guidance[pdm-pure - x4 upscaler guidance >= 0 (4).]:value: ' \
+                '--pixel-model[diffpure-pixel/ddspure/gridpure - pixel diffusion model — Hub id or diffusers folder (UNet2DModel + DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 0]:file:_files' \
+                '--upscaler-model[pdm-pure/codeformer-sr/noisy-upscale - x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), or tiny.]:file:_files' \
+                '--stage2-model[pdm-pure - pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.]:file:_files' \
+                '--face-model[codeformer-sr - face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a TorchScript file f(x, w) (needs --trust-pickle), none (skip ]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
+                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -150,53 +204,18 @@ _cloak() {
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
-        purify)
+        report)
             _arguments -s \
-                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
-                '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
-                '--kernel[gaussian - odd kernel size (5).]:value: ' \
-                '--sigma[gaussian - blur sigma (from the kernel size).]:value: ' \
-                '--resolution[tvm - working resolution (64).]:value: ' \
-                '--drop[tvm - fraction of pixels dropped (0.02).]:value: ' \
-                '--tv-weight[tvm - TV weight λ (0.01).]:value: ' \
-                '--iters[Iterations — speed/quality trade-off.]:value: ' \
-                '--bilateral-iters[adverse-cleaner - bilateral passes (64).]:value: ' \
-                '--guided-iters[adverse-cleaner - guided-filter passes (4).]:value: ' \
-                '--radius[adverse-cleaner - guided-filter radius (4).]:value: ' \
-                '--eps[adverse-cleaner - guided-filter eps, 0-255 scale (16).]:value: ' \
-                '--t[Noise step (strength) in the model'\''s 1000-step schedule; higher = stronger, less faithful.]:value: ' \
-                '--steps[Length of the sampling schedule; denoising runs its part below --t (fewer = faster).]:value: ' \
-                '--guidance[Classifier-free guidance.]:value: ' \
-                '--prompt[Text prompt ({class} is replaced by --class-name; without it such a prompt becomes "").]:value: ' \
-                '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g.]:value: ' \
-                '--eta[diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure; 0 = DDIM).]:value: ' \
-                '--window[gridpure - window size in pixels (256).]:value: ' \
-                '--stride[gridpure - window stride (128).]:value: ' \
-                '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \
-                '--lr[impress - Adam learning rate, cosine-annealed (0.01).]:value: ' \
-                '--lpips-weight[impress - LPIPS hinge weight α (0.1).]:value: ' \
-                '--lpips-budget[impress - LPIPS budget Δ of the hinge (0.1).]:value: ' \
-                '--lpips-model[impress - LPIPS backbone vgg (default), alex, squeeze (torchvision ImageNet weights from TORCH_HOME), or tiny (random, demo).]:file:_files' \
-                '--fidelity[codeformer-sr - CodeFormer fidelity weight w (0.5; 1 = keep the input).]:value: ' \
-                '--noise[noisy-upscale - Gaussian noise std as a fraction of the (0,1) range (0.05; robust-style-mimicry uses 0.05-0.1).]:value: ' \
-                '--noise-level[x4 upscaler noise level (0-350) - noisy-upscale 320, codeformer-sr 20, pdm-pure 20.]:value: ' \
-                '--upscaler-steps[pdm-pure - x4 upscaler steps (50).]:value: ' \
-                '--upscaler-guidance[pdm-pure - x4 upscaler guidance (4).]:value: ' \
-                '--pixel-model[diffpure-pixel/ddspure/gridpure - pixel diffusion model — Hub id or diffusers folder (UNet2DModel + DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 0]:file:_files' \
-                '--upscaler-model[pdm-pure/codeformer-sr/noisy-upscale - x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), or tiny.]:file:_files' \
-                '--stage2-model[pdm-pure - pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.]:file:_files' \
-                '--face-model[codeformer-sr - face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a TorchScript file f(x, w) (needs --trust-pickle), none (skip ]:file:_files' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
-                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
-                '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
-                '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
-                '--batch-size[Images per batch (same-size images only).]:value: ' \
-                '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
+                '(--output -o)'{--output,-o}'[Report folder - index.html and thumbs/ (new, empty, or an earlier report).]:directory:_files -/' \
+                '--rows[Label key for rows (the score files'\'' --label).]:value: ' \
+                '--cols[Label key for columns.]:value: ' \
+                '--metric[Metric that colours the cells (default - the first file'\''s first); every metric is shown.]:value: ' \
+                '--pick[Metric that picks the best / median / worst samples (default - --metric; its registered direction decides best).]:value: ' \
+                '--average-row[Add a row averaging the rows, as score --table, e.g.]:value: ' \
+                '--average-exclude[Rows left out of the average (repeatable), e.g.]:value: ' \
+                '--thumb-size[Longest side of the grid and sample thumbnails (px).]:value: ' \
+                '--preview-size[Longest side of before/after previews (px).]:value: ' \
+                '--title[Page title.]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
@@ -214,11 +233,15 @@ _cloak() {
                 '--label[Label stored in the score file for --table (repeatable), e.g.]:value: ' \
                 '--dinov2-model[dinov2 weights - Hub id, local folder, or tiny.]:file:_files' \
                 '--clip-model[CLIP weights for clip, clip-iqa, clip-iqac, liqe, q - Hub id, folder, or tiny.]:file:_files' \
+                '--clip-scale[clip - CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'\''s CLIP-S (paper 000'\''s tables), 100 torchmetrics'\'' scale.]:value: ' \
+                '--clip-prefix[clip - text put before each prompt; Hessel et al.'\''s code uses '\''A photo depicts '\'' (default - none).]:file:_files' \
                 '--liqe-model[liqe - LIQE CLIP weights as a transformers folder (default - zero-shot with --clip-model).]:file:_files' \
                 '--lpips-net[lpips backbone - alex, vgg, squeeze, or tiny (random backbone).]:value: ' \
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \
                 '--arcface-model[ism/ims - ArcFace ONNX file (e.g.]:file:_files' \
-                '--vggface-model[ims - VGG-Face ONNX file, or tiny.]:file:_files' \
+                '--vggface-model[ims - VGG-Face ONNX or TorchScript file, or tiny.]:file:_files' \
+                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes, scores and 5 landmarks - faces a]:value: ' \
+                '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '--table[Merge score files (the inputs) into a rows × cols table.]' \
                 '--rows[--table - label key for rows (e.g.]:value: ' \
                 '--cols[--table - label key for columns (e.g.]:value: ' \
@@ -250,7 +273,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
@@ -268,18 +291,18 @@ _cloak() {
                 '--class-prompt[Prompt of the prior-preservation class images (default - '\''a photo of person'\'').]:value: ' \
                 '--neg-token[DiffShortcut contrastive decoupling (paper 001 Alg.]:value: ' \
                 '--lora[Train rank-RANK LoRA adapters instead of the full UNet (paper 000 App.]:file:_files' \
-                '--train-text-encoder[Also train the text encoder (full, or LoRA adapters with --lora); papers 001/004 do.]' \
+                '(--train-text-encoder --no-train-text-encoder)'{--train-text-encoder,--no-train-text-encoder}'[Also train the text encoder (full, or LoRA adapters with --lora).]' \
                 '--prior-weight[Prior-preservation weight λ (1.0 for DreamBooth; 0 for --lora, as paper 000 App.]:value: ' \
                 '--num-class-images[Class images generated once by the base model (200, papers 001/004).]:value: ' \
                 '--class-dir[Cache folder for the class images (reused and resumed; default OUTPUT/class_images).]:directory:_files -/' \
                 '--class-steps[DDIM steps per class image.]:value: ' \
-                '--class-guidance[CFG scale for class images.]:value: ' \
+                '--class-guidance[CFG scale >= 0 for class images.]:value: ' \
                 '--steps[Optimizer steps (1000).]:value: ' \
-                '--lr[Learning rate, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
-                '--batch-size[Instance images per step (2); as many class images.]:value: ' \
+                '--lr[Learning rate > 0, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
+                '--batch-size[Instance images per step; as many class images (DreamBooth 1 + 1 as paper 001'\''s full.sh; --lora 2).]:value: ' \
                 '--grad-accumulation[Batches accumulated per optimizer step (1).]:value: ' \
-                '--max-grad-norm[Gradient-norm clip (1.0; 0 = off).]:value: ' \
-                '--weight-decay[AdamW weight decay (1e-2).]:value: ' \
+                '--max-grad-norm[Gradient-norm clip >= 0 (1.0; 0 = off).]:value: ' \
+                '--weight-decay[AdamW weight decay >= 0 (1e-2).]:value: ' \
                 '--resolution[Training size (the model'\''s - 512 for SD 1.5, 64 for tiny).]:value: ' \
                 '--use-8bit-adam[bitsandbytes 8-bit AdamW (papers 001/004; needs bitsandbytes + CUDA).]' \
                 '--gradient-checkpointing[Recompute activations in backward (less memory, ~30 % slower).]' \
@@ -291,7 +314,7 @@ _cloak() {
                 '--t-param[Sampler parameter ρ (threshold-high 0.5 = t ≥ 500).]:value: ' \
                 '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App.]:value:(none lm im lim zm)' \
                 '--masks[Folder of concept masks (same names as the images; `cloak mask`).]:file:_files' \
-                '--dilate[Mask dilation in px at 512² (SZT - 16).]:value: ' \
+                '--dilate[Mask dilation in px at a 512 training resolution (N·R/512 at R), any aspect ratio (SZT - 16).]:value: ' \
                 '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
                 '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
                 '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
@@ -315,14 +338,17 @@ _cloak() {
                 '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:value:_alternative "sets:set:(object style)" "files:file:_files"' \
                 '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress training images at quality Q (SZT - 25).]:value: ' \
+                '--jpeg-scale[Apply that JPEG at short side S px (Pillow bicubic up, encode/decode, back; paper 000 compressed 512-px photos, so the toy grid'\''s 64-px images use 512).]:value: ' \
                 '--t-sampler[Timestep sampler (App.]:value:(uniform threshold-high threshold-low power tanh)' \
                 '--t-param[rho of the sampler (t600 - 0.6; szt - 0.5).]:value: ' \
                 '--masks[Folder of concept masks (from `cloak mask`) - same relative name (.png) and size as each image.]:file:_files' \
                 '--mask-mode[App.]:value:(none lm im lim zm)' \
-                '--dilate[Dilate masks by N px at 512² (max filter 2N+1, scaled to the image; SZT - 16).]:value: ' \
+                '--dilate[Dilate masks by N px at a 512 training resolution, any aspect ratio (max filter 2N'\''+1, N'\'' = N·min(W,H)/512; SZT - 16).]:value: ' \
                 '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
-                '--lr[Learning rate, constant (paper 000 - 5e-4).]:value: ' \
+                '--lr[Learning rate > 0, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \
+                '--weight-decay[AdamW weight decay of the new token'\''s rows (diffusers'\'' textual_inversion.py --adam_weight_decay - 1e-2; 0 = plain Adam).]:value: ' \
+                '--flip-p[Probability of mirroring a training image left-right per sample (diffusers'\'' TextualInversionDataset flip_p - 0.5; 0 = never).]:value: ' \
                 '--grad-accumulation[Gradient accumulation (App.]:value: ' \
                 '--resolution[Training size (default - the model'\''s, e.g.]:value: ' \
                 '(--mean-latents --no-mean-latents)'{--mean-latents,--no-mean-latents}'[Use the VAE posterior mean instead of a sample per step.]' \
@@ -333,7 +359,7 @@ _cloak() {
                 '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them).]' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Seed of the run - one generator draws the data order, latent samples, timesteps, noise and prompts (same seed = same embedding).]:value: ' \

@@ -1,6 +1,6 @@
 # Paper 000 Table 1 as a make grid: concepts × poisons × defences → cloak poison → (mask) → cloak train-ti →
-# cloak generate → cloak score → cloak score --table. Included by examples/toy/Makefile (toy world, CPU) and
-# examples/sd15-table1/Makefile (SD 1.5, GPU), which set the variables below. Every cell is its own target, so
+# cloak generate → cloak score → cloak score --table → cloak report. Included by examples/toy/Makefile (toy world,
+# CPU) and examples/sd15-table1/Makefile (SD 1.5, GPU), which set the variables below. Every cell is its own target, so
 # `make -j N` runs N cells at once; every command skips finished work on a rerun (cloak resumes by itself).
 #
 # Layout under $(WORK):
@@ -9,6 +9,7 @@
 #   ti/<poison>/<defence>/<concept>/   learned_embeds.safetensors
 #   gen/<poison>/<defence>/<concept>/  generated images
 #   scores/<poison>__<defence>.json    per-cell scores; $(TABLE).md/.csv/.png is the table
+#   report/index.html                  the grid as one offline HTML page (cloak report)
 
 CLOAK ?= cloak
 WORK ?= work
@@ -23,10 +24,10 @@ DATA_DEP ?=  # a target that creates $(DATA) (the toy world writes its concepts)
 # defences that need concept masks (loss mask)
 MASKED_DEFENCES := lm jpeg+lm szt
 
-.PHONY: all table poisons clean-grid
+.PHONY: all table report poisons clean-grid
 # (the including Makefile may define a rule first, e.g. the toy world's $(DATA_DEP): `make` alone still means all)
 .DEFAULT_GOAL := all
-all: table
+all: table report
 
 # $(call poisoned,P,C): folder of concept C's images under poison P
 poisoned = $(if $(filter none,$(1)),$(DATA)/$(2),$(WORK)/poisoned/$(1)/$(2))
@@ -67,6 +68,9 @@ poisons: $(foreach p,$(filter-out none,$(POISONS)),$(foreach c,$(CONCEPTS),$(WOR
 
 table: $(SCORES)
 	$(CLOAK) score --table $(SCORES) --rows poison --cols defense --metric $(TABLE_METRIC) --average-row "Psn Avg" --average-exclude none -o $(TABLE)
+
+report: $(SCORES)
+	$(CLOAK) report $(SCORES) -o $(WORK)/report --rows poison --cols defense --metric $(TABLE_METRIC) --average-row "Psn Avg" --average-exclude none
 
 clean-grid:
 	rm -rf $(WORK)

@@ -22,11 +22,16 @@ TIMESTEP_SAMPLERS = ("uniform", "threshold-high", "threshold-low", "power", "tan
 
 # --------------------------------------------------------------------------------------------------- VAE
 def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, C, H/8, W/8)`` (posterior mean, or a sample)."""
+                  generator: torch.Generator | None = None, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, C, H/8, W/8)`` (posterior mean, or a sample).
+
+    ``device``/``dtype``: the VAE's, when the caller knows them (reading ``vae.device``/``vae.dtype`` walks every
+    module of a diffusers model)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
-    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist  # inputs follow the model
+    device, dtype = device or vae.device, dtype or vae.dtype
+    posterior = vae.encode((images * 2 - 1).to(device, dtype)).latent_dist  # inputs follow the model
     latents = posterior.sample(generator) if sample else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -40,11 +45,12 @@ def latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images in [0, 1]."""
+def decode_latents(vae, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+    """Scaled latents → images in [0, 1] (``clamp=False`` keeps the decoder's overshoot, and its gradient)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     decoded = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-    return ((decoded.float() + 1) / 2).clamp(0, 1)
+    images = (decoded.float() + 1) / 2
+    return images.clamp(0, 1) if clamp else images
 
 
 # ----------------------------------------------------------------------------------------- noise & targets

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import CloakError, UsageError
-from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_chunks, quantize
+from .errors import CloakError, RejectedInput, UsageError
+from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_chunks, output_path, quantize
 from .manifest import Manifest
 from .prompts import fill
 from .runner import RunSummary
@@ -60,11 +60,15 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def plan_jobs(templates: Sequence[str], token: str, num_per_prompt: int, seed: int,
-              negative_prompt: str | None = None) -> list[GenerationJob]:
-    """All images of a run, prompt-major: ``len(templates) × num_per_prompt`` jobs."""
+              negative_prompt: str | None = None, without: str | None = None) -> list[GenerationJob]:
+    """All images of a run, prompt-major: ``len(templates) × num_per_prompt`` jobs. ``without`` (DiffShortcut's
+    negative token) appends ", without {without}" to every prompt (:func:`ops.prompts.without_suffix`)."""
+    from .prompts import without_suffix
+
     if num_per_prompt < 1:
         raise UsageError("--num-per-prompt must be at least 1")
-    return [GenerationJob(j, k, template, token, fill(template, token), negative_prompt or None, image_seed(seed, j, k))
+    return [GenerationJob(j, k, template, token, without_suffix(fill(template, token), without),
+                          negative_prompt or None, image_seed(seed, j, k))
             for j, template in enumerate(templates) for k in range(num_per_prompt)]
 
 
@@ -242,8 +246,16 @@ def generate_folder(pipe, jobs: Sequence[GenerationJob], out_dir: Path, manifest
         if not overwrite and _is_done(manifest, job, out_dir / job.name):
             summary.skipped.append(job.name)
             on_event("skip", job.name, {})
-        else:
-            todo.append(job)
+            continue
+        try:  # never through a symlink inside OUTPUT, never over a file cloak did not write
+            target = output_path(out_dir, job.name)
+            if target.exists() and not manifest.owns(job.name):
+                raise RejectedInput(f"{target} exists and was not written by cloak; move it away")
+        except RejectedInput as exc:
+            summary.rejected.append((job.name, str(exc)))
+            on_event("reject", job.name, {"reason": str(exc)})
+            continue
+        todo.append(job)
     on_event("start", "", {"total": len(todo)})
     like = LoadedImage(torch.zeros(3, 1, 1), None, None, False, 8, "RGB")
     for batch in iter_chunks(todo, batch_size):
@@ -261,12 +273,14 @@ def generate_folder(pipe, jobs: Sequence[GenerationJob], out_dir: Path, manifest
             continue
         seconds = (time.perf_counter() - started) / len(batch)
         for job, image in zip(batch, images):
+            manifest.record(job.name, output=None, status="writing", owned=True)
             atomic_write_bytes(out_dir / job.name, encode_png(quantize(image, like), like))
-            manifest.record(job.name, output=job.name, status="done", error=None, seconds=round(seconds, 4),
+            manifest.record(job.name, output=job.name, status="done", owned=True, error=None, seconds=round(seconds, 4),
                             size=[int(image.shape[2]), int(image.shape[1])], settings=settings, **_job_fields(job))
             summary.done.append(job.name)
             on_event("done", job.name, {"seconds": seconds, "stats": {}})
     manifest.update(last_summary={k: len(v) for k, v in summary.as_dict().items() if isinstance(v, list)})
+    manifest.close()
     return summary
 
 

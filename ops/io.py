@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 import sys
+import time
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -46,6 +49,8 @@ class InputItem:
 
     path: Path
     rel: PurePosixPath
+    root: Path | None = None  # the input folder it was found in (None: named as a file)
+    clash_with: str | None = None  # set on a file whose output name an earlier input (in sorted order) takes
 
     @property
     def output_rel(self) -> PurePosixPath:
@@ -84,6 +89,7 @@ def _is_hidden(rel: PurePosixPath) -> bool:
 
 
 def _scan_folder(folder: Path, recursive: bool) -> tuple[list[InputItem], int]:
+    root = folder.resolve()
     items, skipped_dirs = [], 0
     walker = sorted(folder.rglob("*")) if recursive else sorted(folder.iterdir())
     for path in walker:
@@ -95,7 +101,7 @@ def _scan_folder(folder: Path, recursive: bool) -> tuple[list[InputItem], int]:
             continue
         if not path.is_file() or path.suffix.lower() in NON_IMAGE_EXTENSIONS:
             continue
-        items.append(InputItem(path, rel))
+        items.append(InputItem(path, rel, root))
     return items, skipped_dirs
 
 
@@ -113,9 +119,14 @@ def collect_inputs(
         if raw == "-":
             stream = stdin if stdin is not None else sys.stdin
             listed = [line.strip() for line in stream if line.strip()]
-            sub, sub_notes = collect_inputs(listed, recursive)
-            items += sub
-            notes += sub_notes
+            # A listed path that does not exist is that file's rejection (the runner cannot read it), not an abort.
+            present = [entry for entry in listed if Path(entry).exists()]
+            items += [InputItem(Path(entry), PurePosixPath(Path(entry).name)) for entry in listed
+                      if not Path(entry).exists()]
+            if present:
+                sub, sub_notes = collect_inputs(present, recursive)
+                items += sub
+                notes += sub_notes
             continue
         path = Path(raw)
         if path.is_dir():
@@ -130,7 +141,30 @@ def collect_inputs(
     if not items:
         raise UsageError("no input images found (give files, folders, or - for paths on stdin)")
     items.sort(key=lambda item: (item.rel.as_posix(), str(item.path)))
-    return items, notes
+    return mark_clashes(items), notes
+
+
+def mark_clashes(items: Sequence[InputItem]) -> list[InputItem]:
+    """Drop repeats of one file (the same file reached twice is not a clash) and mark name clashes.
+
+    Run on the whole sorted input set before sharding, so every shard agrees on the winner: the first input (in
+    sorted order) with an output name keeps it; later ones carry ``clash_with`` and are rejected by the runner.
+    """
+    seen: set[Path] = set()
+    owners: dict[str, str] = {}
+    marked: list[InputItem] = []
+    for item in items:
+        real = item.path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        name = item.output_rel.as_posix()
+        if name in owners:
+            item = replace(item, clash_with=owners[name])
+        else:
+            owners[name] = str(item.path)
+        marked.append(item)
+    return marked
 
 
 # Array-job variables of the schedulers ``--shard auto`` understands, in the order they are tried.
@@ -238,6 +272,67 @@ def check_output_location(inputs: Sequence[str], output: Path) -> None:
             raise UsageError(f"output {output} is an input file")
 
 
+def check_outputs(output: Path, items: Sequence[InputItem]) -> None:
+    """Refuse a run whose writes could land on its inputs, however they arrived (files, folders, ``-``, ``..``,
+    symlinks): OUTPUT equal to or inside an input folder, or an output path that resolves to an input file."""
+    out = Path(output).resolve()
+    roots = {item.root for item in items if item.root is not None}
+    for root in sorted(roots):
+        if out == root or root in out.parents:
+            raise UsageError(f"output folder {printable(output)} is inside input folder {printable(root)}: "
+                             "choose a folder outside it")
+    sources = {item.path.resolve(): item for item in items}
+    for item in items:
+        target = (out / item.output_rel).resolve()
+        if target in sources:
+            raise UsageError(f"output {printable(target)} would replace the input {printable(sources[target].path)}: "
+                             "choose another output folder (inputs are never modified)")
+
+
+def check_output_file(output: Path, protected: Iterable[Path], flag: str = "--output",
+                      owned: "Callable[[Path], bool] | None" = None) -> None:
+    """Refuse a single output file that is (resolves to) an input or reference file, or that exists and is not
+    cloak's own output (``owned(path)`` decides; without it any existing file is refused)."""
+    if not str(output).strip():
+        raise UsageError(f"{flag}: give a file name")
+    target = Path(output).resolve()
+    for path in protected:
+        if Path(path).resolve() == target:
+            raise UsageError(f"{flag} {printable(output)} is an input or reference file: choose another name")
+    if os.path.lexists(output):
+        if Path(output).is_symlink() or not Path(output).is_file():
+            raise UsageError(f"{flag} {printable(output)} exists and is not a regular file: choose another name")
+        if owned is None or not owned(Path(output)):
+            raise UsageError(f"{flag} {printable(output)} exists and was not written by cloak: move it away or "
+                             "choose another name")
+
+
+def output_path(root: Path, rel: str | PurePosixPath) -> Path:
+    """``root / rel`` for writing, refusing a symlink anywhere below ``root`` (writes never follow links inside
+    OUTPUT) and anything but a regular file at the target."""
+    root = Path(root)
+    current = root
+    parts = PurePosixPath(str(rel)).parts
+    for index, part in enumerate(parts):
+        current = current / part
+        if current.is_symlink():
+            raise RejectedInput(f"{printable(current)} is a symlink inside the output folder; cloak does not write "
+                                "through symlinks (remove it)")
+        if index < len(parts) - 1 and current.exists() and not current.is_dir():
+            raise RejectedInput(f"{printable(current)} is in the way (not a folder)")
+    if current.exists() and not current.is_file():
+        raise RejectedInput(f"{printable(current)} exists and is not a regular file")
+    return current
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (newline, ESC, …) escaped, so a file name cannot forge lines on stderr."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def safe_join(root: Path, rel: str | PurePosixPath) -> Path:
     """Join a data-supplied relative name under ``root``, refusing absolute names and ``..`` escapes."""
     rel = PurePosixPath(str(rel))
@@ -268,8 +363,82 @@ def _icc_colour_space(profile: bytes | None) -> bytes | None:
     return profile[16:20] if profile and len(profile) >= 20 else None
 
 
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG's IHDR, or ``None`` for other files."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_deep(path: Path, fmt: str | None) -> np.ndarray | None:
+    """The samples of a file Pillow would narrow to 8 bits (16-bit RGB/RGBA PNG; 16-bit, float or RGB float TIFF),
+    as an ``(H, W[, C])`` array in RGB(A) order and the file's own dtype; ``None`` when Pillow reads it faithfully."""
+    if fmt in (None, "PNG"):
+        header = _png_header(path)
+        if header is not None and header[0] == 16 and header[1] in (2, 6):
+            import cv2
+
+            array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if array is None:
+                raise RejectedInput("unreadable 16-bit PNG")
+            return array[..., [2, 1, 0, 3][: array.shape[2]]]
+    if fmt in (None, "TIFF") and path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            array = tifffile.imread(path, key=0)
+        except Exception as exc:  # noqa: BLE001 - any decoder fault is this file's rejection
+            raise RejectedInput(f"unreadable TIFF ({exc})") from None
+        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
+            array = np.moveaxis(array, 0, -1)  # planar-configured samples
+        return array
+    return None
+
+
+_EXIF_TRANSPOSE = {  # EXIF orientation → the numpy equivalent of ImageOps.exif_transpose
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _unit_scale(raw: np.ndarray) -> tuple[float, int]:
+    """How integer or float samples map to [0, 1] — divide by the returned scale — and the bit depth written back
+    (8 or 16), or a rejection.
+
+    uint8 → /255; uint16 → /65535; other integers (e.g. int32 TIFF) → 8-bit when every sample is in 0..255, 16-bit
+    when in 0..65535, else rejected; floats must be finite and already in [0, 1] (they are written as 16-bit)."""
+    if raw.dtype == np.uint8:
+        return 255.0, 8
+    if raw.dtype == np.uint16:
+        return 65535.0, 16
+    if raw.dtype == np.bool_:
+        return 1.0, 8
+    low, high = (raw.min(initial=0), raw.max(initial=0)) if raw.size else (0, 0)
+    if np.issubdtype(raw.dtype, np.integer):
+        if low >= 0 and high <= 255:
+            return 255.0, 8
+        if low >= 0 and high <= 65535:
+            return 65535.0, 16
+        raise RejectedInput(f"{raw.dtype} samples span {low}..{high}, beyond 16 bits; convert it to 8- or 16-bit "
+                            "first (cloak does not guess a scale)")
+    if np.issubdtype(raw.dtype, np.floating):
+        if not np.isfinite(raw).all():
+            raise RejectedInput("float image with NaN or infinite samples")
+        if low < 0 or high > 1:
+            raise RejectedInput(f"float image with samples in [{float(low):.4g}, {float(high):.4g}]; only float "
+                                "images in [0, 1] are read (convert it first)")
+        return 1.0, 16
+    raise RejectedInput(f"unsupported sample type {raw.dtype}")
+
+
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Decode ``path`` faithfully, or raise :class:`RejectedInput` with a one-line reason."""
+    """Decode ``path`` faithfully, or raise :class:`RejectedInput` with a one-line reason.
+
+    8-bit files come back at 8 bits; 16-bit files (grayscale, RGB and RGBA PNG/TIFF) and float TIFFs with samples in
+    [0, 1] come back as 16-bit images (written back as 16-bit PNGs); other depths are rejected, never clipped."""
     import torch
 
     if path.stat().st_size == 0:
@@ -277,6 +446,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     notes: list[str] = []
+    image = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -289,53 +459,66 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             f"decompression-bomb-sized image (more than {max_pixels} pixels); pass --max-pixels to allow it"
         ) from None
     except UnidentifiedImageError:
-        raise RejectedInput("not an image (or a format Pillow cannot read)") from None
+        image = None  # maybe a TIFF Pillow cannot read (float RGB): tried below
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectedInput(f"unreadable or truncated image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
-    icc = image.info.get("icc_profile")
-    transparency = "transparency" in image.info
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    alpha = None
-    bits = 8
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        if mode == "I" and values.max(initial=0) <= 255:
-            gray, bits = values / 255.0, 8
-        else:
-            gray, bits = np.clip(values, 0, 65535) / 65535.0, 16
-        planes, is_gray = gray[..., None], True
+    deep = None
+    if image is None or image.mode in ("RGB", "RGBA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        deep = _read_deep(path, image.format if image is not None else None)
+    if image is None and deep is None:
+        raise RejectedInput("not an image (or a format Pillow cannot read)")
+
+    icc = image.info.get("icc_profile") if image is not None else None
+    transparency = image is not None and "transparency" in image.info
+    mode = image.mode if image is not None else f"TIFF {deep.dtype}"
+    if deep is not None:
+        if deep.ndim == 3 and deep.shape[2] == 1:
+            deep = deep[..., 0]
+        if deep.ndim not in (2, 3) or (deep.ndim == 3 and deep.shape[2] not in (3, 4)):
+            raise RejectedInput(f"unsupported sample layout {deep.shape} (expected gray, RGB or RGBA)")
+        if deep.shape[0] * deep.shape[1] > max_pixels:
+            raise RejectedInput(f"decompression-bomb-sized image (more than {max_pixels} pixels); pass "
+                                "--max-pixels to allow it")
+        orientation = image.getexif().get(0x0112) if image is not None else None
+        raw = _EXIF_TRANSPOSE.get(orientation, lambda a: a)(deep)
+        is_gray = raw.ndim == 2
+    elif image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raw = np.asarray(ImageOps.exif_transpose(image))
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+        is_gray = True
     else:
-        if mode == "1":
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "1":
             image = image.convert("L")
-        elif mode == "F":
-            image = image.convert("L")
-        elif mode == "P":
+        elif image.mode == "P":
             image = image.convert("RGBA" if transparency else "RGB")
-        elif mode == "PA":
+        elif image.mode in ("PA", "RGBa"):
             image = image.convert("RGBA")
-        elif mode == "RGBa":
-            image = image.convert("RGBA")
-        elif mode == "La":
+        elif image.mode == "La":
             image = image.convert("LA")
-        elif mode not in ("L", "LA", "RGB", "RGBA"):
+        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
             image = image.convert("RGBA" if transparency else "RGB")
         if image.mode == "L" and transparency:
             image = image.convert("LA")
-        array = np.asarray(image, dtype=np.float64) / 255.0
-        if array.ndim == 2:
-            array = array[..., None]
+        raw = np.asarray(image)
         is_gray = image.mode in ("L", "LA")
-        if image.mode in ("LA", "RGBA"):
-            alpha = array[..., -1].astype(np.float32)
-            array = array[..., :-1]
-        planes = array
+    scale, bits = _unit_scale(raw)
+    planes = raw[..., None] if raw.ndim == 2 else raw
+    colour = 1 if planes.shape[2] in (1, 2) else 3
+    # One plane at a time into float32: no full-size float64 or duplicate float copies of a large photo.
+    rgb = torch.empty((colour, planes.shape[0], planes.shape[1]), dtype=torch.float32)
+    for channel in range(colour):
+        np.divide(planes[..., channel], np.float32(scale), out=rgb[channel].numpy(), dtype=np.float32,
+                  casting="unsafe")
+    alpha = None
+    if planes.shape[2] in (2, 4):
+        alpha = np.divide(planes[..., -1], np.float32(scale), dtype=np.float32, casting="unsafe")
+    del raw, deep, planes
     if mode == "CMYK" or _icc_colour_space(icc) != (b"GRAY" if is_gray else b"RGB "):
         icc = None  # a profile for another colour space would mislabel the written pixels
-    rgb = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1), dtype=np.float32))
     if rgb.shape[0] == 1:
         rgb = rgb.expand(3, -1, -1).clone()
     return LoadedImage(rgb, alpha, icc, is_gray, bits, mode, notes)
@@ -348,16 +531,22 @@ def quantize(rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
     Grayscale images are written back as the mean of the three channels (a perturbation within ε on every channel
     stays within ε on the mean).
     """
-    values = rgb.detach().float().clamp(0, 1).cpu().numpy()
-    planes = values.mean(axis=0, keepdims=True) if like.gray else values
+    values = rgb.detach().float().cpu()
     scale = like.max_value
-    ints = np.rint(planes.transpose(1, 2, 0) * scale)
+    dtype = np.uint16 if like.bits == 16 else np.uint8
+    height, width = values.shape[-2:]
+    channels = (1 if like.gray else 3) + (1 if like.alpha is not None else 0)
+    if like.alpha is not None and like.alpha.shape[:2] != (height, width):
+        raise ValueError(f"alpha {like.alpha.shape[:2]} does not match image {(height, width)}")
+    out = np.empty((height, width, channels), dtype=dtype)
+    # Plane by plane (float32, in place): a large photo never gets a full-size float64 copy.
+    planes = [values.numpy().mean(axis=0)] if like.gray else [values[c].numpy() for c in range(3)]
     if like.alpha is not None:
-        alpha = np.rint(like.alpha[..., None].astype(np.float64) * scale)
-        if alpha.shape[:2] != ints.shape[:2]:
-            raise ValueError(f"alpha {alpha.shape[:2]} does not match image {ints.shape[:2]}")
-        ints = np.concatenate([ints, alpha], axis=2)
-    return ints.astype(np.uint16 if like.bits == 16 else np.uint8)
+        planes.append(like.alpha)
+    for index, plane in enumerate(planes):
+        scaled = np.clip(plane, 0, 1, dtype=np.float32) * np.float32(scale)
+        out[..., index] = np.rint(scaled, out=scaled)
+    return out
 
 
 def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":
@@ -372,9 +561,9 @@ def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":
 
 def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     """Encode a quantized array as PNG bytes in the input's kind of mode, with its ICC profile."""
+    if like.bits == 16 and array.shape[2] > 1:
+        return _encode_png16_colour(np.ascontiguousarray(array).astype(np.uint16), like.icc_profile)
     if like.bits == 16:
-        if array.shape[2] != 1:
-            raise ValueError("16-bit output is written for grayscale images only")
         image = Image.fromarray(np.ascontiguousarray(array[..., 0]).astype(np.uint16))  # → mode I;16
     else:
         data = array[..., 0] if array.shape[2] == 1 else array
@@ -385,17 +574,133 @@ def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+def _encode_png16_colour(array: np.ndarray, icc_profile: bytes | None) -> bytes:
+    """16-bit gray+alpha, RGB or RGBA PNG (Pillow writes these only at 8 bits): OpenCV's encoder, plus an iCCP
+    chunk after IHDR for the profile."""
+    import struct
+    import zlib
+
+    import cv2
+
+    if array.shape[2] == 2:  # gray + alpha: OpenCV has no LA, so store it as RGBA with equal channels
+        array = np.concatenate([np.repeat(array[..., :1], 3, axis=2), array[..., 1:]], axis=2)
+    order = [2, 1, 0, 3][: array.shape[2]]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array[..., order]))
+    if not ok:
+        raise ValueError("OpenCV could not encode the 16-bit PNG")
+    data = encoded.tobytes()
+    if icc_profile:
+        body = b"icc\x00\x00" + zlib.compress(icc_profile)
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        data = data[:33] + chunk + data[33:]  # signature (8) + IHDR (25)
+    return data
+
+
+_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask (read once; ``os.umask`` can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see a partial file.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask; ``mkstemp`` alone gives 0600). The
+    rename replaces a symlink at ``path`` itself, never the file it points to.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_owner()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+            if fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+TEMP_SUFFIX = ".part"
+# what cloak's own temporaries look like: ``.NAME.HOST-PID-RANDOM.part`` (atomic_write_bytes; older versions
+# ``.NAME.RANDOM.part``), ``NAME.safetensors.tmp`` and ``step-NNNNNN.tmp`` (training); anything else is the user's
+_TEMP_NAMES = re.compile(r"^\..+\.[A-Za-z0-9_-]{4,}\.part$|^.+\.safetensors\.tmp$|^step-\d{6}\.tmp$")
+_TEMP_OWNER = re.compile(r"\.([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+\.part$")
+STALE_SECONDS = 3600
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_owner() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether a temporary's name says it belongs to a process of this host that no longer runs."""
+    match = _TEMP_OWNER.search(name)
+    if not match or match.group(1) != _host_tag():
+        return False
+    pid = int(match.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Delete cloak's temporaries under ``folder`` left by killed runs: those of a process of this host that is gone,
+    and any older than ``max_age`` seconds (a younger one of another host may belong to a run still going).
+    Symlinked folders are not entered. Returns what was removed."""
+    removed: list[Path] = []
+    cutoff = time.time() - max_age
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        for name in files:
+            if not _TEMP_NAMES.match(name):
+                continue
+            path = Path(parent) / name
+            try:
+                info = path.lstat()
+                if path.is_symlink() or (info.st_mtime > cutoff and not _owner_gone(name)):
+                    continue
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                continue
+    return removed
+
+
+def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a byte-stable header (keys sorted; the library's metadata order follows
+    a per-process hash seed), written atomically with the user's umask."""
+    from safetensors.torch import save
+
+    blob = save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=metadata or None)
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(Path(path), len(text).to_bytes(8, "little") + text + blob[8 + length :])
 
 
 def write_image(path: Path, rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
@@ -407,6 +712,9 @@ def write_image(path: Path, rgb: "torch.Tensor", like: LoadedImage) -> np.ndarra
 
 def read_back(path: Path) -> np.ndarray:
     """The integer array of a written PNG, shaped ``(H, W, C)``, for verifying what was really stored."""
+    deep = _read_deep(path, "PNG")
+    if deep is not None:
+        return deep
     with Image.open(path) as image:
         array = np.asarray(image)
     return array[..., None] if array.ndim == 2 else array

@@ -6,8 +6,11 @@ One binary mask per image (``True`` = the concept), at the image's own size (EXI
     ``select="largest"``, the largest such mask; if SAM keeps no mask, fall back to a centre-point prompt;
   * prompted: ``box=(x0, y0, x1, y1)`` and/or positive ``points=[(x, y), …]`` in image pixels, or ``center=True``
     (one point at the image centre); SAM's three multimask outputs → the one with the best predicted IoU.
-Dilation (paper 000 App. J): Pillow ``ImageFilter.MaxFilter(2N'+1)`` with ``N' = round(N · max(W, H) / 512)``
-(N pixels at 512², e.g. SZT's 16), so a single on-pixel becomes a (2N'+1)² square.
+Dilation (paper 000 App. J, "LM-D16": 16 px on its 512² training images): Pillow ``ImageFilter.MaxFilter(2N'+1)``
+at the image's own size with ``N' = round(N · min(W, H) / 512)``, so that once training resizes the short side to
+512 (``ops.train.data.resize_and_crop``) the dilation is N pixels on every aspect ratio (at another training
+resolution R it is N·R/512 pixels: the same fraction of the image, e.g. 2 px at the toy world's 64); a single
+on-pixel becomes a (2N'+1)² square.
 
 Checkpoints (Meta, Apache-2.0): ``vit_h`` sam_vit_h_4b8939.pth, ``vit_l`` sam_vit_l_0b3195.pth, ``vit_b``
 sam_vit_b_01ec64.pth from https://dl.fbaipublicfiles.com/segment_anything/ ; looked up in ``--sam-checkpoint``,
@@ -33,15 +36,17 @@ from .extras import require
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-DILATION_REFERENCE = 512  # paper 000 App. J dilates 512×512 masks
+DILATION_REFERENCE = 512  # paper 000 App. J dilates masks of 512×512 training images
 
 
 # ---------------------------------------------------------------------------------------------------- dilation
-def scaled_dilation(pixels_at_512: int, size: tuple[int, int]) -> int:
-    """Dilation radius for an image of ``size`` (W, H): ``round(N · max(W, H) / 512)`` (0 stays 0)."""
-    if pixels_at_512 < 0:
-        raise UsageError(f"--dilate must be >= 0, got {pixels_at_512}")
-    return int(round(pixels_at_512 * max(size) / DILATION_REFERENCE))
+def scaled_dilation(pixels: int, size: tuple[int, int], resolution: int = DILATION_REFERENCE) -> int:
+    """Native dilation radius for an image of ``size`` (W, H): ``round(N · min(W, H) / resolution)`` — N pixels once
+    the short side is resized to ``resolution`` (512: paper 000's training size), whatever the aspect ratio (0 stays
+    0). Scaling by ``max(W, H)`` instead turned LM-D16 into D24 on a 1536×1024 photo."""
+    if pixels < 0:
+        raise UsageError(f"--dilate must be >= 0, got {pixels}")
+    return int(round(pixels * min(size) / resolution))
 
 
 def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:

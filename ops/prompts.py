@@ -10,7 +10,11 @@ or ``"sks dog"`` when a class word should follow it).
 * a text file — one template per line; empty lines and lines starting with ``#`` are skipped.
 
 DiffShortcut (paper 001, Alg. 1 line 7 and Eq. 6): instance prompt + ", {neg}", class prompt + ", without {neg}";
-at sampling, the negative prompt is ``concat(neg, "noisy, abstract, pattern, low quality")``.
+at sampling, the generation prompt also gets ", without {neg}" (paper 001 §4.2 "During the sampling process, we also
+added this suffix"; DiffShortcut ``diffshortcut/train_dreambooth.py``, ``infer``: ``prompt += ', without ' +
+args.inputNegTok_Str``) and the negative prompt is ``concat(neg, "noisy, abstract, pattern, low quality")`` (Alg. 1
+line 14; the released ``infer`` uses "noisy, lowres, artifact, pattern" without the token instead — see
+docs/generate.md).
 """
 
 from __future__ import annotations
@@ -97,6 +101,12 @@ def decoupled_prompts(instance_prompt: str, class_prompt: str, neg_token: str | 
     if not neg_token:
         return instance_prompt, class_prompt
     return f"{instance_prompt}, {neg_token}", f"{class_prompt}, without {neg_token}"
+
+
+def without_suffix(prompt: str, neg_token: str | None) -> str:
+    """DiffShortcut sampling prompt: ``prompt + ", without " + neg`` (``train_dreambooth.py``, ``infer``); unchanged
+    without a negative token."""
+    return f"{prompt}, without {neg_token}" if neg_token else prompt
 
 
 def quality_negative_prompt(neg_token: str | None = None, extra: str | None = None) -> str:

@@ -16,15 +16,20 @@ class MethodSpec:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
 
+    ranges: dict[str, Any] = field(default_factory=dict)  # per-method overrides of the kind's range table
+
     selector: ClassVar[str] = "--method"  # the flag that picks the method, for error messages
+    range_table: ClassVar[dict[str, Any]] = {}  # valid ranges of parameters by name (ops.validate)
 
     def load(self):
         """Import the method's module (a sibling of the package that defines the spec class)."""
         return importlib.import_module(f"{type(self).__module__}.{self.module}")
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Merge user-given parameters (``None`` = not given) over the defaults; reject ones that do not apply."""
+        """Merge user-given parameters (``None`` = not given) over the defaults; reject ones that do not apply or
+        lie outside their valid range (:mod:`ops.validate`)."""
         from .errors import UsageError
+        from .validate import check_params
 
         params = dict(self.defaults)
         for key, value in given.items():
@@ -35,4 +40,5 @@ class MethodSpec:
                 raise UsageError(f"--{key.replace('_', '-')} does not apply to {self.selector} {self.name} "
                                  f"(its parameters: {applies})")
             params[key] = value
+        check_params(params, self.range_table, self.ranges)
         return params

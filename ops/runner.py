@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import CloakError, RejectedInput
-from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, read_image, \
-    write_image
+from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, output_path, \
+    read_image, write_image
 from .manifest import Manifest
 
 
@@ -28,6 +28,7 @@ class ImageJob:
     seed: int
     output: Path
     source_sha256: str
+    owned: bool = False  # the manifest listed this output as cloak's before this run (side files may be replaced)
 
 
 @dataclass
@@ -81,11 +82,13 @@ def process_folder(
     min_size: int = 1,
     verify: Callable[[ImageJob, np.ndarray], dict[str, Any]] | None = None,
     on_event: Event = _no_event,
+    accept: Callable[[LoadedImage], None] | None = None,
 ) -> RunSummary:
     """Run ``process`` over ``items`` and write ``OUT/<rel>.png`` for each, recording everything in ``manifest``.
 
     ``verify(job, stored)`` sees the integer array actually written and returns extra stats (or raises
-    :class:`CloakError` to fail that file). Images smaller than ``min_size`` on either side are rejected.
+    :class:`CloakError` to fail that file). Images smaller than ``min_size`` on either side are rejected, and so are
+    those ``accept(image)`` refuses (it raises :class:`RejectedInput`).
     """
     summary = RunSummary()
     manifest.start_run()
@@ -101,11 +104,23 @@ def process_folder(
 
     for item in items:
         out_rel = item.output_rel.as_posix()
-        if out_rel in claimed:
-            reject(item, f"its output name {out_rel} is already taken by {claimed[out_rel]}; rename one of them")
+        taken_by = item.clash_with or claimed.get(out_rel)
+        if taken_by is not None:  # decided over the whole sorted input set (io.mark_clashes), so shards agree
+            reason = f"its output name {out_rel} is already taken by {taken_by}; rename one of them"
+            summary.rejected.append((str(item.path), reason))
+            manifest.clash(str(item.path), output=None, status="rejected", error=reason)
+            on_event("reject", str(item.path), {"reason": reason})
             continue
         claimed[out_rel] = str(item.path)
-        output = out_dir / item.output_rel
+        try:
+            output = output_path(out_dir, item.output_rel)
+        except RejectedInput as exc:
+            reject(item, str(exc))
+            continue
+        if output.exists() and not manifest.owns(out_rel):
+            reject(item, f"{output} exists and was not written by cloak (its manifest has no record of it); "
+                         "move it away to let cloak write there")
+            continue
         try:
             digest = file_sha256(item.path)
         except OSError as exc:
@@ -120,12 +135,14 @@ def process_folder(
             width, height = image.size
             if min(width, height) < min_size:
                 raise RejectedInput(f"image is {width}x{height}; this method needs at least {min_size} px per side")
+            if accept is not None:
+                accept(image)  # e.g. the working-size aspect limit (raises RejectedInput)
         except RejectedInput as exc:
             reject(item, str(exc))
             continue
         for note in image.warnings:
             on_event("warn", str(item.path), {"message": note})
-        pending.append(ImageJob(item, image, item_seed(seed, item.rel), output, digest))
+        pending.append(ImageJob(item, image, item_seed(seed, item.rel), output, digest, manifest.owns(out_rel)))
 
     for batch in iter_chunks(pending, batch_size):
         started = time.perf_counter()
@@ -142,6 +159,9 @@ def process_folder(
         seconds = (time.perf_counter() - started) / len(batch)
         for job, result in zip(batch, results):
             try:
+                out_rel = job.item.output_rel.as_posix()
+                # claim the name first, so a run killed between the write and its record still owns the file
+                manifest.record(out_rel, source=str(job.item.path), output=None, status="writing", owned=True)
                 stored = write_image(job.output, result.rgb, result.like or job.image)
                 stats = dict(result.stats)
                 if verify is not None:
@@ -152,11 +172,12 @@ def process_folder(
                 continue
             out_rel = job.item.output_rel.as_posix()
             manifest.record(out_rel, source=str(job.item.path), source_sha256=job.source_sha256, output=out_rel,
-                            status="done", error=None, seconds=round(seconds, 4), size=list(job.image.size),
+                            status="done", owned=True, error=None, seconds=round(seconds, 4), size=list(job.image.size),
                             seed=job.seed, stats=stats, warnings=job.image.warnings)
             summary.done.append(out_rel)
             on_event("done", out_rel, {"seconds": seconds, "stats": stats})
     manifest.update(last_summary={k: len(v) for k, v in summary.as_dict().items() if isinstance(v, list)})
+    manifest.close()
     return summary
 
 

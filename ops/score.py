@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 from .errors import CloakError, RejectedInput, UsageError
-from .io import DEFAULT_MAX_PIXELS, MANIFEST_NAME, InputItem, atomic_write_bytes, iter_chunks, read_image
+from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, iter_chunks, read_image
 
 Event = Callable[[str, str, dict], None]
 FLAT = "*"
@@ -59,11 +59,9 @@ class GenerateRecords:
 
     def _load(self, folder: Path) -> dict | None:
         if folder not in self._manifests:
-            path = folder / MANIFEST_NAME
-            try:
-                self._manifests[folder] = json.loads(path.read_text()) if path.is_file() else None
-            except (OSError, json.JSONDecodeError):
-                self._manifests[folder] = None
+            from .manifest import read_manifest
+
+            self._manifests[folder] = read_manifest(folder)  # cloak.json plus the record logs of a killed run
         return self._manifests[folder]
 
     def lookup(self, path: Path) -> tuple[dict, dict]:
@@ -232,7 +230,8 @@ def score_images(items: Sequence[InputItem], references: References | None, metr
                 continue
             images.append(rgb)
             contexts.append(ImageContext(rel, concept, references.paired(item.rel), item_prompt, class_name))
-            rows.append({"image": rel, "concept": concept, "status": "done", "metrics": {}, "started": started,
+            rows.append({"image": rel, "path": str(item.path.resolve()), "concept": concept, "status": "done",
+                         "metrics": {}, "started": started,
                          **({"prompt": item_prompt} if item_prompt else {})})
         if not images:
             continue
@@ -288,6 +287,28 @@ def result_csv(result: dict) -> str:
     dataset = result["dataset"]
     writer.writerow(["dataset", "", "", dataset["images"], *(_cell(dataset.get(m), 6) for m in metrics)])
     return buffer.getvalue()
+
+
+CSV_HEADER = "level,concept,image,images"
+
+
+def is_score_output(path: Path) -> bool:
+    """Whether ``path`` is a score file cloak wrote (``cloak score`` replaces only those)."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read(64 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("command") == "score"
+
+
+def is_score_csv(path: Path) -> bool:
+    """Whether ``path`` is a score CSV cloak wrote."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(CSV_HEADER)).decode("utf-8", "replace") == CSV_HEADER
+    except OSError:
+        return False
 
 
 def write_result(path: Path, result: dict, csv_path: Path | None = None) -> None:

@@ -20,8 +20,10 @@ from PIL import Image
 
 from . import diffusion, ssm
 from .errors import CloakError, RejectedInput, UsageError
-from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, file_sha256, item_seed, read_image, safe_join
+from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, file_sha256, item_seed, output_path, read_image, \
+    safe_join
 from .manifest import Manifest
+from .validate import check_aspect
 
 PROFILES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")
 Event = Callable[[str, str, dict], None]
@@ -34,6 +36,7 @@ def working_resolution(pipe, resolution: int | None) -> int:
 def to_square(image: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
     """``(C, H, W)`` → short side ``size`` then centre crop ``size²`` (the working resolution)."""
     height, width = image.shape[-2:]
+    check_aspect(width, height)
     scale = size / min(height, width)
     shape = (max(size, round(height * scale)), max(size, round(width * scale)))
     kwargs = {"antialias": True, "align_corners": False} if mode in ("bicubic", "bilinear") else {}
@@ -117,13 +120,16 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
     on_event("start", "ssm", {"total": len(items)})
     for item in items:
         rel = item.output_rel.as_posix()
-        out_png, out_npy = output / rel, output / item.output_rel.with_suffix(".npy")
         digest = file_sha256(item.path)
-        if not overwrite and manifest.is_done(rel, digest, out_npy):
+        if not overwrite and manifest.is_done(rel, digest, output / item.output_rel.with_suffix(".npy")):
             summary["skipped"].append(rel)
             continue
         started = time.perf_counter()
         try:
+            # never through a symlink inside OUTPUT, never over a file cloak did not write
+            out_png, out_npy = output_path(output, rel), output_path(output, item.output_rel.with_suffix(".npy"))
+            if (out_png.exists() or out_npy.exists()) and not manifest.owns(rel):
+                raise RejectedInput(f"{out_png} or {out_npy.name} exists and was not written by cloak; move it away")
             image = to_square(read_image(item.path, max_pixels or DEFAULT_MAX_PIXELS).rgb, resolution)
         except RejectedInput as exc:
             summary["rejected"].append((rel, str(exc)))
@@ -147,12 +153,13 @@ def run_maps(pipe, items: Sequence[InputItem], output: Path, manifest: Manifest,
             stats["mask"] = str(mask_file)
         buffer = io.BytesIO()
         np.save(buffer, maps.numpy())
+        manifest.record(rel, source=str(item.path), output=None, status="writing", owned=True)
         atomic_write_bytes(out_npy, buffer.getvalue())
         drawn = ssm_grid(image, maps, labels, timesteps, out_png)
         summary["png_skipped"] |= not drawn
         seconds = round(time.perf_counter() - started, 3)
         manifest.record(rel, source=str(item.path), source_sha256=digest,
-                        output=rel if drawn else item.output_rel.with_suffix(".npy").as_posix(), status="done",
+                        output=rel if drawn else item.output_rel.with_suffix(".npy").as_posix(), status="done", owned=True,
                         seconds=seconds, stats=stats)
         summary["done"].append(rel)
         summary["records"][rel] = stats

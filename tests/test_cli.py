@@ -7,7 +7,7 @@ import sys
 
 from cloaklab.tests.conftest import photo
 
-COMMANDS = ("poison", "purify", "mask", "train-ti", "train-db", "generate", "score", "ssm", "immunize")
+COMMANDS = ("poison", "purify", "mask", "train-ti", "train-db", "generate", "score", "report", "ssm", "immunize")
 
 
 def test_importing_the_cli_loads_no_heavy_modules():

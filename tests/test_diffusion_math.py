@@ -103,6 +103,37 @@ def test_samplers_follow_their_density(sampler, rho, low, high):
         assert stats.kstest(draws, "uniform").pvalue < 1e-6
 
 
+def _closed_form_cdf(sampler, rho):
+    """Paper 000 App. H's distributions, integrated by hand (independent of ``timestep_density``)."""
+    if sampler == "uniform":
+        return lambda t: np.clip(t, 0, 1)
+    if sampler == "threshold-high":  # U(ρ, 1)
+        return lambda t: np.clip((t - rho) / (1 - rho), 0, 1)
+    if sampler == "threshold-low":  # U(0, ρ)
+        return lambda t: np.clip(t / rho, 0, 1)
+    if sampler == "power":  # p ∝ t^ρ → F = t^(ρ+1)
+        return lambda t: np.clip(t, 0, 1) ** (rho + 1)
+    # tanh: p ∝ tanh(ρ(t − ½))/2 + ½; ∫ = t/2 + ln cosh(ρ(t − ½))/(2ρ) + c, total mass ½ on [0, 1] → F below
+    def cdf(t):
+        t = np.clip(t, 0, 1)
+        return t + (np.log(np.cosh(rho * (t - 0.5))) - np.log(np.cosh(rho / 2))) / rho
+    return cdf
+
+
+@pytest.mark.parametrize("sampler,rho", [("uniform", None), ("threshold-high", 0.6), ("threshold-low", 0.4),
+                                         ("power", 2.0), ("power", 0.5), ("tanh", 3.0), ("tanh", 10.0)])
+def test_samplers_match_the_closed_form_cdfs_of_app_h(sampler, rho):
+    draws = diffusion.sample_unit_times(20000, sampler, rho, torch.Generator().manual_seed(5)).numpy()
+    assert stats.kstest(draws, _closed_form_cdf(sampler, rho)).pvalue > 0.001
+    if sampler == "power":  # E[t] = (ρ+1)/(ρ+2), a reversed exponent (t^{1/ρ}) or ρ instead of ρ+1 misses it
+        assert draws.mean() == pytest.approx((rho + 1) / (rho + 2), abs=0.01)
+    if sampler == "tanh":  # increasing ρ favours high t: the mean is above ½
+        assert draws.mean() > 0.5 + 0.02
+    steps = diffusion.sample_timesteps(20000, sampler, rho, generator=torch.Generator().manual_seed(6)).numpy()
+    # integer steps are floor(1000 t): P(step <= k) = F((k + 1)/1000)
+    assert stats.kstest((steps + 1) / 1000, _closed_form_cdf(sampler, rho)).statistic < 0.0125
+
+
 def test_sample_timesteps_scales_to_the_schedule_and_respects_t_range():
     t = diffusion.sample_timesteps(5000, "threshold-high", 0.6, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.min() >= 600 and t.max() <= 999
@@ -123,3 +154,38 @@ def test_encode_decode_roundtrip_shapes(tiny_pipe):
     assert decoded.min() >= 0 and decoded.max() <= 1
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         diffusion.encode_images(tiny_pipe.vae, torch.rand(3, 64, 64))
+
+
+@pytest.mark.parametrize("mode", ["none", "lm", "lim", "zm", "im"])
+def test_mask_mode_losses_equal_app_i_typed_out(mode):
+    """Paper 000 App. I on a stand-in identity denoiser (ε_θ(z) = z), SD's betas typed here, binary M_z:
+    none/im ‖z_t − ε‖², LM/LIM (Eq. 12) ‖(z_t − ε) ⊙ M‖², ZM ‖z_t ⊙ M − ε‖² — each averaged over C·h·w
+    (our normalization: a constant factor on the paper's sum). IM/LIM differ from none/LM only in which latents
+    they are given (those of x ⊙ M_x, tested in test_train_loop)."""
+    from types import SimpleNamespace
+
+    from cloaklab.ops.models.shaped import sd15_scheduler
+    from cloaklab.ops.train.loop import masked_step_loss
+
+    class Identity(torch.nn.Module):
+        dtype = torch.float32
+        device = torch.device("cpu")
+
+        def forward(self, z, t, encoder_hidden_states):
+            return SimpleNamespace(sample=z)
+
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    mask[0, :, 1:4, 2:6] = 1
+    mask[1, :, 3:, :] = 1
+    t = 400
+    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - beta, 0)[t]
+    z_t = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    expected = {"none": (z_t - noise) ** 2, "im": (z_t - noise) ** 2, "lm": ((z_t - noise) * mask) ** 2,
+                "lim": ((z_t - noise) * mask) ** 2, "zm": (z_t * mask - noise) ** 2}[mode].sum((1, 2, 3)) / (4 * 36)
+    loss, _, _ = masked_step_loss(Identity(), sd15_scheduler(), latents.float(), torch.zeros(2, 3, 8),
+                                  torch.tensor([t, t]), noise.float(), mode, mask.float())
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)

@@ -77,6 +77,7 @@ def test_core_commands_run_without_the_extras_and_extras_fail_in_one_line(tmp_pa
                 "--samples", "1"],
         "score": ["score", images, "--ref", images, "-m", "psnr,brisque", "-o", out / "score.json"],
         "table": ["score", "--table", table_input, "--rows", "poison", "--cols", "defense", "-o", out / "table"],
+        "report": ["report", out / "poisoned", "-o", out / "report"],
         "mask": ["mask", images, "-o", out / "masks", "--sam-type", "tiny"],
         "lpips": ["score", images, "--ref", images, "-m", "lpips", "-o", out / "lpips.json"],
     }
@@ -88,8 +89,9 @@ def test_core_commands_run_without_the_extras_and_extras_fail_in_one_line(tmp_pa
     report = json.loads(process.stdout.strip().splitlines()[-1])
     assert report["loaded"] == []
     results = dict(zip(runs, report["results"]))
-    for name in ("purify", "poison", "train-ti", "generate", "ssm", "score", "table"):
+    for name in ("purify", "poison", "train-ti", "generate", "ssm", "score", "table", "report"):
         assert results[name]["code"] == 0, (name, results[name])
+    assert (out / "report" / "index.html").is_file()
     assert (out / "purified" / "astronaut.png").is_file() and (out / "poisoned" / "astronaut.png").is_file()
     assert (out / "ti" / "learned_embeds.safetensors").is_file()
     assert len(list((out / "generated").glob("*.png"))) == 1

@@ -109,6 +109,40 @@ def test_quality_negative_prompt_is_used_and_recorded(cli, tmp_path, prompt_file
     assert np.abs(_png(neg / "p00_i000.png") - _png(base / "p00_i000.png")).mean() > 0.5
 
 
+def test_diffshortcut_sampling_feeds_without_neg_to_the_text_encoder(cli, tmp_path, prompt_file, monkeypatch):
+    """Paper 001 §4.2 / DiffShortcut ``infer``: the generation prompt gets ", without {neg}" (the negative prompt is
+    separate). The token ids that reach the text encoder must be those of the typed string."""
+    from transformers import CLIPTextModel
+
+    from cloaklab.ops.models.tokenizer import clip_tokenizer
+
+    seen: list[list[int]] = []
+    original = CLIPTextModel.forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        seen.extend(input_ids.tolist())
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", spy)
+    args = ["--prompts", prompt_file, "-n", "1", "--only", "p00_i000", "--token", "sks", *FAST]
+    code, _, err = cli(["generate", "-o", tmp_path / "g", "--quality-negative", "--neg-token", "bhj noisy pattern",
+                        *args])
+    assert code == 0, err
+    tokenizer = clip_tokenizer()
+
+    def ids(text):
+        return tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+
+    assert ids("a sks on the beach, without bhj noisy pattern") in seen
+    assert ids("bhj noisy pattern, noisy, abstract, pattern, low quality") in seen
+    assert ids("a sks on the beach") not in seen
+    record = json.loads((tmp_path / "g" / "cloak.json").read_text())["files"]["p00_i000.png"]
+    assert record["prompt"] == "a sks on the beach, without bhj noisy pattern"
+    seen.clear()
+    assert cli(["generate", "-o", tmp_path / "plain", *args])[0] == 0
+    assert ids("a sks on the beach") in seen  # no suffix without --quality-negative
+
+
 def test_embedding_changes_outputs_and_names_the_token(cli, tmp_path, prompt_file):
     from safetensors.torch import save_file
 

@@ -29,7 +29,8 @@ def test_dilation_equals_pillow_max_filter_and_scales_from_512():
     expected = np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(33))) > 127
     assert np.array_equal(dilate_mask(mask, 16), expected)
     assert scaled_dilation(16, (512, 512)) == 16
-    assert scaled_dilation(16, (1024, 768)) == 32
+    assert scaled_dilation(16, (1024, 768)) == 24  # 16 px once the short side is 512: 16 · 768/512
+    assert scaled_dilation(16, (1536, 1024)) == 32 and scaled_dilation(16, (1024, 2048)) == 32
     assert scaled_dilation(16, (64, 48)) == 2
     assert scaled_dilation(0, (4000, 3000)) == 0
     assert dilate_mask(mask, 0).sum() == (mask > 0).sum()
@@ -89,7 +90,7 @@ def test_mask_command_writes_binary_masks_of_the_image_size(cli, photo_dir, tmp_
         assert set(np.unique(values)) <= {0, 255}
         stats = manifest["files"][written.name]["stats"]
         assert stats["area_fraction"] == pytest.approx((values > 0).mean(), abs=1e-6)
-        assert stats["dilate_px"] == round(16 * max(values.shape) / 512)
+        assert stats["dilate_px"] == round(16 * min(values.shape) / 512)
         assert (out / "previews" / written.name).exists()
     code, _, stderr = cli(args)
     assert code == 0 and "4 skipped" in stderr

@@ -353,7 +353,7 @@ def test_lf_aspl_perturbation_stays_low_frequency(pipe, class_dir):
     """lf-aspl (LF-ASPL of paper 004): the set-level hook honours the engine's DCT gradient/δ projections."""
     from cloaklab.ops.attacks.lowfreq import highfreq_energy
 
-    low = run_attack("lf-aspl", pipe, class_dir, rounds=1)
+    low = run_attack("lf-aspl", pipe, class_dir, rounds=1, lf_project=True)
     plain = run_attack("aspl", pipe, class_dir, rounds=1)
     for a, b, clean in zip(low, plain, photos()):
         assert highfreq_energy(a.images.cpu() - clean[None], 0.25).item() < 0.05  # only the ε clip adds any
@@ -372,7 +372,7 @@ def test_metacloak_transform_is_seeded_differentiable_and_blurs():
     (grad,) = torch.autograd.grad(a.sum(), x)
     assert grad.abs().sum() > 0
     noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    blurred = metacloak_transform(noise, [torch.Generator().manual_seed(3)], sigma=(2.0, 2.0), scale=(1.0, 1.0))
+    blurred = metacloak_transform(noise, [torch.Generator().manual_seed(3)], sigma=(2.0, 2.0))
     assert highfreq_energy(blurred - 0.5, 0.25) < highfreq_energy(noise - 0.5, 0.25) / 2
 
 
@@ -435,3 +435,140 @@ def test_set_level_refuses_sdxl_with_one_line(pipe):
                                                                  "scheduler")}, text_encoder_2=pipe.text_encoder)
     with pytest.raises(UsageError, match="SDXL"):
         start_run(photos(), pipe=sdxl_like, generators=generators())
+
+
+# ------------------------------------------------------------------------- issue 18: what the references train
+@pytest.fixture
+def db_batches(monkeypatch):
+    """Every DreamBooth loss call: (instance count, class count, prior weight, instance latents)."""
+    from cloaklab.ops.train import dreambooth
+
+    calls = []
+    original = dreambooth.dreambooth_loss
+
+    def spy(unet, scheduler, instance_latents, instance_text, class_latents=None, class_text=None, **kw):
+        calls.append((instance_latents.shape[0], None if class_latents is None else class_latents.shape[0],
+                      kw.get("prior_weight"), instance_latents.detach().cpu().clone()))
+        return original(unet, scheduler, instance_latents, instance_text, class_latents, class_text, **kw)
+
+    monkeypatch.setattr(dreambooth, "dreambooth_loss", spy)
+    return calls
+
+
+def test_fsmg_surrogate_trains_on_two_instance_and_two_class_images(db_batches, pipe, class_dir):
+    """Anti-DreamBooth attack_with_fsmg.sh: train_dreambooth.py --train_batch_size=2 with prior preservation."""
+    run_attack("fsmg", pipe, class_dir, surrogate_steps=2, steps=1)
+    assert len(db_batches) == 2 and all(call[:3] == (2, 2, 1.0) for call in db_batches)
+
+
+def test_metacloak_pool_trains_on_the_protected_images_and_every_snapshot_is_attacked(monkeypatch, spy, pipe,
+                                                                                       class_dir):
+    from cloaklab.ops.attacks import metacloak
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    other = [torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    attacked = []
+    original = metacloak.attack_models
+
+    def record(surrogate, run):
+        attacked.append(surrogate.unet.conv_in.weight.detach().cpu().clone())
+        return original(surrogate, run)
+
+    monkeypatch.setattr(metacloak, "attack_models", record)
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.engine import AttackModels
+
+    spec = get_attack("metacloak")
+    params = spec.resolve({**FAST["metacloak"], "eps": 8.0, "step_size": 2.0, "pool_steps": 2, "pool_interval": 1,
+                           "unroll_steps": 1, "num_class_images": 2, "class_steps": 2, "class_dir": str(class_dir),
+                           "db_lr": 1e-3})
+    spec.load().attack_set(photos(), models=AttackModels(pipe), generators=generators(), clean_images=other,
+                           **params)
+    trained = [data for kind, data in spy if kind == "train"]
+    protected = square_crops(photos(), SIZE)
+    pool_batches = trained[:2]  # the pool's 2 DreamBooth steps come first
+    for batch in pool_batches:
+        assert any(torch.allclose(batch[0], p, atol=1e-6) for p in protected)
+        assert not any(torch.allclose(batch[0], o, atol=1e-3) for o in square_crops(other, SIZE))
+    # 3 snapshots (steps 0, 1, 2), each attacked once (trials 1 × inner 1): three different weights, in order
+    assert len(attacked) == 3 + 1  # + the final evaluation
+    assert not torch.equal(attacked[0], attacked[1]) and not torch.equal(attacked[1], attacked[2])
+    assert torch.equal(attacked[0], pipe.unet.conv_in.weight.detach().cpu())  # snapshot 0 is the base model
+
+
+def test_metacloak_rotation_is_one_sided(monkeypatch):
+    """The release rotates by an angle in [0, θ] (not ±θ): the angle drawn is u·θ with u ~ U[0, 1)."""
+    from cloaklab.ops.attacks import metacloak
+
+    angles = []
+    original = metacloak.F.affine_grid
+
+    def grid(theta, size, align_corners=False):
+        angles.append(float(torch.atan2(theta[0, 1, 0], theta[0, 0, 0])))
+        return original(theta, size, align_corners=align_corners)
+
+    monkeypatch.setattr(metacloak.F, "affine_grid", grid)
+    x = torch.rand(8, 3, 16, 16)
+    metacloak.metacloak_transform(x, [torch.Generator().manual_seed(i) for i in range(8)], rotation=30.0)
+    assert len(angles) == 8 and all(0 <= a <= 30 * 3.14159 / 180 + 1e-6 for a in angles)
+    assert max(angles) > 0.1
+
+
+def test_caat_clips_kv_gradients_and_steps_once_per_iteration(monkeypatch, pipe, class_dir):
+    """CAAT: clip_grad_norm_(K/V, 1.0) and one optimizer step per iteration, though the set has two shapes."""
+    from cloaklab.ops.attacks import caat
+
+    clips, steps = [], []
+    original_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm, *a, **kw):
+        parameters = list(parameters)
+        clips.append((len(parameters), max_norm))
+        return original_clip(parameters, max_norm, *a, **kw)
+
+    original_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        steps.append(1)
+        return original_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run_attack("caat", pipe, class_dir, steps=3)
+    kv_count = len(caat.kv_parameters(pipe.unet))
+    assert clips == [(kv_count, 1.0)] * 3
+    assert len(steps) == 3  # photos() holds a square and a non-square image: two groups, still one step
+
+
+def test_ace_same_seed_same_bytes_and_only_lora_trains_with_prior(db_batches, monkeypatch, pipe, class_dir):
+    """mist-v2 lunet: LoRA steps with the 0.1-weighted prior term; peft's init seeded from the run (two runs with
+    one seed are byte-identical, whatever the global RNG did in between)."""
+    from cloaklab.ops.attacks import ace
+
+    captured = []
+    original = ace.base_surrogate
+    monkeypatch.setattr(ace, "base_surrogate", lambda p: captured.append(original(p)) or captured[-1])
+    torch.manual_seed(1)
+    first = run_attack("ace", pipe, class_dir, seed=5)
+    torch.manual_seed(2)
+    second = run_attack("ace", pipe, class_dir, seed=5)
+    for a, b in zip(first, second):
+        assert a.images.numpy().tobytes() == b.images.numpy().tobytes()
+    assert db_batches and all(call[1] == 1 and call[2] == pytest.approx(0.1) for call in db_batches)
+    base = pipe.unet.state_dict()
+    for name, value in captured[0].unet.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in captured[0].unet.named_parameters()
+               if "lora_B" in n)  # the up-projections left their zero init: the LoRA trained
+
+
+@pytest.mark.parametrize("name, overrides, ascent", [
+    ("aspl", {"rounds": 1}, True), ("fsmg", {"surrogate_steps": 1, "steps": 2}, True),
+    ("inmark", {"epochs": 1, "iterations": 1}, True), ("ace", {"epochs": 1, "pgd_steps": 1, "lora_steps": 1}, False)])
+def test_set_level_pgd_steps_go_the_papers_way(name, overrides, ascent, spy, pipe, class_dir):
+    """ASPL/FSMG/InMark ascend the surrogate's denoising loss (Anti-DreamBooth aspl.py/fsmg.py: ``+ alpha *
+    grad.sign()``); ACE descends the distance to the target latent (mist-v2 lunet ascends ``−mse``)."""
+    run_attack(name, pipe, class_dir, **overrides)
+    steps = [data for kind, data in spy if kind == "pgd"]
+    assert steps and all(kw["ascent"] is ascent for _, kw in steps)

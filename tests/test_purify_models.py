@@ -104,7 +104,8 @@ def test_schedules_start_at_the_documented_steps():
     regen, latent = get_purifier("regen").defaults, get_purifier("diffpure-latent").defaults
     assert (regen["t"], regen["steps"], regen["guidance"], regen["prompt"]) == (60, 50, 7.5, "")
     assert sdedit_module.denoise_timesteps(regen["t"], 1000, regen["steps"]) == [60, 40, 20, 0]
-    assert sdedit_module.denoise_timesteps(latent["t"], 1000, latent["steps"]) == list(range(300, -1, -20))
+    assert sdedit_module.denoise_timesteps(latent["t"], 1000, latent["steps"]) == list(range(300, -1, -1))
+    assert latent["eta"] == 1.0  # DiffShortcut diffpure_main.py: DDPMScheduler.step on every step 300..0
     grid = get_purifier("gridpure").defaults
     assert sdedit_module.denoise_timesteps(grid["t"], 1000, grid["steps"]) == list(range(10, -1, -1))
 
@@ -124,13 +125,46 @@ def test_diffpure_latent_starts_at_300_with_guidance(tiny_pipe, monkeypatch):
     seen = spy_add_noise(monkeypatch)
     proxy, spy = spied_pipe(tiny_pipe)
     images = torch.stack([photo_tensor("astronaut", 32), photo_tensor("rocket", 32)])
-    out, stats = run("diffpure-latent", images, PurifierModels(pipe=proxy), class_name="person")
+    out, stats = run("diffpure-latent", images, PurifierModels(pipe=proxy), class_name="person", steps=50, eta=0.0)
     assert seen == [300, 300]
-    assert [t for t, _ in spy.calls] == list(range(300, -1, -20))
+    assert [t for t, _ in spy.calls] == list(range(300, -1, -20))  # the DDIM variant: 16 UNet calls
     assert all(batch == 4 for _, batch in spy.calls)  # unconditional + conditional halves
     assert stats[0]["prompt"] == "a photo of a person, clear, high resolution, high quality, noise-free"
     _, stats = run("diffpure-latent", images[:1], PurifierModels(pipe=proxy), steps=10)
     assert stats[0]["prompt"] == ""  # no class name: the paper's LatentDiffPure-∅
+
+
+def test_diffpure_latent_default_is_diffshortcuts_stochastic_ddpm_on_every_step(tiny_pipe):
+    """DiffShortcut ``diffpure_main.py``: DDPM ``step`` on timesteps 300, 299, …, 0 — 301 UNet calls, stochastic."""
+    proxy, spy = spied_pipe(tiny_pipe)
+    image = torch.stack([photo_tensor("astronaut", 16)])
+    first, _ = run("diffpure-latent", image, PurifierModels(pipe=proxy), seeds=(1,))
+    assert [t for t, _ in spy.calls] == list(range(300, -1, -1)) and len(spy.calls) == 301
+    repeat, _ = run("diffpure-latent", image, PurifierModels(pipe=proxy), seeds=(1,))
+    other, _ = run("diffpure-latent", image, PurifierModels(pipe=proxy), seeds=(2,))
+    assert torch.equal(first, repeat)
+    assert (first - other).abs().max() > 1e-3
+
+
+def test_ddpm_posterior_step_typed_out_on_fixed_draws():
+    """One η = 1 step from t to t − 1 is DDPM's posterior q(x_{t−1} | x_t, x̂0) (Ho et al. 2020 Eq. 6–7), with SD's
+    scaled-linear betas typed here: mean = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x̂0 + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t,
+    variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t."""
+    from cloaklab.ops.models.shaped import sd15_scheduler
+
+    scheduler = sd15_scheduler()
+    generator = torch.Generator().manual_seed(11)
+    x_t, eps, z = (torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64) for _ in range(3))
+    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - beta, 0)
+    t = 250
+    x0 = (x_t - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt()
+    mean = (alpha_bar[t - 1].sqrt() * beta[t] / (1 - alpha_bar[t]) * x0
+            + (1 - beta[t]).sqrt() * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * x_t)
+    variance = (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * beta[t]
+    ours_x0, ours_eps = sdedit_module.clean_estimate(scheduler, eps.float(), x_t.float(), t)
+    ours = sdedit_module.reverse_step(scheduler, ours_x0, ours_eps, t, t - 1, eta=1.0, noise=z.float())
+    torch.testing.assert_close(ours.double(), mean + variance.sqrt() * z, atol=2e-5, rtol=0)
 
 
 def test_diffpure_pixel_starts_at_100(pixel_model, monkeypatch):
@@ -246,6 +280,64 @@ def test_impress_lowers_its_objective_and_respects_the_lpips_hinge(tiny_pipe):
     # Active hinge (Δ = 0, large α): the purified image stays perceptually closer to the input.
     tight, stats_tight = run("impress", images, models, iters=12, lpips_weight=50.0, lpips_budget=0.0)
     assert all(a["lpips"] < b["lpips"] for a, b in zip(stats_tight, stats_none))
+
+
+class _HalvingVAE:
+    """A stand-in autoencoder with D(E(y)) = 0.5·y in model units (scaling factor 1), for closed-form checks."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+    config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+
+    def encode(self, y):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=y))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=0.5 * z)
+
+
+def test_impress_two_steps_equal_the_releases_adam_typed_out():
+    """The release (IMPRESS ``impress()``): y0 = y_ptb + 0.1·n in [-1, 1] units; loss mean((D(E(y)) − y)²) +
+    α·max(LPIPS − Δ, 0); Adam(lr, eps 1e-5); cosine lr to eta_min 1e-5; clamp to [-1, 1]. With D(E(y)) = 0.5·y and
+    LPIPS(a, b) = 1000·mean((a − b)²) both terms are active; Adam's two updates are typed out below."""
+    alpha, delta, lr, eps, floor, beta1, beta2 = 0.1, 0.1, 0.01, 1e-5, 1e-5, 0.9, 0.999
+    image = photo_tensor("astronaut", 16)[None].double()
+    lpips = lambda a, b: 1000 * (a - b).pow(2).flatten(1).mean(1)  # noqa: E731
+    models = SimpleNamespace(pipe=SimpleNamespace(vae=_HalvingVAE()), lpips=lpips)
+    out, _ = run("impress", image.float(), models, seeds=(3,), iters=2)
+
+    n = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(3)).double()[None]
+    y = image * 2 - 1 + 0.1 * n
+    m = v = torch.zeros_like(y)
+    for step, rate in enumerate([lr, floor + (lr - floor) * (1 + np.cos(np.pi / 2)) / 2], start=1):
+        leaf = y.clone().requires_grad_(True)
+        consistency = (0.5 * leaf - leaf).pow(2).mean()
+        loss = consistency + alpha * torch.clamp(lpips((leaf + 1) / 2, image) - delta, min=0).sum()
+        (grad,) = torch.autograd.grad(loss, leaf)
+        m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad**2
+        y = (y - rate / (1 - beta1**step) * m / ((v / (1 - beta2**step)).sqrt() + eps)).clamp(-1, 1)
+    torch.testing.assert_close(out.double(), ((y + 1) / 2).clamp(0, 1), atol=2e-6, rtol=0)
+
+
+def test_noisy_upscale_feeds_the_upscaler_quarter_size_plus_seeded_noise(monkeypatch):
+    """robust-style-mimicry: x ↓4 (bicubic, antialiased) + N(0, 0.05²) clipped, at noise level 320; typed below."""
+    import torch.nn.functional as F
+
+    from cloaklab.ops.purify import noisy_upscale
+
+    seen = {}
+
+    def fake_upscale(upscaler, low, **kwargs):
+        seen["low"], seen["kwargs"] = low.clone(), kwargs
+        return F.interpolate(low, scale_factor=4, mode="nearest")
+
+    monkeypatch.setattr(noisy_upscale, "upscale_x4", fake_upscale)
+    image = photo_tensor("coffee", 64)[None]
+    out = run("noisy-upscale", image, SimpleNamespace(upscaler=None), seeds=(4,))
+    small = F.interpolate(image, size=(16, 16), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    expected = (small + 0.05 * torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    torch.testing.assert_close(seen["low"], expected, atol=1e-6, rtol=0)
+    assert seen["kwargs"]["noise_level"] == 320 and seen["kwargs"]["steps"] == 75 and seen["kwargs"]["guidance"] == 9
+    assert out.shape == image.shape
 
 
 # ------------------------------------------------------------------------------------------- pdm-pure

@@ -242,12 +242,63 @@ def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
     assert record["prompt"] == "a on the beach"
     clip = backbone("tiny", torch.device("cpu"))
     image = clip.images([photo_tensor("chelsea")], ("check",))
-    expected = 100 * max(cosine_matrix(image, clip.text(["a on the beach"])).item(), 0)
+    expected = 2.5 * max(cosine_matrix(image, clip.text(["a on the beach"])).item(), 0)
     metrics = record["metrics"]
     assert metrics["clip"] == pytest.approx(expected, abs=1e-3)
     assert 0 <= metrics["clip-iqa"] <= 1 and -1 <= metrics["clip-iqac"] <= 1 and 1 <= metrics["liqe"] <= 5
     assert metrics["q"] == pytest.approx((((metrics["liqe"] - 1) / 4) * 2 - 1) / 2 + metrics["clip-iqac"] / 2,
                                          abs=1e-5)
+
+
+class _FixedClip:
+    """A stand-in CLIP backbone returning fixed embeddings (image by name, text by prompt)."""
+
+    def __init__(self, images: dict, texts: dict):
+        self._images, self._texts = images, texts
+
+    def images(self, images, key):
+        return torch.tensor([self._images[name] for name in key], dtype=torch.float32)
+
+    def text(self, prompts):
+        return torch.tensor([self._texts[prompt] for prompt in prompts], dtype=torch.float32)
+
+
+def test_clip_score_is_hessels_clipscore_on_fixed_embeddings():
+    """CLIP-S = 2.5·max(cos, 0) (Hessel et al. 2021 Eq. 1), values typed by hand from the vectors."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric
+
+    clip = _FixedClip({"a": [3.0, 4.0, 0.0], "b": [1.0, 1.0, 0.0], "c": [1.0, 0.0, 0.0]},
+                      {"p": [4.0, 3.0, 0.0], "q": [2.0, 0.0, 0.0], "r": [-1.0, 1.0, 0.0],
+                       "A photo depicts q": [0.0, 5.0, 0.0]})
+    contexts = [ImageContext("a", "x", prompt="p"), ImageContext("b", "x", prompt="q"),
+                ImageContext("c", "x", prompt="r")]
+    images = [torch.zeros(3, 8, 8)] * 3
+    # cos = 24/25, 1/√2 and −1/√2 (clipped to 0)
+    assert ClipMetric("clip", clip).score(images, contexts) == pytest.approx([2.4, 2.5 / 2**0.5, 0.0], abs=1e-6)
+    assert ClipMetric("clip", clip, scale=100).score(images, contexts) == pytest.approx([96.0, 100 / 2**0.5, 0.0],
+                                                                                       abs=1e-4)
+    prefixed = ClipMetric("clip", clip, prefix="A photo depicts ").score(images[1:2], contexts[1:2])
+    assert prefixed == pytest.approx([2.5 / 2**0.5], abs=1e-6)  # [1,1,0]·[0,5,0]: cos 1/√2
+
+
+def test_clip_iqa_and_iqac_are_softmax_at_logit_scale_100_on_fixed_embeddings():
+    """CLIP-IQA: softmax(100·cos) over ("Good photo.", "Bad photo."), P(good); IQAC: P(good {class}) − P(bad)."""
+    import math
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric
+
+    # unit vectors: cos(image, good) = 0.3, cos(image, bad) = 0.28
+    good, bad = [0.3, math.sqrt(1 - 0.09), 0.0], [0.28, 0.0, math.sqrt(1 - 0.28**2)]
+    clip = _FixedClip({"a": [1.0, 0.0, 0.0]}, {"Good photo.": good, "Bad photo.": bad,
+                                               "a good photo of a cat": bad, "a bad photo of a cat": good})
+    context = [ImageContext("a", "x", class_name="cat")]
+    p_good = 1 / (1 + math.exp(-100 * (0.3 - 0.28)))  # e^{30}/(e^{30}+e^{28})
+    assert ClipMetric("clip-iqa", clip).score([torch.zeros(3, 8, 8)], context)[0] == pytest.approx(p_good, abs=1e-6)
+    # the class prompts are swapped: P(good) − P(bad) = (1 − p) − p
+    assert ClipMetric("clip-iqac", clip).score([torch.zeros(3, 8, 8)], context)[0] == pytest.approx(1 - 2 * p_good,
+                                                                                                  abs=1e-6)
 
 
 def test_q_formula_endpoints():
@@ -323,3 +374,122 @@ def test_concepts_from_folders_fields_and_patterns(tmp_path):
     with pytest.raises(UsageError):
         check_group_by("regex:(")
     assert remove_token("a <R*> on the  beach", "<R*>") == "a on the beach"
+
+
+def test_dinov2_similarity_is_the_mean_cosine_to_each_clean_image_on_fixed_embeddings(monkeypatch):
+    """Paper 000 §5.1.3: mean over the concept's clean images of cos(CLS(gen), CLS(clean)); typed by hand."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.dino import DinoSimilarity
+
+    vectors = {1: [1.0, 0.0], 2: [0.0, 2.0], 3: [3.0, 4.0]}  # image "value" → its embedding
+    metric = DinoSimilarity(model=object())
+    monkeypatch.setattr(metric, "embed", lambda images: torch.tensor([vectors[int(i[0, 0, 0])] for i in images]))
+    images = {k: torch.full((3, 4, 4), float(k)) for k in vectors}
+    metric.prepare({"c": [images[1], images[2]]})
+    # cos([3,4], [1,0]) = 0.6, cos([3,4], [0,2]) = 0.8 → 0.7; cos([1,0], [1,0]) = 1, cos([1,0], [0,2]) = 0 → 0.5
+    values = metric.score([images[3], images[1]], [ImageContext("a", "c"), ImageContext("b", "c")])
+    assert values == pytest.approx([0.7, 0.5], abs=1e-6)
+
+
+def test_fid_equals_the_frechet_distance_computed_with_scipy():
+    """FID = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2}) (Heusel et al. 2017), unbiased covariances, on a
+    stand-in 6-d feature (per-channel mean and spread) so scipy can compute it independently."""
+    from scipy import linalg
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.fid import FidMetric
+
+    class ChannelStats(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, images):
+            images = images.double() / 255 if images.dtype == torch.uint8 else images.double()
+            return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
+
+    generator = torch.Generator().manual_seed(0)
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
+    real = [photo_tensor(n, 32) for n in names]
+    fake = [(r * 0.8 + 0.1 * torch.rand(r.shape, generator=generator)).clamp(0, 1) for r in real]
+    metric = FidMetric("tiny")
+    metric.extractor = ChannelStats()
+    metric.prepare({"c": real})
+    metric.score(fake, [ImageContext(str(i), "c") for i in range(len(fake))])
+    ours = metric.concept_values()["c"]
+
+    def stats_of(images):  # a custom extractor gets the float images as they are (no uint8 step)
+        stacked = torch.stack(images).double()
+        feats = torch.cat([stacked.mean((2, 3)), stacked.std((2, 3))], 1).numpy()
+        return feats.mean(0), np.cov(feats, rowvar=False)
+
+    (mu_r, cov_r), (mu_g, cov_g) = stats_of(real), stats_of(fake)
+    root = linalg.sqrtm(cov_r @ cov_g).real
+    expected = float(((mu_r - mu_g) ** 2).sum() + np.trace(cov_r + cov_g - 2 * root))
+    assert ours == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_liqe_is_the_expected_level_under_softmax_100_on_fixed_embeddings():
+    """LIQE: softmax(100·cos) over the 495 scene × distortion × level prompts, marginalized to levels 1..5, expected
+    level. Only the "good" prompts (level 4) are aligned with the image (cos 0.1 vs 0): with 99 prompts per level,
+    E = (4·99·e^{10} + (1+2+3+5)·99) / (99·e^{10} + 4·99)."""
+    import math
+
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.clip import ClipMetric, liqe_prompts
+
+    aligned = [0.1, math.sqrt(1 - 0.01), 0.0]
+    texts = {prompt: (aligned if prompt.endswith("of good quality") else [0.0, 0.0, 1.0]) for prompt in liqe_prompts()}
+
+    class Fixed:
+        def images(self, images, key):
+            return torch.tensor([[1.0, 0.0, 0.0]] * len(images))
+
+        def text(self, prompts):
+            return torch.tensor([texts[p] for p in prompts])
+
+    value = ClipMetric("liqe", Fixed()).score([torch.zeros(3, 8, 8)], [ImageContext("a", "c")])[0]
+    e = math.exp(10)
+    assert value == pytest.approx((4 * e + 11) / (e + 4), abs=1e-5)
+
+
+def test_toy_metrics_by_hand_on_a_stand_in_judge():
+    """toy-sim = mean cosine of shape features to every clean reference; toy-acc = 1 when the predicted shape is the
+    concept's (``--class`` if a toy shape, else the references' majority vote) — typed by hand."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.toy import ToyMetric
+
+    class Judge:  # an image's mean brightness picks its features and its shape
+        def features(self, batch):
+            table = {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [1.0, 1.0]}
+            return torch.tensor([table[int(round(float(b.mean()) * 2))] for b in batch])
+
+        def predict(self, batch):
+            return [{"shape": ("circle", "square", "star")[int(round(float(b.mean()) * 2))]} for b in batch]
+
+    level = {k: torch.full((3, 64, 64), k / 2) for k in (0, 1, 2)}
+    sim, acc = ToyMetric("toy-sim", judge=Judge()), ToyMetric("toy-acc", judge=Judge())
+    references = {"c": [level[0], level[0], level[1]]}  # majority vote: circle
+    sim.prepare(references)
+    acc.prepare(references)
+    contexts = [ImageContext("a", "c"), ImageContext("b", "c")]
+    # [1,1] vs [1,0],[1,0],[0,1]: (1/√2)·3/3; [0,1] vs the same: (0 + 0 + 1)/3
+    assert sim.score([level[2], level[1]], contexts) == pytest.approx([2**-0.5, 1 / 3], abs=1e-6)
+    assert acc.score([level[0], level[1]], contexts) == [1.0, 0.0]
+    assert acc.score([level[0], level[1]], [ImageContext("a", "c", class_name="square")] * 2) == [0.0, 1.0]
+
+
+def test_lpips_wrapper_hands_torchmetrics_unit_range_images_with_normalize():
+    """torchmetrics' LPIPS network expects [-1, 1] unless ``normalize=True`` (then [0, 1] is rescaled): our images are
+    [0, 1], so the wrapper must pass them unchanged with ``normalize=True`` — a stand-in network records the call."""
+    from cloaklab.ops.metrics.lpips import LPIPSNet
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, a, b, normalize=False):
+            calls.append((a.clone(), b.clone(), normalize))
+            return (a - b).abs().mean((1, 2, 3), keepdim=True)
+
+    a, b = torch.full((2, 3, 8, 8), 0.75), torch.full((2, 3, 8, 8), 0.25)
+    values = LPIPSNet(Recorder())(a, b)
+    assert values.shape == (2,) and torch.allclose(values, torch.full((2,), 0.5))
+    assert calls[0][2] is True and torch.equal(calls[0][0], a) and torch.equal(calls[0][1], b)

@@ -40,6 +40,55 @@ def test_ssm_is_exactly_zero_for_identical_replacement_and_positive_otherwise(ti
     assert torch.allclose(maps, single, rtol=1e-3, atol=1e-8)  # float32 batching noise only
 
 
+def test_ssm_equals_the_hand_computed_map_of_a_linear_stand_in():
+    """Eq. 6 on a stand-in whose answer is known: text encoder = embedding lookup E[ids]; denoiser output
+    ε(z, c)[ch, y, x] = z[ch, y, x] + w[y, x] · mean_L(c)[ch]. Replacing token n (id a) by id k moves mean_L(c) by
+    (E[k] − E[a]) / L, so SSM[y, x] = w[y, x]² · Σ_ch ((E[k, ch] − E[a, ch]) / L)² — for every timestep and noise
+    draw, as long as c and c_Δn see the same z_t (a different ε per variant, a mean over channels or a missing square
+    would all fail)."""
+    from types import SimpleNamespace
+
+    from cloaklab.ops import ssm
+    from cloaklab.ops.models.shaped import sd15_scheduler
+
+    channels, length, vocab = 4, 5, 12
+    table = torch.randn(vocab, channels, generator=torch.Generator().manual_seed(0))
+    weight = torch.arange(1.0, 10.0).reshape(3, 3) / 4
+
+    class Encoder:
+        device = torch.device("cpu")
+
+        def __call__(self, ids):
+            return (table[ids],)
+
+    class Denoiser:
+        dtype = torch.float32
+
+        def __call__(self, z, t, encoder_hidden_states):
+            return SimpleNamespace(sample=z + weight * encoder_hidden_states.mean(1)[:, :, None, None])
+
+    pipe = SimpleNamespace(unet=Denoiser(), text_encoder=Encoder(), scheduler=sd15_scheduler())
+    ids = torch.tensor([[0, 3, 7, 2, 1]])
+    latents = torch.randn(1, channels, 3, 3, generator=torch.Generator().manual_seed(1))
+    maps = ssm.semantic_sensitivity(pipe, latents, ids, [[2], [1, 3]], [100, 900], samples=3,
+                                    candidates=torch.tensor([9]), generator=torch.Generator().manual_seed(2))
+    single = ((table[9] - table[7]) / length).pow(2).sum()  # position 2: id 7 → 9
+    double = ((2 * table[9] - table[3] - table[2]) / length).pow(2).sum()  # positions 1 and 3 together
+    expected = torch.stack([weight**2 * single, weight**2 * double])
+    torch.testing.assert_close(maps, expected.expand(2, -1, -1, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_ratio_by_hand():
+    """R = Σ(SSM ⊙ M) / Σ SSM (Eq. 16) on a 2×2 map: (1·1 + 4·1)/10 and (0.5·1)/10 with a soft mask."""
+    from cloaklab.ops.ssm import sensitivity_ratio
+
+    ssm_map = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert sensitivity_ratio(ssm_map, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(0.5)
+    assert sensitivity_ratio(ssm_map, torch.tensor([[0.5, 0.0], [0.0, 0.0]])).item() == pytest.approx(0.05)
+    assert sensitivity_ratio(ssm_map, torch.tensor([[0.0, 1.0], [1.0, 0.0]])).item() == pytest.approx(0.5)
+    assert sensitivity_ratio(ssm_map, torch.tensor([[0.0, 0.0], [1.0, 1.0]])).item() == pytest.approx(0.7)
+
+
 def test_ratio_is_a_share_and_one_for_full_mask():
     from cloaklab.ops.ssm import sensitivity_ratio
 

@@ -139,13 +139,14 @@ def test_toy_model_missing_weights_is_one_line(monkeypatch, tmp_path):
 def test_quality_script_and_grid_train_and_prompt_ti_alike():
     """evaluate's TI set-up (what the README's bar measures) is the one examples/toy/Makefile runs."""
     from cloaklab.ops.prompts import load_prompt_templates
-    from cloaklab.ops.toy.evaluate import TI_PROMPTS, TI_TEMPLATES, TI_VECTORS
+    from cloaklab.ops.toy.evaluate import TI_OPTIMIZER, TI_PROMPTS, TI_TEMPLATES, TI_VECTORS
     from cloaklab.ops.train.data import load_templates
 
     examples = ROOT / "examples" / "toy"
     assert load_templates(str(examples / "ti_templates.txt")) == TI_TEMPLATES
     assert load_prompt_templates(str(examples / "prompts.txt")) == list(TI_PROMPTS.values())
     assert f"--num-vectors {TI_VECTORS}" in (examples / "Makefile").read_text()
+    assert " ".join(TI_OPTIMIZER) in (examples / "Makefile").read_text()
 
 
 def test_quality_report_names_the_weights_it_measured(monkeypatch, tmp_path):

@@ -192,3 +192,26 @@ def test_szt_preset_reaches_the_loop(cli, tmp_path, instances):
     assert all("loss_inside" in record and "loss_outside" in record for record in log)  # LM with masks
     params = json.loads((out / "cloak.json").read_text())["params"]
     assert (params["jpeg"], params["dilate"], params["mask_mode"]) == (25, 16, "lm")
+
+
+def test_dreambooth_defaults_are_paper_001s_full_sh(cli, tmp_path, instances):
+    """DiffShortcut scripts/sub/train/full.sh: --train_text_encoder, --train_batch_size=1 (1 instance + 1 class image
+    per step via collate_fn), lr 5e-7 constant, prior weight 1.0, 200 class images, 1000 steps (typed from it)."""
+    folder = instances[0].path.parent
+    base = ["train-db", folder, "--model", "tiny", "--device", "cpu", "--steps", "1", "--num-class-images", "1",
+            "--class-steps", "1", "--save-trained-only", "--checkpoint-every", "0", "--json"]
+    code, stdout, err = cli(base + ["-o", tmp_path / "paper"])
+    assert code == 0, err
+    assert json.loads(stdout)["files"] == ["unet", "text_encoder"]  # the text encoder trained and was saved
+    params = json.loads((tmp_path / "paper" / "cloak.json").read_text())["params"]
+    assert (params["train_text_encoder"], params["batch_size"], params["lr"], params["prior_weight"]) == (
+        True, 1, 5e-7, 1.0)
+    log = [json.loads(line) for line in (tmp_path / "paper" / "train_log.jsonl").read_text().splitlines()]
+    assert [len(record["t"]) for record in log] == [1]  # one instance image per step
+    code, stdout, err = cli(base + ["-o", tmp_path / "no-te", "--no-train-text-encoder", "--batch-size", "2"])
+    assert code == 0, err
+    assert json.loads(stdout)["files"] == ["unet"]
+    params = json.loads((tmp_path / "no-te" / "cloak.json").read_text())["params"]
+    assert (params["train_text_encoder"], params["batch_size"]) == (False, 2)
+    help_code, help_text, _ = cli(["train-db", "--help"])
+    assert "--no-train-text-encoder" in help_text

@@ -244,6 +244,33 @@ def test_instance_loading_jpegs_then_dilates_masks_at_512_scale(tmp_path):
     assert half.images.shape == (1, 3, 64, 64) and half.masks[0, 0].sum() == 20 * 10
 
 
+@pytest.mark.parametrize("width,height", [(384, 256), (256, 384)])
+def test_mask_dilation_is_the_same_at_training_resolution_on_non_square_images(tmp_path, width, height):
+    """Hand-computed: 16 px at 512 = 4 px at a 128 training resolution, on 3:2 and 2:3 images alike.
+
+    One on-pixel at native (x, y) = (W/2 + 1, H/2 + 1); the short side 256 → 128 halves the image, and Pillow's
+    nearest resize samples source 2i + 1 for target i, so a native square of radius 8 around 2k + 1 covers targets
+    k − 4 … k + 4; the centre crop then puts k at 64. Expected: exactly rows and columns 60..68 on (9 × 9).
+    Scaling the radius by max(W, H) instead gives radius 12 native → a 13 × 13 square.
+    """
+    from pathlib import PurePosixPath
+
+    from cloaklab.ops.io import InputItem
+    from cloaklab.ops.train.data import load_instance_images
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(tmp_path / "images" / "a.png")
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 2 + 1, width // 2 + 1] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    item = [InputItem(tmp_path / "images" / "a.png", PurePosixPath("a.png"))]
+    data = load_instance_images(item, 128, mask_dir=tmp_path / "masks", dilate=16)
+    expected = torch.zeros(128, 128)
+    expected[60:69, 60:69] = 1
+    assert torch.equal(data.masks[0, 0], expected)
+
+
 def test_interrupt_checkpoints_the_last_step_and_resume_matches(tmp_path):
     from cloaklab.ops.models import load_pipeline
 

@@ -272,3 +272,73 @@ def test_template_file_enters_the_run_and_its_lines_count(cli, concept, tmp_path
     templates.write_text("a photo\n")
     code, _, stderr = cli(args + ["--overwrite"])
     assert code == 2 and "has no {}" in stderr
+
+
+# ------------------------------------------------------------- diffusers TI example: flips and AdamW weight decay
+def _ti_run(pipe, images, tmp_path, name, **config):
+    from cloaklab.ops.train.data import InstanceData
+    from cloaklab.ops.train.loop import TrainConfig, train
+
+    ti = TextualInversion(pipe, "<R*>", "object")
+    data = InstanceData(images, None, [f"{i}.png" for i in range(len(images))])
+    values = dict(steps=3, lr=5e-2, checkpoint_every=0, snapshot_every=0, seed=7)
+    values.update(config)
+    train(pipe, ti, data, ["a photo of a <R*>"], TrainConfig(**values), tmp_path / name)
+    log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    return ti, log
+
+
+def test_cli_defaults_follow_the_diffusers_ti_script():
+    """diffusers examples/textual_inversion/textual_inversion.py: TextualInversionDataset(flip_p=0.5) and
+    --adam_weight_decay 1e-2."""
+    import inspect
+
+    from cloaklab.cli.train_ti import train_ti
+
+    parameters = inspect.signature(train_ti).parameters
+    assert parameters["flip_p"].default == 0.5 and parameters["weight_decay"].default == 1e-2
+
+
+def test_flip_pattern_is_an_independent_draw_of_the_seed_and_flips_the_image(tmp_path):
+    from cloaklab.ops.models import load_pipeline
+    from cloaklab.tests.conftest import photo_tensor
+
+    images = torch.stack([photo_tensor("astronaut"), photo_tensor("chelsea")])
+    _, log = _ti_run(load_pipeline("tiny"), images, tmp_path, "half", flip_p=0.5, batch_size=2, steps=6)
+    generator = torch.Generator().manual_seed(7 + 1)  # the run's seed + 1 (documented flip stream)
+    expected = [(torch.rand(2, generator=generator) < 0.5).int().tolist() for _ in range(6)]
+    assert [record["flip"] for record in log] == expected
+    assert 0 < sum(map(sum, expected)) < 12  # both outcomes occur, so the check above has teeth
+    # flip_p 1 on the photos trains exactly like flip_p 0 on the mirrored photos (and not like the photos)
+    always, _ = _ti_run(load_pipeline("tiny"), images, tmp_path, "always", flip_p=1.0)
+    mirrored, _ = _ti_run(load_pipeline("tiny"), images.flip(-1), tmp_path, "mirrored", flip_p=0.0)
+    plain, _ = _ti_run(load_pipeline("tiny"), images, tmp_path, "plain", flip_p=0.0)
+    assert torch.equal(always.slots[0].vectors, mirrored.slots[0].vectors)
+    assert not torch.equal(always.slots[0].vectors, plain.slots[0].vectors)
+
+
+def test_weight_decay_is_applied_as_adamw_and_only_the_new_row_changes(tmp_path):
+    from cloaklab.ops.models import load_pipeline
+    from cloaklab.tests.conftest import photo_tensor
+
+    pipe = load_pipeline("tiny")
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    lr, decay, eps = 5e-2, 1e-2, 1e-8
+    ti = TextualInversion(pipe, "<R*>", "object")
+    start = ti.slots[0].vectors.detach().clone()
+    from cloaklab.ops.train.data import InstanceData
+    from cloaklab.ops.train.loop import TrainConfig, train
+
+    data = InstanceData(photo_tensor("astronaut")[None], None, ["a.png"])
+    train(pipe, ti, data, ["a photo of a <R*>"], TrainConfig(steps=1, lr=lr, weight_decay=decay, flip_p=0.5,
+                                                             checkpoint_every=0, snapshot_every=0), tmp_path)
+    grad = ti.slots[0].vectors.grad.detach()
+    # AdamW's first step by hand (Loshchilov & Hutter; bias-corrected m̂ = g, v̂ = g²), decoupled decay first
+    expected = start * (1 - lr * decay) - lr * grad / (grad.abs() + eps)
+    assert torch.allclose(ti.slots[0].vectors.detach(), expected, atol=1e-6, rtol=0)
+    without_decay = start - lr * grad / (grad.abs() + eps)
+    assert not torch.allclose(ti.slots[0].vectors.detach(), without_decay, atol=1e-6, rtol=0)
+    ti.finalize()
+    after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(after[:-1], before)  # weight decay touches no other row
+    assert torch.allclose(after[-1], expected[0], atol=1e-6, rtol=0)

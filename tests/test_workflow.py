@@ -74,12 +74,13 @@ def test_dry_run_of_the_sd15_grid_lists_every_job(tmp_path):
     assert (n_c, n_p, n_d) == (10, 5, 7)
     masked = [d for d in config["defences"] if d in config["masked_defences"]]
     expected = {"poison": (n_p - 1) * n_c, "mask": n_p * n_c if masked else 0, "train_ti": n_p * n_d * n_c,
-                "generate": n_p * n_d * n_c, "score": n_p * n_d, "table": 1, "all": 1}
+                "generate": n_p * n_d * n_c, "score": n_p * n_d, "table": 1, "report": 1 if config["report"] else 0,
+                "all": 1}
     expected = {rule: count for rule, count in expected.items() if count}
     stats = job_stats(out)
     total = stats.pop("total")
     assert stats == expected
-    assert total == sum(expected.values()) == 40 + 50 + 350 + 350 + 35 + 1 + 1
+    assert total == sum(expected.values()) == 40 + 50 + 350 + 350 + 35 + 1 + 1 + 1
     # every model-running job asks for one GPU (`--resources gpu=N` / sbatch --gpus); the table does not
     blocks = re.split(r"\n(?:local)?rule (\w+):\n", out)
     gpus = {}
@@ -89,7 +90,7 @@ def test_dry_run_of_the_sd15_grid_lists_every_job(tmp_path):
                                          if "gpu=" in resources else None)
     assert {rule: gpus[rule] for rule in ("poison", "mask", "train_ti", "generate", "score")} == \
         {rule: {"1"} for rule in ("poison", "mask", "train_ti", "generate", "score")}
-    assert gpus["table"] == {None}
+    assert gpus["table"] == gpus["report"] == {None}
 
 
 def _cloak_lines(lines):
@@ -117,7 +118,7 @@ def test_the_toy_workflow_runs_the_makefiles_commands(tmp_path):
                     "poisons=[none,ea]", "defences=[nominal,szt]")
     snaked = _cloak_lines(line.split("Shell command:", 1)[1] for line in out.splitlines()
                           if line.startswith("Shell command:"))
-    assert len(made) == 2 + 8 + 8 + 4 + 1  # poison ea × 2 concepts, TI, generate, score, table
+    assert len(made) == 2 + 8 + 8 + 4 + 1 + 1  # poison ea × 2 concepts, TI, generate, score, table, report
     assert snaked == made
 
 
@@ -161,6 +162,7 @@ def test_the_reduced_toy_grid_runs_to_the_table(tmp_path):
     assert str(work / "purified" / poison / "gauss" / concept) in json.dumps(ti)
     for defence in config["defences"]:
         assert len(list((work / "gen" / poison / defence / concept).glob("*.png"))) == 3  # 3 prompts × 1
+    assert (work / "report" / "index.html").stat().st_size > 0
     # finished work is skipped: a second run has nothing to do
     again = snakemake(tmp_path, "-n", "--configfile", str(config_path))
     assert "Nothing to be done" in again

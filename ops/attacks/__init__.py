@@ -33,9 +33,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..registry import MethodSpec
+from ..validate import ATTACK_RANGES
 
-# PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000).
-PGD_DEFAULTS: dict[str, Any] = {"eps": 16.0, "step_size": 1.0, "steps": 100, "random_start": False}
+# PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000), and a
+# uniform random start in the ε-ball (paper 000 made ADM+ and EA through Mist v1's modes: psyker-team/mist
+# mist_v3.py runs advertorch's LinfPGDAttack, whose rand_init defaults to True). `-p random_start=false` starts at x.
+PGD_DEFAULTS: dict[str, Any] = {"eps": 16.0, "step_size": 1.0, "steps": 100, "random_start": True}
 DIFFUSION_DEFAULTS: dict[str, Any] = {"t_range": None, "prompt": "a photo"}
 # `cloak poison photos -o cloaked` with no --attack: AdvDM (ε 16, α 1, 100 steps, 512 px) with EoT over our
 # differentiable JPEG. Why: ADM+ and EA are the strongest poisons against Textual Inversion in paper 000 (Table 2,
@@ -56,6 +59,7 @@ class AttackSpec(MethodSpec):
     fixed: dict[str, Any] = field(default_factory=dict)  # passed to the module, not user-settable (adm-: ascent)
 
     selector: ClassVar[str] = "--attack"
+    range_table: ClassVar[dict[str, Any]] = ATTACK_RANGES
 
 
 ATTACKS: dict[str, AttackSpec] = {}
@@ -77,7 +81,9 @@ def get_attack(name: str) -> AttackSpec:
         return replace(base, name=name, base=base.name, module="lowfreq", fixed={**base.fixed, "base": base.name},
                        summary=f"{base.name} with its gradient kept on the low-frequency DCT block "
                                f"(LF-PGD, paper 004 Eq. 8).",
-                       defaults={**base.defaults, "lf_ratio": LF_RATIO})
+                       defaults={**base.defaults, "lf_ratio": LF_RATIO, "lf_project": False,
+                                 # paper 004 Alg. 1 starts at x̃ = x0 (a uniform start would be full-band noise)
+                                 **({"random_start": False} if "random_start" in base.defaults else {})})
     raise UsageError(f"unknown attack {name!r}; choose one of: {', '.join(attack_names())}")
 
 
@@ -100,14 +106,15 @@ register(AttackSpec("sds-", "sds", "SDS(−): the descent version of sds+ (Diff-
 register(AttackSpec("ea", "ea", "PhotoGuard encoder attack: minimize ‖E(x') − E(x_target)‖² (paper 000 Eq. 5); "
                     "target: our high-contrast pattern, gray, zero or an image.",
                     {**PGD_DEFAULTS, "target": "pattern"}, needs_target=True))
-register(AttackSpec("da", "da", "PhotoGuard diffusion attack: back-propagate through a 4-step img2img run (CFG 7.5) "
-                    "and pull its output to the target; L2 PGD (ε 16, step 1 in [-1,1] units), 200 iterations, "
-                    "10 gradient samples averaged, inside the L∞ budget.",
+register(AttackSpec("da", "da", "PhotoGuard diffusion attack: back-propagate through 4 DDIM steps (η 1, empty "
+                    "prompt, CFG 7.5) from the noisiest step and pull the unclamped decoded output to the target "
+                    "(mid-grey); L2 PGD (ε 16, step 1 in [-1,1] units), 200 iterations, 10 gradient samples "
+                    "averaged, inside the L∞ budget.",
                     {"eps": 16.0, "l2_eps": 16.0, "l2_step": 1.0, "steps": 200, "grad_samples": 10,
-                     "sampling_steps": 4, "guidance": 7.5, "strength": 0.5, "random_start": False,
-                     "prompt": "a photo", "target": "pattern"}, needs_target=True, sdxl=False))
-register(AttackSpec("mist", "mist", "Mist v1 fused mode: minimize ‖E(x') − E(x_target)‖² − 1e4 · AdvDM loss "
-                    "(textual + semantic loss).",
+                     "sampling_steps": 4, "guidance": 7.5, "strength": 1.0, "eta": 1.0, "random_start": False,
+                     "sampling_prompt": "", "target": "gray"}, needs_target=True, sdxl=False))
+register(AttackSpec("mist", "mist", "Mist v1 fused mode (mist_v3.py): minimize Σ(E(x') − E(x_target))² (summed over "
+                    "the latent) − 1e4 · mean AdvDM loss; random start.",
                     {**PGD_DEFAULTS, **DIFFUSION_DEFAULTS, "target": "pattern", "fused_weight": 1e4},
                     needs_target=True))
 
@@ -127,29 +134,33 @@ register(AttackSpec("aspl", "aspl", "Anti-DreamBooth ASPL: 50 rounds of [copy f�
                     "ε 6.375, α 0.6375.",
                     {**ANTI_DREAMBOOTH_BUDGET, "rounds": 50, "surrogate_steps": 3, "pgd_steps": 6, **SET_DEFAULTS},
                     set_level=True, sdxl=False))
-register(AttackSpec("fsmg", "fsmg", "Anti-DreamBooth FSMG: DreamBooth-train a surrogate on clean set A (1000 steps), "
-                    "then 100 PGD steps against it; ε 6.375, α 0.6375.",
-                    {**ANTI_DREAMBOOTH_BUDGET, "steps": 100, "surrogate_steps": 1000, **SET_DEFAULTS},
+register(AttackSpec("fsmg", "fsmg", "Anti-DreamBooth FSMG: DreamBooth-train a surrogate on clean set A (1000 steps, "
+                    "2 instance + 2 class images a step), then 100 PGD steps against it; ε 6.375, α 0.6375.",
+                    {**ANTI_DREAMBOOTH_BUDGET, "steps": 100, "surrogate_steps": 1000, **SET_DEFAULTS,
+                     "db_batch_size": 2},
                     set_level=True, sdxl=False))
 register(AttackSpec("e-aspl", "e_aspl", "Ensemble ASPL: one ASPL round per base model (--model + --ensemble, default "
                     "SD 1.4 and SD 2.1-base) from the shared images each round, perturbations averaged.",
                     {**ANTI_DREAMBOOTH_BUDGET, "rounds": 50, "surrogate_steps": 3, "pgd_steps": 6,
                      "ensemble": "CompVis/stable-diffusion-v1-4,stabilityai/stable-diffusion-2-1-base",
                      **SET_DEFAULTS}, set_level=True, sdxl=False))
-register(AttackSpec("metacloak", "metacloak", "MetaCloak: pool of DreamBooth snapshots (every 200 of 1000 steps); "
-                    "trials × snapshots × [6 EoT-PGD steps (crop-resize, blur k7, flip) + 2 unrolled training "
-                    "steps]; ε 11, α 1.1.",
+register(AttackSpec("metacloak", "metacloak", "MetaCloak: pool of DreamBooth snapshots trained on the protected "
+                    "images (every 200 of 1000 steps); trials × snapshots × [6 EoT-PGD steps (blur k7, flip, "
+                    "rotation in [0, θ]) + 2 unrolled training steps]; ε 11, α 1.1.",
                     {"eps": 11.0, "step_size": 1.1, "pgd_steps": 6, "unroll_steps": 2, "trials": 4,
                      "inner_iterations": 100, "pool_steps": 1000, "pool_interval": 200, "rotation": 0.0,
                      **SET_DEFAULTS}, set_level=True, sdxl=False))
 register(AttackSpec("caat", "caat", "CAAT: only cross-attention K/V train; each of 250 steps one backward gives an "
-                    "image sign-ascent step and an AdamW step (lr 1e-5) on K/V; ε 6.375, α 0.6375.",
+                    "image sign-ascent step and one AdamW step (lr 1e-5, K/V gradient norm clipped to 1.0); "
+                    "ε 6.375, α 0.6375.",
                     {**ANTI_DREAMBOOTH_BUDGET, "steps": 250, "lr": 1e-5, **NO_PRIOR_DEFAULTS},
                     set_level=True, sdxl=False))
-register(AttackSpec("ace", "ace", "ACE (Mist v2 lunet): pull the noise prediction toward the target latent; "
-                    "5 epochs × (30 PGD steps + 10 LoRA steps, rank 4, lr 1e-4); ε 16, α 1.",
-                    {"eps": 16.0, "step_size": 1.0, "epochs": 5, "pgd_steps": 30, "lora_steps": 10, "lora_rank": 4,
-                     "lora_lr": 1e-4, "target": "pattern", **NO_PRIOR_DEFAULTS},
+register(AttackSpec("ace", "ace", "ACE (Mist v2 lunet, attacks/mist.py): pull the noise prediction toward the "
+                    "target latent; 5 epochs × (30 PGD steps + 10 LoRA steps, rank 4, lr 1e-4, prior weight 0.1 "
+                    "with 50 class images); ε 4, α 0.6375 (mist-v2's 8/255 and 0.005 in [-1,1] units).",
+                    {"eps": 4.0, "step_size": 0.6375, "epochs": 5, "pgd_steps": 30, "lora_steps": 10,
+                     "lora_rank": 4, "lora_lr": 1e-4, "target": "pattern",
+                     **{**SET_DEFAULTS, "num_class_images": 50, "prior_weight": 0.1, "train_text_encoder": False}},
                     set_level=True, needs_target=True, sdxl=False))
 register(AttackSpec("inmark", "inmark", "InMark (paper 004 Alg. 1): epochs alternate DCT low-frequency PGD (η 0.25) "
                     "and self-influence steps (H⁻¹ by damped CG on cross-attention K/V; identity/LiSSA options), "

@@ -8,7 +8,14 @@ Adversarial Examples", ICML 2023; paper 000 Eq. 4 and App. F (ADM−). Objective
 one Monte-Carlo draw of (t, ε) per image per step (t ~ U[0, 1000) unless ``t_range``), L∞ PGD with sign steps.
 The target follows the model's prediction type (ε, v or flow; :func:`ops.diffusion.training_target`).
 
-Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start False, t_range None, prompt "a photo"
+Reference code: paper 000 made ADM+ as Mist v1's mode 0 (psyker-team/mist ``mist_v3.py``, ``target_model.forward``
+returns ``−loss_semantic`` and ``infer`` runs advertorch's targeted ``LinfPGDAttack``, i.e. ascent on the mean
+ε-MSE, with its default ``rand_init=True``); Diff-Protect (xavihart/Diff-Protect ``code/diff_mist.py``,
+``target_model.forward``, ``g_mode='+'``/``'-'``) is the same loop with ``'-'`` the descent twin. We follow them:
+uniform random start in the ε-ball, sign steps, projection to the ball and [0, 1]. Differences: latents are the VAE
+posterior mean (LDM's ``get_first_stage_encoding`` samples; ``latent_sample`` in set-level runs does too).
+
+Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start True, t_range None, prompt "a photo"
 (the condition c; our choice — AdvDM attacks the textual-inversion prompt, which does not exist before training).
 """
 
@@ -25,7 +32,7 @@ from .engine import AttackModels, PGDResult, pgd
 
 def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[torch.Generator],
            ascent: bool = True, eps: float = 16.0, step_size: float = 1.0, steps: int = 100,
-           random_start: bool = False, **options: Any) -> PGDResult:
+           random_start: bool = True, **options: Any) -> PGDResult:
     """Run AdvDM on ``images`` ``(B, 3, H, W)`` in [0, 1]; ``ascent=False`` is ``adm-``.
 
     ``options`` go to :func:`engine.pgd` (``mask``, ``eot``, ``eot_samples``, ``grad_transform``,

@@ -4,7 +4,11 @@ Salman et al., "Raising the Cost of Malicious AI-Powered Image Editing", ICML 20
 
     min_δ ‖E(x + δ) − E(x_target)‖²      (scaled VAE latents, posterior mean; L∞ PGD with sign steps)
 
-Defaults (pixel units /255): eps 16, step_size 1, steps 100 (paper 000 App. F), target ``pattern``.
+Defaults (pixel units /255): eps 16, step_size 1, steps 100 (paper 000 App. F), target ``pattern``, random start
+(paper 000 ran EA as Mist v1's mode 1, psyker-team/mist ``mist_v3.py`` ``infer``: ``LinfPGDAttack`` with its
+default ``rand_init=True``). PhotoGuard's own encoder attack (MadryLab/photoguard notebook ``pgd``) starts from a
+uniform draw as well and takes ``‖E(x') − z_target‖₂``; with sign steps any per-image monotone reduction (norm, sum,
+mean) gives the same step, so we take the mean.
 
 Targets (``--target``): ``pattern`` — our own high-contrast periodic image (see :func:`contrast_pattern`; paper 000
 used the "MIST" image of the Mist library as a better target than gray, which we may not copy), ``gray`` (0.5
@@ -64,14 +68,21 @@ def make_target(target: str, height: int, width: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False)[0].clamp(0, 1)
 
 
-def encoder_distance(models: AttackModels, images: torch.Tensor, target_latents: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``mean ‖E(x) − z_target‖²`` ``(B,)``."""
-    return (models.encode(images) - target_latents).pow(2).flatten(1).mean(1)
+def encoder_distance(models: AttackModels, images: torch.Tensor, target_latents: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Per-sample ``‖E(x) − z_target‖²`` ``(B,)``, averaged (``"mean"``) or summed (``"sum"``: Mist v1's
+    ``nn.MSELoss(reduction="sum")``) over the latent's elements."""
+    squared = (models.encode(images) - target_latents).pow(2).flatten(1)
+    if reduction == "sum":
+        return squared.sum(1)
+    if reduction == "mean":
+        return squared.mean(1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[torch.Generator],
            targets: torch.Tensor, eps: float = 16.0, step_size: float = 1.0, steps: int = 100,
-           random_start: bool = False, **options: Any) -> PGDResult:
+           random_start: bool = True, **options: Any) -> PGDResult:
     """Pull the latents of ``images`` ``(B, 3, H, W)`` toward those of ``targets`` (same shape), descending."""
     with torch.no_grad():
         target_latents = models.encode(targets.to(images.device))

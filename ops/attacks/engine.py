@@ -54,10 +54,10 @@ def project_linf(images: torch.Tensor, clean: torch.Tensor, eps: float, mask: to
     ``mask`` ``(B, 1, H, W)`` in [0, 1]: the perturbation is multiplied by it, so a 0 keeps a pixel exactly clean.
     """
     radius = to_unit(eps)
-    delta = (images - clean).clamp(-radius, radius)
+    delta = (images - clean).clamp_(-radius, radius)  # in place on one temporary: photo-sized at native size
     if mask is not None:
-        delta = delta * mask
-    return (clean + delta).clamp(0, 1)
+        delta.mul_(mask)
+    return delta.add_(clean).clamp_(0, 1)
 
 
 def random_start(clean: torch.Tensor, eps: float, generators: Sequence[torch.Generator],
@@ -72,15 +72,16 @@ def loss_gradient(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
                   eot: Transform | None = None, eot_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∇_x Σ_b L_b, L)`` of the per-sample loss, averaged over ``eot_samples`` EoT draws (images untouched)."""
     x = images.detach().requires_grad_(True)
-    grad = torch.zeros_like(x)
+    grad: torch.Tensor | None = None
     total = torch.zeros(x.shape[0], device=x.device)
     samples = max(1, eot_samples) if eot is not None else 1
     for _ in range(samples):
         loss = loss_fn(eot(x, generators) if eot is not None else x, generators)
         (step_grad,) = torch.autograd.grad(loss.sum(), x)
-        grad += step_grad / samples
+        step_grad = step_grad if samples == 1 else step_grad.div_(samples)
+        grad = step_grad if grad is None else grad.add_(step_grad)  # no extra image-sized buffers
         total += loss.detach().float() / samples
-    return grad, total
+    return grad, total  # type: ignore[return-value]
 
 
 def pgd_step(images: torch.Tensor, grad: torch.Tensor, clean: torch.Tensor, *, eps: float, step_size: float,
@@ -95,8 +96,7 @@ def pgd_step(images: torch.Tensor, grad: torch.Tensor, clean: torch.Tensor, *, e
         grad = grad_transform(grad)
     if mask is not None:
         grad = grad * mask
-    direction = grad.sign() if ascent else -grad.sign()
-    stepped = images.detach() + to_unit(step_size) * direction
+    stepped = grad.sign().mul_(to_unit(step_size) if ascent else -to_unit(step_size)).add_(images.detach())
     if delta_transform is not None:
         stepped = clean + delta_transform(stepped - clean)
     return project_linf(stepped, clean, eps, mask).detach()
@@ -173,6 +173,14 @@ class AttackModels:
     ``prompt`` conditions the UNet (one embedding, computed once); ``t_range`` ``(lo, hi)`` restricts the timestep
     draw (default the whole schedule, t ~ U[0, T)); ``latent_sample`` draws from the VAE posterior instead of its
     mean; ``checkpointing`` turns on UNet/VAE gradient checkpointing (memory for compute, for big images on GPUs).
+
+    ``view`` (a :class:`ops.attacks.resample.NativeView`, or ``None``): photos larger than the working size are
+    first shrunk by one random draw of a mimic's resize (per image, from the generators ``encode`` is given, else
+    the view's own), so an attack optimizes its perturbation in the photo's own pixels; images already at the
+    working size pass untouched. ``ops.poison`` installs one per batch (docs/poison.md, "Native size").
+
+    The UNet/VAE dtype and device are read once, here (diffusers walks every module on each ``.dtype``/``.device``:
+    ≈ 5–7 ms a read on the tiny model); call :meth:`refresh` after moving or casting the modules.
     """
 
     def __init__(self, pipe: Any, *, prompt: str = "a photo", t_range: tuple[int, int] | None = None,
@@ -193,14 +201,21 @@ class AttackModels:
         self.latent_sample = latent_sample
         self.num_timesteps = diffusion.num_train_timesteps(self.scheduler)
         self._embeddings: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self.view: Any = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the modules' dtype and device (after ``.to(...)``)."""
+        self._device, self._dtype = self.unet.device, self.unet.dtype
+        self._vae_device, self._vae_dtype = self.vae.device, self.vae.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self._dtype
 
     @property
     def is_sdxl(self) -> bool:
@@ -234,14 +249,17 @@ class AttackModels:
                                       "time_ids": ids.expand(batch, -1)}}
 
     def encode(self, images: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] → scaled latents (float32; gradients flow back to the pixels)."""
+        """``(B, 3, H, W)`` in [0, 1] → scaled latents (float32; gradients flow back to the pixels); photos larger
+        than the working size go through :attr:`view` first."""
+        if self.view is not None and self.view.applies(images):
+            images = self.view(images, generators)
         if self.latent_sample and generators is not None:
-            posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+            posterior = self.vae.encode((images * 2 - 1).to(self._vae_device, self._vae_dtype)).latent_dist
             eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
             latents = posterior.mean + posterior.std * eps.to(posterior.mean.device, posterior.mean.dtype)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             return ((latents - shift) * self.vae.config.scaling_factor).float()
-        return diffusion.encode_images(self.vae, images).float()
+        return diffusion.encode_images(self.vae, images, device=self._vae_device, dtype=self._vae_dtype).float()
 
     def draw(self, latents: torch.Tensor, generators: Sequence[torch.Generator]
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +285,8 @@ class AttackModels:
         latents = self.encode(images, generators)
         timesteps, noise = self.draw(latents, generators)
         noisy = diffusion.add_noise(self.scheduler, latents, noise, timesteps)
-        prediction = self.predict(noisy, timesteps, tuple(images.shape[-2:]))
+        size = tuple(self.view.size) if self.view is not None and self.view.applies(images) else images.shape[-2:]
+        prediction = self.predict(noisy, timesteps, tuple(size))
         target = diffusion.training_target(self.scheduler, latents, noise, timesteps)
         latent_mask = diffusion.latent_mask(mask, latents.shape[-2:]) if mask is not None else None
         return diffusion.masked_mse(prediction, target, latent_mask)

@@ -6,7 +6,10 @@ encoder, lr 5e-7, prior loss 1.0 with 200 class images), then run ``steps`` L∞
 the protected set against that fixed model: ``δ* = argmax L_cond(θ_clean, x + δ)`` with the instance prompt.
 
 Defaults: surrogate_steps 1000, steps 100, eps 6.375/255, step_size 0.6375/255 (Anti-DreamBooth's 0.05 / 0.005
-in [-1, 1] units). Our DreamBooth batch is 1 instance + 1 class image, as in Anti-DreamBooth's code.
+in [-1, 1] units). The surrogate's DreamBooth batch is 2 instance + 2 class images a step (``db_batch_size`` 2):
+Anti-DreamBooth's ``scripts/attack_with_fsmg.sh`` trains it with ``train_dreambooth.py --train_batch_size=2`` and
+prior preservation (VinAIResearch/Anti-DreamBooth ``train_dreambooth.py``, ``collate_fn`` concatenates the instance
+and class halves; the loss is the instance mean + prior_loss_weight × class mean, as ours).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import torch
 from .engine import AttackModels, PGDResult
 from .setlevel import attack_models, base_surrogate, pgd_over_set, results, start_run, trainer
 
-DEFAULTS = {"eps": 6.375, "step_size": 0.6375, "steps": 100, "surrogate_steps": 1000}
+DEFAULTS = {"eps": 6.375, "step_size": 0.6375, "steps": 100, "surrogate_steps": 1000, "db_batch_size": 2}
 
 
 def attack_set(images: Sequence[torch.Tensor], *, models: AttackModels, generators: Sequence[torch.Generator],
                eps: float = 6.375, step_size: float = 0.6375, steps: int = 100, surrogate_steps: int = 1000,
-               progress=None, **params: Any) -> list[PGDResult]:
+               db_batch_size: int = 2, progress=None, **params: Any) -> list[PGDResult]:
     """Protect the set ``images`` ``[(3, H, W)]`` in [0, 1]; returns one result per image, in order."""
-    run = start_run(images, pipe=models.pipe, generators=generators, progress=progress, **params)
+    run = start_run(images, pipe=models.pipe, generators=generators, progress=progress, db_batch_size=db_batch_size,
+                    **params)
     surrogate = base_surrogate(models.pipe)
     db = trainer(run, surrogate)
     chunk = max(1, surrogate_steps // 10)

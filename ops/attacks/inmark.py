@@ -146,7 +146,7 @@ def attack_set(images: Sequence[torch.Tensor], *, models: AttackModels, generato
         subset = influence_parameters(theta.unet, influence_params)
         for p in subset:
             p.requires_grad_(True)
-        first = pset.groups(run.batch_size)[0]
+        first = pset.groups(run.batch_size or 1)[0]  # Hessian minibatch: one image unless --batch-size says
         seeds = [run.generator.initial_seed() + 7919 * epoch + i for i in first]
         hvp = hessian_operator(frozen, pset.gather(first)[1], subset, seeds) if influence != "identity" else None
         for _ in range(iterations):

@@ -5,10 +5,11 @@ Per channel, the orthonormal 2-D DCT-II ``X = C_H x C_Wᵀ`` with ``C[u, i] = c_
 ``m_η`` keeps the top-left ``⌈η·H⌉ × ⌈η·W⌉`` coefficients (the paper writes ``ηd × ηd`` for square ``d × d``
 images; we apply the ratio to each side of non-square ones). Eq. 8 replaces the PGD gradient by
 ``IDCT(DCT(∇) ⊙ m_η)``: :func:`lowpass` is that projection and is what ``lf-*`` passes to the engine as its
-``grad_transform``. The sign step of Eq. 4 would re-introduce high frequencies (sign is not linear), so ``lf-*``
-also projects the perturbation itself after every step (:func:`project_delta` as the engine's
-``delta_transform``) — our addition, which keeps δ in the subspace up to the ε clip (the energy outside the block
-stays near zero before quantization).
+``grad_transform``: the low-pass acts on the gradient *before* the sign, and δ is not projected further (Eq. 8 in
+Eq. 4: ``x̃ ← Π_γ(x̃ + α·SGN(IDCT(DCT(∇) ⊙ m_η)))``; InMark's own LF epochs, :mod:`.inmark`, do exactly this). The
+sign re-introduces some high frequencies; that is the paper's method. ``lf_project=True`` (``-p lf_project=true``)
+is our optional addition: it also projects the perturbation on the block after every step (:func:`project_delta`
+as the engine's ``delta_transform``), keeping δ in the subspace up to the ε clip.
 
 η default 0.25: not stated in paper 004; LF-PGD (Guo et al. 2020) kept about a quarter of each side.
 """
@@ -80,8 +81,10 @@ def highfreq_energy(delta: torch.Tensor, ratio: float) -> torch.Tensor:
     return (outside / coefficients.pow(2).flatten(1).sum(1).clamp_min(1e-30)).float()
 
 
-def transforms(ratio: float, grad_transform: Any = None, delta_transform: Any = None) -> dict[str, Any]:
-    """The engine options of LF-PGD (composed after any transforms already given)."""
+def transforms(ratio: float, grad_transform: Any = None, delta_transform: Any = None,
+               project: bool = False) -> dict[str, Any]:
+    """The engine options of LF-PGD (composed after any transforms already given): the gradient low-pass of Eq. 8,
+    and with ``project`` also the perturbation's."""
 
     def grad_lowpass(grad: torch.Tensor) -> torch.Tensor:
         return lowpass(grad_transform(grad) if grad_transform is not None else grad, ratio)
@@ -89,23 +92,24 @@ def transforms(ratio: float, grad_transform: Any = None, delta_transform: Any = 
     def delta_lowpass(delta: torch.Tensor) -> torch.Tensor:
         return project_delta(delta_transform(delta) if delta_transform is not None else delta, ratio)
 
-    return {"grad_transform": grad_lowpass, "delta_transform": delta_lowpass}
+    return {"grad_transform": grad_lowpass, "delta_transform": delta_lowpass if project else delta_transform}
 
 
 def attack(images: torch.Tensor, *, models: Any, generators: Sequence[torch.Generator], base: str,
-           lf_ratio: float = 0.25, grad_transform: Any = None, delta_transform: Any = None,
-           **params: Any) -> PGDResult:
-    """``lf-<base>``: run the single-image attack ``base`` with gradient and perturbation low-pass projected."""
+           lf_ratio: float = 0.25, lf_project: bool = False, grad_transform: Any = None,
+           delta_transform: Any = None, **params: Any) -> PGDResult:
+    """``lf-<base>``: run the single-image attack ``base`` with its gradient low-passed before the sign (Eq. 8);
+    ``lf_project`` also projects the perturbation."""
     from . import get_attack
 
-    options = transforms(lf_ratio, grad_transform, delta_transform)
+    options = transforms(lf_ratio, grad_transform, delta_transform, lf_project)
     return get_attack(base).load().attack(images, models=models, generators=generators, **options, **params)
 
 
-def attack_set(images: list[torch.Tensor], *, base: str, lf_ratio: float = 0.25, grad_transform: Any = None,
-               delta_transform: Any = None, **params: Any) -> list[PGDResult]:
+def attack_set(images: list[torch.Tensor], *, base: str, lf_ratio: float = 0.25, lf_project: bool = False,
+               grad_transform: Any = None, delta_transform: Any = None, **params: Any) -> list[PGDResult]:
     """``lf-<set-level attack>`` (LF-ASPL, LF-FSMG of paper 004): the base set attack with the LF transforms."""
     from . import get_attack
 
-    options = transforms(lf_ratio, grad_transform, delta_transform)
+    options = transforms(lf_ratio, grad_transform, delta_transform, lf_project)
     return get_attack(base).load().attack_set(images, **options, **params)

@@ -1,15 +1,18 @@
 """MetaCloak — meta-learned, transformation-robust poisoning (Liu et al. CVPR 2024; paper 001 App. C.2).
 
-Set-level. (1) Surrogate pool: DreamBooth-train a copy of the base model on the clean set (``--clean-dir``, else the
-protected images) for ``pool_steps`` steps, keeping snapshots after 0, ``pool_interval``, 2·``pool_interval`` …
-steps (defaults 1000 / 200: the 0, 199, …, 999 checkpoints of METHODS.md). (2) For each of ``trials`` trials and
+Reference code: liuyixin-louis/MetaCloak (its pool generation, EoT transform list and unrolled loop; the facts used
+here — Resize + CenterCrop, rotation in [0, θ], pool trained on the protected images — are from issue 18's review of
+that release, not re-read here). Set-level. (1) Surrogate pool: DreamBooth-train a copy of the base model on the
+clean protected images themselves (as the release does; ``--clean-dir`` is not used here) for ``pool_steps``
+steps, keeping snapshots after 0, ``pool_interval``, 2·``pool_interval`` … steps (defaults 1000 / 200: the 0, 199, …, 999 checkpoints of METHODS.md). (2) For each of ``trials`` trials and
 each snapshot θ_k: load θ_k, then ``inner_iterations`` times do [``pgd_steps`` EoT-PGD ascent steps on the whole set
 against θ_k, then ``unroll_steps`` DreamBooth steps of θ_k on the perturbed set] — the perturbation is learned
 against models at every stage of a DreamBooth run, each one unrolled on the current poison.
 
-EoT (inside every PGD step, per image, from its own generator): random resized crop (area scale U(0.8, 1), resized
-back) → Gaussian blur with kernel 7 (σ ~ U(0.1, 2.0), torchvision's range) → horizontal flip with probability 0.5
-(optional rotation ±``rotation`` degrees, off by default). A ``--robust`` transform, when given, is applied after it.
+EoT (inside every PGD step, per image, from its own generator), the release's list: Resize + CenterCrop to the
+working size (the identity on our working-size images, so no crop is drawn) → Gaussian blur with kernel 7 (σ ~
+U(0.1, 2.0), torchvision's range) → horizontal flip with probability 0.5 → rotation by an angle in [0, θ] degrees
+(``rotation`` θ, 0 by default: off). A ``--robust`` transform, when given, is applied after it.
 
 Defaults: eps 11/255, step_size 1.1/255, pgd_steps 6, unroll_steps 2 (METHODS.md); trials 4 and
 inner_iterations 100 (= interval 200 // 2 training steps) as MetaCloak's released configuration
@@ -39,27 +42,22 @@ def _gaussian_kernel(sigma: float, size: int = 7) -> torch.Tensor:
 
 
 def metacloak_transform(x: torch.Tensor, generators: Sequence[torch.Generator], *, rotation: float = 0.0,
-                        scale: tuple[float, float] = (0.8, 1.0), sigma: tuple[float, float] = (0.1, 2.0),
-                        kernel: int = 7) -> torch.Tensor:
-    """Differentiable random crop-resize → blur (k 7) → h-flip (→ rotation) of ``x`` ``(B, 3, H, W)``."""
+                        sigma: tuple[float, float] = (0.1, 2.0), kernel: int = 7) -> torch.Tensor:
+    """Differentiable blur (k 7, random σ) → h-flip (p 0.5) → rotation in [0, ``rotation``]° of ``x``
+    ``(B, 3, H, W)`` (Resize + CenterCrop to the working size is the identity here)."""
     out = []
-    height, width = x.shape[-2:]
     for image, g in zip(x, generators):
-        u = torch.rand(6, generator=g).tolist()
-        area = scale[0] + (scale[1] - scale[0]) * u[0]
-        side_h, side_w = max(1, round(height * math.sqrt(area))), max(1, round(width * math.sqrt(area)))
-        top, left = int(u[1] * (height - side_h + 1)), int(u[2] * (width - side_w + 1))
-        crop = image[None, :, top:top + side_h, left:left + side_w]
-        y = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
-        k = _gaussian_kernel(sigma[0] + (sigma[1] - sigma[0]) * u[3], kernel).to(x.device, x.dtype)
+        u = torch.rand(3, generator=g).tolist()
+        y = image[None]
+        k = _gaussian_kernel(sigma[0] + (sigma[1] - sigma[0]) * u[0], kernel).to(x.device, x.dtype)
         pad = kernel // 2
         y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
         y = F.conv2d(y, k.view(1, 1, 1, -1).expand(3, 1, 1, kernel), groups=3)
         y = F.conv2d(y, k.view(1, 1, -1, 1).expand(3, 1, kernel, 1), groups=3)
-        if u[4] < 0.5:
+        if u[1] < 0.5:
             y = y.flip(-1)
         if rotation:
-            angle = math.radians((u[5] * 2 - 1) * rotation)
+            angle = math.radians(u[2] * rotation)
             theta = torch.tensor([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0]],
                                  dtype=x.dtype, device=x.device)[None]
             grid = F.affine_grid(theta, list(y.shape), align_corners=False)
@@ -69,15 +67,16 @@ def metacloak_transform(x: torch.Tensor, generators: Sequence[torch.Generator], 
 
 
 def surrogate_pool(run, surrogate, pool_steps: int, pool_interval: int) -> list[dict[str, dict]]:
-    """CPU snapshots ``{"unet": …, "text_encoder": …}`` of a DreamBooth run on the clean set."""
+    """CPU snapshots ``{"unet": …, "text_encoder": …}`` of a DreamBooth run on the clean protected images."""
     def snapshot() -> dict[str, dict]:
         return {part: {k: v.detach().cpu().clone() for k, v in getattr(surrogate, part).state_dict().items()}
                 for part in ("unet", "text_encoder")}
 
     pool = [snapshot()]
     db = trainer(run, surrogate)
+    protected = run.pset.squares(run.resolution, clean=True)
     for step in range(1, pool_steps + 1):
-        db.step(run.clean_squares)
+        db.step(protected)
         if step % pool_interval == 0:
             pool.append(snapshot())
             run.progress(f"metacloak: surrogate pool {len(pool)} snapshots (DreamBooth step {step}/{pool_steps})")

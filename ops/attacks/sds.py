@@ -11,7 +11,11 @@ Diff-Protect's "2× faster, ½ memory"). ``sds+`` ascends (like adm+), ``sds-`` 
 The weight w(t) of SDS is 1 (as Diff-Protect's code uses). The reported loss_start/loss_end is the true diffusion
 loss on fixed draws, so SDS and AdvDM outputs are comparable.
 
-Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start False; t_range, prompt via ``models``.
+Reference code: xavihart/Diff-Protect ``code/diff_mist.py``, ``target_model.forward`` with ``mode='sds'``: the
+residual ``(ε_θ(z_t) − ε)`` is detached and contracted with the encoder latent (``grad`` through the encoder only),
+``g_mode`` ``'+'`` ascends and ``'-'`` descends, with Mist's ``LinfPGDAttack`` (random start). Ours is that loop.
+
+Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start True; t_range, prompt via ``models``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def sds_surrogate(models: AttackModels, images: torch.Tensor, generators: Sequen
 
 def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[torch.Generator],
            ascent: bool = True, eps: float = 16.0, step_size: float = 1.0, steps: int = 100,
-           random_start: bool = False, **options: Any) -> PGDResult:
+           random_start: bool = True, **options: Any) -> PGDResult:
     """Run SDS± on ``images`` ``(B, 3, H, W)`` in [0, 1]; ``options`` go to :func:`engine.pgd`."""
     return pgd(images, lambda x, g: sds_surrogate(models, x, g), generators=generators, eps=eps,
                step_size=step_size, steps=steps, ascent=ascent, random_init=random_start,

@@ -53,12 +53,14 @@ class ProtectedSet:
     def __len__(self) -> int:
         return len(self.clean)
 
-    def groups(self, batch_size: int) -> list[list[int]]:
-        """Index minibatches of same-shaped images, in input order within each shape."""
+    def groups(self, batch_size: int | None) -> list[list[int]]:
+        """Index minibatches of same-shaped images, in input order within each shape (``None``: one batch per
+        shape, the whole set when all images share one — Anti-DreamBooth's ``pgd_attack`` steps all of them at
+        once)."""
         by_shape: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(self.clean):
             by_shape.setdefault(tuple(image.shape[-2:]), []).append(index)
-        size = max(1, batch_size)
+        size = max(1, len(self.clean) if batch_size is None else batch_size)
         return [members[i:i + size] for members in by_shape.values() for i in range(0, len(members), size)]
 
     def gather(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -175,7 +177,7 @@ class SetRun:
     eot_samples: int = 1
     grad_transform: Any = None
     delta_transform: Any = None
-    batch_size: int = 4
+    batch_size: int | None = None  # PGD minibatch; None = every same-sized image at once (Anti-DreamBooth)
     t_range: tuple[int, int] | None = None
     latent_sample: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -201,7 +203,7 @@ def model_fingerprint(pipe) -> str:
 def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torch.Generator], masks: Any = None,
               mask: Any = None, clean_images: Sequence[torch.Tensor] | None = None,
               progress: Callable[[str], None] | None = None, eot: Any = None, eot_samples: int = 1,
-              grad_transform: Any = None, delta_transform: Any = None, batch_size: int = 4,
+              grad_transform: Any = None, delta_transform: Any = None, batch_size: int | None = None,
               instance_prompt: str = SET_DEFAULTS["instance_prompt"],
               class_prompt: str = SET_DEFAULTS["class_prompt"], num_class_images: int = 200,
               class_dir: str | Path | None = None, class_steps: int = 50, prior_weight: float = 1.0,
@@ -210,7 +212,9 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
     """Validate the inputs and prepare everything the attack loops need (class images generated or reused).
 
     ``masks`` (or its alias ``mask``): ``None`` or one ``(1, H, W)`` pixel mask per image. ``grad_transform`` /
-    ``delta_transform`` are the engine's (``lf-<attack>`` passes the DCT projections). Unknown keyword options
+    ``delta_transform`` are the engine's (``lf-<attack>`` passes the DCT projections). ``batch_size``: the PGD
+    minibatch (``None``, the default: all same-sized images in one batch per step, as Anti-DreamBooth's
+    ``attacks/aspl.py`` ``pgd_attack`` does; results do not depend on it). Unknown keyword options
     (e.g. ``on_step``, ``lf_ratio``) are kept in ``SetRun.extra``.
     """
     masks = masks if masks is not None else mask

@@ -75,8 +75,9 @@ register(MetricSpec("dinov2", "dino", "cosine similarity of DINOv2 CLS embedding
 register(MetricSpec("fid", "fid", "Fréchet Inception Distance of the concept's images vs its clean references "
                     "(torchmetrics; per concept, paper 000)", "concept", "InceptionV3 pool3 (torch-fidelity via "
                     "torchmetrics)", "pt_inception-2015-12-05 (torch-fidelity download)", False, False))
-register(MetricSpec("clip", "clip", "CLIP score 100·max(cos(image, prompt), 0), prompt from the generate manifest "
-                    "with the token removed (paper 000)", "single", "CLIP (transformers CLIPModel)", CLIP_DEFAULT,
+register(MetricSpec("clip", "clip", "CLIPScore 2.5·max(cos(image, prompt), 0) (Hessel et al.; --clip-scale "
+                    "100 for torchmetrics' scale), prompt from the generate manifest with the token removed "
+                    "(paper 000)", "single", "CLIP (transformers CLIPModel)", CLIP_DEFAULT,
                     False, True, needs_prompt=True))
 register(MetricSpec("clip-iqa", "clip", "CLIP-IQA: softmax(100·cos) of 'Good photo.' vs 'Bad photo.', probability "
                     "of good (Wang et al. 2023)", "single", "CLIP (transformers CLIPModel)", CLIP_DEFAULT, False,

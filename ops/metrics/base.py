@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..validate import check_aspect
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -67,6 +69,7 @@ def preprocess(images: Sequence[torch.Tensor], resize: int, crop: int, mean: Seq
     for shape, indices in same_size_groups(images).items():
         batch = torch.stack([images[i] for i in indices]).to(device=device, dtype=torch.float32)
         height, width = shape[-2:]
+        check_aspect(width, height)
         scale = resize / min(height, width)
         size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
         if size != (height, width):

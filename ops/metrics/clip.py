@@ -4,8 +4,13 @@ Backbone: transformers ``CLIPModel`` + its tokenizer, default weights ``openai/c
 download; not offline). Images: short side 224 (bicubic), centre crop 224, CLIP mean/std, done in torch. Image
 embeddings of a batch are computed once and shared by every CLIP metric of the run; prompt embeddings are cached.
 
-* ``clip`` — 100·max(cos(image, prompt), 0) (Hessel et al. 2021, torchmetrics' definition); the prompt comes from
-  the ``cloak generate`` manifest with the learned token removed (paper 000 §5.1.3).
+* ``clip`` — CLIPScore, ``w·max(cos(image, prompt), 0)`` with Hessel et al.'s ``w = 2.5`` (EMNLP 2021 Eq. 1;
+  jmhessel/clipscore ``clipscore.py``, ``get_clip_score(..., w=2.5)``), the scale of paper 000's Tables 8, 11, 14, 16
+  (0.44–0.54). ``clip_scale`` names another scale explicitly: 100 is torchmetrics' ``CLIPScore``. The prompt comes
+  from the ``cloak generate`` manifest with the learned token removed (paper 000 §5.1.3). Where we differ from
+  Hessel's code: it prefixes every caption with "A photo depicts " (our ``clip_prefix``, default "" because
+  generation prompts already read "a photo of …" and paper 000 does not say it used one) and uses OpenAI's ``clip``
+  package ViT-B/32 with PIL preprocessing; we use transformers' CLIP and torch preprocessing (below).
 * ``clip-iqa`` — softmax(100·cos) over ("Good photo.", "Bad photo."), the probability of "good" (Wang et al.,
   "Exploring CLIP for Assessing the Look and Feel of Images", AAAI 2023), in [0, 1].
 * ``clip-iqac`` — p("a good photo of {class}") − p("a bad photo of {class}") under softmax(100·cos), in [-1, 1]
@@ -35,6 +40,7 @@ LIQE_SCENES = ("animal", "cityscape", "human", "indoor", "landscape", "night", "
 LIQE_DISTORTIONS = ("jpeg2000 compression", "jpeg compression", "noise", "blur", "color", "contrast",
                     "overexposure", "underexposure", "spatial", "quantization", "other")
 LOGIT_SCALE = 100.0
+CLIPSCORE_W = 2.5  # Hessel et al. 2021: CLIP-S = w · max(cos, 0), w = 2.5
 
 
 def _article(word: str) -> str:
@@ -122,10 +128,13 @@ def _class_of(context: ImageContext, name: str) -> str:
 
 
 class ClipMetric(Metric):
-    def __init__(self, name: str, clip: ClipBackbone, liqe: ClipBackbone | None = None):
+    def __init__(self, name: str, clip: ClipBackbone, liqe: ClipBackbone | None = None, *,
+                 scale: float = CLIPSCORE_W, prefix: str = ""):
         self.name = name
         self.clip = clip
         self.liqe_clip = liqe or clip
+        self.scale = float(scale)
+        self.prefix = prefix
 
     def _embed(self, clip: ClipBackbone, images, contexts) -> torch.Tensor:
         return clip.images(images, tuple(context.rel for context in contexts))
@@ -138,8 +147,8 @@ class ClipMetric(Metric):
             raise CloakError(f"clip: no prompt for {missing[0]}: score a folder written by cloak generate (its "
                              "cloak.json records each prompt) or pass --prompt")
         similarity = cosine_matrix(self._embed(self.clip, images, contexts),
-                                   self.clip.text([context.prompt for context in contexts])).diagonal()
-        return (LOGIT_SCALE * similarity.clamp_min(0)).tolist()
+                                   self.clip.text([self.prefix + context.prompt for context in contexts])).diagonal()
+        return (self.scale * similarity.clamp_min(0)).tolist()
 
     def clip_iqa(self, images, contexts) -> list[float]:
         logits = LOGIT_SCALE * cosine_matrix(self._embed(self.clip, images, contexts), self.clip.text(IQA_PROMPTS))
@@ -183,7 +192,8 @@ def q_score(liqe: float, clip_iqac: float) -> float:
 
 
 def build(name: str, clip_model: str = DEFAULT_WEIGHTS, liqe_model: str | None = None, device="cpu",
-          **_options) -> ClipMetric:
+          clip_scale: float | None = None, clip_prefix: str | None = None, **_options) -> ClipMetric:
     clip = backbone(clip_model, device)
     liqe = backbone(liqe_model, device) if liqe_model else None
-    return ClipMetric(name, clip, liqe)
+    return ClipMetric(name, clip, liqe, scale=CLIPSCORE_W if clip_scale is None else clip_scale,
+                      prefix=clip_prefix or "")

@@ -10,11 +10,24 @@
   bug of public evaluation code); their number shows in ``fdfr``.
 * ``ims`` — 0.7·cos(ArcFace) + 0.3·cos(VGG-Face) against the mean clean embeddings; no face → −1 (paper 001 §5.1).
 
-Recognizers: ONNX files run with onnxruntime (``pip install onnxruntime``): ArcFace e.g. insightface antelopev2
-``glintr100.onnx`` (``--arcface-model``), VGG-Face any ONNX export taking 224² RGB (``--vggface-model``). Neither is
-downloadable here; ``tiny`` builds a small random conv encoder in code (tests and demos only). Faces are cropped
-from the detection box enlarged by 20% and resized (no landmark alignment — an approximation of ArcFace's
-5-point alignment).
+Recognizers: ONNX files run with onnxruntime (``pip install onnxruntime``, imported only when an ``.onnx`` file is
+given), any other file is a TorchScript module (``torch.jit.save``; needs ``--trust-pickle``): ArcFace e.g.
+insightface antelopev2 ``glintr100.onnx`` (``--arcface-model``), VGG-Face any export taking 224² RGB
+(``--vggface-model``). Neither is downloadable here; ``tiny`` builds a small random conv encoder in code (tests and
+demos only). Inputs are RGB normalized as ``(x·255 − 127.5)/127.5`` (insightface ``ArcFaceONNX``).
+
+Two pipelines:
+  * **Haar (default, offline fallback)** — faces are cropped from the Haar box enlarged by 20 % and resized, with
+    no landmark alignment (an approximation of the papers' pipeline).
+  * **RetinaFace + aligned ArcFace (the papers' pipeline; ``--face-detector FILE``)** — a user-supplied detector
+    (ONNX or TorchScript) returns boxes, scores and five landmarks; faces with score ≥ ``DETECTOR_THRESHOLD`` (0.5,
+    insightface's ``det_thresh``) count as found (FDFR), and the largest one is aligned onto ArcFace's 112² template
+    by :func:`.face_align.norm_crop` (insightface ``face_align.norm_crop``) before the ArcFace embedding; VGG-Face
+    (``ims``) gets the detector's box crop at 224². The detector contract: input ``(1, 3, H, W)`` float RGB in
+    [0, 1]; output ``(N, 15)`` = ``x1, y1, x2, y2, score`` and the landmarks ``x, y`` × 5 (left eye, right eye,
+    nose, left mouth corner, right mouth corner) in input pixels — i.e. RetinaFace *after* its prior-box decoding
+    and NMS (wrap a raw RetinaFace export, e.g. biubug6/Pytorch_Retinaface, with its decode step; the raw
+    ``loc/conf/landms`` outputs are not decoded here).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from .base import ImageContext, Metric, cosine_matrix
 
 CASCADE = "haarcascade_frontalface_default.xml"
 DETECTION_SIZE = 256
+DETECTOR_THRESHOLD = 0.5
 
 
 def _detector():
@@ -83,57 +97,129 @@ class TinyFaceEncoder(nn.Module):
         return self.conv2(torch.relu(self.conv1(faces * 2 - 1))).flatten(1)
 
 
-class OnnxFaceEncoder:
-    """An ONNX face recognizer: RGB ``(B, 3, S, S)`` in [0, 1] → normalized as (x·255 − 127.5)/127.5."""
+def _normalize(faces: torch.Tensor) -> torch.Tensor:
+    return (faces.float() * 255 - 127.5) / 127.5
 
-    def __init__(self, path: str, input_size: int):
+
+class OnnxModel:
+    """An ONNX model run with onnxruntime (imported here, so the core never needs it): ``(B, 3, S, S)`` → outputs."""
+
+    def __init__(self, path: str):
         from ..errors import ModelNotFoundError
 
-        if not Path(path).is_file():
-            raise ModelNotFoundError(f"face recognizer {path!r} not found: pass an ONNX file (e.g. insightface "
-                                     "antelopev2 glintr100.onnx) or 'tiny' for a demo")
         try:
             import onnxruntime
         except ImportError:
-            raise ModelNotFoundError("face recognizers run with onnxruntime: pip install onnxruntime") from None
+            raise ModelNotFoundError(f"{path}: ONNX face models run with onnxruntime (pip install onnxruntime), or "
+                                     "pass a TorchScript file") from None
         self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.input_size = input_size
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: pixels.cpu().numpy().astype(np.float32)})[0])
+
+
+def load_face_model(spec, flag: str, trust_pickle: bool = False):
+    """A face network from ``spec``: an ``nn.Module`` as it is, an ``.onnx`` file (onnxruntime), or a TorchScript
+    file (``--trust-pickle``: a TorchScript archive carries code)."""
+    from ..errors import ModelNotFoundError, UsageError
+
+    if isinstance(spec, nn.Module) or callable(spec) and not isinstance(spec, (str, Path)):
+        return spec
+    path = Path(str(spec))
+    if not path.is_file():
+        raise ModelNotFoundError(f"{flag} {spec!r} not found: pass an ONNX or TorchScript file (or 'tiny' for a "
+                                 "demo where offered)")
+    if path.suffix.lower() == ".onnx":
+        return OnnxModel(str(path))
+    if not trust_pickle:
+        raise UsageError(f"{flag} {path}: TorchScript files can run code; pass --trust-pickle to load it")
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+class FaceEncoder:
+    """A face recognizer: RGB ``(B, 3, S, S)`` in [0, 1] → ``(B, D)`` embeddings, input normalized as
+    ``(x·255 − 127.5)/127.5`` (insightface ``ArcFaceONNX.get_feat``: input_mean = input_std = 127.5, RGB)."""
+
+    def __init__(self, model, input_size: int):
+        self.model, self.input_size = model, input_size
 
     def __call__(self, faces: torch.Tensor) -> torch.Tensor:
-        pixels = ((faces.cpu().numpy() * 255 - 127.5) / 127.5).astype(np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: pixels})[0])
+        return self.model(_normalize(faces))
 
 
-def load_recognizer(spec: str | None, input_size: int, flag: str):
+def load_recognizer(spec: str | None, input_size: int, flag: str, trust_pickle: bool = False):
     from ..errors import UsageError
 
-    if not spec:
-        raise UsageError(f"identity metrics need a face recognizer: pass {flag} FILE.onnx (or 'tiny' for a demo)")
-    return TinyFaceEncoder().eval() if spec == "tiny" else OnnxFaceEncoder(spec, input_size)
+    if spec is None or spec == "":
+        raise UsageError(f"identity metrics need a face recognizer: pass {flag} FILE (.onnx, or TorchScript with "
+                         "--trust-pickle; or 'tiny' for a demo)")
+    if isinstance(spec, str) and spec == "tiny":
+        return TinyFaceEncoder().eval()
+    return FaceEncoder(load_face_model(spec, flag, trust_pickle), input_size)
+
+
+class LandmarkDetector:
+    """A RetinaFace-style detector (module docstring: input ``(1, 3, H, W)`` RGB in [0, 1], output ``(N, 15)``)."""
+
+    def __init__(self, model, threshold: float = DETECTOR_THRESHOLD):
+        self.model, self.threshold = model, threshold
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """Faces ``[(box (x, y, w, h), landmarks (5, 2))]`` with score ≥ threshold, largest box first."""
+        output = self.model(image.detach().float().cpu().clamp(0, 1)[None])
+        rows = torch.as_tensor(output).reshape(-1, 15).float().numpy()
+        faces = []
+        for row in rows[rows[:, 4] >= self.threshold]:
+            x1, y1, x2, y2 = row[:4]
+            faces.append(((int(round(x1)), int(round(y1)), int(round(x2 - x1)), int(round(y2 - y1))),
+                          row[5:15].reshape(5, 2).astype(np.float64)))
+        return sorted(faces, key=lambda face: -face[0][2] * face[0][3])
 
 
 class FaceMetric(Metric):
-    def __init__(self, name: str, arcface=None, vggface=None, device="cpu"):
+    """FDFR / ISM / IMS with the Haar fallback (``face_detector`` None or ``"haar"``) or a RetinaFace-style detector
+    with ArcFace alignment (``face_detector`` = a file or module; see the module docstring)."""
+
+    def __init__(self, name: str, arcface=None, vggface=None, device="cpu", face_detector=None,
+                 trust_pickle: bool = False):
+        from .face_align import norm_crop
+
         self.name = name
         self.device = torch.device(device)
-        self.detector = _detector()
+        self.aligned = face_detector not in (None, "haar")
+        self.detector = (LandmarkDetector(load_face_model(face_detector, "--face-detector", trust_pickle))
+                         if self.aligned else _detector())
+        self.norm_crop = norm_crop
         self.recognizers = []
         if name in ("ism", "ims"):
-            self.recognizers.append((1.0 if name == "ism" else 0.7, load_recognizer(arcface, 112, "--arcface-model")))
+            self.recognizers.append((1.0 if name == "ism" else 0.7,
+                                     load_recognizer(arcface, 112, "--arcface-model", trust_pickle)))
         if name == "ims":
-            self.recognizers.append((0.3, load_recognizer(vggface, 224, "--vggface-model")))
+            self.recognizers.append((0.3, load_recognizer(vggface, 224, "--vggface-model", trust_pickle)))
         self.reference_means: dict[str, list[torch.Tensor]] = {}
+
+    def faces(self, image: torch.Tensor) -> list[tuple[tuple[int, int, int, int], np.ndarray | None]]:
+        """``[(box, landmarks or None)]``, largest first."""
+        if self.aligned:
+            return self.detector(image)
+        return [(box, None) for box in detect_faces(image, self.detector)]
 
     @torch.no_grad()
     def _embeddings(self, image: torch.Tensor) -> list[torch.Tensor] | None:
-        boxes = detect_faces(image, self.detector)
-        if not boxes:
+        faces = self.faces(image)
+        if not faces:
             return None
+        box, landmarks = faces[0]
         out = []
-        for _, recognizer in self.recognizers:
+        for index, (_, recognizer) in enumerate(self.recognizers):
             size = getattr(recognizer, "input_size", 112)
-            out.append(recognizer(crop_face(image, boxes[0], size)[None]).float()[0])
+            if landmarks is not None and index == 0:  # ArcFace: the 5-point aligned crop
+                crop = self.norm_crop(image, landmarks, size)
+            else:
+                crop = crop_face(image, box, size)
+            out.append(recognizer(crop[None]).float()[0])
         return out
 
     def prepare(self, references: dict[str, list[torch.Tensor]]) -> None:
@@ -150,7 +236,7 @@ class FaceMetric(Metric):
 
     def score(self, images: Sequence[torch.Tensor], contexts: Sequence[ImageContext]) -> list[float | None]:
         if self.name == "fdfr":
-            return [0.0 if detect_faces(image, self.detector) else 1.0 for image in images]
+            return [0.0 if self.faces(image) else 1.0 for image in images]
         values: list[float | None] = []
         for image, context in zip(images, contexts):
             means = self.reference_means.get(context.concept)
@@ -168,5 +254,5 @@ class FaceMetric(Metric):
 
 
 def build(name: str, arcface_model: str | None = None, vggface_model: str | None = None, device="cpu",
-          **_options) -> FaceMetric:
-    return FaceMetric(name, arcface_model, vggface_model, device)
+          face_detector=None, trust_pickle: bool = False, **_options) -> FaceMetric:
+    return FaceMetric(name, arcface_model, vggface_model, device, face_detector, trust_pickle)

@@ -10,14 +10,18 @@ model=, trust_pickle=, **params)``, and may return ``(images, [per-image stats])
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..registry import MethodSpec
+from ..validate import PURIFIER_RANGES
 
 
 @dataclass(frozen=True)
 class PurifierSpec(MethodSpec):
     needs_model: bool = False
     min_size: int = 1
+
+    range_table: ClassVar[dict[str, Any]] = PURIFIER_RANGES
 
 
 PURIFIERS: dict[str, PurifierSpec] = {}
@@ -36,13 +40,16 @@ def get_purifier(name: str) -> PurifierSpec:
     return PURIFIERS[name]
 
 
+register(PurifierSpec("none", "identity", "No purification: every image unchanged (the grid's no-defence column, "
+                      "written with a manifest like any other).", {}))
 register(PurifierSpec("jpeg", "jpeg", "JPEG encode → decode (Pillow, 4:2:0); saved losslessly so later steps see "
-                      "exactly what JPEG did. Default quality 75 (DiffShortcut/MetaCloak eval; SZT uses 25).",
-                      {"quality": 75}))
+                      "exactly what JPEG did. Default quality 75 (DiffShortcut/MetaCloak eval; SZT uses 25). "
+                      "--jpeg-scale S: JPEG at short side S (bicubic up, encode, back; paper 000 used 512-px photos).",
+                      {"quality": 75, "jpeg_scale": None}))
 register(PurifierSpec("webp", "webp", "WebP encode → decode (Pillow), quality 75 (InMark, paper 004).",
                       {"quality": 75}))
-register(PurifierSpec("gaussian", "gaussian", "Gaussian blur, kernel 5 (DiffShortcut); sigma from the kernel "
-                      "size as OpenCV does unless --sigma is given.", {"kernel": 5, "sigma": None}))
+register(PurifierSpec("gaussian", "gaussian", "Gaussian blur as DiffShortcut ran it: Pillow GaussianBlur(radius=5); "
+                      "Pillow's radius is the standard deviation, so --sigma 5 (pixels).", {"sigma": 5.0}))
 register(PurifierSpec("tvm", "tvm", "Total-variance minimization (Guo et al. 2018) as in DiffShortcut App. C.1: "
                       "resize to 64², drop 2% of pixels, min ‖(1−X)⊙(Z−x)‖₂ + λ·TV(Z), λ 0.01, upsample back "
                       "(bicubic; the paper used two SR steps).",
@@ -61,9 +68,12 @@ DIFFPURE_PROMPT = "a photo of a {class}, clear, high resolution, high quality, n
 register(PurifierSpec("regen", "regen", "Diffusion regeneration (WatermarkAttacker): SD VAE latent noised to step 60, "
                       "denoised over the rest of a 50-step DDIM schedule, CFG 7.5, prompt \"\".",
                       {"t": 60, "steps": 50, "guidance": 7.5, "prompt": ""}, needs_model=True, min_size=8))
-register(PurifierSpec("diffpure-latent", "diffpure_latent", "LatentDiffPure (paper 001): SDEdit with SD from t=300 "
-                      "(50-step DDIM schedule), CFG 7.5, prompt with {class} (empty without --class-name).",
-                      {"t": 300, "steps": 50, "guidance": 7.5, "prompt": DIFFPURE_PROMPT, "class_name": None},
+register(PurifierSpec("diffpure-latent", "diffpure_latent", "LatentDiffPure as DiffShortcut's diffpure_main.py: SD "
+                      "latent (posterior sample) noised to t=300, stochastic DDPM on every step 300..0 (301 UNet "
+                      "calls), CFG 7.5, prompt with {class} (empty without --class-name); --steps 50 --eta 0 is the "
+                      "deterministic DDIM variant.",
+                      {"t": 300, "steps": 1000, "guidance": 7.5, "prompt": DIFFPURE_PROMPT, "class_name": None,
+                       "eta": 1.0},
                       needs_model=True, min_size=8))
 register(PurifierSpec("diffpure-pixel", "diffpure_pixel", "PixelDiffPure (Nie et al.): pixel diffusion model "
                       "(--pixel-model), resize to its 256² and back, noise to t=100, DDPM reverse over every step.",
@@ -81,9 +91,11 @@ register(PurifierSpec("pdm-pure", "pdm_pure", "PDM-Pure: DeepFloyd IF stage II S
                       {"t": 444, "steps": 100, "guidance": 7.0, "prompt": "a picture", "resolution": 256,
                        "upscaler_steps": 50, "upscaler_guidance": 4.0, "noise_level": 20,
                        "stage2_model": STAGE2_MODEL, "upscaler_model": UPSCALER_MODEL}, min_size=8))
-register(PurifierSpec("impress", "impress", "IMPRESS: min ‖x − D(E(x))‖² + 0.1·max(LPIPS(x, x_ptb) − 0.1, 0), Adam "
-                      "lr 0.01 cosine, 3000 iterations (paper; --iters 500 is ~6× faster, most of the effect).",
-                      {"iters": 3000, "lr": 0.01, "lpips_weight": 0.1, "lpips_budget": 0.1, "lpips_model": "vgg"},
+register(PurifierSpec("impress", "impress", "IMPRESS as released: from x_ptb + N(0, 0.05²) (0.1 in [-1,1] units), min "
+                      "‖x − D(E(x))‖² + 0.1·max(LPIPS(x, x_ptb) − 0.1, 0), Adam lr 0.01 (eps 1e-5) cosine to 1e-5, "
+                      "3000 iterations (--iters 500 is ~6× faster, most of the effect).",
+                      {"iters": 3000, "lr": 0.01, "lpips_weight": 0.1, "lpips_budget": 0.1, "lpips_model": "vgg",
+                       "noise": 0.05},
                       needs_model=True, min_size=8))
 register(PurifierSpec("codeformer-sr", "codeformer_sr", "DiffShortcut purification: CodeFormer face restoration "
                       "(fidelity 0.5; non-faces skipped), resize to 1/4 (128² for 512²), SD x4 upscaler (75 steps, "

@@ -38,17 +38,48 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     return output
 
 
+TILE_PIXELS = 1 << 18  # the guided filter's float64 (H, W, 3, 3) temporaries exist for one row tile at a time
+
+
+def guided_filter_inplace(guide: np.ndarray, result: np.ndarray, radius: int, eps: float) -> None:
+    """:func:`guided_filter` of ``result`` (float32 ``(H, W, C)``, updated in place) guided by ``guide`` (uint8
+    ``(H, W, 3)``), over row tiles with a halo of ``2·radius + 1`` rows (the two box passes' reach), so a large
+    photo's float64 temporaries stay tile-sized. Rows a tile reads that the previous tile already overwrote come
+    from a saved copy of their old values; only image borders are reflected, as in the whole-image filter."""
+    height, width = result.shape[:2]
+    halo = 2 * radius + 1
+    step = max(4 * halo, TILE_PIXELS // max(1, width))
+    carry = None  # old values of the rows just above the current tile
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        low, high = max(0, start - halo), min(height, stop + halo)
+        source = result[low:high].astype(np.float64)
+        if carry is not None:
+            source[: start - low] = carry
+        carry = result[max(0, stop - halo):stop].astype(np.float64)
+        filtered = guided_filter(guide[low:high].astype(np.float64), source, radius, eps)
+        result[start:stop] = filtered[start - low: stop - low]
+
+
 def purify(images: torch.Tensor, *, bilateral_iters: int = 64, guided_iters: int = 4, radius: int = 4,
            eps: float = 16.0, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    outputs = []
-    for image in images:
-        original = np.rint(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+    outputs = torch.empty(images.shape, dtype=torch.float32)
+    for index, image in enumerate(images):
+        image = image.detach().float().cpu()
+        original = np.empty((image.shape[1], image.shape[2], 3), dtype=np.uint8)
+        for channel in range(3):  # plane by plane: no full-size float copies of a large photo
+            scaled = np.clip(image[channel].numpy(), 0, 1, dtype=np.float32) * np.float32(255)
+            original[..., channel] = np.rint(scaled, out=scaled)
+            del scaled
         smoothed = original.copy()
         for _ in range(bilateral_iters):
             smoothed = cv2.bilateralFilter(smoothed, 5, 8, 8)
-        guide = original.astype(np.float64)
-        result = smoothed.astype(np.float64)
+        result = smoothed.astype(np.float32)
+        del smoothed
         for _ in range(guided_iters):
-            result = guided_filter(guide, result, radius, eps)
-        outputs.append(torch.from_numpy(np.clip(result, 0, 255).astype(np.float32) / 255.0).permute(2, 0, 1))
-    return torch.stack(outputs).to(images.device, images.dtype)
+            guided_filter_inplace(original, result, radius, eps)
+        del original
+        for channel in range(3):
+            plane = np.clip(result[..., channel], 0, 255) / np.float32(255)
+            outputs[index, channel] = torch.from_numpy(plane)
+    return outputs.to(images.device, images.dtype)

@@ -39,16 +39,21 @@ def purify_folder(items: Sequence[InputItem], out_dir: Path, method: str, params
         results = []
         extra = networks()
         for group in _same_size_groups(jobs):
-            images = torch.stack([job.image.rgb for job in group]).to(device)
+            # One image: a view, not a copy (large photos are processed one at a time).
+            images = (group[0].image.rgb[None] if len(group) == 1
+                      else torch.stack([job.image.rgb for job in group])).to(device)
             generators = [torch.Generator().manual_seed(job.seed) for job in group]
             with torch.no_grad():
                 purified = module.purify(images, generators=generators, **params, **extra)
             method_stats = [{}] * len(group)
             if isinstance(purified, tuple):
                 purified, method_stats = purified
-            for job, output, source, more in zip(group, purified.float().cpu(), images.float().cpu(), method_stats):
+            del images  # the decoded input stays on the job; do not hold a second reference past this point
+            for job, output, more in zip(group, purified.float().cpu(), method_stats):
+                source = job.image.rgb
                 stats = {"psnr": psnr(output, source), "ssim": ssim(output, source), **more}
                 results.append((job, ProcessedImage(output, stats)))
+            del purified
         order = {id(job): index for index, job in enumerate(jobs)}
         return [result for _, result in sorted(results, key=lambda pair: order[id(pair[0])])]
 

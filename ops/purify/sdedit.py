@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import add_noise, decode_latents, encode_images, encode_prompts, is_flow_matching, \
-    num_train_timesteps, prediction_type, signal_noise_coefficients
+    latent_posterior, num_train_timesteps, prediction_type, signal_noise_coefficients
 
 
 def denoise_timesteps(t_start: int, num_timesteps: int = 1000, schedule_steps: int = 50) -> list[int]:
@@ -114,14 +114,21 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 8) -> torch.Tensor:
 
 
 def latent_sdedit(pipe, images: torch.Tensor, *, t_start: int, schedule_steps: int, prompt: str, guidance: float,
-                  generators: Sequence[torch.Generator | None], eta: float = 0.0) -> torch.Tensor:
+                  generators: Sequence[torch.Generator | None], eta: float = 0.0,
+                  posterior_sample: bool = False) -> torch.Tensor:
     """SDEdit in Stable Diffusion's latent space with classifier-free guidance (``guidance`` w; an empty prompt
     makes the guided and unguided predictions equal, so it runs one pass). Works at the input size rounded to a
-    multiple of 8 (reflect padding, cropped after). Returns ``(B, 3, H, W)`` in [0, 1]."""
+    multiple of 8 (reflect padding, cropped after). ``posterior_sample`` encodes with a draw from the VAE posterior
+    (``latent_dist.sample()``, from each image's generator before the SDEdit noise) instead of its mean.
+    Returns ``(B, 3, H, W)`` in [0, 1]."""
     height, width = images.shape[-2:]
     vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
     work = pad_to_multiple(images.clamp(0, 1), 8)
-    latents = encode_images(vae, work.to(vae.dtype)).float()
+    if posterior_sample:
+        mean, std = (v.float() for v in latent_posterior(vae, work.to(vae.dtype)))
+        latents = mean + std * per_image_noise(mean.shape[1:], generators, mean)
+    else:
+        latents = encode_images(vae, work.to(vae.dtype)).float()
     batch = images.shape[0]
     cond = encode_prompts(pipe, [prompt] * batch)
     guided = guidance != 1.0 and prompt != ""

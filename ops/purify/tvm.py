@@ -41,4 +41,4 @@ def purify(images: torch.Tensor, *, resolution: int = 64, drop: float = 0.02, tv
     with torch.no_grad():
         restored = F.interpolate(solution.detach().clamp(0, 1), size=(height, width), mode="bicubic",
                                  align_corners=False)
-    return restored.clamp(0, 1).to(images.dtype)
+    return restored.clamp_(0, 1).to(images.dtype)

@@ -38,6 +38,8 @@ from .concepts import CONCEPTS, concept_items, write_concepts
 TI_TEMPLATES = ("a {}",)
 TI_PROMPTS = {"solid": "a {token}", "striped": "a striped {token}", "dotted": "a dotted {token}"}
 TI_VECTORS = 2
+# the recipe was measured without the diffusers TI flips/weight decay (train-ti defaults since issue 19)
+TI_OPTIMIZER = ("--flip-p", "0", "--weight-decay", "0")
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -92,7 +94,7 @@ def textual_inversion(shape: str, work: Path, *, ti_steps: int, ti_lr: float, pe
     _cloak("train-ti", str(images_dir), "-o", str(ti_dir), "--model", model, "--init-token", dataset.UNNAMED_WORD,
            "--num-vectors", str(TI_VECTORS), "--templates", str(templates),
            "--steps", str(ti_steps), "--lr", str(ti_lr), "--seed", str(seed), "--checkpoint-every", "0",
-           "--snapshot-every", "0", "--device", "cpu")
+           "--snapshot-every", "0", "--device", "cpu", *TI_OPTIMIZER)
     _cloak("generate", "-o", str(gen_dir), "--model", model, "--embedding", str(ti_dir / "learned_embeds.safetensors"),
            "-p", str(prompts), "-n", str(per_prompt), "--steps", str(steps), "--guidance", str(guidance),
            "--seed", str(seed), "--device", "cpu", "--batch-size", "6")

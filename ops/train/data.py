@@ -5,15 +5,16 @@ Shapes and ranges: images ``(N, 3, R, R)`` float in [0, 1]; masks ``(N, 1, R, R)
 run has no masks). ``R`` is the training resolution (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
 
 Preprocessing order per image (paper 000 Eq. 7, ``x'_j = JPEG(x'_p)``): decode (EXIF applied) → JPEG at quality Q
-through Pillow, at the file's own size (as ``cloak purify --method jpeg`` would) → resize the short side to R
+through Pillow, at the file's own size (as ``cloak purify --method jpeg`` would; ``--jpeg-scale S`` compresses at
+short side S and resizes back, as ``cloak purify -m jpeg --jpeg-scale S``) → resize the short side to R
 (bicubic, like the diffusers TI example) → centre crop to R×R. Masks follow the same geometry: binarize (> 127) →
-dilate (max filter of size 2N'+1, N' = N scaled from 512² to the mask's size, paper 000 App. J) → resize (nearest)
-and crop exactly like the image.
+dilate (max filter of size 2N'+1 at the mask's own size, N' = round(N · min(W, H) / 512): N pixels at paper 000's
+512 training resolution on every aspect ratio, N·R/512 at resolution R; App. J) → resize (nearest) and crop exactly
+like the image.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from PIL import Image
 from ..errors import CloakError, RejectedInput, UsageError
 from ..io import InputItem, read_image
 from ..masks import dilate_mask, read_mask, scaled_dilation
+from ..validate import check_aspect
 
 # Object templates of the Textual Inversion paper (Gal et al. 2022), the "object" set of the diffusers TI example
 # that paper 000 trains with (§5.1.2). "{}" is replaced by the placeholder token.
@@ -70,18 +72,21 @@ def fill_templates(templates: Sequence[str], placeholder: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- JPEG
-def jpeg_compress(rgb: torch.Tensor, quality: int) -> torch.Tensor:
+def jpeg_compress(rgb: torch.Tensor, quality: int, scale: int | None = None) -> torch.Tensor:
     """JPEG round trip through Pillow (``Image.save(format="JPEG", quality=Q)``, default 4:2:0 subsampling).
 
     ``rgb``: ``(3, H, W)`` float in [0, 1] (quantized to 8 bit first, as a saved file would be). Returns the decoded
-    ``(3, H, W)`` float in [0, 1] — bit-identical to compressing the PNG with Pillow and reading it back.
+    ``(3, H, W)`` float in [0, 1] — bit-identical to compressing the PNG with Pillow and reading it back. ``scale``:
+    compress at short side ``scale`` and resize back (``--jpeg-scale``; :func:`ops.purify.jpeg.round_trip`).
     """
+    from ..purify.jpeg import round_trip
+
     if not 1 <= quality <= 100:
         raise UsageError(f"JPEG quality must be 1-100, got {quality}")
+    if scale is not None and scale < 8:
+        raise UsageError(f"--jpeg-scale must be >= 8 px, got {scale}")
     array = np.rint(rgb.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=int(quality))
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
+    decoded = np.asarray(round_trip(Image.fromarray(array), int(quality), "JPEG", scale), dtype=np.float32) / 255
     return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
 
 
@@ -89,6 +94,7 @@ def jpeg_compress(rgb: torch.Tensor, quality: int) -> torch.Tensor:
 def resize_and_crop(rgb: torch.Tensor, resolution: int, resample: int = Image.BICUBIC) -> torch.Tensor:
     """``(C, H, W)`` in [0, 1] → ``(C, R, R)``: short side to R with Pillow, then a centre crop."""
     channels, height, width = rgb.shape
+    check_aspect(width, height)  # short side → R would make a huge strip of an extreme panorama
     scale = resolution / min(height, width)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     planes = []
@@ -126,9 +132,10 @@ class InstanceData:
 
 
 def load_instance_images(items: Sequence[InputItem], resolution: int, *, jpeg_quality: int | None = None,
+                         jpeg_scale: int | None = None,
                          mask_dir: Path | None = None, dilate: int = 0, max_pixels: int | None = None,
                          rejected: list[tuple[str, str]] | None = None) -> InstanceData:
-    """Load, JPEG-compress (``jpeg_quality``), resize/crop the instance images and their masks (``mask_dir``).
+    """Load, JPEG-compress (``jpeg_quality``, at short side ``jpeg_scale`` when given), resize/crop the instance images and their masks (``mask_dir``).
 
     A mask whose size differs from its (EXIF-oriented) image is an error that names both sizes: masks are made per
     image by ``cloak mask`` and must line up pixel for pixel. Unreadable images raise :class:`RejectedInput`, or,
@@ -147,7 +154,7 @@ def load_instance_images(items: Sequence[InputItem], resolution: int, *, jpeg_qu
             continue
         rgb = loaded.rgb
         if jpeg_quality is not None:
-            rgb = jpeg_compress(rgb, jpeg_quality)
+            rgb = jpeg_compress(rgb, jpeg_quality, jpeg_scale)
         images.append(resize_and_crop(rgb, resolution))
         names.append(item.rel.as_posix())
         if mask_dir is not None:

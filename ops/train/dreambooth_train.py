@@ -3,7 +3,14 @@
 * DreamBooth (Ruiz et al. 2023) with prior preservation, as paper 004 Eq. 2 / paper 001 A.1 write it:
   ``L = ‖f(z_t, t, c_inst) − y‖² + λ ‖f(z̄_t, t̄, c_class) − ȳ‖²`` with λ = 1.0, 200 class images generated once by
   the base model from the class prompt, AdamW lr 5e-7 constant (β 0.9/0.999, weight decay 1e-2, grad-norm clip 1),
-  batch 2, 1000 steps; the text encoder trains with ``train_text_encoder`` (papers 001/004 do).
+  batch 1 instance + 1 class image, 1000 steps, text encoder trained — the settings of paper 001's released run
+  (DiffShortcut ``scripts/sub/train/full.sh``: ``--train_text_encoder --train_batch_size=1
+  --with_prior_preservation --prior_loss_weight=1.0 --learning_rate=5e-7 --lr_scheduler=constant
+  --num_class_images=200 --max_train_steps=1000 --resolution=512 --center_crop``; ``train_dreambooth.py``
+  ``collate_fn`` concatenates the instance and class examples, so batch 1 = 1 + 1). ``DB_DEFAULTS`` holds them.
+  That script also passes ``--use_8bit_adam --mixed_precision=bf16 --gradient_checkpointing`` (CUDA memory
+  settings; ``cloak train-db --use-8bit-adam --mixed-precision bf16 --gradient-checkpointing``, not defaults here
+  because they need a GPU). Where we differ: the instance resize is Pillow bicubic, theirs torchvision bilinear.
 * LoRA (paper 000 App. P): rank-4 adapters on the UNet attention projections (``to_q/k/v/out.0``; the text encoder's
   ``q/k/v/out_proj`` with ``train_text_encoder``) via peft; the base weights stay frozen. Paper 000 uses no prior
   preservation and a prompt with a dummy "*" token; the learning rate is not stated there — we default to 1e-4
@@ -42,10 +49,10 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DB_DEFAULTS = {"lr": 5e-7, "steps": 1000, "batch_size": 2, "prior_weight": 1.0, "weight_decay": 1e-2,
-               "max_grad_norm": 1.0}
+DB_DEFAULTS = {"lr": 5e-7, "steps": 1000, "batch_size": 1, "prior_weight": 1.0, "weight_decay": 1e-2,
+               "max_grad_norm": 1.0, "train_text_encoder": True}  # paper 001 full.sh (module docstring)
 LORA_DEFAULTS = {"lr": 1e-4, "steps": 1000, "batch_size": 2, "prior_weight": 0.0, "weight_decay": 1e-2,
-                 "max_grad_norm": 1.0}
+                 "max_grad_norm": 1.0, "train_text_encoder": False}
 
 
 @dataclass

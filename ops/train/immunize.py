@@ -150,13 +150,10 @@ def apply_attention_state(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_attention_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomic ``safetensors`` file of the immunized attention tensors."""
-    from safetensors.torch import save_file
+    """Atomic, byte-stable ``safetensors`` file of the immunized attention tensors (see io.save_safetensors)."""
+    from ..io import save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary), metadata=metadata or {})
-    temporary.replace(path)
+    save_safetensors(state, path, metadata or {})
 
 
 def load_attention_state(path: Path) -> dict[str, torch.Tensor]:

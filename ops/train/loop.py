@@ -8,8 +8,13 @@ How a trainer uses it::
     config = TrainConfig(steps=5000, lr=5e-4, t_sampler="threshold-high", t_param=0.5, mask_mode="lm")
     result = train(pipe, trainable, data, prompts, config, out_dir, resume=False, on_progress=callback)
 
-One step (batch ``B`` drawn from a seeded data order; everything random comes from ONE CPU generator, so a run is a
-function of its seed and ``--resume`` continues bit-exactly):
+One step (batch ``B`` drawn from a seeded data order; everything random comes from ONE CPU generator — plus, with
+flips, a second one seeded from the same seed — so a run is a function of its seed and ``--resume`` continues
+bit-exactly):
+  0. with ``flip_p`` > 0, each sample is mirrored left-right with probability ``flip_p`` (the diffusers TI
+     example's ``RandomHorizontalFlip(p=flip_p)`` after the resize, ``TextualInversionDataset.__getitem__``); the
+     draws come from a second generator seeded ``seed + FLIP_STREAM`` (one ``torch.rand(B)`` per micro-batch, flip
+     where ``< flip_p``), so ``flip_p`` = 0 leaves every other draw of the run unchanged;
   1. images → cached VAE posterior (mean, std) → ``z0 = mean + std · n`` (the law of ``latent_dist.sample()`` that
      the diffusers TI example uses; ``sample_latents=False`` uses the mean);
   2. ``t ~ sampler`` (uniform / threshold-high / threshold-low / power / tanh, App. H) via :func:`sample_timesteps`;
@@ -29,13 +34,14 @@ The :class:`Trainable` protocol is the plug: ``parameters()``, ``condition(promp
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -47,6 +53,7 @@ MASK_MODES = ("none", "lm", "im", "lim", "zm")
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
 GRAD_BY_T_NAME = "grad_by_t.json"
+FLIP_STREAM = 1  # the flip generator's seed offset from the run's seed
 
 
 class Trainable(Protocol):
@@ -86,12 +93,15 @@ class TrainConfig:
     log_grad_by_t: bool = False
     grad_bins: int = 10
     optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes; train-db --use-8bit-adam)
+    flip_p: float = 0.0  # horizontal-flip probability per sample (diffusers TI example: 0.5; see FLIP_STREAM)
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise UsageError("--steps, --batch-size and --grad-accumulation must be >= 1")
         if self.lr <= 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise UsageError(f"--flip-p must be in [0, 1], got {self.flip_p}")
         if self.mask_mode not in MASK_MODES:
             raise UsageError(f"--mask-mode {self.mask_mode!r}: choose one of {', '.join(MASK_MODES)}")
         if self.t_sampler not in diffusion.TIMESTEP_SAMPLERS:
@@ -184,14 +194,40 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
+OWN_FILE_NAMES = re.compile(r"^step-\d{6}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
+
+
+def refuse_foreign_outputs(out_dir: Path, names: Sequence[str], owned: bool) -> None:
+    """Refuse to train into a folder where a final artifact's name is taken by something cloak did not write
+    (``owned``: the manifest records an earlier training there) or by a symlink (never written through)."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_symlink():
+            raise UsageError(f"{path} is a symlink inside the output folder; cloak does not write through "
+                             "symlinks (remove it)")
+        if path.exists() and not owned:
+            raise UsageError(f"{path} exists and was not written by cloak (its manifest has no record of it): "
+                             "move it away or choose another --output")
+
+
 def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: tuple[str, ...] = ()) -> None:
     """Guard a training folder before a run: ``overwrite`` clears its checkpoints, train log and ``extra`` folders;
     otherwise earlier checkpoints are refused unless ``resume`` (a silent restart would mix two runs' files)."""
     out_dir = Path(out_dir)
-    if overwrite:
+    if overwrite:  # only files named the way cloak names them; anything the user put there stays
         for name in (CHECKPOINT_DIR, *extra):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-        (out_dir / LOG_NAME).unlink(missing_ok=True)
+            folder = out_dir / name
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if OWN_FILE_NAMES.match(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when nothing else is left
+        log = out_dir / LOG_NAME
+        if log.is_file() and not log.is_symlink():
+            log.unlink()
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise UsageError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
                          "--overwrite to start again")
@@ -227,8 +263,15 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     images = data.images
     masks = data.masks
     # IM / LIM encode the masked image x ⊙ M_x (App. I); the others the image itself
-    mean, std = latent_cache(vae, images * masks if config.mask_mode in ("im", "lim") else images, device)
+    encoded = images * masks if config.mask_mode in ("im", "lim") else images
+    mean, std = latent_cache(vae, encoded, device)
     latent_masks = diffusion.latent_mask(masks, tuple(mean.shape[-2:])).to(device) if masks is not None else None
+    flip_generator = None
+    if config.flip_p > 0:  # the mirrored images' own posteriors and masks (the VAE is not exactly flip-equivariant)
+        flip_generator = torch.Generator().manual_seed(config.seed + FLIP_STREAM)
+        mean_flipped, std_flipped = latent_cache(vae, encoded.flip(-1), device)
+        latent_masks_flipped = (diffusion.latent_mask(masks.flip(-1), tuple(mean.shape[-2:])).to(device)
+                                if masks is not None else None)
 
     params = trainable.parameters()
     optimizer = make_optimizer(params, config)
@@ -249,6 +292,8 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
             trainable.load_state_dict(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
+            if flip_generator is not None:
+                flip_generator.set_state(state["flip_generator"])
             order.order, order.position = state["order"], state["position"]
             bins, counts = state["grad_bins"], state["grad_counts"]
             step = resumed_from = int(state["step"])
@@ -263,7 +308,8 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     num_t = diffusion.num_train_timesteps(scheduler)
 
     def resumable_state() -> tuple:  # RNG / data order / grad bins after the last finished step
-        return generator.get_state(), list(order.order), order.position, bins.clone(), counts.clone()
+        flip_state = flip_generator.get_state() if flip_generator is not None else None
+        return generator.get_state(), list(order.order), order.position, bins.clone(), counts.clone(), flip_state
 
     resumable, stepping = resumable_state(), False
     log_file = log_path.open("a")
@@ -273,10 +319,19 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            step_loss, record_t, inside, outside = 0.0, [], [], []
+            step_loss, record_t, inside, outside, record_flip = 0.0, [], [], [], []
             for _ in range(config.grad_accumulation):
                 index = order.next(config.batch_size, generator)
                 batch_mean, batch_std = mean[index], std[index]
+                batch_masks = latent_masks[index] if latent_masks is not None else None
+                if flip_generator is not None:
+                    flips = torch.rand(config.batch_size, generator=flip_generator) < config.flip_p
+                    record_flip += [int(flip) for flip in flips]
+                    pick = flips.to(device)[:, None, None, None]
+                    batch_mean = torch.where(pick, mean_flipped[index], batch_mean)
+                    batch_std = torch.where(pick, std_flipped[index], batch_std)
+                    if batch_masks is not None:
+                        batch_masks = torch.where(pick, latent_masks_flipped[index], batch_masks)
                 shape = batch_mean.shape
                 latent_noise = torch.randn(shape, generator=generator) if config.sample_latents else None
                 timesteps = diffusion.sample_timesteps(config.batch_size, config.t_sampler, config.t_param,
@@ -285,7 +340,6 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
                 choice = torch.randint(len(prompts), (config.batch_size,), generator=generator).tolist()
                 latents = batch_mean + batch_std * latent_noise.to(device) if latent_noise is not None else batch_mean
                 text, unet_kwargs = trainable.condition([prompts[i] for i in choice])
-                batch_masks = latent_masks[index] if latent_masks is not None else None
                 loss, prediction, target = masked_step_loss(unet, scheduler, latents, text, timesteps.to(device),
                                                             noise, config.mask_mode, batch_masks, **unet_kwargs)
                 loss = loss.mean()
@@ -320,6 +374,8 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
             check_finite(step_loss)
             last_loss = step_loss
             record: dict[str, Any] = {"step": step, "t": record_t, "loss": step_loss, "lr": lr}
+            if flip_generator is not None:
+                record["flip"] = record_flip
             if inside:
                 record["loss_inside"] = sum(inside) / len(inside)
                 record["loss_outside"] = sum(outside) / len(outside)
@@ -333,16 +389,19 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
                 written += trainable.save(out_dir, step, False)
             at_stop = stop_after is not None and step == stop_after
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop or step == total:
-                _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, bins, counts, config, data)
+                _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, bins, counts, config, data,
+                                 flip_generator)
             if on_progress is not None:
                 on_progress(step, total, record)
     except KeyboardInterrupt:
         # Ctrl-C between optimizer steps: checkpoint the last finished step so --resume loses nothing.
         if not stepping and step > 0:
             generator.set_state(resumable[0])
+            if flip_generator is not None:
+                flip_generator.set_state(resumable[5])
             order.order, order.position = resumable[1], resumable[2]
             _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, resumable[3], resumable[4],
-                             config, data)
+                             config, data, flip_generator)
         raise
     finally:
         log_file.close()
@@ -360,13 +419,15 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
 
 def _save_checkpoint(out_dir: Path, step: int, trainable: Trainable, optimizer, generator: torch.Generator,
                      order: DataOrder, bins: torch.Tensor, counts: torch.Tensor, config: TrainConfig,
-                     data: InstanceData) -> None:
+                     data: InstanceData, flip_generator: torch.Generator | None = None) -> None:
     path = _checkpoint_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "order": list(order.order),
              "position": order.position, "grad_bins": bins, "grad_counts": counts, "config": config.resume_key(),
              "names": list(data.names)}
+    if flip_generator is not None:
+        state["flip_generator"] = flip_generator.get_state()
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)

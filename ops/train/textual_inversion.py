@@ -171,15 +171,12 @@ class TextualInversion:
         return {"clip_l": vectors[0], "clip_g": vectors[1]} if self.sdxl else {self.token: vectors[0]}
 
     def save(self, folder: Path, step: int, final: bool) -> list[str]:
-        from safetensors.torch import save_file
+        from ..io import output_path, save_safetensors
 
         name = EMBEDS_NAME if final else f"{SNAPSHOT_DIR}/learned_embeds-step-{step:06d}.safetensors"
-        path = Path(folder) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        save_file(self.embeddings(), str(temporary), metadata={"token": self.token, "step": str(step),
-                                                              "num_vectors": str(self.num_vectors)})
-        temporary.replace(path)
+        path = output_path(Path(folder), name)  # no write through a symlink inside OUTPUT
+        save_safetensors(self.embeddings(), path, {"token": self.token, "step": str(step),
+                                                   "num_vectors": str(self.num_vectors)})
         return [name]
 
     def finalize(self) -> None:

@@ -47,6 +47,8 @@ PURIFY = {str(k): v for k, v in (C.get("purify_defences") or {}).items()}
 MASKED_PRESETS = {str(d) for d in C["masked_defences"]}
 TABLE = f"{W}/{C['table']['name']}"
 TABLE_FILES = [f"{TABLE}.md", f"{TABLE}.csv"]
+REPORT = f"{W}/report/index.html"
+FINAL = TABLE_FILES + ([REPORT] if C["report"] else [])
 COMMON = f"--model {shlex.quote(str(C['model']))} --device {C['device']} --seed {C['seed']}"
 
 
@@ -141,3 +143,9 @@ def table_cmd(scores):
     return (f"{CLOAK} score --table {' '.join(q(s) for s in scores)} --rows poison --cols defense "
             f"--metric {q(t['metric'])} --average-row {q(t.get('average_row', 'Psn Avg'))} "
             f"--average-exclude none -o {q(TABLE)}")
+
+
+def report_cmd(scores):
+    t = C["table"]
+    return (f"{CLOAK} report {' '.join(q(s) for s in scores)} -o {q(W + '/report')} --rows poison --cols defense "
+            f"--metric {q(t['metric'])} --average-row {q(t.get('average_row', 'Psn Avg'))} --average-exclude none")

@@ -111,3 +111,14 @@ rule table:
         cmd=table_cmd(SCORES),
     shell:
         "{params.cmd}"
+
+
+rule report:
+    input:
+        SCORES,
+    output:
+        REPORT,
+    params:
+        cmd=report_cmd(SCORES),
+    shell:
+        "{params.cmd}"

@@ -1,0 +1,193 @@
+"""Each single-image attack's first PGD step against an expected step computed independently in plain torch.
+
+The attack's (t, ε) draws are pinned (``models.draw`` patched to return fixed tensors), so the test can compute
+the paper's loss on the same draws with the VAE, scheduler and UNet called directly, take its gradient with
+``torch.autograd``, and require that the attack's step equal ``x ± α·sign(∇)``. A flipped sign, a no-op, a reversed
+gradient, a wrong reduction or a missing term changes the step on most pixels, so these tests fail on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloaklab.ops.attacks import da, ea, engine, get_attack, mist, sds, adm
+from cloaklab.tests.conftest import photo_tensor
+
+ALPHA = 2.0  # step in /255
+
+
+@pytest.fixture(scope="module")
+def images(device):
+    return torch.stack([photo_tensor("astronaut", 32), photo_tensor("coffee", 32)]).to(device)
+
+
+@pytest.fixture
+def pinned(tiny_pipe, images):
+    """AttackModels whose every (t, ε) draw is one fixed pair, plus that pair."""
+    models = engine.AttackModels(tiny_pipe)
+    shape = (images.shape[0], 4, images.shape[-2] // 8, images.shape[-1] // 8)
+    g = torch.Generator().manual_seed(1234)
+    t = torch.tensor([300, 700])
+    noise = torch.randn(shape, generator=g).to(images.device)
+    models.draw = lambda latents, generators: (t.to(latents.device), noise.to(latents))
+    return models, t, noise
+
+
+def gens(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(i) for i in range(n)]
+
+
+# ------------------------------------------------------------------------- the paper's losses, in plain torch
+def latents_of(pipe, x):
+    return pipe.vae.encode(x * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def eps_mse(pipe, models, x, t, noise):
+    """Per-image mean ‖ε_θ(√ᾱ z + √(1−ᾱ) ε, t, c) − ε‖² (AdvDM; LDM p_losses: mean over the latent)."""
+    z = latents_of(pipe, x)
+    abar = pipe.scheduler.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * z + (1 - abar).sqrt() * noise
+    text = models.text_embeddings(x.shape[0])
+    prediction = pipe.unet(noisy, t.to(z.device), encoder_hidden_states=text).sample
+    return (prediction - noise).pow(2).flatten(1).mean(1)
+
+
+def grad_of(loss_fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(x).sum(), x)
+    return g
+
+
+def expected_step(x, grad, sign=+1, eps=16.0):
+    stepped = x + sign * ALPHA / 255 * grad.sign()
+    return (x + (stepped - x).clamp(-eps / 255, eps / 255)).clamp(0, 1)
+
+
+def agree(a, b) -> float:
+    """Fraction of pixels where two one-step results are equal (sign ties at ~0 gradient may differ)."""
+    return float(((a - b).abs() < 1e-6).float().mean())
+
+
+def one_step(module, x, models, **kw):
+    return module.attack(x, models=models, generators=gens(x.shape[0]), steps=1, step_size=ALPHA,
+                         random_start=False, eval_draws=0, **kw).images
+
+
+def test_adm_plus_and_minus_step_along_the_sign_of_the_eps_mse_gradient(tiny_pipe, pinned, images):
+    models, t, noise = pinned
+    grad = grad_of(lambda x: eps_mse(tiny_pipe, models, x, t, noise), images)
+    assert agree(one_step(adm, images, models), expected_step(images, grad, +1)) > 0.99
+    assert agree(one_step(adm, images, models, ascent=False), expected_step(images, grad, -1)) > 0.99
+    spec = get_attack("adm-")  # the registered adm- really descends
+    out = spec.load().attack(images, models=models, generators=gens(2), steps=1, step_size=ALPHA,
+                             random_start=False, eval_draws=0, **spec.fixed).images
+    assert agree(out, expected_step(images, grad, -1)) > 0.99
+
+
+def test_sds_steps_along_the_encoder_jacobian_times_the_detached_residual(tiny_pipe, pinned, images):
+    """SDS (Diff-Protect diff_mist.py, mode 'sds'): ∇ = (∂z/∂x)ᵀ (ε_θ(z_t) − ε), residual held constant."""
+    models, t, noise = pinned
+    with torch.no_grad():
+        z = latents_of(tiny_pipe, images)
+        abar = tiny_pipe.scheduler.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * z + (1 - abar).sqrt() * noise
+        residual = tiny_pipe.unet(noisy, t, encoder_hidden_states=models.text_embeddings(2)).sample - noise
+    grad = grad_of(lambda x: (latents_of(tiny_pipe, x) * residual).flatten(1).sum(1), images)
+    assert agree(one_step(sds, images, models), expected_step(images, grad, +1)) > 0.99
+    assert agree(one_step(sds, images, models, ascent=False), expected_step(images, grad, -1)) > 0.99
+
+
+def test_ea_descends_the_latent_distance_to_the_target(tiny_pipe, pinned, images):
+    models, _, _ = pinned
+    target = ea.make_target("pattern", 32, 32)[None].expand(2, -1, -1, -1).to(images.device)
+    with torch.no_grad():
+        z_target = latents_of(tiny_pipe, target)
+    grad = grad_of(lambda x: (latents_of(tiny_pipe, x) - z_target).pow(2).flatten(1).sum(1), images)
+    assert agree(one_step(ea, images, models, targets=target), expected_step(images, grad, -1)) > 0.99
+
+
+@pytest.mark.parametrize("weight", [1e4, 3.0])
+def test_mist_descends_summed_encoder_distance_minus_weighted_mean_eps_mse(tiny_pipe, pinned, images, weight):
+    """Mist v1 mist_v3.py target_model.forward mode 2: MSELoss(reduction="sum")(z, z_target) − rate · mean ε-MSE."""
+    models, t, noise = pinned
+    target = ea.make_target("pattern", 32, 32)[None].expand(2, -1, -1, -1).to(images.device)
+    with torch.no_grad():
+        z_target = latents_of(tiny_pipe, target)
+
+    def loss(x):
+        distance = (latents_of(tiny_pipe, x) - z_target).pow(2).flatten(1).sum(1)
+        return distance - weight * eps_mse(tiny_pipe, models, x, t, noise)
+
+    grad = grad_of(loss, images)
+    out = one_step(mist, images, models, targets=target, fused_weight=weight)
+    assert agree(out, expected_step(images, grad, -1)) > 0.99
+
+
+def test_mist_target_changes_the_perturbation(tiny_pipe, images):
+    """At the default weight 1e4 the summed encoder term competes with AdvDM's: --target matters."""
+    models = engine.AttackModels(tiny_pipe)
+    outs = []
+    for kind in ("pattern", "zero"):
+        target = ea.make_target(kind, 32, 32)[None].expand(2, -1, -1, -1).to(images.device)
+        outs.append(mist.attack(images, models=models, generators=gens(2), targets=target, steps=3,
+                                step_size=ALPHA, eval_draws=0).images)
+    assert agree(outs[0], outs[1]) < 0.97  # 32 px: 64 latent elements; at 512² the sum is 256× larger still
+
+
+def test_lf_step_is_the_sign_of_the_lowpassed_gradient_without_delta_projection(tiny_pipe, pinned, images):
+    """Paper 004 Eq. 8 in Eq. 4: x + α·sign(IDCT(DCT(∇) ⊙ m_η)); the DCT written out here with torch.fft-free
+    matrices built from the definition (orthonormal DCT-II)."""
+    import math
+
+    models, t, noise = pinned
+    grad = grad_of(lambda x: eps_mse(tiny_pipe, models, x, t, noise), images).double()
+    n = images.shape[-1]
+    k = torch.arange(n, dtype=torch.float64)
+    basis = torch.cos(math.pi * (k[None, :] + 0.5) * k[:, None] / n) * math.sqrt(2 / n)
+    basis[0] /= math.sqrt(2)
+    keep = torch.zeros(n, n, dtype=torch.float64)
+    keep[:8, :8] = 1  # η = 0.25 of 32
+    low = basis.T @ ((basis @ grad.cpu() @ basis.T) * keep) @ basis
+    spec = get_attack("lf-adm+")
+    assert spec.defaults["random_start"] is False and spec.defaults["lf_project"] is False
+    out = spec.load().attack(images, models=models, generators=gens(2), steps=1, step_size=ALPHA,
+                             random_start=False, eval_draws=0, **spec.fixed, lf_ratio=0.25).images
+    assert agree(out, expected_step(images, low.float().to(images.device), +1)) > 0.99
+
+
+def test_da_step_pulls_the_sampler_output_toward_mid_grey(monkeypatch, pinned, images):
+    """PhotoGuard super_l2: x ← Π(x − step·∇/‖∇‖) on ‖sample(x) − target‖₂ in [-1, 1] units; the sampler is
+    replaced by an identity map (2x − 1) so the expected step has a closed form: toward the target, 0 = grey."""
+    models, _, _ = pinned
+    seen = {}
+
+    def fake_sample(models_, x, generators, **kw):
+        seen.update(kw)
+        return x * 2 - 1
+
+    monkeypatch.setattr(da, "sample", fake_sample)
+    spec = get_attack("da")
+    target = ea.make_target(spec.defaults["target"], 32, 32)[None].expand(2, -1, -1, -1).to(images.device)
+    params = {k: v for k, v in spec.defaults.items() if k not in ("target",)}
+    params.update(steps=1, grad_samples=1, eval_draws=0)
+    out = da.attack(images, models=models, generators=gens(2), targets=target, **params).images
+    assert seen == {"sampling_steps": 4, "guidance": 7.5, "strength": 1.0, "eta": 1.0, "prompt": ""}
+    direction = (images - 0.5) / (images - 0.5).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    expected = (images - 0.5 * direction).clamp(images - 16 / 255, images + 16 / 255).clamp(0, 1)  # l2_step 1 → 0.5
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_da_sampler_keeps_gradients_on_saturated_pixels(monkeypatch, tiny_pipe, images):
+    """No clamp on the decoder output (PhotoGuard attack_forward decodes without one): with a decoder whose output
+    saturates, the sampler still returns values beyond [-1, 1] and the loss has gradient through them."""
+    from types import SimpleNamespace
+
+    models = engine.AttackModels(tiny_pipe)
+    decode = tiny_pipe.vae.decode
+    monkeypatch.setattr(tiny_pipe.vae, "decode", lambda z, *a, **k: SimpleNamespace(sample=decode(z).sample * 10))
+    x = images[:1].clone().requires_grad_(True)
+    out = da.sample(models, x, gens(1), sampling_steps=2)
+    outside = out.abs() > 1
+    assert float(outside.float().mean()) > 0.2
+    (grad,) = torch.autograd.grad(out[outside].sum(), x)
+    assert grad.abs().sum() > 0

@@ -32,9 +32,11 @@ Recursive = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that a previous run with the same "
                                          "parameters already wrote (default: skip them); files cloak did not write "
                                          "are never replaced (docs/contract.md).")]
-Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Process only shard I of N (1-based, "
-                                              "round-robin over the sorted inputs) so N processes can share a "
-                                              "folder.")]
+Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N|auto", help="Process only shard I of N "
+                                              "(1-based, round-robin over the sorted inputs) so N processes can "
+                                              "share a folder; auto: this array task's shard from Slurm "
+                                              "(SLURM_ARRAY_TASK_*) or Grid Engine (SGE_TASK_*), e.g. under "
+                                              "sbatch --array=0-31.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; each file draws from (seed, its relative name), so "

@@ -86,7 +86,7 @@ def generate(
     from cloaklab.ops.errors import UsageError
     from cloaklab.ops.generate import artifact_digest, embedding_token, load_generation_pipeline, plan_jobs
     from cloaklab.ops.generate import generate_folder
-    from cloaklab.ops.io import parse_shard
+    from cloaklab.ops.io import parse_shard, shard_label
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, model_info
     from cloaklab.ops.prompts import DEFAULT_NUM_PER_PROMPT, DEFAULT_TOKEN, load_prompt_templates
@@ -125,7 +125,7 @@ def generate(
               "unet": artifact_digest(unet), "text_encoder": artifact_digest(text_encoder),
               "scheduler": common.value(scheduler), "dtype": str(torch_dtype), **settings}
     manifest = Manifest(output, "generate", params, seed=seed, model=model_record,
-                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard,
+                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard_label(shard_spec),
                                "prompts": prompts, "num_per_prompt": count, "token": token})
     with common.Reporter("generate") as reporter:
         summary = generate_folder(pipe, jobs, output, manifest, settings=settings, batch_size=batch_size,

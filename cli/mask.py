@@ -75,7 +75,8 @@ def mask(
 
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import (DEFAULT_MAX_PIXELS, LoadedImage, atomic_write_bytes, check_output_location,
-                                 check_outputs, collect_inputs, output_path, parse_shard, select_shard)
+                                 check_outputs, collect_inputs, output_path, parse_shard, select_shard,
+                                 shard_label)
     from pathlib import PurePosixPath
 
     from cloaklab.ops.errors import RejectedInput
@@ -100,7 +101,7 @@ def mask(
               "select": prompt.select, "points_per_side": points_per_side, "dilate": dilate, "sam_type": sam_name,
               "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None, "preview": preview}
     manifest = Manifest(output, "mask", params, seed=seed, model={"name": f"sam-{sam_name}"},
-                        extra={"device": str(torch_device), "shard": shard})
+                        extra={"device": str(torch_device), "shard": shard_label(shard_spec)})
     sam = load_sam(sam_name, str(sam_checkpoint) if sam_checkpoint else None, torch_device)
 
     def process(jobs):

@@ -149,7 +149,8 @@ def poison(
     from cloaklab.ops.attacks.robust import parse_robust
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
+                                 shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.poison import poison_folder
@@ -193,7 +194,7 @@ def poison(
                   "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
                   "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
     manifest = Manifest(output, "poison", run_params, seed=seed, model=model_record,
-                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard,
+                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard_label(shard_spec),
                                "preview": preview, "checkpointing": checkpointing})
     with common.Reporter("poison") as reporter:
         for note in notes:

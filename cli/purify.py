@@ -122,7 +122,8 @@ def purify(
     import sys
 
     from cloaklab.ops.device import resolve_device, resolve_dtype
-    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
+                                 shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.purify import get_purifier
     from cloaklab.ops.purify.run import purify_folder
@@ -153,7 +154,7 @@ def purify(
                                                                             else {})},
                         seed=seed, model=model_record,
                         extra={"device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", ""),
-                               "batch_size": batch_size, "shard": shard})
+                               "batch_size": batch_size, "shard": shard_label(shard_spec)})
     with common.Reporter("purify") as reporter:
         for note in notes:
             reporter.line(f"cloak: note: {note}")

@@ -74,7 +74,8 @@ def ssm(
     from cloaklab.ops import diffusion
     from cloaklab.ops.device import resolve_device, resolve_dtype
     from cloaklab.ops.extras import PLOT_SKIPPED
-    from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs, parse_shard, select_shard
+    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
+                                 shard_label)
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
@@ -146,7 +147,7 @@ def ssm(
                                             "embedding": str(embedding) if embedding else None,
                                             "masks": str(masks) if masks else None, "model": model_name},
                             seed=seed, model=model_info(model_name).as_dict(),
-                            extra={"device": str(torch_device), "shard": shard})
+                            extra={"device": str(torch_device), "shard": shard_label(shard_spec)})
         manifest.start_run()
         summary = run_maps(pipe, items, output, manifest, prompt=prompt, tokens=tokens, timesteps=steps,
                            samples=samples, seed=seed, resolution=size, masks=masks, overwrite=overwrite,

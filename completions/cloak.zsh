@@ -47,7 +47,7 @@ _cloak() {
                 '--only[Generate only these images, e.g.]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Run seed; image K of prompt J is seeded from (seed, J, K), whatever the batch size or shard.]:value: ' \
@@ -106,7 +106,7 @@ _cloak() {
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
@@ -143,7 +143,7 @@ _cloak() {
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -194,7 +194,7 @@ _cloak() {
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
@@ -274,7 +274,7 @@ _cloak() {
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder.]:value: ' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
                 '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
                 '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \

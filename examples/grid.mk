@@ -25,6 +25,8 @@ DATA_DEP ?=  # a target that creates $(DATA) (the toy world writes its concepts)
 MASKED_DEFENCES := lm jpeg+lm szt
 
 .PHONY: all table report poisons clean-grid
+# (the including Makefile may define a rule first, e.g. the toy world's $(DATA_DEP): `make` alone still means all)
+.DEFAULT_GOAL := all
 all: table report
 
 # $(call poisoned,P,C): folder of concept C's images under poison P

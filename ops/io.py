@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -167,17 +167,88 @@ def mark_clashes(items: Sequence[InputItem]) -> list[InputItem]:
     return marked
 
 
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` (1-based) → ``(I, N)``; ``None`` passes through."""
+# Array-job variables of the schedulers ``--shard auto`` understands, in the order they are tried.
+SHARD_ENV_HELP = ("Slurm (SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_MIN/_STEP/_COUNT) or Grid Engine "
+                  "(SGE_TASK_ID with SGE_TASK_FIRST/_LAST/_STEPSIZE)")
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw or raw.lower() == "undefined":  # Grid Engine sets SGE_TASK_ID=undefined outside array jobs
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"--shard auto: {name}={raw!r} is not an integer") from None
+
+
+def _array_position(scheduler: str, task: int, first: int, step: int, count: int,
+                    last: int | None = None) -> tuple[int, int]:
+    offset = task - first
+    irregular = last is not None and first + (count - 1) * step != last  # e.g. sbatch --array=1,3,7
+    if irregular or step < 1 or count < 1 or offset < 0 or offset % step or offset // step >= count:
+        raise UsageError(f"--shard auto: {scheduler} task {task} is not on the evenly spaced array "
+                         f"{first}, {first}+{step}, … ({count} tasks); for a hand-picked list of task ids pass "
+                         f"--shard I/N yourself")
+    return offset // step + 1, count
+
+
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """The ``(I, N)`` of this array task from the scheduler's variables (``--shard auto``).
+
+    Slurm: ``sbatch --array=0-31`` (or ``1-32``, ``0-62:2``) runs tasks whose ``SLURM_ARRAY_TASK_ID`` counts from
+    ``SLURM_ARRAY_TASK_MIN`` (0 when unset) in steps of ``SLURM_ARRAY_TASK_STEP`` (1 when unset) up to
+    ``SLURM_ARRAY_TASK_MAX``; ``SLURM_ARRAY_TASK_COUNT`` tasks in all. Grid Engine (SGE, UGE, Son of GE):
+    ``qsub -t 1-32[:step]`` sets ``SGE_TASK_ID`` and
+    ``SGE_TASK_FIRST``/``SGE_TASK_LAST``/``SGE_TASK_STEPSIZE``. The task's position on its array (1-based) is I and
+    the number of tasks is N, so the tasks of one array cover every input exactly once, whatever the first id.
+    PBS (``PBS_ARRAY_INDEX``) and LSF (``LSB_JOBINDEX``) give no task count, so they are not read: pass --shard
+    I/N there. Resubmitting one task alone (``--array=5``) makes it an array of one, i.e. shard 1/1 (the whole
+    folder; finished files are skipped): resubmit the original range instead, or pass --shard 6/32.
+    """
+    env = os.environ if environ is None else environ
+    task = _env_int(env, "SLURM_ARRAY_TASK_ID")
+    if task is not None:
+        count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        if count is None:
+            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not "
+                             "(Slurm older than 17.02?); pass --shard I/N")
+        first = _env_int(env, "SLURM_ARRAY_TASK_MIN")
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP")
+        return _array_position("Slurm", task, 0 if first is None else first, step or 1, count,
+                               _env_int(env, "SLURM_ARRAY_TASK_MAX"))
+    task = _env_int(env, "SGE_TASK_ID")
+    if task is not None:
+        first = _env_int(env, "SGE_TASK_FIRST")
+        last = _env_int(env, "SGE_TASK_LAST")
+        step = _env_int(env, "SGE_TASK_STEPSIZE") or 1
+        if first is None or last is None:
+            raise UsageError("--shard auto: SGE_TASK_ID is set but SGE_TASK_FIRST/SGE_TASK_LAST are not; pass "
+                             "--shard I/N")
+        return _array_position("Grid Engine", task, first, step, (last - first) // step + 1)
+    raise UsageError(f"--shard auto: no array-job variables found; it reads {SHARD_ENV_HELP}. Submit the command "
+                     "as an array job (e.g. sbatch --array=0-31) or pass --shard I/N")
+
+
+def parse_shard(spec: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``"I/N"`` (1-based) → ``(I, N)``; ``"auto"`` → from the scheduler's array variables (see
+    :func:`shard_from_environment`); ``None`` passes through."""
     if not spec:
         return None
+    if spec.strip().lower() == "auto":
+        return shard_from_environment(environ)
     try:
         index, count = (int(part) for part in spec.split("/"))
     except ValueError:
-        raise UsageError(f"--shard {spec!r}: expected I/N, e.g. 1/4") from None
+        raise UsageError(f"--shard {spec!r}: expected I/N (e.g. 1/4) or auto") from None
     if count < 1 or not 1 <= index <= count:
         raise UsageError(f"--shard {spec!r}: need 1 <= I <= N")
     return index, count
+
+
+def shard_label(shard: tuple[int, int] | None) -> str | None:
+    """``(I, N)`` → ``"I/N"`` for manifests (so ``--shard auto`` records the shard it resolved to)."""
+    return None if shard is None else f"{shard[0]}/{shard[1]}"
 
 
 def select_shard(items: Sequence[InputItem], shard: tuple[int, int] | None) -> list[InputItem]:

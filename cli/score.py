@@ -156,7 +156,13 @@ def score(
                   **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
                      else {}),
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        document = {"command": "score", "argv": sys.argv, "cwd": os.getcwd(), "labels": labels, "params": params,
+        from cloaklab.ops.provenance import command_argv, shareable_cwd, shareable_path
+
+        for row in result.get("images") or []:
+            if row.get("path"):
+                row["path"] = shareable_path(row["path"], output.parent)
+        document = {"command": "score", "argv": command_argv(), "cwd": shareable_cwd(output.parent), "labels": labels,
+                    "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}
         write_result(output, document, csv_path)
         _print_table(reporter, result)

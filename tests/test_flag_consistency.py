@@ -11,7 +11,7 @@ GROUP = typer.main.get_command(app)
 
 # The documented meaning of every visible short flag (README "Flags"); a new short flag must be added here.
 SHORT_FLAGS = {"-o": "output", "-r": "recursive", "-m": "method", "-a": "attack", "-p": "prompts", "-n": "num_per_prompt",
-               "-t": "token"}
+               "-t": "token", "-q": "quiet"}  # -q: issue 20 item 3's --quiet, where a command has it
 
 
 def _options(command):

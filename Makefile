@@ -19,6 +19,9 @@ completions:  ## regenerate completions/ and man/ from the typer app
 
 man: completions  ## (same generator as completions)
 
+docs-check:  ## fail (exit 1) when completions/ or man/ are stale, i.e. differ from what `make completions` writes
+	$(PY) -m cloaklab.cli.docgen --check
+
 bench:  ## run the benchmarks (prints ratios; not tests)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

@@ -25,6 +25,8 @@ class OptionDoc:
     choices: list[str]
     kind: str  # "dir", "file", "path" or "" for plain values
     named: list[str] = field(default_factory=list)  # named sets a path option also takes (e.g. --prompts objects24)
+    values: list[str] = field(default_factory=list)  # suggested values of a free-text option (--device cuda:0)
+    value_help: dict[str, str] = field(default_factory=dict)  # a description per choice (fish shows them)
 
 
 @dataclass
@@ -36,10 +38,39 @@ class CommandDoc:
     arguments: list[str]
 
 
+# Words that end in a full stop without ending the sentence ("w.r.t. the input", "paper 000 Eq. 6", "e.g. 10").
+ABBREVIATIONS = {"e.g", "i.e", "w.r.t", "eq", "eqs", "app", "fig", "figs", "sec", "al", "vs", "cf", "etc", "no",
+                 "approx", "resp", "incl", "tab", "alg", "ref", "ch", "pp"}
+SUMMARY_CHARS = 160
+
+
 def _first_sentence(text: str) -> str:
+    """The first sentence, not cut at an abbreviation; a long one is shortened at its last top-level clause
+    boundary (``;``, ``,``, `` —``, `` (``) before SUMMARY_CHARS with an ellipsis, never inside a word or bracket."""
     text = " ".join((text or "").split())
-    match = re.match(r"(.+?[.!?])(\s|$)", text)
-    return (match.group(1) if match else text)[:160]
+    end = len(text)
+    for match in re.finditer(r"[.!?](?=\s|$)", text):
+        word = re.split(r"[\s(]", text[:match.start()])[-1].lower()
+        if match.group() == "." and (word in ABBREVIATIONS or re.fullmatch(r"[a-z]", word)):
+            continue  # "e.g." / "Eq." / an initial
+        end = match.end()
+        break
+    sentence = text[:end]
+    if len(sentence) <= SUMMARY_CHARS:
+        return sentence
+    depth, cuts = 0, []
+    for i, char in enumerate(sentence[:SUMMARY_CHARS]):
+        if char in "([{":
+            if depth == 0 and i and sentence[i - 1] == " ":
+                cuts.append(i - 1)
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and (char in ";," or sentence.startswith(" —", i)):
+            cuts.append(i)
+    if not cuts:
+        return sentence  # one long clause: whole rather than cut mid-phrase
+    return sentence[:cuts[-1]].rstrip(" ,;:") + " …"
 
 
 def _annotation(param):
@@ -78,6 +109,28 @@ def _named_sets(param) -> list[str]:
     return [p for p in parts if p != "FILE"] if len(parts) > 1 and "FILE" in parts else []
 
 
+MODEL_NAMES = ["tiny", "toy", "sd15-shaped"]  # built-in --model names besides Hub ids, folders and files
+SUGGESTED = {"--device": ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps"], "--dtype": ["auto", "fp32", "fp16", "bf16"]}
+
+
+def _value_help(command: str, names: list[str]) -> dict[str, str]:
+    """One-line descriptions of the values of --attack, --method and --metrics, from the method registries."""
+    if command == "poison" and "--attack" in names:
+        from cloaklab.ops.attacks import attack_names, get_attack
+
+        return {name: _first_sentence(get_attack(name).summary) for name in attack_names()}
+    if command == "purify" and "--method" in names:
+        from cloaklab.ops.purify import PURIFIERS
+
+        return {name: _first_sentence(spec.summary) for name, spec in PURIFIERS.items()}
+    if command == "score" and "--metrics" in names:
+        from cloaklab.ops.metrics import METRICS
+
+        return {"all-offline": "every metric that needs no download",
+                **{name: _first_sentence(spec.summary) for name, spec in METRICS.items()}}
+    return {}
+
+
 def _kind(param) -> str:
     type_name = getattr(_annotation(param), "__name__", "").lower()
     names = " ".join(param.opts)
@@ -102,9 +155,17 @@ def command_docs() -> tuple[str, list[CommandDoc]]:
             if param.param_type_name == "argument":
                 arguments.append(param.name.upper())
                 continue
+            if getattr(param, "hidden", False):
+                continue  # deprecated spellings (score -m, poison -p) still parse but are not offered
             names = [n for n in [*param.opts, *param.secondary_opts] if n.startswith("-")]
-            options.append(OptionDoc(names, " ".join((param.help or "").split()), not param.is_flag,
-                                     _choices(param), _kind(param), _named_sets(param)))
+            option = OptionDoc(names, " ".join((param.help or "").split()), not param.is_flag,
+                               _choices(param), _kind(param), _named_sets(param))
+            option.value_help = _value_help(name, names)
+            if "--model" in names:
+                option.named = MODEL_NAMES
+            elif not option.choices:
+                option.values = next((v for n, v in SUGGESTED.items() if n in names), []) or list(option.value_help)
+            options.append(option)
         options.append(OptionDoc(["--help", "-h"], "Show the help and exit.", False, [], ""))
         text = command.help or ""
         docs.append(CommandDoc(name, _first_sentence(text), " ".join(text.split()), options, arguments))
@@ -131,8 +192,8 @@ def bash_script(docs: list[CommandDoc]) -> str:
             if not option.takes_value:
                 continue
             pattern = "|".join(option.names)
-            if option.choices:
-                action = f'COMPREPLY=($(compgen -W "{" ".join(option.choices)}" -- "$cur"))'
+            if option.choices or option.values:
+                action = f'COMPREPLY=($(compgen -W "{" ".join(option.choices or option.values)}" -- "$cur"))'
             elif option.kind == "dir":
                 action = 'COMPREPLY=($(compgen -d -- "$cur"))'
             elif option.kind == "path" and option.named:
@@ -173,8 +234,8 @@ def zsh_script(docs: list[CommandDoc]) -> str:
         for option in doc.options:
             description = _zsh_escape(option.help)
             if option.takes_value:
-                if option.choices:
-                    action = f":value:({' '.join(option.choices)})"
+                if option.choices or option.values:
+                    action = f":value:({' '.join(option.choices or option.values)})"
                 elif option.kind == "dir":
                     action = ":directory:_files -/"
                 elif option.kind == "path" and option.named:
@@ -213,10 +274,15 @@ def fish_script(docs: list[CommandDoc]) -> str:
         for option in doc.options:
             flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in option.names)
             extra = ""
+            suggested = option.choices or option.values
             if option.takes_value:
-                extra = f' -xa "{" ".join(option.choices)}"' if option.choices else \
-                    f' -ra "{" ".join(option.named)}"' if option.named else " -r"
+                extra = f' -xa "{" ".join(suggested)}"' if suggested and not option.value_help else \
+                    " -x" if suggested else f' -ra "{" ".join(option.named)}"' if option.named else " -r"
             lines.append(f'complete -c {PROG} {condition} {flags}{extra} -d "{_fish_escape(option.help)}"')
+            for value in suggested if option.value_help else []:  # one line per value: fish shows its description
+                description = option.value_help.get(value, value)
+                lines.append(f'complete -c {PROG} {condition} {flags} -xa "{_fish_escape(value)}" '
+                             f'-d "{_fish_escape(description)}"')
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,9 @@ def immunize(
                                                         "attention weights; default ti 1e-6, db/lora 2e-5.")] = None,
     max_grad_norm: Annotated[Optional[float], typer.Option(rich_help_panel=IMMA, help="Gradient-norm clip of both "
                                                            "steps (default: db/lora 1.0, ti none).")] = None,
-    no_clip: Annotated[bool, typer.Option(rich_help_panel=IMMA, help="Never clip gradients.")] = False,
+    clip: Annotated[bool, typer.Option("--clip/--no-clip", rich_help_panel=IMMA,
+                                       help="--no-clip: never clip gradients, whatever --max-grad-norm says.")
+                    ] = True,
     weight_decay: Annotated[float, typer.Option(rich_help_panel=IMMA, help="AdamW weight decay of both "
                                                 "optimizers.")] = 1e-2,
     lora_rank: Annotated[int, typer.Option(min=1, rich_help_panel=IMMA, help="Rank of the attacker's LoRA "
@@ -125,7 +127,7 @@ def immunize(
     model_name = model or default_model()
     record = model_info(model_name).as_dict()
     config = ImmunizeConfig(against=method, steps=steps, inner_steps=inner_steps, outer_steps=outer_steps, lr=lr,
-                            defence_lr=defence_lr, max_grad_norm=max_grad_norm, clip=not no_clip,
+                            defence_lr=defence_lr, max_grad_norm=max_grad_norm, clip=clip,
                             batch_size=batch_size, weight_decay=weight_decay, lora_rank=lora_rank,
                             cross_attention_only=cross_attention_only, sample_latents=not mean_latents, seed=seed,
                             checkpoint_every=checkpoint_every).resolved()

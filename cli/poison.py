@@ -67,7 +67,7 @@ def poison(
     inputs: common.Inputs,
     output: common.Output,
     attack: Annotated[Optional[Attack], typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
-                                                     help="Attack (list below). Without it: the artist preset "
+                                                     help="Attack (the list under Attacks in this help). Without it: the artist preset "
                                                           f"({PRESET_TEXT}).")] = None,
     eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, "
                                           "MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
@@ -108,12 +108,16 @@ def poison(
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
     clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
-    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="KEY=VALUE", show_default=False,
-                                                       help="Any other method parameter (see the list below), e.g. "
-                                                            "-p rounds=10 -p l2_eps=8.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", show_default=False,
+                                                       help="Any other method parameter (listed per attack in this help), e.g. "
+                                                            "--param rounds=10 --param l2_eps=8.")] = None,
+    param_short: Annotated[Optional[list[str]], typer.Option("-p", hidden=True, show_default=False,
+                                                             help="Deprecated spelling of --param.")] = None,
     eval_draws: Annotated[int, typer.Option(help="Fixed (t, ε) draws measuring each file's loss at start and end "
                                                  "(0 = skip; single-image attacks).", min=0)] = 4,
-    checkpointing: Annotated[bool, typer.Option(help="Gradient checkpointing in UNet/VAE (less GPU memory).")
+    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", "--gradient-checkpointing",
+                                                help="Gradient checkpointing in UNet/VAE (less GPU memory; "
+                                                     "--gradient-checkpointing is the diffusers examples' name).")
                              ] = False,
     model: common.Model = None,
     trust_pickle: common.TrustPickle = False,
@@ -140,7 +144,7 @@ def poison(
       cloak poison photos -o out -a adm+ --eps 8 --steps 50
       cloak poison photos -o out -a ea --target gray --robust jpeg,resize
       cloak poison photos -o out -a sds- --mask masks/ --preview
-      cloak poison faces -o out -a aspl --clean-dir faces_a -p rounds=20
+      cloak poison faces -o out -a aspl --clean-dir faces_a --param rounds=20
       cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model tiny --resolution 64
     """
     import sys
@@ -154,6 +158,10 @@ def poison(
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import default_model, load_pipeline, model_info
     from cloaklab.ops.poison import poison_folder
+
+    if param_short:  # -p means --prompts (cloak generate); poison's -p still works, warned
+        sys.stderr.write("cloak: warning: poison -p is deprecated (-p means --prompts); use --param\n")
+        param = list(param or []) + list(param_short)
 
     preset = None
     if attack is None:

@@ -12,7 +12,7 @@ from cloaklab.ops.purify import PURIFIERS
 from . import common
 
 Method = common.choices("Method", list(PURIFIERS))
-METHOD_HELP = "Purifier (see the method list below)."
+METHOD_HELP = "Purifier (the list under Methods in this help)."
 METHOD_LIST = "\n\n".join(f"{spec.name}: {spec.summary}" for spec in PURIFIERS.values())
 
 

@@ -25,8 +25,10 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path,
                                          help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
-    metrics: Annotated[str, typer.Option("--metrics", "-m", help="Comma-separated metrics (see the list below); "
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics (the list under Metrics in this help); "
                                          "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
+    metrics_short: Annotated[Optional[str], typer.Option("-m", hidden=True, show_default=False,
+                                                         help="Deprecated spelling of --metrics.")] = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
@@ -84,12 +86,16 @@ def score(
 ) -> None:
     """Score images: per-image records, per-concept means, then the dataset mean (paper 000's order) → a JSON file.
 
-    Examples:  cloak score gen -r --ref clean -m dinov2,fid,clip -o scores.json --label poison=adm+ --label
-    defense=szt ·  cloak score purified --ref clean -m psnr,ssim,lpips -o faithful.json --csv faithful.csv ·
+    Examples:  cloak score gen -r --ref clean --metrics dinov2,fid,clip -o scores.json --label poison=adm+ --label
+    defense=szt ·  cloak score purified --ref clean --metrics psnr,ssim,lpips -o faithful.json --csv faithful.csv ·
     cloak score --table runs/*.json --rows poison --cols defense --average-row "Psn Avg" --average-exclude clean
     -o table1.md
     """
     import json
+
+    if metrics_short is not None:  # --metrics means --method (cloak purify); score's old --metrics still works, warned
+        sys.stderr.write("cloak: warning: score --metrics is deprecated (-m means --method); use --metrics\n")
+        metrics = metrics_short
 
     from cloaklab.ops.errors import UsageError
 
@@ -158,7 +164,13 @@ def score(
                   **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
                      else {}),
                   "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        document = {"command": "score", "argv": sys.argv, "cwd": os.getcwd(), "labels": labels, "params": params,
+        from cloaklab.ops.provenance import command_argv, shareable_cwd, shareable_path
+
+        for row in result.get("images") or []:
+            if row.get("path"):
+                row["path"] = shareable_path(row["path"], output.parent)
+        document = {"command": "score", "argv": command_argv(), "cwd": shareable_cwd(output.parent), "labels": labels,
+                    "params": params,
                     "versions": package_versions(), "device": str(torch_device), **result}
         write_result(output, document, csv_path)
         _print_table(reporter, result)

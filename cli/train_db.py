@@ -47,13 +47,13 @@ def train_db(
                                                       "(reused and resumed; default OUTPUT/class_images).")] = None,
     class_steps: Annotated[int, typer.Option("--class-steps", min=1, help="DDIM steps per class image.")] = 50,
     class_guidance: Annotated[float, typer.Option("--class-guidance", help="CFG scale >= 0 for class images.")] = 7.5,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (1000).")] = 1000,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate > 0, constant (5e-7 DreamBooth, papers "
+    steps: Annotated[int, typer.Option("--steps", "--max-train-steps", min=1, help="Optimizer steps (1000).")] = 1000,
+    lr: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Learning rate > 0, constant (5e-7 DreamBooth, papers "
                                                 "001/004; 1e-4 LoRA).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Instance images per step; as "
                                                       "many class images (DreamBooth 1 + 1 as paper 001's full.sh; "
                                                       "--lora 2).")] = None,
-    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Batches accumulated per "
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", "--gradient-accumulation-steps", min=1, help="Batches accumulated per "
                                                    "optimizer step (1).")] = 1,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient-norm clip >= 0 (1.0; 0 = off).")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay >= 0 (1e-2).")] = 1e-2,
@@ -96,6 +96,9 @@ def train_db(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an earlier run in "
                                             "OUTPUT and start again.")] = False,
     device: common.Device = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32 = --mixed-precision no, fp16/bf16 = "
+                                       "--mixed-precision fp16/bf16 (fp32 master weights either way); auto: "
+                                       "--mixed-precision decides (default no).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Run seed: data order, timesteps, noise, LoRA init and the "
                                       "class images all follow from it.")] = 0,
     max_pixels: common.MaxPixels = None,
@@ -123,6 +126,16 @@ def train_db(
     from cloaklab.ops.train.loop import TrainConfig, refuse_foreign_outputs
     from cloaklab.ops.train.presets import resolve_preset
 
+    mixed = common.value(mixed_precision)
+    if dtype != "auto":
+        from cloaklab.ops.errors import UsageError
+
+        wanted = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}.get(dtype)
+        if wanted is None:
+            raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+        if mixed not in ("no", wanted):
+            raise UsageError(f"--dtype {dtype} contradicts --mixed-precision {mixed}; give one")
+        mixed = wanted
     defaults = LORA_DEFAULTS if lora else DB_DEFAULTS
     weight = defaults["prior_weight"] if prior_weight is None else prior_weight
     train_text_encoder = defaults["train_text_encoder"] if train_text_encoder is None else train_text_encoder
@@ -141,7 +154,7 @@ def train_db(
         instance_prompt=instance_prompt, class_prompt=class_prompt or ("a photo of person" if weight else None),
         neg_token=neg_token, lora_rank=lora, train_text_encoder=train_text_encoder, prior_weight=weight,
         num_class_images=num_class_images, class_steps=class_steps, class_guidance=class_guidance,
-        gradient_checkpointing=gradient_checkpointing, mixed_precision=common.value(mixed_precision),
+        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed,
         save_trained_only=save_trained_only)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or defaults["lr"], weight_decay=weight_decay,
                          grad_accumulation=grad_accumulation, max_grad_norm=max_grad_norm or None, seed=seed,

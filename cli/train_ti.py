@@ -55,9 +55,9 @@ def train_ti(
                                                   help="Dilate masks by N px at a 512 training resolution, any "
                                                        "aspect ratio (max filter 2N'+1, N' = N·min(W,H)/512; "
                                                        "SZT: 16).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
+    steps: Annotated[int, typer.Option("--steps", "--max-train-steps", min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
     = 5000,
-    lr: Annotated[float, typer.Option(help="Learning rate > 0, constant (paper 000: 5e-4).")] = 5e-4,
+    lr: Annotated[float, typer.Option("--lr", "--learning-rate", help="Learning rate > 0, constant (paper 000: 5e-4).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps (paper 000: 0).")] = 0,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay of the new token's rows (diffusers' "
                                                 "textual_inversion.py --adam_weight_decay: 1e-2; 0 = plain Adam).")]
@@ -65,7 +65,8 @@ def train_ti(
     flip_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability of mirroring a training image left-right "
                                           "per sample (diffusers' TextualInversionDataset flip_p: 0.5; 0 = never). "
                                           "Drawn from the run's seed.")] = 0.5,
-    grad_accumulation: Annotated[int, typer.Option(min=1, help="Gradient accumulation (App. O SDXL: 5).")] = 1,
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", "--gradient-accumulation-steps", min=1,
+                                                   help="Gradient accumulation (App. O SDXL: 5).")] = 1,
     resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's, e.g. 512 for "
                                                       "SD1.5, 64 for tiny).")] = None,
     mean_latents: Annotated[bool, typer.Option(help="Use the VAE posterior mean instead of a sample per step.")]

@@ -15,7 +15,7 @@ _cloak() {
                 --prompts|-p) COMPREPLY=($(compgen -W "objects24 faces" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --token|-t) COMPREPLY=(); return ;;
                 --num-per-prompt|-n) COMPREPLY=(); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --embedding) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --lora) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --unet) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -30,8 +30,8 @@ _cloak() {
                 --resolution) COMPREPLY=(); return ;;
                 --only) COMPREPLY=(); return ;;
                 --shard) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
             esac
@@ -58,15 +58,15 @@ _cloak() {
                 --resolution) COMPREPLY=(); return ;;
                 --check-steps) COMPREPLY=(); return ;;
                 --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --against --multi-concept --no-multi-concept --steps --inner-steps --outer-steps --lr --defence-lr --max-grad-norm --no-clip --no-no-clip --weight-decay --lora-rank --cross-attention-only --no-cross-attention-only --token --class-word --instance-prompt --resolution --mean-latents --no-mean-latents --check-steps --checkpoint-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --against --multi-concept --no-multi-concept --steps --inner-steps --outer-steps --lr --defence-lr --max-grad-norm --clip --no-clip --weight-decay --lora-rank --cross-attention-only --no-cross-attention-only --token --class-word --instance-prompt --resolution --mean-latents --no-mean-latents --check-steps --checkpoint-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -81,7 +81,7 @@ _cloak() {
                 --sam-type) COMPREPLY=($(compgen -W "vit_h vit_l vit_b tiny" -- "$cur")); return ;;
                 --sam-checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --shard) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
@@ -109,18 +109,18 @@ _cloak() {
                 --resolution) COMPREPLY=(); return ;;
                 --native-crops) COMPREPLY=(); return ;;
                 --clean-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-                --param|-p) COMPREPLY=(); return ;;
+                --param) COMPREPLY=(); return ;;
                 --eval-draws) COMPREPLY=(); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --shard) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param -p --eval-draws --checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param --eval-draws --checkpointing --gradient-checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -161,10 +161,10 @@ _cloak() {
                 --upscaler-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --stage2-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --face-model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --shard) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
@@ -195,7 +195,7 @@ _cloak() {
         score)
             case "$prev" in
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-                --metrics|-m) COMPREPLY=(); return ;;
+                --metrics) COMPREPLY=($(compgen -W "all-offline dinov2 fid clip clip-iqa clip-iqac liqe q lpips psnr ssim rmse brisque fdfr ism ims toy-acc toy-sim" -- "$cur")); return ;;
                 --ref) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --csv) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --group-by) COMPREPLY=(); return ;;
@@ -218,12 +218,12 @@ _cloak() {
                 --metric) COMPREPLY=(); return ;;
                 --average-row) COMPREPLY=(); return ;;
                 --average-exclude) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics -m --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -241,10 +241,10 @@ _cloak() {
                 --clean) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --quality) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
                 --shard) COMPREPLY=(); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
@@ -266,10 +266,10 @@ _cloak() {
                 --class-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --class-steps) COMPREPLY=(); return ;;
                 --class-guidance) COMPREPLY=(); return ;;
-                --steps) COMPREPLY=(); return ;;
-                --lr) COMPREPLY=(); return ;;
+                --steps|--max-train-steps) COMPREPLY=(); return ;;
+                --lr|--learning-rate) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
-                --grad-accumulation) COMPREPLY=(); return ;;
+                --grad-accumulation|--gradient-accumulation-steps) COMPREPLY=(); return ;;
                 --max-grad-norm) COMPREPLY=(); return ;;
                 --weight-decay) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
@@ -283,13 +283,14 @@ _cloak() {
                 --dilate) COMPREPLY=(); return ;;
                 --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --save-every) COMPREPLY=(); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --lr --batch-size --grad-accumulation --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --seed --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --max-train-steps --lr --learning-rate --batch-size --grad-accumulation --gradient-accumulation-steps --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -308,24 +309,24 @@ _cloak() {
                 --masks) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --mask-mode) COMPREPLY=($(compgen -W "none lm im lim zm" -- "$cur")); return ;;
                 --dilate) COMPREPLY=(); return ;;
-                --steps) COMPREPLY=(); return ;;
-                --lr) COMPREPLY=(); return ;;
+                --steps|--max-train-steps) COMPREPLY=(); return ;;
+                --lr|--learning-rate) COMPREPLY=(); return ;;
                 --warmup-steps) COMPREPLY=(); return ;;
                 --weight-decay) COMPREPLY=(); return ;;
                 --flip-p) COMPREPLY=(); return ;;
-                --grad-accumulation) COMPREPLY=(); return ;;
+                --grad-accumulation|--gradient-accumulation-steps) COMPREPLY=(); return ;;
                 --resolution) COMPREPLY=(); return ;;
                 --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --snapshot-every) COMPREPLY=(); return ;;
-                --model) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) COMPREPLY=(); return ;;
-                --dtype) COMPREPLY=(); return ;;
+                --model) COMPREPLY=($(compgen -W "tiny toy sd15-shaped" -- "$cur") $(compgen -f -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "auto fp32 fp16 bf16" -- "$cur")); return ;;
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --lr --warmup-steps --weight-decay --flip-p --grad-accumulation --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --max-train-steps --lr --learning-rate --warmup-steps --weight-decay --flip-p --grad-accumulation --gradient-accumulation-steps --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

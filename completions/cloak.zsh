@@ -5,13 +5,13 @@ _cloak() {
     local -a commands
     commands=(
         'generate:Generate images - OUTPUT/p{J -02d}_i{K -03d}.png for image K of prompt J (0-based), seeded from (seed, J, K).'
-        'immunize:Immunize a model against learning the concept in IMAGES (IMMA) - alternate an adaptation step on the images with a step that maximizes that adaptation loss w.r.t'
-        'mask:Segment the concept in each image with SAM - OUTPUT/<same name>.png is a binary mask (0/255) of the image'\''s size; cloak.json records the mask'\''s area fraction, SA'
-        'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile, within ε of the input on the saved byte'
+        'immunize:Immunize a model against learning the concept in IMAGES …'
+        'mask:Segment the concept in each image with SAM - OUTPUT/<same name>.png is a binary mask (0/255) of the image'\''s size; cloak.json records the mask'\''s area fraction …'
+        'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile …'
         'purify:Purify images - every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.'
         'report:Write OUT/index.html (inline CSS/JS, thumbnails in OUT/thumbs/; opens offline from the folder).'
         'score:Score images - per-image records, per-concept means, then the dataset mean (paper 000'\''s order) → a JSON file.'
-        'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq.'
+        'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq. 6) → OUTPUT/<name>.npy (T × N × h × w) …'
         'train-db:DreamBooth (full UNet, + text encoder) or LoRA fine-tuning with prior preservation, SZT and DiffShortcut.'
         'train-ti:Learn a new token for the concept in IMAGES (Textual Inversion), optionally with Safe-Zone Training.'
     )
@@ -27,10 +27,10 @@ _cloak() {
         generate)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--prompts -p)'{--prompts,-p}'[objects24 (24 recontextualisation prompts, paper 000), faces ('\''a photo of {token} person'\'', '\''a DSLR portrait of {token} person'\''; papers 001/004), or a text file ]:value:_alternative "sets:set:(objects24 faces)" "files:file:_files"' \
+                '(--prompts -p)'{--prompts,-p}'[objects24 (24 recontextualisation prompts, paper 000), faces ('\''a photo of {token} person'\'', '\''a DSLR portrait of {token} person'\''; papers 001/004) …]:value:_alternative "sets:set:(objects24 faces)" "files:file:_files"' \
                 '(--token -t)'{--token,-t}'[Replaces {token} in the templates (default - the embedding'\''s token with --embedding, else '\''sks'\'').]:value: ' \
                 '(--num-per-prompt -n)'{--num-per-prompt,-n}'[Images per prompt (5 for the built-in sets, paper 000 §5.1.2; 1 for files).]:value: ' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--embedding[Textual-inversion file (learned_embeds.safetensors), loaded with diffusers'\'' load_textual_inversion.]:file:_files' \
                 '--lora[Folder (or file) with pytorch_lora_weights.safetensors, loaded with diffusers'\'' load_lora_weights.]:file:_files' \
                 '--unet[A trained UNet folder replacing the model'\''s (train-db --save-trained-only writes OUT/unet).]:file:_files' \
@@ -39,17 +39,17 @@ _cloak() {
                 '--steps[Sampler steps (50; METHODS.md - 50-100).]:value: ' \
                 '--guidance[Classifier-free guidance scale g (7.5).]:value: ' \
                 '--negative-prompt[Negative prompt (replaces the empty unconditional prompt).]:value: ' \
-                '--quality-negative[DiffShortcut sampling (paper 001 Eq.]' \
-                '--neg-token[DiffShortcut negative token used in training (e.g.]:value: ' \
+                '--quality-negative[DiffShortcut sampling (paper 001 Eq. 6, Alg. 1) - negative prompt '\''{neg-token}, noisy, abstract, pattern, low quality'\'' (+ --negative-prompt).]' \
+                '--neg-token[DiffShortcut negative token used in training (e.g. '\''UNKNOWN artifact masked'\''); prepended to the quality negative prompt, and '\'' …]:value: ' \
                 '--scheduler[Sampler - ddim (η=0), dpm (DPM-Solver++), pndm, euler, or the model'\''s own.]:value:(ddim dpm pndm euler model)' \
                 '--eta[DDIM η (0 = deterministic).]:value: ' \
                 '--resolution[Square output size in pixels (the model'\''s default - 512 for SD 1.5, 64 for tiny).]:value: ' \
-                '--only[Generate only these images, e.g.]:value: ' \
+                '--only[Generate only these images, e.g. --only p03_i002 (repeatable); their seeds are the same as in a full run.]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm …]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Run seed; image K of prompt J is seeded from (seed, J, K), whatever the batch size or shard.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
@@ -67,7 +67,7 @@ _cloak() {
                 '--lr[Adaptation (inner) lr; default per method - ti 5e-4, db 5e-6, lora 5e-6.]:value: ' \
                 '--defence-lr[Defence (outer) lr on the attention weights; default ti 1e-6, db/lora 2e-5.]:value: ' \
                 '--max-grad-norm[Gradient-norm clip of both steps (default - db/lora 1.0, ti none).]:value: ' \
-                '(--no-clip --no-no-clip)'{--no-clip,--no-no-clip}'[Never clip gradients.]' \
+                '(--clip --no-clip)'{--clip,--no-clip}'[--no-clip - never clip gradients, whatever --max-grad-norm says.]' \
                 '--weight-decay[AdamW weight decay of both optimizers.]:value: ' \
                 '--lora-rank[Rank of the attacker'\''s LoRA (--against lora).]:file:_files' \
                 '(--cross-attention-only --no-cross-attention-only)'{--cross-attention-only,--no-cross-attention-only}'[Immunize only cross-attention (attn2) projections (default - self- and cross-attention to_q/to_k/to_v/to_out).]' \
@@ -76,15 +76,15 @@ _cloak() {
                 '--instance-prompt[db/lora prompt (default '\''a photo of {token} {class}'\'').]:value: ' \
                 '--resolution[Training size (default - the model'\''s; 512 for SD1.5, 64 for tiny).]:value: ' \
                 '(--mean-latents --no-mean-latents)'{--mean-latents,--no-mean-latents}'[Use the VAE posterior mean instead of a sample per step.]' \
-                '--check-steps[After immunizing, adapt the base and the immunized model alike for N steps on each concept and report both adaptation losses (higher = learnt worse; logs in OUT]:value: ' \
+                '--check-steps[After immunizing, adapt the base and the immunized model alike for N steps on each concept and report both adaptation losses …]:value: ' \
                 '--checkpoint-every[Checkpoint for --resume every N steps (0 - only at the end).]:file:_files' \
                 '(--resume --no-resume)'{--resume,--no-resume}'[Continue from the latest checkpoint (bit-exact with the same seed and settings); finished concepts are skipped.]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
@@ -105,9 +105,9 @@ _cloak() {
                 '--sam-checkpoint[SAM checkpoint (.pth state dict or .safetensors).]:file:_files' \
                 '(--preview --no-preview)'{--preview,--no-preview}'[Also write OUTPUT/previews/<name>.png - the image with the mask in red.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm …]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
@@ -117,7 +117,7 @@ _cloak() {
         poison)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--attack -a)'{--attack,-a}'[Attack (list below).]:value:(adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace)' \
+                '(--attack -a)'{--attack,-a}'[Attack (the list under Attacks in this help).]:value:(adm+ adm- sds+ sds- ea da mist aspl fsmg e-aspl metacloak caat ace inmark lf-adm+ lf-adm- lf-sds+ lf-sds- lf-ea lf-da lf-mist lf-aspl lf-fsmg lf-e-aspl lf-metacloak lf-caat lf-ace)' \
                 '--eps[L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, MetaCloak 11).]:value: ' \
                 '--step-size[PGD step in /255 units, 0 < step <= 255 (1).]:value: ' \
                 '--steps[PGD iterations (100; da 200).]:value: ' \
@@ -132,20 +132,20 @@ _cloak() {
                 '--eot-samples[EoT draws averaged per step.]:value: ' \
                 '--jpeg-quality[Fix the EoT JPEG quality (default random 50-90).]:value: ' \
                 '--resolution[Working resolution - short side in px (0-4096), aspect kept, multiples of 8; 0 = native size.]:value: ' \
-                '(--native-size --working-size)'{--native-size,--working-size}'[Single-image attacks on photos larger than the working resolution - optimize in the photo'\''s own pixels through a mimic'\''s random resize (PIL bicubic/bilinear/Lanc]' \
+                '(--native-size --working-size)'{--native-size,--working-size}'[Single-image attacks on photos larger than the working resolution - optimize in the photo'\''s own pixels through a mimic'\''s random resize …]' \
                 '--native-crops[--native-size - share of the resize draws that are random crops (windows 95-100 % of the photo per side at a random place), for mimics that random-crop.]:value: ' \
                 '--preview[Also write OUTPUT/previews/<name>.png - original | cloaked | amplified difference.]' \
                 '--clean-dir[Set-level attacks - clean images of the same subject (set A).]:directory:_files -/' \
-                '(--param -p)'{--param,-p}'[Any other method parameter (see the list below), e.g.]:value: ' \
+                '--param[Any other method parameter (listed per attack in this help), e.g. --param rounds=10 --param l2_eps=8.]:value: ' \
                 '--eval-draws[Fixed (t, ε) draws measuring each file'\''s loss at start and end (0 = skip; single-image attacks).]:value: ' \
-                '(--checkpointing --no-checkpointing)'{--checkpointing,--no-checkpointing}'[Gradient checkpointing in UNet/VAE (less GPU memory).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '(--checkpointing --gradient-checkpointing --no-checkpointing)'{--checkpointing,--gradient-checkpointing,--no-checkpointing}'[Gradient checkpointing in UNet/VAE (less GPU memory; --gradient-checkpointing is the diffusers examples'\'' name).]' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm …]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Images per batch, same-size images only (1); set-level attacks - the PGD minibatch (all images at once, as Anti-DreamBooth).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
@@ -156,9 +156,9 @@ _cloak() {
         purify)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '(--method -m)'{--method,-m}'[Purifier (see the method list below).]:value:(none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
+                '(--method -m)'{--method,-m}'[Purifier (the list under Methods in this help).]:value:(none jpeg webp gaussian tvm adverse-cleaner regen diffpure-latent diffpure-pixel ddspure gridpure pdm-pure impress codeformer-sr noisy-upscale)' \
                 '--quality[jpeg/webp - encoder quality 1-100 (75; SZT uses 25).]:value: ' \
-                '--jpeg-scale[jpeg - apply JPEG at short side S px (Pillow bicubic resize, encode/decode, resize back; e.g.]:value: ' \
+                '--jpeg-scale[jpeg - apply JPEG at short side S px (Pillow bicubic resize, encode/decode, resize back; e.g. 512 = paper 000'\''s photo size for small images).]:value: ' \
                 '--sigma[gaussian - blur σ > 0 in pixels = Pillow'\''s GaussianBlur radius (5, DiffShortcut).]:value: ' \
                 '--resolution[tvm - working resolution, 8-4096 (64).]:value: ' \
                 '--drop[tvm - fraction of pixels dropped, 0 <= drop < 1 (0.02).]:value: ' \
@@ -172,8 +172,8 @@ _cloak() {
                 '--steps[Length of the sampling schedule; denoising runs its part below --t (fewer = faster).]:value: ' \
                 '--guidance[Classifier-free guidance.]:value: ' \
                 '--prompt[Text prompt ({class} is replaced by --class-name; without it such a prompt becomes "").]:value: ' \
-                '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g.]:value: ' \
-                '--eta[diffpure-latent/diffpure-pixel/ddspure/gridpure - reverse-process noise (1 = DDPM ancestral as DiffPure and DiffShortcut; 0 = deterministic DDIM, e.g.]:value: ' \
+                '--class-name[diffpure-latent, codeformer-sr - the class for {class} in the prompt (e.g. person).]:value: ' \
+                '--eta[diffpure-latent/diffpure-pixel/ddspure/gridpure - reverse-process noise …]:value: ' \
                 '--window[gridpure - window size in pixels (256).]:value: ' \
                 '--stride[gridpure - window stride (128).]:value: ' \
                 '--gamma[gridpure - weight of the previous image in x ← (1−γ)·x̃ + γ·x (0.1).]:value: ' \
@@ -186,17 +186,17 @@ _cloak() {
                 '--noise-level[x4 upscaler noise level (0-350) - noisy-upscale 320, codeformer-sr 20, pdm-pure 20.]:value: ' \
                 '--upscaler-steps[pdm-pure - x4 upscaler steps (50).]:value: ' \
                 '--upscaler-guidance[pdm-pure - x4 upscaler guidance >= 0 (4).]:value: ' \
-                '--pixel-model[diffpure-pixel/ddspure/gridpure - pixel diffusion model — Hub id or diffusers folder (UNet2DModel + DDPM scheduler; default google/ddpm-ema-celebahq-256; paper 0]:file:_files' \
+                '--pixel-model[diffpure-pixel/ddspure/gridpure - pixel diffusion model — Hub id or diffusers folder …]:file:_files' \
                 '--upscaler-model[pdm-pure/codeformer-sr/noisy-upscale - x4 upscaler (default stabilityai/stable-diffusion-x4-upscaler), or tiny.]:file:_files' \
                 '--stage2-model[pdm-pure - pixel stage II (default DeepFloyd/IF-II-L-v1.0, gated on the Hub), or tiny.]:file:_files' \
-                '--face-model[codeformer-sr - face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a TorchScript file f(x, w) (needs --trust-pickle), none (skip ]:file:_files' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--face-model[codeformer-sr - face restorer — codeformer (TorchScript file named by $CLOAK_CODEFORMER; default), a TorchScript file f(x, w) (needs --trust-pickle), none …]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm …]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
@@ -211,8 +211,8 @@ _cloak() {
                 '--cols[Label key for columns.]:value: ' \
                 '--metric[Metric that colours the cells (default - the first file'\''s first); every metric is shown.]:value: ' \
                 '--pick[Metric that picks the best / median / worst samples (default - --metric; its registered direction decides best).]:value: ' \
-                '--average-row[Add a row averaging the rows, as score --table, e.g.]:value: ' \
-                '--average-exclude[Rows left out of the average (repeatable), e.g.]:value: ' \
+                '--average-row[Add a row averaging the rows, as score --table, e.g. '\''Psn Avg'\''.]:value: ' \
+                '--average-exclude[Rows left out of the average (repeatable), e.g. none.]:value: ' \
                 '--thumb-size[Longest side of the grid and sample thumbnails (px).]:value: ' \
                 '--preview-size[Longest side of before/after previews (px).]:value: ' \
                 '--title[Page title.]:value: ' \
@@ -223,14 +223,14 @@ _cloak() {
         score)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Score file to write (.json); with --table - the table stem (writes .md, .csv and .png).]:directory:_files -/' \
-                '(--metrics -m)'{--metrics,-m}'[Comma-separated metrics (see the list below); all-offline = every metric that needs no download.]:value: ' \
+                '--metrics[Comma-separated metrics (the list under Metrics in this help); all-offline = every metric that needs no download.]:value:(all-offline dinov2 fid clip clip-iqa clip-iqac liqe q lpips psnr ssim rmse brisque fdfr ism ims toy-acc toy-sim)' \
                 '--ref[Clean reference images - one subfolder per concept, or a flat folder for all; paired metrics match by name.]:file:_files' \
                 '--csv[Also write the records and means as CSV.]:file:_files' \
                 '--group-by[Concepts - folder (first subfolder, or the flat folder'\''s name), none, field -NAME (a cloak generate record field), or regex -PATTERN on the relative path.]:value: ' \
-                '--class[Class word for clip-iqac and q (e.g.]:value: ' \
+                '--class[Class word for clip-iqac and q (e.g. person, dog).]:value: ' \
                 '--prompt[clip - prompt for every image (default - each image'\''s prompt from the cloak generate manifest).]:value: ' \
                 '--token[clip - token removed from the prompt (default - the manifest'\''s token).]:value: ' \
-                '--label[Label stored in the score file for --table (repeatable), e.g.]:value: ' \
+                '--label[Label stored in the score file for --table (repeatable), e.g. poison=adm+.]:value: ' \
                 '--dinov2-model[dinov2 weights - Hub id, local folder, or tiny.]:file:_files' \
                 '--clip-model[CLIP weights for clip, clip-iqa, clip-iqac, liqe, q - Hub id, folder, or tiny.]:file:_files' \
                 '--clip-scale[clip - CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'\''s CLIP-S (paper 000'\''s tables), 100 torchmetrics'\'' scale.]:value: ' \
@@ -238,18 +238,18 @@ _cloak() {
                 '--liqe-model[liqe - LIQE CLIP weights as a transformers folder (default - zero-shot with --clip-model).]:file:_files' \
                 '--lpips-net[lpips backbone - alex, vgg, squeeze, or tiny (random backbone).]:value: ' \
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \
-                '--arcface-model[ism/ims - ArcFace ONNX file (e.g.]:file:_files' \
+                '--arcface-model[ism/ims - ArcFace ONNX file (e.g. antelopev2 glintr100.onnx; needs onnxruntime), TorchScript file (--trust-pickle), or tiny.]:file:_files' \
                 '--vggface-model[ims - VGG-Face ONNX or TorchScript file, or tiny.]:file:_files' \
-                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes, scores and 5 landmarks - faces a]:value: ' \
+                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes …]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '--table[Merge score files (the inputs) into a rows × cols table.]' \
-                '--rows[--table - label key for rows (e.g.]:value: ' \
-                '--cols[--table - label key for columns (e.g.]:value: ' \
+                '--rows[--table - label key for rows (e.g. poison).]:value: ' \
+                '--cols[--table - label key for columns (e.g. defense).]:value: ' \
                 '--metric[--table - metric shown (default - each file'\''s first).]:value: ' \
-                '--average-row[--table - add a row averaging the rows, e.g.]:value: ' \
-                '--average-exclude[--table - rows left out of the average (repeatable), e.g.]:value: ' \
+                '--average-row[--table - add a row averaging the rows, e.g. '\''Psn Avg'\''.]:value: ' \
+                '--average-exclude[--table - rows left out of the average (repeatable), e.g. clean.]:value: ' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
@@ -259,24 +259,24 @@ _cloak() {
         ssm)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '--prompt[Prompt the maps are conditioned on, e.g.]:value: ' \
+                '--prompt[Prompt the maps are conditioned on, e.g. '\''a <R*> on the grass'\''.]:value: ' \
                 '--token[Token or word of the prompt to map (repeatable; default - every token of the prompt).]:value: ' \
                 '--embedding[Learned TI embedding (learned_embeds.safetensors) for the token.]:file:_files' \
                 '--init-word[Initial embedding of a new token without --embedding.]:value: ' \
-                '--timesteps[Comma-separated timesteps (default - 100,200,…,800,1000 as paper 000 Fig.]:value: ' \
+                '--timesteps[Comma-separated timesteps (default - 100,200,…,800,1000 as paper 000 Fig. 3 for maps; 21 equally spaced, 0…1000, for profiles as Fig. 4).]:value: ' \
                 '--samples[Draws of (random dictionary embedding, noise) averaged per map / per profile point.]:value: ' \
-                '--masks[Concept masks named like the images - adds R_{n,M} (Eq.]:file:_files' \
-                '--profile[Run an analysis instead of maps - loss (Fig.]:value:(loss grad mask-loss jpeg-hist spectrum)' \
+                '--masks[Concept masks named like the images - adds R_{n,M} (Eq. 16) to each map; needed by --profile mask-loss.]:file:_files' \
+                '--profile[Run an analysis instead of maps - loss (Fig. 4), grad (Fig. 5), mask-loss (Fig. 6), jpeg-hist (Fig. 7/12, needs --clean), spectrum (Fig. 13).]:value:(loss grad mask-loss jpeg-hist spectrum)' \
                 '--clean[Clean twins of the (poisoned) inputs, named alike - a second series in the profiles.]:file:_files' \
                 '--quality[JPEG quality for jpeg-hist and spectrum (SZT'\''s 25).]:value: ' \
                 '--resolution[Working resolution (default - the model'\''s, 512 for SD 1.5); images are resized and centre-cropped.]:value: ' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm (SLURM_ARRAY]:value: ' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--shard[Process only shard I of N (1-based, round-robin over the sorted inputs) so N processes can share a folder; auto - this array task'\''s shard from Slurm …]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--batch-size[Timesteps per UNet call for maps (each call is batch × (1 + tokens) wide; results do not depend on it).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
@@ -287,20 +287,20 @@ _cloak() {
         train-db)
             _arguments -s \
                 '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
-                '--instance-prompt[Prompt of the instance images (papers 001/004; paper 000'\''s LoRA uses a dummy '\''*'\'' token, e.g.]:value: ' \
+                '--instance-prompt[Prompt of the instance images (papers 001/004; paper 000'\''s LoRA uses a dummy '\''*'\'' token, e.g. '\''a photo of *'\'').]:value: ' \
                 '--class-prompt[Prompt of the prior-preservation class images (default - '\''a photo of person'\'').]:value: ' \
-                '--neg-token[DiffShortcut contrastive decoupling (paper 001 Alg.]:value: ' \
-                '--lora[Train rank-RANK LoRA adapters instead of the full UNet (paper 000 App.]:file:_files' \
+                '--neg-token[DiffShortcut contrastive decoupling (paper 001 Alg. 1) - instance prompt + '\'', NEG'\'', class prompt + '\'', without NEG'\''.]:value: ' \
+                '--lora[Train rank-RANK LoRA adapters instead of the full UNet (paper 000 App. P - 4); writes pytorch_lora_weights.safetensors.]:file:_files' \
                 '(--train-text-encoder --no-train-text-encoder)'{--train-text-encoder,--no-train-text-encoder}'[Also train the text encoder (full, or LoRA adapters with --lora).]' \
-                '--prior-weight[Prior-preservation weight λ (1.0 for DreamBooth; 0 for --lora, as paper 000 App.]:value: ' \
+                '--prior-weight[Prior-preservation weight λ (1.0 for DreamBooth; 0 for --lora, as paper 000 App. P).]:value: ' \
                 '--num-class-images[Class images generated once by the base model (200, papers 001/004).]:value: ' \
                 '--class-dir[Cache folder for the class images (reused and resumed; default OUTPUT/class_images).]:directory:_files -/' \
                 '--class-steps[DDIM steps per class image.]:value: ' \
                 '--class-guidance[CFG scale >= 0 for class images.]:value: ' \
-                '--steps[Optimizer steps (1000).]:value: ' \
-                '--lr[Learning rate > 0, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
+                '(--steps --max-train-steps)'{--steps,--max-train-steps}'[Optimizer steps (1000).]:value: ' \
+                '(--lr --learning-rate)'{--lr,--learning-rate}'[Learning rate > 0, constant (5e-7 DreamBooth, papers 001/004; 1e-4 LoRA).]:value: ' \
                 '--batch-size[Instance images per step; as many class images (DreamBooth 1 + 1 as paper 001'\''s full.sh; --lora 2).]:value: ' \
-                '--grad-accumulation[Batches accumulated per optimizer step (1).]:value: ' \
+                '(--grad-accumulation --gradient-accumulation-steps)'{--grad-accumulation,--gradient-accumulation-steps}'[Batches accumulated per optimizer step (1).]:value: ' \
                 '--max-grad-norm[Gradient-norm clip >= 0 (1.0; 0 = off).]:value: ' \
                 '--weight-decay[AdamW weight decay >= 0 (1e-2).]:value: ' \
                 '--resolution[Training size (the model'\''s - 512 for SD 1.5, 64 for tiny).]:value: ' \
@@ -310,19 +310,20 @@ _cloak() {
                 '--save-trained-only[Full runs - save only the trained parts (OUTPUT/unet, OUTPUT/text_encoder) instead of a whole pipeline folder.]' \
                 '--preset[SZT preset (paper 000 Table 1); explicit flags override it.]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress instance images at this quality first (SZT - 25).]:value: ' \
-                '--t-sampler[Instance timestep sampler (paper 000 App.]:value:(uniform threshold-high threshold-low power tanh)' \
+                '--t-sampler[Instance timestep sampler (paper 000 App. H).]:value:(uniform threshold-high threshold-low power tanh)' \
                 '--t-param[Sampler parameter ρ (threshold-high 0.5 = t ≥ 500).]:value: ' \
-                '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App.]:value:(none lm im lim zm)' \
+                '--mask-mode[none, lm (loss mask), im, lim, zm (paper 000 App. I).]:value:(none lm im lim zm)' \
                 '--masks[Folder of concept masks (same names as the images; `cloak mask`).]:file:_files' \
                 '--dilate[Mask dilation in px at a 512 training resolution (N·R/512 at R), any aspect ratio (SZT - 16).]:value: ' \
                 '--checkpoint-every[Resumable checkpoint every N steps (last two kept; full runs - weights + Adam states).]:file:_files' \
                 '--save-every[Also save weights every N steps under OUTPUT/snapshots (0 = only at the end).]:value: ' \
                 '--resume[Continue from the latest checkpoint in OUTPUT (same settings and images).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
                 '--overwrite[Discard checkpoints of an earlier run in OUTPUT and start again.]' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[Compute dtype - fp32 = --mixed-precision no, fp16/bf16 = --mixed-precision fp16/bf16 (fp32 master weights either way); auto - --mixed-precision decides …]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Run seed - data order, timesteps, noise, LoRA init and the class images all follow from it.]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
@@ -336,32 +337,32 @@ _cloak() {
                 '--init-token[A one-token word whose embedding initialises the new token.]:value: ' \
                 '--num-vectors[Embedding rows for the token (paper 000 - 1).]:value: ' \
                 '--templates[Prompt templates - the TI paper'\''s object or style set, or a text file of templates with {} for the token, one per line.]:value:_alternative "sets:set:(object style)" "files:file:_files"' \
-                '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt (JPEG q25 + t>=500 + LM]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
+                '--preset[Safe-Zone Training (paper 000) preset = a column of Table 1 - nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, jpeg+lm, szt …]:value:(nominal jpeg t600 lm jpeg+t600 jpeg+lm szt)' \
                 '--jpeg[JPEG-compress training images at quality Q (SZT - 25).]:value: ' \
                 '--jpeg-scale[Apply that JPEG at short side S px (Pillow bicubic up, encode/decode, back; paper 000 compressed 512-px photos, so the toy grid'\''s 64-px images use 512).]:value: ' \
-                '--t-sampler[Timestep sampler (App.]:value:(uniform threshold-high threshold-low power tanh)' \
+                '--t-sampler[Timestep sampler (App. H) - uniform; threshold-high U(rho,1); threshold-low U(0,rho); power p(t)~t^rho; tanh p(t)~tanh(rho(t-0.5))/2+0.5 (t in (0,1) x T).]:value:(uniform threshold-high threshold-low power tanh)' \
                 '--t-param[rho of the sampler (t600 - 0.6; szt - 0.5).]:value: ' \
                 '--masks[Folder of concept masks (from `cloak mask`) - same relative name (.png) and size as each image.]:file:_files' \
-                '--mask-mode[App.]:value:(none lm im lim zm)' \
+                '--mask-mode[App. I - lm = loss mask, im = masked input image, lim = both, zm = masked z_t (default lm when --masks is given).]:value:(none lm im lim zm)' \
                 '--dilate[Dilate masks by N px at a 512 training resolution, any aspect ratio (max filter 2N'\''+1, N'\'' = N·min(W,H)/512; SZT - 16).]:value: ' \
-                '--steps[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
-                '--lr[Learning rate > 0, constant (paper 000 - 5e-4).]:value: ' \
+                '(--steps --max-train-steps)'{--steps,--max-train-steps}'[Optimizer steps (paper 000 - 5000; CustomConcept101 - 2500).]:value: ' \
+                '(--lr --learning-rate)'{--lr,--learning-rate}'[Learning rate > 0, constant (paper 000 - 5e-4).]:value: ' \
                 '--warmup-steps[Linear warm-up steps (paper 000 - 0).]:value: ' \
                 '--weight-decay[AdamW weight decay of the new token'\''s rows (diffusers'\'' textual_inversion.py --adam_weight_decay - 1e-2; 0 = plain Adam).]:value: ' \
                 '--flip-p[Probability of mirroring a training image left-right per sample (diffusers'\'' TextualInversionDataset flip_p - 0.5; 0 = never).]:value: ' \
-                '--grad-accumulation[Gradient accumulation (App.]:value: ' \
-                '--resolution[Training size (default - the model'\''s, e.g.]:value: ' \
+                '(--grad-accumulation --gradient-accumulation-steps)'{--grad-accumulation,--gradient-accumulation-steps}'[Gradient accumulation (App. O SDXL - 5).]:value: ' \
+                '--resolution[Training size (default - the model'\''s, e.g. 512 for SD1.5, 64 for tiny).]:value: ' \
                 '(--mean-latents --no-mean-latents)'{--mean-latents,--no-mean-latents}'[Use the VAE posterior mean instead of a sample per step.]' \
-                '(--log-grad-by-t --no-log-grad-by-t)'{--log-grad-by-t,--no-log-grad-by-t}'[Log the embedding-gradient norm per step and per timestep bin (grad_by_t.json; paper 000 Fig.]' \
+                '(--log-grad-by-t --no-log-grad-by-t)'{--log-grad-by-t,--no-log-grad-by-t}'[Log the embedding-gradient norm per step and per timestep bin (grad_by_t.json; paper 000 Fig. 5/11).]' \
                 '--checkpoint-every[Checkpoint for --resume every N steps (0 - only at the end).]:file:_files' \
                 '--snapshot-every[Save an embedding snapshot every N steps (0 - none).]:value: ' \
                 '(--resume --no-resume)'{--resume,--no-resume}'[Continue from the latest checkpoint in OUTPUT (bit-exact with the same seed and settings).]' \
-                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) (default stable-diffusion-v1-5/stable-diffusion-v]:file:_files' \
+                '--model[Hub id, local diffusers folder, .safetensors file, '\''tiny'\'', '\''toy'\'' or '\''sd15-shaped'\'' (random weights, for timing) …]:value:_alternative "sets:set:(tiny toy sd15-shaped)" "files:file:_files"' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '(--recursive -r)'{--recursive,-r}'[Descend into subfolders (relative paths are kept in the output).]' \
-                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced (docs/contract.m]' \
-                '--device[auto, cpu, cuda, cuda -N or mps.]:value: ' \
-                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value: ' \
+                '--overwrite[Recompute outputs that a previous run with the same parameters already wrote (default - skip them); files cloak did not write are never replaced …]' \
+                '--device[auto, cpu, cuda, cuda -N or mps.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
+                '--dtype[auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16.]:value:(auto fp32 fp16 bf16)' \
                 '--seed[Seed of the run - one generator draws the data order, latent samples, timesteps, noise and prompts (same seed = same embedding).]:value: ' \
                 '--batch-size[Images per optimizer step (paper 000 - 1).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \

@@ -54,7 +54,7 @@ endef
 define SCORE_RULE
 $(WORK)/scores/$(1)__$(2).json: $(foreach c,$(CONCEPTS),$(WORK)/gen/$(1)/$(2)/$(c)/cloak.json)
 	@mkdir -p $(WORK)/scores
-	$(CLOAK) score $(foreach c,$(CONCEPTS),$(WORK)/gen/$(1)/$(2)/$(c)) -r --ref $(DATA) -m $(METRICS) --label poison=$(1) --label defense=$(2) -o $$@ $(SCORE_ARGS)
+	$(CLOAK) score $(foreach c,$(CONCEPTS),$(WORK)/gen/$(1)/$(2)/$(c)) -r --ref $(DATA) --metrics $(METRICS) --label poison=$(1) --label defense=$(2) -o $$@ $(SCORE_ARGS)
 endef
 
 $(foreach p,$(filter-out none,$(POISONS)),$(foreach c,$(CONCEPTS),$(eval $(call POISON_RULE,$(p),$(c)))))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .provenance import command_argv, shareable_cwd, shareable_path
 from .io import MANIFEST_NAME, atomic_write_bytes, clean_stale_temporaries, printable
 
 import atexit
@@ -152,7 +153,7 @@ class Manifest:
         self.seed = seed
         self.model = model or {}
         self.extra = extra or {}
-        self.argv = list(sys.argv if argv is None else argv)
+        self.argv = command_argv(argv)  # "cloak", then the arguments as given (ops/provenance.py)
         self.folder.mkdir(parents=True, exist_ok=True)
         for path, what in ((self.path, "the manifest"), (self.log_dir, "the record logs"),
                            (self.folder / f".{MANIFEST_NAME}.lock", "the lock file")):
@@ -322,7 +323,7 @@ class Manifest:
         killed) runs logged into ``cloak.json``, and clean stale temporaries left in the folder."""
         clean_stale_temporaries(self.folder)
         self._append({"k": "top", "fields": {"command": self.command, "argv": self.argv, "params": self.params,
-                                             "params_hash": self.hash, "seed": self.seed, "cwd": os.getcwd(),
+                                             "params_hash": self.hash, "seed": self.seed, "cwd": shareable_cwd(self.folder),
                                              "model": self.model, "versions": package_versions()}})
         self._append({"k": "run", "run": {"id": secrets.token_hex(6), "started": _now(), "params_hash": self.hash,
                                           "argv": self.argv, **self.extra}})
@@ -359,6 +360,8 @@ class Manifest:
         A ``status="writing"`` claim (written just before the file) is not fsync'd: a killed process loses no
         written data, and after a power loss the file's own rename is no more durable than the claim.
         """
+        if fields.get("source"):
+            fields["source"] = shareable_path(fields["source"], self.folder)
         self._append({"k": "file", "rel": output_rel,
                       "rec": {"params_hash": self.hash, "time": _now(), **peak_memory(), **fields}},
                      durable=fields.get("status") != "writing")
@@ -366,7 +369,7 @@ class Manifest:
     def clash(self, source: str, **fields: Any) -> None:
         """Record an input refused because an earlier input takes its output name (kept apart from ``files`` so
         it never replaces the winner's record)."""
-        self._append({"k": "clash", "source": source, "rec": {"params_hash": self.hash, "time": _now(), **fields}})
+        self._append({"k": "clash", "source": shareable_path(source, self.folder), "rec": {"params_hash": self.hash, "time": _now(), **fields}})
 
     def update(self, **fields: Any) -> None:
         """Merge top-level fields (e.g. a run summary or training state)."""

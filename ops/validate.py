@@ -1,6 +1,6 @@
 """Valid ranges of every numeric and path flag, checked once before any work (a bad value exits 2 with one line).
 
-Two tables own the ranges: method parameters (``--eps``, ``--sigma``, ``-p rounds=…``) by name for attacks and for
+Two tables own the ranges: method parameters (``--eps``, ``--sigma``, ``--param rounds=…``) by name for attacks and for
 purifiers (a spec may override one in its ``ranges``), checked by :meth:`ops.registry.MethodSpec.resolve`; and the
 command flags that are not method parameters (``--lr``, ``--max-pixels``, ``--output``…), checked by
 :func:`check_command_flags`, which the CLI's error wrapper calls before the command body runs. Every float must be

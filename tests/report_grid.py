@@ -82,7 +82,7 @@ def build(root: Path, cli) -> dict:
                 gen_folders.append(gen)
             out = root / "scores" / f"{poison}__{defence}.json"
             out.parent.mkdir(exist_ok=True)
-            code, _, err = cli(["score", *gen_folders, "--ref", data, "-r", "-m", "psnr,ssim,rmse", "-o", out,
+            code, _, err = cli(["score", *gen_folders, "--ref", data, "-r", "--metrics", "psnr,ssim,rmse", "-o", out,
                                 "--label", f"poison={poison}", "--label", f"defense={defence}"])
             assert code == 0, err
             scores.append(out)

@@ -75,11 +75,11 @@ def test_core_commands_run_without_the_extras_and_extras_fail_in_one_line(tmp_pa
         "generate": ["generate", "-o", out / "generated", *tiny, "--prompts", prompts, "-n", "1", "--steps", "2"],
         "ssm": ["ssm", images, "-o", out / "ssm", *tiny, "--prompt", "a photo on the grass", "--timesteps", "500",
                 "--samples", "1"],
-        "score": ["score", images, "--ref", images, "-m", "psnr,brisque", "-o", out / "score.json"],
+        "score": ["score", images, "--ref", images, "--metrics", "psnr,brisque", "-o", out / "score.json"],
         "table": ["score", "--table", table_input, "--rows", "poison", "--cols", "defense", "-o", out / "table"],
         "report": ["report", out / "poisoned", "-o", out / "report"],
         "mask": ["mask", images, "-o", out / "masks", "--sam-type", "tiny"],
-        "lpips": ["score", images, "--ref", images, "-m", "lpips", "-o", out / "lpips.json"],
+        "lpips": ["score", images, "--ref", images, "--metrics", "lpips", "-o", out / "lpips.json"],
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLOAK_TEST_THREADS": "1"}
     process = subprocess.run([sys.executable, "-c", DRIVER, ",".join(BLOCKED),

@@ -30,8 +30,8 @@ POISON = [
     ("-a lf-adm+ --lf-ratio 0", "--lf-ratio"), ("-a lf-adm+ --lf-ratio 1.5", "--lf-ratio"),
     ("-a mist --fused-weight nan", "--fused-weight"), ("--eot-samples 0", "--eot-samples"),
     ("--jpeg-quality 0", "--jpeg-quality"), ("--batch-size 0", "--batch-size"), ("--max-pixels -5", "--max-pixels"),
-    ("-a aspl -p rounds=0", "--rounds"), ("-a aspl -p db_lr=nan", "--db-lr"), ("-a da -p strength=2", "--strength"),
-    ("-a metacloak -p trials=-1", "--trials"), ("--mask /nonexistent/mask.png", "--mask"),
+    ("-a aspl --param rounds=0", "--rounds"), ("-a aspl --param db_lr=nan", "--db-lr"), ("-a da --param strength=2", "--strength"),
+    ("-a metacloak --param trials=-1", "--trials"), ("--mask /nonexistent/mask.png", "--mask"),
     ("-a aspl --clean-dir /nonexistent", "--clean-dir"), ("-o {file}", "--output"),
 ]
 TRAIN_TI = [
@@ -69,7 +69,7 @@ ROWS = ([("purify", *row) for row in PURIFY] + [("poison", *row) for row in POIS
         + [("mask", *row) for row in MASK] + [("score", *row) for row in SCORE]
         + [("generate", *row) for row in GENERATE])
 REQUIRED = {"train-db": ["--instance-prompt", "a photo of sks person"], "ssm": ["--prompt", "a photo"],
-            "generate": ["--prompts", "a photo"], "score": ["-m", "psnr"],
+            "generate": ["--prompts", "a photo"], "score": ["--metrics", "psnr"],
             "immunize": ["--against", "ti"]}
 
 

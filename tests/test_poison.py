@@ -138,7 +138,7 @@ def test_mask_leaves_pixels_outside_byte_identical(cli, odd_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["-a", "adm+", "--clean-dir", "."], "set-level"),
     (["-a", "ea", "--target", "no/such.png"], "--target"),
-    (["-a", "adm+", "-p", "rounds=3"], "does not apply"),
+    (["-a", "adm+", "--param", "rounds=3"], "does not apply"),
     (["-a", "adm+", "--robust", "jpeg,sharpen"], "unknown transform"),
     (["-a", "adm+", "--t-range", "900"], "t-range"),
 ])

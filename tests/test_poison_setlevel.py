@@ -331,8 +331,8 @@ def test_cli_set_level_run_keeps_budget_on_disk_and_resumes(cli, tmp_path, class
     photo("chelsea").resize((48, 32)).save(photos_dir / "chelsea.jpg", quality=95)
     photo("rocket", 32).save(clean_dir / "rocket.png")
     args = ["poison", photos_dir, "-o", tmp_path / "out", "-a", "aspl", "--model", "tiny", "--resolution", "32",
-            "--clean-dir", clean_dir, "--eps", "4", "--step-size", "1", "-p", "rounds=1", "-p", "pgd_steps=3",
-            "-p", "surrogate_steps=1", "-p", "num_class_images=2", "-p", "class_steps=2", "-p",
+            "--clean-dir", clean_dir, "--eps", "4", "--step-size", "1", "--param", "rounds=1", "--param", "pgd_steps=3",
+            "--param", "surrogate_steps=1", "--param", "num_class_images=2", "--param", "class_steps=2", "--param",
             f"class_dir={class_dir}"]
     code, out, err = cli(args)
     assert code == 0, err

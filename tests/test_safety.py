@@ -92,9 +92,9 @@ def test_score_refuses_to_write_over_an_input_or_reference_image(tmp_path, cli):
     ref.mkdir()
     _tiny(ref / "p00.png", 7)
     before, before_ref = _bytes(folder), _bytes(ref)
-    code, _, stderr = cli(["score", folder, "--ref", ref, "-m", "psnr", "-o", folder / "p00.png"])
+    code, _, stderr = cli(["score", folder, "--ref", ref, "--metrics", "psnr", "-o", folder / "p00.png"])
     assert code == 2, stderr
-    code, _, stderr = cli(["score", folder, "--ref", ref, "-m", "psnr", "-o", tmp_path / "s.json",
+    code, _, stderr = cli(["score", folder, "--ref", ref, "--metrics", "psnr", "-o", tmp_path / "s.json",
                            "--csv", ref / "p00.png"])
     assert code == 2, stderr
     assert _bytes(folder) == before and _bytes(ref) == before_ref
@@ -104,12 +104,12 @@ def test_score_refuses_to_replace_a_file_it_did_not_write(tmp_path, cli):
     folder = _folder(tmp_path)
     mine = tmp_path / "notes.json"
     mine.write_text("my notes\n")
-    code, _, stderr = cli(["score", folder, "--ref", folder, "-m", "psnr", "-o", mine])
+    code, _, stderr = cli(["score", folder, "--ref", folder, "--metrics", "psnr", "-o", mine])
     assert code == 2, stderr
     assert mine.read_text() == "my notes\n"
     out = tmp_path / "s.json"
-    assert cli(["score", folder, "--ref", folder, "-m", "psnr", "-o", out])[0] == 0
-    assert cli(["score", folder, "--ref", folder, "-m", "psnr", "-o", out])[0] == 0  # its own output: fine
+    assert cli(["score", folder, "--ref", folder, "--metrics", "psnr", "-o", out])[0] == 0
+    assert cli(["score", folder, "--ref", folder, "--metrics", "psnr", "-o", out])[0] == 0  # its own output: fine
 
 
 # ------------------------------------------------------------------- 3. only files cloak wrote are replaced

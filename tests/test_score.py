@@ -190,7 +190,7 @@ def test_score_cli_records_means_csv_and_partial_exit(cli, scored_folders):
     (root / "gen" / "cat" / "extra.png").write_bytes((root / "gen" / "cat" / "rocket.png").read_bytes())  # no pair
     (root / "gen" / "cat" / "broken.png").write_bytes(b"not an image")
     out = root / "scores.json"
-    code, stdout, err = cli(["score", root / "gen", "-r", "--ref", root / "ref", "-m", "psnr,rmse", "-o", out,
+    code, stdout, err = cli(["score", root / "gen", "-r", "--ref", root / "ref", "--metrics", "psnr,rmse", "-o", out,
                              "--csv", root / "scores.csv", "--label", "poison=noise"])
     assert code == 3, err
     assert stdout.strip() == str(out)
@@ -235,7 +235,7 @@ def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
     (gen / "cloak.json").write_text(json.dumps({"command": "generate", "params": {"token": "<R*>"}, "files": {
         "p00_i000.png": {"prompt": "a <R*> on the beach", "seed": 1, "status": "done"}}}))
     out = tmp_path / "s.json"
-    code, _, err = cli(["score", gen, "-m", "clip,clip-iqa,clip-iqac,liqe,q", "--clip-model", "tiny", "--class", "cat",
+    code, _, err = cli(["score", gen, "--metrics", "clip,clip-iqa,clip-iqac,liqe,q", "--clip-model", "tiny", "--class", "cat",
                         "-o", out])
     assert code == 0, err
     record = json.loads(out.read_text())["images"][0]
@@ -347,11 +347,11 @@ def test_identity_metrics_exclude_or_penalize_faceless_images():
 
 def test_missing_backbone_weights_give_one_line(cli, tmp_path):
     photo("rocket", 64).save(tmp_path / "a.png")
-    code, out, err = cli(["score", tmp_path / "a.png", "--ref", tmp_path / "a.png", "-m", "dinov2",
+    code, out, err = cli(["score", tmp_path / "a.png", "--ref", tmp_path / "a.png", "--metrics", "dinov2",
                           "--dinov2-model", str(tmp_path / "no-such-dinov2"), "-o", tmp_path / "s.json"])
     assert code == 1 and out == ""
     assert err.strip().startswith("cloak: error: DINOv2 weights") and len(err.strip().splitlines()) == 1
-    code, _, err = cli(["score", tmp_path / "a.png", "-m", "ism", "-o", tmp_path / "s.json"])
+    code, _, err = cli(["score", tmp_path / "a.png", "--metrics", "ism", "-o", tmp_path / "s.json"])
     assert code == 2 and "--ref" in err
 
 

@@ -78,9 +78,10 @@ def run(settings: ReportSettings) -> dict:
     import sys
 
     from ..manifest import _now, package_versions
+    from ..provenance import command_argv
 
     atomic_write_bytes(out / MANIFEST_NAME, json.dumps({
-        "format": 1, "command": "report", "argv": sys.argv, "updated": _now(), "versions": package_versions(),
+        "format": 1, "command": "report", "argv": command_argv(), "updated": _now(), "versions": package_versions(),
         "inputs": [str(Path(p).resolve()) for p in settings.inputs],
         "files": {INDEX_NAME: {"status": "done"}}, **summary}, indent=2, default=str).encode() + b"\n")
     return {"index": str(index), "thumbnails": len(_referenced(page)), **summary}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class Manifests:
         if folder not in self._cache:
             try:
                 data = json.loads((folder / MANIFEST_NAME).read_text())
-                self._cache[folder] = data if isinstance(data, dict) else None
+                self._cache[folder] = anchor(data, folder) if isinstance(data, dict) else None
             except (OSError, json.JSONDecodeError):
                 self._cache[folder] = None
         return self._cache[folder]
@@ -165,14 +166,25 @@ class Manifests:
         return None, {}, {}
 
 
+def anchor(data: dict, folder: Path) -> dict:
+    """Note where a manifest or score file lives: its relative ``cwd`` and paths are relative to that folder
+    (``ops/provenance.py``)."""
+    data["_folder"] = str(folder)
+    cwd = data.get("cwd")
+    if isinstance(cwd, str) and cwd and not Path(cwd).is_absolute():
+        data["cwd"] = os.path.normpath(folder / cwd)
+    return data
+
+
 def resolve_path(raw: str | None, manifest: dict | None = None, base: Path | None = None) -> Path | None:
-    """A path from a manifest: as written if absolute, else against the manifest's ``cwd``, ``base``, the cwd."""
+    """A path from a manifest: as written if absolute, else against the manifest's ``cwd`` (argv), its own folder
+    (recorded sources), ``base``, the cwd."""
     if not raw:
         return None
     path = Path(raw)
     if path.is_absolute():
         return path if path.exists() else None
-    for root in ((manifest or {}).get("cwd"), base, Path.cwd()):
+    for root in ((manifest or {}).get("cwd"), (manifest or {}).get("_folder"), base, Path.cwd()):
         if root and (Path(root) / path).exists():
             return (Path(root) / path).resolve()
     return None
@@ -224,7 +236,7 @@ def load_json(path: Path) -> dict | None:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    return anchor(data, Path(path).resolve().parent) if isinstance(data, dict) else None
 
 
 def is_score_file(data: dict | None) -> bool:

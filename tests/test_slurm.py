@@ -25,6 +25,7 @@ pytestmark = [
                        "apt-get install munge slurmctld slurmd slurm-client"),
     pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm cluster needs root (slurmd runs jobs as their owner)"),
     pytest.mark.slow,
+    pytest.mark.cluster,  # its own CI step (`python -m pytest -m cluster`), outside the 10-minute default suite
 ]
 
 

@@ -91,12 +91,9 @@ def _with_run_flags(function: Callable, wrapper: Callable) -> None:
 
 
 def configure_run(threads: int | None, quiet: bool, verbose: bool) -> None:
-    """Apply the run flags before any work: torch's thread count, and library chatter off unless ``--verbose``."""
+    """Apply the run flags before any work: torch's thread count and the progress switches (library chatter is
+    silenced around the command by :func:`handle_errors` unless ``--verbose``/``--debug``)."""
     RunOptions.quiet, RunOptions.verbose = bool(quiet), bool(verbose)
-    if not verbose:
-        from cloaklab.ops.models import quiet_libraries
-
-        quiet_libraries()
     from cloaklab.ops.device import apply_threads, resolve_threads
 
     RunOptions.threads = apply_threads(resolve_threads(threads))
@@ -113,10 +110,14 @@ def handle_errors(function: Callable) -> Callable:
         try:
             from cloaklab.ops.validate import check_command_flags
 
-            configure_run(run_flags["threads"], bool(run_flags["quiet"]), bool(run_flags["verbose"]) or debug)
+            from cloaklab.ops.models import quiet_libraries
+
+            verbose = bool(run_flags["verbose"]) or debug
+            configure_run(run_flags["threads"], bool(run_flags["quiet"]), verbose)
             check_command_flags(function.__name__, kwargs)  # bad flag values: exit 2 before any work
             try:
-                return function(*args, **kwargs)
+                with quiet_libraries(not verbose):
+                    return function(*args, **kwargs)
             finally:
                 from cloaklab.ops.manifest import close_all
 
@@ -340,8 +341,7 @@ class StepProgress:
     def __init__(self, label: str, reporter: Reporter | None = None,
                  describe: Callable[[dict], str] | None = None):
         self.reporter = reporter or Reporter(label)
-        self.update = self.reporter.steps(label if reporter is not None and label != reporter.command else "",
-                                          describe)
+        self.update = self.reporter.steps(label.removeprefix(self.reporter.command).strip(), describe)
 
     def __enter__(self) -> "StepProgress":
         return self

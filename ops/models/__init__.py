@@ -165,31 +165,57 @@ def check_available(model: str) -> None:
 
 _QUIET = {"on": False}
 LIBRARY_LOGGERS = ("diffusers", "transformers", "peft", "huggingface_hub", "accelerate")
+QUIET_ENV = (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("DIFFUSERS_VERBOSITY", "error"),
+             ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+             ("HF_HUB_VERBOSITY", "error"))
 
 
-def quiet_libraries() -> None:
-    """Silence the libraries' logging, warnings and progress bars for the rest of the process (the CLI does this
-    unless ``--verbose``/``--debug``): environment switches for libraries not imported yet, their loggers at ERROR,
-    and Python warnings from them (deprecations, offline fallbacks) ignored. ``load_pipeline`` then loads weights
-    inside :func:`quiet_loading`."""
+@contextmanager
+def quiet_libraries(enabled: bool = True):
+    """Silence the libraries' logging, warnings and progress bars inside the block (the CLI runs every command in
+    it unless ``--verbose``/``--debug``): environment switches for libraries imported later, their loggers at ERROR,
+    Python warnings (deprecations, offline fallbacks) ignored, and ``load_pipeline`` loading weights inside
+    :func:`quiet_loading`. Everything is restored afterwards (the CLI runs in-process in tests)."""
     import logging
     import sys
     import warnings
 
-    _QUIET["on"] = True
-    for key, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("DIFFUSERS_VERBOSITY", "error"),
-                       ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                       ("HF_HUB_VERBOSITY", "error"), ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")):
-        os.environ.setdefault(key, value)
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub|accelerate|torch)\b")
+    if not enabled:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key, _ in QUIET_ENV}
+    imported = {name for name in LIBRARY_LOGGERS if name in sys.modules}
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    diffusers_bars = None
     if "diffusers" in sys.modules:
         from diffusers.utils import logging as diffusers_logging
 
+        diffusers_bars = diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()
+    for key, value in QUIET_ENV:
+        os.environ.setdefault(key, value)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    previous, _QUIET["on"] = _QUIET["on"], True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub|accelerate|torch)\b")
+            yield
+    finally:
+        _QUIET["on"] = previous
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for name in LIBRARY_LOGGERS:  # imported during the block: back to the library's default (WARNING)
+            logging.getLogger(name).setLevel(levels[name] if name in imported else logging.WARNING)
+        if diffusers_bars:
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.enable_progress_bar()
 
 
 @contextmanager

@@ -162,7 +162,8 @@ def train_db(
                            owned=manifest.data.get("training") is not None)
     manifest.start_run()
     reporter = common.Reporter("train-db")
-    reporter.header(model=model_name, device=torch_device, dtype=settings.mixed_precision, size=resolution,
+    reporter.header(model=model_name, device=torch_device, dtype="fp32" if settings.mixed_precision == "no"
+                    else f"fp32 + {settings.mixed_precision} autocast", size=resolution,
                     threads=common.RunOptions.threads)
     if model_note(model_name):
         reporter.line(f"cloak: note: {model_note(model_name)}")

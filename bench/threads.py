@@ -61,6 +61,8 @@ def main() -> None:
             for name, threads in settings.items():
                 out = Path(tmp) / f"out-{repeat}-{threads}"
                 times[name].append(run_once(photos, out, threads, options.steps, shlex.split(options.extra)))
+                print(f"  run {repeat + 1}: threads {name}: {times[name][-1]:.1f} s (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
     print(f"load average after: {os.getloadavg()}")
     print(f"cloak poison {options.photos} photos --model toy --steps {options.steps} {options.extra}".rstrip())
     for name, values in times.items():

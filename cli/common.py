@@ -13,6 +13,12 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+# OpenMP threads that spin while waiting for work burn the cores another thread (or another process on a shared
+# machine) needs: measured on the shared 2-core machine, toy poison at --threads 2 took 82 s with libgomp's default
+# wait policy and 30 s with PASSIVE (1 thread: 18 s). libgomp reads this when torch loads, which the CLI does after
+# this module is imported; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # ------------------------------------------------------------------------------------------- shared options
 Inputs = Annotated[list[str], typer.Argument(help="Image files, folders, or - to read paths from stdin.",
                                              show_default=False)]

@@ -13,6 +13,12 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+# OpenMP threads that spin while waiting for work burn the cores another thread (or another process on a shared
+# machine) needs: measured on the shared 2-core machine, toy poison at --threads 2 took 82 s with libgomp's default
+# wait policy and 30 s with PASSIVE (1 thread: 18 s). libgomp reads this when torch loads, which the CLI does after
+# this module is imported; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # ------------------------------------------------------------------------------------------- shared options
 Inputs = Annotated[list[str], typer.Argument(help="Image files, folders, or - to read paths from stdin.",
                                              show_default=False)]
@@ -65,18 +71,61 @@ def value(option: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- errors
+Threads = Annotated[Optional[int], typer.Option("--threads", envvar="CLOAK_THREADS", min=1, show_default=False,
+                                                 help="CPU threads for torch (default: the CPUs this process may "
+                                                      "use — its affinity, capped by the cgroup CPU quota).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No header and no progress on stderr (warnings, errors "
+                                     "and the summary still print).")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Let the libraries (diffusers, transformers, peft, "
+                                       "huggingface_hub) print their warnings, logs and progress bars.")]
+RUN_FLAGS = {"threads": Threads, "quiet": Quiet, "verbose": Verbose}
+
+
+def _with_run_flags(function: Callable, wrapper: Callable) -> None:
+    """Give ``wrapper`` the command's signature plus ``--threads``, ``--quiet`` and ``--verbose`` (before
+    ``--debug``), so every command has them without repeating them in each module."""
+    import inspect
+
+    signature = inspect.signature(function, eval_str=True)
+    params = list(signature.parameters.values())
+    names = {p.name for p in params}
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY if any(
+        p.kind == inspect.Parameter.KEYWORD_ONLY for p in params) else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=None if name == "threads" else False, annotation=annotation)
+        for name, annotation in RUN_FLAGS.items() if name not in names]
+    at = next((i for i, p in enumerate(params) if p.name == "debug"), len(params))
+    wrapper.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, **{p.name: p.annotation for p in extra}}
+
+
+def configure_run(threads: int | None, quiet: bool, verbose: bool) -> None:
+    """Apply the run flags before any work: torch's thread count and the progress switches (library chatter is
+    silenced around the command by :func:`handle_errors` unless ``--verbose``/``--debug``)."""
+    RunOptions.quiet, RunOptions.verbose = bool(quiet), bool(verbose)
+    from cloaklab.ops.device import apply_threads, resolve_threads
+
+    RunOptions.threads = apply_threads(resolve_threads(threads))
+
+
 def handle_errors(function: Callable) -> Callable:
-    """Run a command body: expected faults → one line on stderr and their exit code; ``--debug`` → traceback."""
+    """Run a command body: expected faults → one line on stderr and their exit code; ``--debug`` → traceback.
+    Adds ``--threads``, ``--quiet`` and ``--verbose`` to the command (:func:`configure_run`)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("CLOAK_DEBUG") == "1"
+        run_flags = {name: kwargs.pop(name, None) for name in RUN_FLAGS}
         try:
             from cloaklab.ops.validate import check_command_flags
 
+            from cloaklab.ops.models import quiet_libraries
+
+            verbose = bool(run_flags["verbose"]) or debug
+            configure_run(run_flags["threads"], bool(run_flags["quiet"]), verbose)
             check_command_flags(function.__name__, kwargs)  # bad flag values: exit 2 before any work
             try:
-                return function(*args, **kwargs)
+                with quiet_libraries(not verbose):
+                    return function(*args, **kwargs)
             finally:
                 from cloaklab.ops.manifest import close_all
 
@@ -100,28 +149,65 @@ def handle_errors(function: Callable) -> Callable:
                              f"{'' if debug else ' (rerun with --debug for the traceback)'}\n")
             raise typer.Exit(1)
 
+    _with_run_flags(function, wrapper)
     return wrapper
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-class Reporter:
-    """Progress on stderr: a rich bar on a terminal, plain lines when stderr is redirected."""
+class RunOptions:
+    """The options every command gets from :func:`handle_errors` (``--threads``, ``--quiet``, ``--verbose``)."""
 
-    def __init__(self, command: str):
+    quiet = False
+    verbose = False
+    threads: int | None = None
+
+
+PROGRESS_SECONDS_ENV = "CLOAK_PROGRESS_SECONDS"  # plain-line progress interval (default 10 s; tests use 0)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.5))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Reporter:
+    """Progress on stderr: a rich bar on a terminal, periodic plain lines with an ETA when stderr is redirected.
+
+    One reporter serves a whole command: file events (``on_event(kind, name, info)`` from the folder runners:
+    ``start``/``done``/``skip``/``reject``/``error``/``warn``, and ``step`` with ``{"step", "total"}`` for the inner
+    PGD/sampling steps of the current file), and training steps through :meth:`steps`. ``--quiet`` silences the
+    header and the progress (warnings, errors and the closing summary still print)."""
+
+    def __init__(self, command: str, quiet: bool | None = None):
         from rich.console import Console
 
         self.command = command
         self.console = Console(stderr=True)
+        self.quiet = RunOptions.quiet if quiet is None else quiet
         self.progress = None
-        self.task = None
+        self.task = None  # the files bar
+        self.step_task = None  # the inner-steps bar
+        self.total_files = 0
+        self.files_finished = 0
+        self.current: str | None = None
+        self.step_started = 0.0
+        self.first_step = 1
+        self.last_line = 0.0
+        self.interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "10") or 10)
 
     def __enter__(self) -> "Reporter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
+    # -- output
     def line(self, text: str) -> None:
         from cloaklab.ops.io import printable
 
@@ -132,16 +218,54 @@ class Reporter:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
-    def event(self, kind: str, name: str, info: dict) -> None:
-        if kind == "start":
-            if self.console.is_terminal:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def info(self, text: str) -> None:
+        """A progress-level line (silenced by ``--quiet``)."""
+        if not self.quiet:
+            self.line(text)
 
-                self.progress = Progress(TextColumn(f"[bold]{self.command}"), BarColumn(), MofNCompleteColumn(),
-                                         TimeRemainingColumn(), TextColumn("{task.description}"),
-                                         console=self.console, transient=True)
-                self.progress.start()
-                self.task = self.progress.add_task("", total=info["total"])
+    def header(self, *, model: str | None = None, device: Any = None, dtype: Any = None,
+               size: Any = None, threads: int | None = None) -> None:
+        """The first line: model, device, dtype, working size and threads in use."""
+        import torch
+
+        threads = threads or torch.get_num_threads()
+        parts = []
+        if model is not None:
+            parts.append(f"model {model}")
+        if device is not None:
+            parts.append(f"device {device}")
+        if dtype is not None:
+            parts.append(f"dtype {str(dtype).replace('torch.', '')}")
+        if size is not None:
+            parts.append(f"working size {size}" + (" px" if isinstance(size, int) else ""))
+        parts.append(f"threads {threads}")
+        self.info(f"{self.command}: " + ", ".join(parts))
+
+    def _bar(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.progress is None:
+            self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.description}"),
+                                     console=self.console, transient=True)
+            self.progress.start()
+        return self.progress
+
+    @property
+    def live(self) -> bool:
+        return self.console.is_terminal and not self.quiet
+
+    # -- file events
+    def event(self, kind: str, name: str, info: dict) -> None:
+        import time
+
+        if kind == "start":
+            self.total_files = int(info.get("total", 0))
+            if self.live:
+                self.task = self._bar().add_task("", total=self.total_files, label=self.command)
+            return
+        if kind == "step":
+            self.step(int(info["step"]), int(info["total"]), name or self.current or "")
             return
         if kind == "warn":
             self.line(f"cloak: warning: {name}: {info['message']}")
@@ -151,14 +275,64 @@ class Reporter:
         elif kind == "error":
             self.line(f"cloak: failed {name}: {info['reason']}")
         elif kind == "done" and self.progress is None:
-            self.line(f"{self.command}: wrote {name} ({info['seconds']:.2f} s)")
-        if self.progress is not None:
+            self.info(f"{self.command}: wrote {name} ({info['seconds']:.2f} s)")
+        if kind in ("done", "error", "reject", "skip"):
+            self.files_finished += 1
+            self.current = None
+            self.step_started = 0.0
+            if self.step_task is not None and self.progress is not None:
+                self.progress.remove_task(self.step_task)
+                self.step_task = None
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, description=name)
+
+    def step(self, step: int, total: int, name: str = "", text: str = "") -> None:
+        """Inner step ``step`` of ``total`` of the current file (or of a training run): a bar on a terminal, else a
+        plain line at the first and last step and every ``CLOAK_PROGRESS_SECONDS`` (10 s) with the ETA of the
+        whole run (this file's rate × the steps left here and in the files after it)."""
+        import time
+
+        if self.quiet or total <= 0:
+            return
+        now = time.perf_counter()
+        if step <= 1 or not self.step_started:
+            self.step_started, self.first_step = now, step  # the rate is measured from the first step seen
+        if self.live:
+            progress = self._bar()
+            if self.step_task is None:
+                self.step_task = progress.add_task("", total=total, completed=step - 1,
+                                                   label=f"  {self.command} steps")
+            progress.update(self.step_task, total=total, completed=step, description=text or name)
+            return
+        if not (step in (1, total) or now - self.last_line >= self.interval):
+            return
+        self.last_line = now
+        where = f" (file {self.files_finished + 1}/{self.total_files})" if self.total_files > 1 else ""
+        label = f" {name}" if name else ""
+        extra = f" {text}" if text else ""
+        timing = "ETA …"
+        if step > self.first_step:
+            rate = (now - self.step_started) / (step - self.first_step)
+            files_after = max(0, self.total_files - self.files_finished - 1) if self.total_files else 0
+            eta = rate * (total - step) + files_after * rate * total
+            timing = f"{rate:.2f} s/step · ETA {_clock(eta)}"
+        self.line(f"{self.command}:{label} step {step}/{total}{where}{extra} · {timing}")
+
+    def steps(self, label: str | None = None, describe: Callable[[dict], str] | None = None
+              ) -> Callable[[int, int, dict], None]:
+        """An ``on_progress(step, total, record)`` callback for training loops (the running loss by default)."""
+        describe = describe or (lambda record: f"loss {record['loss']:.4f}" if "loss" in record else "")
+
+        def update(step: int, total: int, record: dict) -> None:
+            self.step(step, total, label or "", describe(record))
+
+        return update
 
     def summary(self, summary: Any, output: Path, as_json: bool) -> int:
         """Print the closing summary (stderr) and the data line (stdout); return the exit code."""
         counts = (f"{len(summary.done)} written, {len(summary.skipped)} skipped (already done), "
                   f"{len(summary.rejected)} rejected, {len(summary.failed)} failed")
+        self.stop()
         self.line(f"{self.command}: {counts} → {output}")
         for name, reason in summary.rejected:
             self.line(f"  rejected {name}: {reason}")
@@ -169,38 +343,19 @@ class Reporter:
 
 
 class StepProgress:
-    """Training progress on stderr: a rich bar with the running loss on a terminal, a plain line every ~5 % of the
-    steps otherwise. Use as a context manager and pass ``.update`` as ``on_progress(step, total, record)``."""
+    """Training progress (kept for the training commands): ``with StepProgress(label, reporter) as p`` and pass
+    ``p.update`` as ``on_progress(step, total, record)``; it is :meth:`Reporter.steps` of one shared reporter."""
 
     def __init__(self, label: str, reporter: Reporter | None = None,
                  describe: Callable[[dict], str] | None = None):
-        self.label = label
         self.reporter = reporter or Reporter(label)
-        self.describe = describe or (lambda record: f"loss {record['loss']:.4f}")
-        self.bar = None
-        self.task = None
+        self.update = self.reporter.steps(label.removeprefix(self.reporter.command).strip(), describe)
 
     def __enter__(self) -> "StepProgress":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def update(self, step: int, total: int, record: dict) -> None:
-        text = self.describe(record)
-        if self.reporter.console.is_terminal:
-            if self.bar is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn(), TextColumn("{task.description}"),
-                                    console=self.reporter.console, transient=True)
-                self.bar.start()
-                self.task = self.bar.add_task("", total=total, completed=step - 1)
-            self.bar.update(self.task, completed=step, description=text)
-        elif step == total or step % max(1, total // 20) == 0:
-            self.reporter.line(f"{self.label}: step {step}/{total} {text}")
+        self.reporter.stop()
 
 
 def emit(output: Path, payload: dict, as_json: bool) -> None:

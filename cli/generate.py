@@ -88,7 +88,7 @@ def generate(
     from cloaklab.ops.generate import generate_folder
     from cloaklab.ops.io import parse_shard, shard_label
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, model_info
+    from cloaklab.ops.models import check_available, default_model, model_info, model_note, native_resolution
     from cloaklab.ops.prompts import DEFAULT_NUM_PER_PROMPT, DEFAULT_TOKEN, load_prompt_templates
     from cloaklab.ops.prompts import quality_negative_prompt
 
@@ -102,6 +102,8 @@ def generate(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
+    check_available(model_name)  # a missing model: one line, and no output folder left behind
+    resolution = resolution or native_resolution(model_name)
     token = token or (embedding_token(embedding) if embedding and embedding.suffix == ".safetensors" else None) \
         or DEFAULT_TOKEN
     jobs = plan_jobs(templates, token, count, seed, negative, without=neg_token if quality_negative else None)
@@ -128,6 +130,10 @@ def generate(
                         extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard_label(shard_spec),
                                "prompts": prompts, "num_per_prompt": count, "token": token})
     with common.Reporter("generate") as reporter:
+        reporter.header(model=model_name, device=torch_device, dtype=torch_dtype, size=resolution,
+                        threads=common.RunOptions.threads)
+        if model_note(model_name):
+            reporter.line(f"cloak: note: {model_note(model_name)}")
         summary = generate_folder(pipe, jobs, output, manifest, settings=settings, batch_size=batch_size,
                                   overwrite=overwrite, on_event=reporter.event)
         code = reporter.summary(summary, output, json_out)

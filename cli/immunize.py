@@ -97,7 +97,8 @@ def immunize(
     from cloaklab.ops.errors import UsageError
     from cloaklab.ops.io import check_output_location, check_outputs, collect_inputs
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info, model_note, \
+        native_resolution
     from cloaklab.ops.train.data import load_instance_images
     from cloaklab.ops.train.immunize import (IMMUNIZED_NAME, ImmunizeConfig, adapted_loss, apply_attention_state,
                                              attention_state, immunize as run_stage, load_attention_state,
@@ -125,6 +126,8 @@ def immunize(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
+    check_available(model_name)  # a missing model: one line, and no output folder left behind
+    resolution = resolution or native_resolution(model_name)
     record = model_info(model_name).as_dict()
     config = ImmunizeConfig(against=method, steps=steps, inner_steps=inner_steps, outer_steps=outer_steps, lr=lr,
                             defence_lr=defence_lr, max_grad_norm=max_grad_norm, clip=clip,
@@ -141,6 +144,10 @@ def immunize(
     manifest = Manifest(output, "immunize", params, seed=seed, model=record,
                         extra={"device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", "")})
     reporter = common.Reporter("immunize")
+    reporter.header(model=model_name, device=torch_device, dtype=torch_dtype, size=resolution,
+                    threads=common.RunOptions.threads)
+    if model_note(model_name):
+        reporter.line(f"cloak: note: {model_note(model_name)}")
     for note in all_notes:
         reporter.line(f"cloak: note: {note}")
     stage_dirs = [output if len(concepts) == 1 else output / "stages" / f"{i + 1:02d}-{name}"
@@ -163,7 +170,7 @@ def immunize(
     manifest.start_run()
 
     pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)
-    size = resolution or int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = resolution
     state = None
     rejected: list[tuple[str, str]] = []
     summary = []

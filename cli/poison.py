@@ -93,9 +93,11 @@ def poison(
     eot_samples: Annotated[int, typer.Option(help="EoT draws averaged per step.", min=1)] = 1,
     jpeg_quality: Annotated[Optional[int], _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
                                                 max=100)] = None,
-    resolution: Annotated[int, typer.Option(help="Working resolution: short side in px (0-4096), aspect kept, "
-                                                 "multiples of 8; 0 = native size. Photos longer than 8× their "
-                                                 "short side are rejected.", min=0)] = 512,
+    resolution: Annotated[Optional[int], typer.Option(help="Working resolution: short side in px (0-4096), aspect "
+                                                           "kept, multiples of 8; 0 = native size. Default: the "
+                                                           "model's own size (SD 1.x 512, SD 2.1-v 768, SDXL 1024, "
+                                                           "toy/tiny 64). Photos longer than 8× their short side "
+                                                           "are rejected.", min=0, show_default=False)] = None,
     native_size: Annotated[bool, typer.Option("--native-size/--working-size",
                                               help="Single-image attacks on photos larger than the working "
                                                    "resolution: optimize in the photo's own pixels through a "
@@ -145,7 +147,7 @@ def poison(
       cloak poison photos -o out -a ea --target gray --robust jpeg,resize
       cloak poison photos -o out -a sds- --mask masks/ --preview
       cloak poison faces -o out -a aspl --clean-dir faces_a --param rounds=20
-      cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model tiny --resolution 64
+      cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model toy
     """
     import sys
 
@@ -156,7 +158,8 @@ def poison(
     from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
                                  shard_label)
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info, model_note, \
+        native_resolution
     from cloaklab.ops.poison import poison_folder
 
     if param_short:  # -p means --prompts (cloak generate); poison's -p still works, warned
@@ -195,6 +198,9 @@ def poison(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
+    check_available(model_name)  # a missing model: one line, and no output folder left behind
+    if resolution is None:
+        resolution = native_resolution(model_name)
     model_record = model_info(model_name).as_dict()
     run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size, "native_crops": native_crops,
                   "robust": transforms,
@@ -205,12 +211,16 @@ def poison(
                         extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard_label(shard_spec),
                                "preview": preview, "checkpointing": checkpointing})
     with common.Reporter("poison") as reporter:
+        reporter.header(model=model_name, device=torch_device, dtype=torch_dtype,
+                        size=resolution or "native", threads=common.RunOptions.threads)
+        if model_note(model_name):
+            reporter.line(f"cloak: note: {model_note(model_name)}")
         for note in notes:
             reporter.line(f"cloak: note: {note}")
         if preset:
-            reporter.line(f"cloak: note: no --attack given: artist preset ({PRESET_TEXT})")
+            reporter.info(f"cloak: note: no --attack given: artist preset ({PRESET_TEXT})")
         def load_pipe():
-            reporter.line(f"cloak: loading model {model_name}")
+            reporter.info(f"cloak: loading model {model_name}")
             return load_pipeline(model_name, device=torch_device, dtype=torch_dtype, trust_pickle=trust_pickle)
 
         summary = poison_folder(items, output, spec.name, params, load_pipe=load_pipe, manifest=manifest, seed=seed,

@@ -77,7 +77,7 @@ def ssm(
     from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
                                  shard_label)
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info
     from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
     from cloaklab.ops.ssm_run import run_maps, run_profile, working_resolution
 
@@ -101,6 +101,7 @@ def ssm(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
+    check_available(model_name)
     pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)
     tokens = list(token or [])
     if embedding is not None:

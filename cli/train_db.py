@@ -120,7 +120,8 @@ def train_db(
     from cloaklab.ops.device import resolve_device
     from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info, model_note, \
+        native_resolution
     from cloaklab.ops.train.dreambooth_train import DB_DEFAULTS, LORA_DEFAULTS, DreamBoothSettings
     from cloaklab.ops.train.dreambooth_train import LORA_WEIGHTS, PIPELINE_DIR, train_dreambooth
     from cloaklab.ops.train.loop import TrainConfig, refuse_foreign_outputs
@@ -164,6 +165,8 @@ def train_db(
     config.check()
     torch_device = resolve_device(device)
     model_name = model or default_model()
+    check_available(model_name)  # a missing model: one line, and no output folder left behind
+    resolution = resolution or native_resolution(model_name)
     model_record = model_info(model_name).as_dict()
     train_prompts = settings.prompts()
     params = {"model": model_record, "instance_prompt": train_prompts[0], "class_prompt": train_prompts[1],
@@ -176,11 +179,17 @@ def train_db(
     refuse_foreign_outputs(output, (LORA_WEIGHTS, "unet", "text_encoder", PIPELINE_DIR),
                            owned=manifest.data.get("training") is not None)
     manifest.start_run()
+    reporter = common.Reporter("train-db")
+    reporter.header(model=model_name, device=torch_device, dtype="fp32" if settings.mixed_precision == "no"
+                    else f"fp32 + {settings.mixed_precision} autocast", size=resolution,
+                    threads=common.RunOptions.threads)
+    if model_note(model_name):
+        reporter.line(f"cloak: note: {model_note(model_name)}")
     for note in notes:
-        sys.stderr.write(f"cloak: note: {note}\n")
+        reporter.line(f"cloak: note: {note}")
     pipe = load_pipeline(model_name, torch_device, None, trust_pickle=trust_pickle)
     rejected: list[tuple[str, str]] = []
-    progress = common.StepProgress("train-db")
+    progress = common.StepProgress("train-db", reporter)
 
     def class_event(kind: str, name: str, info: dict) -> None:
         if kind == "start" and info["total"]:

@@ -109,7 +109,8 @@ def train_ti(
     from cloaklab.ops.errors import UsageError
     from cloaklab.ops.io import check_outputs, check_output_location, collect_inputs
     from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import default_model, load_pipeline, model_info
+    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info, model_note, \
+        native_resolution
     from cloaklab.ops.train.data import TEMPLATE_SETS, fill_templates, load_instance_images, load_templates
     from cloaklab.ops.train.loop import TrainConfig, prepare_run_folder, refuse_foreign_outputs, train
     from cloaklab.ops.train.presets import resolve_preset
@@ -131,6 +132,8 @@ def train_ti(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_name = model or default_model()
+    check_available(model_name)  # a missing model: one line, and no output folder left behind
+    resolution = resolution or native_resolution(model_name)
     record = model_info(model_name).as_dict()
     template_list = load_templates(templates)
     params = {"token": token, "init_token": init_token, "num_vectors": num_vectors,
@@ -144,6 +147,10 @@ def train_ti(
     manifest = Manifest(output, "train-ti", params, seed=seed, model=record,
                         extra={"device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", "")})
     reporter = common.Reporter("train-ti")
+    reporter.header(model=model_name, device=torch_device, dtype=torch_dtype, size=resolution,
+                    threads=common.RunOptions.threads)
+    if model_note(model_name):
+        reporter.line(f"cloak: note: {model_note(model_name)}")
     for note in notes:
         reporter.line(f"cloak: note: {note}")
     done = manifest.files.get(EMBEDS_NAME, {})
@@ -157,7 +164,7 @@ def train_ti(
     manifest.start_run()
 
     pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)
-    size = resolution or int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = resolution
     for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if encoder is not None:
             encoder.to(dtype=torch.float32)  # the trained rows and their gradients stay in fp32
@@ -176,7 +183,7 @@ def train_ti(
                          checkpoint_every=checkpoint_every, snapshot_every=snapshot_every,
                          log_grad_by_t=log_grad_by_t, weight_decay=weight_decay, flip_p=flip_p)
     rho = "" if szt["t_param"] is None else f" rho {szt['t_param']}"
-    reporter.line(f"train-ti: {len(data)} image(s) at {size}px, {steps} steps, t-sampler {szt['t_sampler']}{rho}, "
+    reporter.info(f"train-ti: {len(data)} image(s) at {size}px, {steps} steps, t-sampler {szt['t_sampler']}{rho}, "
                   f"mask {szt['mask_mode']}, jpeg {szt['jpeg'] or 'off'}"
                   f"{f' at {jpeg_scale}px' if szt['jpeg'] and jpeg_scale else ''}, dilate {szt['dilate']}")
     progress = common.StepProgress("train-ti", reporter,

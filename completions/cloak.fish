@@ -39,6 +39,9 @@ complete -c cloak -n "__fish_seen_subcommand_from generate" -l dtype -xa "auto f
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l seed -r -d "Run seed; image K of prompt J is seeded from (seed, J, K), whatever the batch size or shard."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l batch-size -r -d "Images per batch (same-size images only)."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from generate" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from generate" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from generate" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from generate" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -F
@@ -73,6 +76,9 @@ complete -c cloak -n "__fish_seen_subcommand_from immunize" -l seed -r -d "Rando
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -l batch-size -r -d "Images per batch (same-size images only)."
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from immunize" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from immunize" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from immunize" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from immunize" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from mask" -F
@@ -93,6 +99,9 @@ complete -c cloak -n "__fish_seen_subcommand_from mask" -l device -xa "auto cpu 
 complete -c cloak -n "__fish_seen_subcommand_from mask" -l seed -r -d "Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files."
 complete -c cloak -n "__fish_seen_subcommand_from mask" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from mask" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from mask" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from mask" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from mask" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from mask" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from mask" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -F
@@ -157,6 +166,9 @@ complete -c cloak -n "__fish_seen_subcommand_from poison" -l seed -r -d "Random 
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l batch-size -r -d "Images per batch, same-size images only (1); set-level attacks: the PGD minibatch (all images at once, as Anti-DreamBooth)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from poison" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from poison" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from poison" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from poison" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -F
@@ -221,6 +233,9 @@ complete -c cloak -n "__fish_seen_subcommand_from purify" -l seed -r -d "Random 
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l batch-size -r -d "Images per batch (same-size images only)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from purify" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from purify" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from purify" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from purify" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from report" -F
@@ -235,6 +250,9 @@ complete -c cloak -n "__fish_seen_subcommand_from report" -l thumb-size -r -d "L
 complete -c cloak -n "__fish_seen_subcommand_from report" -l preview-size -r -d "Longest side of before/after previews (px)."
 complete -c cloak -n "__fish_seen_subcommand_from report" -l title -r -d "Page title."
 complete -c cloak -n "__fish_seen_subcommand_from report" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from report" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from report" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from report" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from report" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from report" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from score" -F
@@ -287,6 +305,9 @@ complete -c cloak -n "__fish_seen_subcommand_from score" -l device -xa "auto cpu
 complete -c cloak -n "__fish_seen_subcommand_from score" -l batch-size -r -d "Images per batch (same-size images only)."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from score" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from score" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from score" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -F
@@ -313,6 +334,9 @@ complete -c cloak -n "__fish_seen_subcommand_from ssm" -l seed -r -d "Random see
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -l batch-size -r -d "Timesteps per UNet call for maps (each call is batch × (1 + tokens) wide; results do not depend on it)."
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from ssm" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from ssm" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from ssm" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from ssm" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -F
@@ -357,6 +381,9 @@ complete -c cloak -n "__fish_seen_subcommand_from train-db" -l dtype -xa "auto f
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -l seed -r -d "Run seed: data order, timesteps, noise, LoRA init and the class images all follow from it."
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from train-db" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from train-db" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from train-db" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from train-db" -l help -s h -d "Show the help and exit."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -F
@@ -395,5 +422,8 @@ complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l seed -r -d "Seed 
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l batch-size -r -d "Images per optimizer step (paper 000: 1)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l max-pixels -r -d "Reject larger images as decompression bombs (default 134,217,728)."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l json -d "Print a JSON summary on stdout instead of the output path."
+complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l threads -r -d "CPU threads for torch (default: the CPUs this process may use — its affinity, capped by the cgroup CPU quota)."
+complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l quiet -s q -d "No header and no progress on stderr (warnings, errors and the summary still print)."
+complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l verbose -d "Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l debug -d "Show tracebacks for errors."
 complete -c cloak -n "__fish_seen_subcommand_from train-ti" -l help -s h -d "Show the help and exit."

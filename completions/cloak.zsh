@@ -53,6 +53,9 @@ _cloak() {
                 '--seed[Run seed; image K of prompt J is seeded from (seed, J, K), whatever the batch size or shard.]:value: ' \
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -89,6 +92,9 @@ _cloak() {
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -111,6 +117,9 @@ _cloak() {
                 '--seed[Random seed; each file draws from (seed, its relative name), so shards and resumed runs give identical files.]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -150,6 +159,9 @@ _cloak() {
                 '--batch-size[Images per batch, same-size images only (1); set-level attacks - the PGD minibatch (all images at once, as Anti-DreamBooth).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -201,6 +213,9 @@ _cloak() {
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -217,6 +232,9 @@ _cloak() {
                 '--preview-size[Longest side of before/after previews (px).]:value: ' \
                 '--title[Page title.]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -253,6 +271,9 @@ _cloak() {
                 '--batch-size[Images per batch (same-size images only).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -281,6 +302,9 @@ _cloak() {
                 '--batch-size[Timesteps per UNet call for maps (each call is batch × (1 + tokens) wide; results do not depend on it).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -327,6 +351,9 @@ _cloak() {
                 '--seed[Run seed - data order, timesteps, noise, LoRA init and the class images all follow from it.]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -367,6 +394,9 @@ _cloak() {
                 '--batch-size[Images per optimizer step (paper 000 - 1).]:value: ' \
                 '--max-pixels[Reject larger images as decompression bombs (default 134,217,728).]:value: ' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;

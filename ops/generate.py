@@ -13,6 +13,7 @@ Eq. 6 ``(1 + w) ε_c − w ε_neg`` with ``w = g − 1``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,13 +208,20 @@ def artifact_digest(path: Path | None) -> str | None:
 @torch.no_grad()
 def sample(pipe, jobs: Sequence[GenerationJob], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
            height: int | None = None, width: int | None = None, eta: float = 0.0,
-           lora_scale: float | None = None) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1] for ``jobs``, each from its own ``torch.Generator`` (CPU-seeded)."""
+           lora_scale: float | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] for ``jobs``, each from its own ``torch.Generator`` (CPU-seeded);
+    ``on_step(step, total)`` after each sampling step (1-based) when the pipeline takes ``callback_on_step_end``."""
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     negatives = [job.negative_prompt or "" for job in jobs]
     kwargs: dict[str, Any] = {"eta": eta}  # the pipeline passes η only to samplers that take it (DDIM)
     if lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
+    if on_step is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict) -> dict:
+            on_step(index + 1, getattr(_pipe, "num_timesteps", None) or steps)
+            return tensors
+
+        kwargs["callback_on_step_end"] = step_end
     tokenizer = pipe.tokenizer
     result = pipe(prompt=[expand_multi_vector(tokenizer, job.prompt) for job in jobs],
                   negative_prompt=[expand_multi_vector(tokenizer, text) for text in negatives] if any(negatives)
@@ -261,7 +269,9 @@ def generate_folder(pipe, jobs: Sequence[GenerationJob], out_dir: Path, manifest
     for batch in iter_chunks(todo, batch_size):
         started = time.perf_counter()
         try:
-            images = sample(pipe, batch, **settings)
+            name = batch[0].name + (" …" if len(batch) > 1 else "")
+            images = sample(pipe, batch, **settings, on_step=lambda step, total, name=name: on_event(
+                "step", name, {"step": step, "total": total}))
         except CloakError:
             raise
         except Exception as exc:  # a fault in sampling: record it for these images, go on with the others

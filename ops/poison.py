@@ -241,7 +241,17 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         stats.update({k: v for k, v in result.stats.items() if isinstance(v, (int, float, str))})
         return ProcessedImage(rgb, stats)
 
+    report = on_event or (lambda *a: None)
+
+    def step_callback(jobs: list[ImageJob]) -> Callable[[int, int], None]:
+        name = ", ".join(job.item.rel.as_posix() for job in jobs[:2]) + (" …" if len(jobs) > 2 else "")
+        return lambda step, total: report("step", name, {"step": step, "total": total})
+
     def process_single(jobs: list[ImageJob]) -> list[ProcessedImage]:
+        with engine.step_hook(step_callback(jobs)):
+            return _process_single(jobs)
+
+    def _process_single(jobs: list[ImageJob]) -> list[ProcessedImage]:
         models = get_models()
         device = models.device
         natives = [at_native(job) for job in jobs]
@@ -278,6 +288,10 @@ def poison_folder(items: Sequence[InputItem], out_dir: Path, attack: str, params
         return out  # type: ignore[return-value]
 
     def process_set(jobs: list[ImageJob]) -> list[ProcessedImage]:
+        with engine.step_hook(lambda step, total: report("step", "", {"step": step, "total": total})):
+            return _process_set(jobs)
+
+    def _process_set(jobs: list[ImageJob]) -> list[ProcessedImage]:
         models = get_models()
         prepared = [prepare(job) for job in jobs]
         generators = [torch.Generator().manual_seed(job.seed) for job in jobs]

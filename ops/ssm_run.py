@@ -30,7 +30,10 @@ Event = Callable[[str, str, dict], None]
 
 
 def working_resolution(pipe, resolution: int | None) -> int:
-    return int(resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """``--resolution``, or the model's own size (:func:`ops.models.native_resolution`)."""
+    from .models import native_resolution
+
+    return int(resolution or native_resolution(pipe))
 
 
 def to_square(image: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:

@@ -104,6 +104,13 @@ def _torch_threads():
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("CLOAK_TEST_THREADS", "1")))
+    threads = os.environ.get("CLOAK_TEST_THREADS", "1")
+    torch.set_num_threads(int(threads))
+    before = os.environ.get("CLOAK_THREADS")
+    os.environ["CLOAK_THREADS"] = threads  # in-process CLI runs apply --threads' default (the CPUs we may use)
     yield
     torch.set_num_threads(previous)
+    if before is None:
+        os.environ.pop("CLOAK_THREADS", None)
+    else:
+        os.environ["CLOAK_THREADS"] = before

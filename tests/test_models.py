@@ -110,7 +110,7 @@ def test_missing_weights_give_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError) as error:
         load_pipeline("someone/not-a-real-model")
     message = str(error.value)
-    assert "\n" not in message and "someone/not-a-real-model" in message and "--model tiny" in message
+    assert "\n" not in message and "someone/not-a-real-model" in message and "--model toy" in message
     with pytest.raises(ModelNotFoundError, match="not a diffusers pipeline"):
         load_pipeline(str(tmp_path))
 

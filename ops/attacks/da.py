@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import diffusion
-from .engine import AttackModels, PGDResult, evaluate_loss, loss_gradient, project_linf
+from .engine import AttackModels, PGDResult, evaluate_loss, loss_gradient, project_linf, report_step
 
 
 def sample(models: AttackModels, images: torch.Tensor, generators: Sequence[torch.Generator], *,
@@ -112,4 +112,5 @@ def attack(images: torch.Tensor, *, models: AttackModels, generators: Sequence[t
         x = project_linf(clean + delta, clean, eps, mask).detach()
         if on_step is not None:
             on_step(index, loss)
+        report_step(index + 1, steps)
     return PGDResult(x, loss_start, evaluate_loss(x, loss_fn, generators, eval_draws))

@@ -19,6 +19,8 @@ Public API (what attack modules call):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -117,6 +119,29 @@ def evaluate_loss(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
     return torch.stack([loss_fn(images, eval_gens).float() for _ in range(draws)]).mean(0).cpu()
 
 
+# Inner-step progress: ``ops.poison`` installs a callback ``(step, total)`` for the file(s) being attacked; every
+# optimization loop reports through :func:`report_step` (1-based), so the CLI can show progress inside an image.
+_STEP_HOOK: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar("cloak_step_hook",
+                                                                                               default=None)
+
+
+def report_step(step: int, total: int) -> None:
+    """Tell the progress display that step ``step`` of ``total`` of the current attack is done."""
+    hook = _STEP_HOOK.get()
+    if hook is not None:
+        hook(step, total)
+
+
+@contextlib.contextmanager
+def step_hook(callback: Callable[[int, int], None] | None):
+    """Route :func:`report_step` calls made inside the block to ``callback``."""
+    token = _STEP_HOOK.set(callback)
+    try:
+        yield
+    finally:
+        _STEP_HOOK.reset(token)
+
+
 def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Generator], eps: float = 16.0,
         step_size: float = 1.0, steps: int = 100, ascent: bool = True, random_init: bool = False,
         mask: torch.Tensor | None = None, eot: Transform | None = None, eot_samples: int = 1,
@@ -162,6 +187,7 @@ def pgd(clean: torch.Tensor, loss_fn: LossFn, *, generators: Sequence[torch.Gene
                           grad_transform=grad_transform, delta_transform=delta_transform)
         if on_step is not None:
             on_step(index, loss)
+        report_step(index + 1, steps)
     loss_end = evaluate_loss(images, eval_fn, generators, eval_draws)
     return PGDResult(images, loss_start, loss_end)
 

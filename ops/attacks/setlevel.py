@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, encode_class_images
-from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf
+from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf, \
+    report_step
 
 # ------------------------------------------------------------------------------------------- the set
 class ProtectedSet:
@@ -185,6 +186,7 @@ class SetRun:
     def report(self, name: str, index: int, total: int, **info: float) -> None:
         details = " ".join(f"{key} {value:.4g}" for key, value in info.items())
         self.progress(f"{name}: round {index}/{total} {details}".rstrip())
+        report_step(index, total)
 
 
 def _quiet(text: str) -> None:

@@ -15,6 +15,7 @@ Missing weights raise :class:`ModelNotFoundError` with one line: what, where, an
 
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def _missing(model: str, where: str) -> ModelNotFoundError:
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
     return ModelNotFoundError(
         f"model {model!r} not found {where}{offline}: download it into the Hugging Face cache (HF_HOME) on a "
-        "connected machine, pass a local diffusers folder or .safetensors file, or use --model tiny for a demo"
+        "connected machine, pass a local diffusers folder or .safetensors file, or use --model toy (offline, built in)"
     )
 
 
@@ -67,6 +68,154 @@ def model_info(model: str) -> ModelInfo:
         stat = path.stat()
         return ModelInfo(str(path.resolve()), "file", f"{stat.st_size}-{int(stat.st_mtime)}")
     return ModelInfo(model, "hub")
+
+
+# Native image sizes of well-known Hub ids, for when their configs are not on this machine yet (a download is due).
+KNOWN_RESOLUTIONS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": 512, "runwayml/stable-diffusion-v1-5": 512,
+    "CompVis/stable-diffusion-v1-4": 512, "stabilityai/stable-diffusion-2-base": 512,
+    "stabilityai/stable-diffusion-2-1-base": 512, "stabilityai/stable-diffusion-2": 768,
+    "stabilityai/stable-diffusion-2-1": 768, "stabilityai/stable-diffusion-xl-base-1.0": 1024,
+    "stabilityai/stable-diffusion-xl-refiner-1.0": 1024, "stabilityai/sdxl-turbo": 512,
+}
+BUILTIN_RESOLUTIONS = {"tiny": 64, "toy": 64, "sd15-shaped": 512}
+FALLBACK_RESOLUTION = 512  # SD 1.x, the default family (single-file checkpoints carry no config)
+
+
+def _config_file(model: str, name: str) -> Path | None:
+    """``<subfolder>/config.json`` of a local diffusers folder or of a Hub id in the local cache (no network)."""
+    path = Path(model)
+    if path.is_dir():
+        candidate = path / name
+        return candidate if candidate.is_file() else None
+    if path.is_file() or model.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, name)
+    except Exception:  # noqa: BLE001 - a malformed id or cache: no config, fall back
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def native_resolution(model: Any) -> int:
+    """The model's own image size in px: ``unet.config.sample_size × vae_scale_factor`` (SD 1.x 512, SD 2.1-v 768,
+    SDXL 1024, ``tiny``/``toy`` 64, ``sd15-shaped`` 512).
+
+    ``model`` is a loaded pipeline or a model name as ``load_pipeline`` takes it; for a name it reads the UNet and
+    VAE configs without loading weights (local folder or the Hugging Face cache), then :data:`KNOWN_RESOLUTIONS`,
+    then 512. The VAE's scale factor is ``2 ** (len(block_out_channels) - 1)`` as diffusers computes it.
+    """
+    import json
+
+    if hasattr(model, "unet"):
+        factor = getattr(model, "vae_scale_factor", None)
+        if factor is None:
+            factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        sample = model.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * int(factor)
+    model = str(model or default_model())
+    if model in BUILTIN_RESOLUTIONS:
+        return BUILTIN_RESOLUTIONS[model]
+    if model.endswith("/"):
+        model = model.rstrip("/")
+    unet_file, vae_file = _config_file(model, "unet/config.json"), _config_file(model, "vae/config.json")
+    if unet_file is not None:
+        try:
+            sample = json.loads(unet_file.read_text()).get("sample_size")
+            blocks = json.loads(vae_file.read_text()).get("block_out_channels") if vae_file else None
+            sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+            if sample:
+                return int(sample) * 2 ** (len(blocks) - 1 if blocks else 3)
+        except (OSError, ValueError, TypeError):
+            pass
+    return KNOWN_RESOLUTIONS.get(model, FALLBACK_RESOLUTION)
+
+
+def model_note(model: str) -> str | None:
+    """A one-line caveat to print once when a run starts (``tiny``/``sd15-shaped``: random weights)."""
+    if model in ("tiny", "sd15-shaped"):
+        return (f"--model {model} has random weights: its outputs give no protection and mean nothing (use it for "
+                "plumbing and timing; --model toy is the offline model that learned something)")
+    return None
+
+
+def check_available(model: str) -> None:
+    """Raise the one-line :class:`ModelNotFoundError` now, before an output folder or manifest is created, when
+    ``model`` cannot be loaded from this machine: a missing path, a folder without ``model_index.json``, or a Hub id
+    that is not in the cache while ``HF_HUB_OFFLINE`` is set. (Online, an uncached id is downloaded at load time.)"""
+    if model in BUILTIN_MODELS:
+        return
+    path = Path(model)
+    if path.is_file():
+        return
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+        return
+    if model.count("/") > 1 or model.startswith((".", "/", "~")) or path.suffix.lower() in (
+            PICKLE_SUFFIXES | {".safetensors"}):
+        raise _missing(model, "on disk")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "ON", "YES", "yes", "on") \
+            and _config_file(model, "model_index.json") is None:
+        raise _missing(model, "in the Hugging Face cache")
+
+
+_QUIET = {"on": False}
+LIBRARY_LOGGERS = ("diffusers", "transformers", "peft", "huggingface_hub", "accelerate")
+QUIET_ENV = (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("DIFFUSERS_VERBOSITY", "error"),
+             ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+             ("HF_HUB_VERBOSITY", "error"))
+
+
+@contextmanager
+def quiet_libraries(enabled: bool = True):
+    """Silence the libraries' logging, warnings and progress bars inside the block (the CLI runs every command in
+    it unless ``--verbose``/``--debug``): environment switches for libraries imported later, their loggers at ERROR,
+    Python warnings (deprecations, offline fallbacks) ignored, and ``load_pipeline`` loading weights inside
+    :func:`quiet_loading`. Everything is restored afterwards (the CLI runs in-process in tests)."""
+    import logging
+    import sys
+    import warnings
+
+    if not enabled:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key, _ in QUIET_ENV}
+    imported = {name for name in LIBRARY_LOGGERS if name in sys.modules}
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    diffusers_bars = None
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_bars = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()
+    for key, value in QUIET_ENV:
+        os.environ.setdefault(key, value)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    previous, _QUIET["on"] = _QUIET["on"], True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub|accelerate|torch)\b")
+            yield
+    finally:
+        _QUIET["on"] = previous
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for name in LIBRARY_LOGGERS:  # imported during the block: back to the library's default (WARNING)
+            logging.getLogger(name).setLevel(levels[name] if name in imported else logging.WARNING)
+        if diffusers_bars:
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -111,12 +260,15 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         from .shaped import build_sd15_shaped_pipeline
 
         pipe = build_sd15_shaped_pipeline(device=device)
-    elif model == "toy":
-        from ..toy import weights_folder
-
-        pipe = _load_external(str(weights_folder()), dtype, trust_pickle, pipeline_class, **kwargs)
     else:
-        pipe = _load_external(model, dtype, trust_pickle, pipeline_class, **kwargs)
+        if model == "toy":
+            from ..toy import weights_folder
+
+            model_path = str(weights_folder())
+        else:
+            model_path = model
+        with quiet_loading() if _QUIET["on"] else contextlib.nullcontext():
+            pipe = _load_external(model_path, dtype, trust_pickle, pipeline_class, **kwargs)
     pipe = pipe.to(device)
     if dtype != torch.float32 or model != "tiny":
         pipe = cast(pipe, dtype)

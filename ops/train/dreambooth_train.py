@@ -38,7 +38,7 @@ import torch
 from .. import diffusion
 from ..errors import CloakError, UsageError
 from ..io import InputItem
-from ..models import cast
+from ..models import cast, native_resolution
 from ..prompts import decoupled_prompts
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
@@ -256,11 +256,6 @@ def _posterior(vae, images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
-def default_resolution(pipe) -> int:
-    """The UNet's native image size (512 for SD 1.5, 64 for ``tiny``)."""
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-
-
 def autocast_context(mixed_precision: str, device: torch.device):
     """bf16/fp16 autocast around the whole loop (master weights stay fp32). fp16 has no loss scaling here."""
     if mixed_precision == "no":
@@ -307,7 +302,7 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
         raise UsageError("train-db trains SD 1.x / 2.x pipelines (one text encoder); SDXL DreamBooth/LoRA is not "
                          "implemented — use `cloak train-ti` for SDXL")
     prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
-    resolution = resolution or default_resolution(pipe)
+    resolution = resolution or native_resolution(pipe)
     device = pipe.unet.device
     _check_run_settings(out_dir, {**asdict(settings), "resolution": resolution, "jpeg": jpeg, "dilate": dilate,
                                   "masks": str(mask_dir) if mask_dir else None, "model": model_record},

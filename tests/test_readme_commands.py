@@ -142,8 +142,6 @@ def test_readme_make_commands_parse_and_the_demo_runs_the_grid(tmp_path):
     assert "-a adm+" in plan and "heart" in plan and "moon" in plan
 
 
-@pytest.mark.xfail(reason="issue 20 item 5 (one-line missing-model error, no library noise) is another branch's; "
-                          "remove this mark once it is merged", strict=False)
 def test_missing_weights_is_exactly_one_line_in_a_real_process(tmp_path):
     _images(tmp_path / "photos", 1)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}

@@ -168,6 +168,27 @@ def test_eot_gradient_and_loss_are_averages_over_the_draws():
     expected = torch.stack([(x + c).pow(2).flatten(1).sum(1) for c in (0.0, 1.0, 2.0)]).mean(0)
     assert torch.allclose(loss, expected, atol=1e-5)
 
+
+def test_library_defaults_equal_the_registrys():
+    """An attack called from Python runs the registry's (published, tested) defaults: every keyword default of a
+    module's ``attack``/``attack_set`` (and of da's differentiable sampler) equals the registry's value."""
+    import importlib
+    import inspect
+
+    from cloaklab.ops.attacks import ATTACKS
+
+    checked = 0
+    for name, spec in ATTACKS.items():
+        module = importlib.import_module(f"cloaklab.ops.attacks.{spec.module}")
+        functions = [module.attack_set if spec.set_level else module.attack] + ([module.sample] if name == "da" else [])
+        for function in functions:
+            parameters = inspect.signature(function).parameters
+            for key, value in spec.defaults.items():
+                if key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                    assert parameters[key].default == value, (name, function.__name__, key)
+                    checked += 1
+    assert checked >= 90
+
 def test_dct_is_orthonormal_and_lowpass_keeps_the_block():
     x = torch.randn(2, 3, 24, 40, dtype=torch.float64)
     assert torch.allclose(lowfreq.idct2(lowfreq.dct2(x)), x, atol=1e-10)

@@ -420,6 +420,22 @@ def test_aspl_surrogate_learns_from_clean_dir_set_a(spy, pipe, class_dir):
     assert torch.equal(trained_on[0], square_crops(set_a, SIZE))  # f′ ← set A, not the protected set
 
 
+
+def test_fsmg_surrogate_learns_from_clean_dir_set_a(spy, pipe, class_dir):
+    """Anti-DreamBooth FSMG: θ_clean is DreamBooth-trained on the clean set A (``--clean-dir``), not on the set
+    being protected (the two are equal before the first PGD step only when set A is not given)."""
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.engine import AttackModels
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    set_a = [photo_tensor("rocket", SIZE)]
+    params = get_attack("fsmg").resolve({"surrogate_steps": 2, "steps": 1})
+    params.update(num_class_images=2, class_steps=2, class_dir=str(class_dir))
+    get_attack("fsmg").load().attack_set(photos(), models=AttackModels(pipe), generators=generators(),
+                                         clean_images=set_a, **params)
+    trained_on = [data for kind, data in spy if kind == "train"]
+    assert len(trained_on) == 2 and all(torch.equal(t, square_crops(set_a, SIZE)) for t in trained_on)
+
 def test_e_aspl_averages_the_members_rounds(monkeypatch, pipe, class_dir):
     from cloaklab.ops.attacks import e_aspl
 

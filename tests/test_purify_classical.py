@@ -30,6 +30,22 @@ def test_published_defaults():
                                                       "eps": 16.0}
 
 
+
+def test_library_defaults_equal_the_registrys():
+    """``purify(...)`` called from Python (no CLI) must run the published defaults pinned above and in
+    test_purify_models: every keyword default of a purifier's ``purify`` equals its registry default."""
+    import importlib
+    import inspect
+
+    checked = 0
+    for name, spec in PURIFIERS.items():
+        parameters = inspect.signature(importlib.import_module(f"cloaklab.ops.purify.{spec.module}").purify).parameters
+        for key, value in spec.defaults.items():
+            if key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                assert parameters[key].default == value, (name, key)
+                checked += 1
+    assert checked >= 60
+
 @pytest.mark.parametrize("fmt,name", [("JPEG", "jpeg"), ("WEBP", "webp")])
 def test_lossy_codecs_equal_pillows_encode_decode(fmt, name):
     image = photo("astronaut", 64)

@@ -104,6 +104,18 @@ def test_tvm_lowers_total_variation_keeps_size_and_is_seeded():
     assert torch.equal(out, _run("tvm", noisy, iters=60))
 
 
+
+def test_tvm_refills_exactly_the_dropped_pixels():
+    """Guo et al.'s TVM: pixels are dropped with probability ``drop`` (the Bernoulli draw typed here from a fresh
+    generator of the image's seed); the fidelity term pins the kept ones, TV re-fills the dropped ones."""
+    noisy = (photo_tensor("coffee", 32) + 0.1 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    noisy = noisy.clamp(0, 1)[None]
+    out = _run("tvm", noisy, resolution=32, drop=0.3, iters=100)
+    dropped = (torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.3)[0]
+    change = (out - noisy).abs()[0].mean(0)
+    assert 0.2 < float(dropped.float().mean()) < 0.4
+    assert change[dropped].mean() > 20 * change[~dropped].mean()
+
 def test_adverse_cleaner_removes_noise_but_keeps_edges():
     clean = photo_tensor("astronaut", 64)[None]
     noise = torch.empty_like(clean).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(0))

@@ -135,6 +135,31 @@ def test_guided_filter_with_image_as_its_own_guide_and_tiny_eps_is_identity():
     np.testing.assert_allclose(guided_filter(image, image, 2, 1e-6), image, atol=1e-2)
 
 
+
+def test_guided_filter_equals_he_et_al_on_a_grey_guide():
+    """He et al.'s guided filter written out (scipy box means, reflected borders as cv2.BORDER_REFLECT): with the
+    grey guide repeated in 3 channels, the colour filter's (Σ + εI)⁻¹ acts on (1,1,1) with eigenvalue 3σ² + ε, so it
+    equals the grey filter with ε/3 (a = cov/(σ² + ε/3), b = p̄ − a Ī, q = ā I + b̄)."""
+    from scipy.ndimage import uniform_filter
+
+    from cloaklab.ops.purify.adverse_cleaner import guided_filter
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:24, 0:24]
+    grey = 128 + 3 * np.sin(rows / 3.0) + rng.normal(0, 1.5, (24, 24))  # low variance: ε matters
+    source = grey + rng.normal(0, 2.0, (24, 24))
+    radius, eps = 2, 16.0
+
+    def box(a):
+        return uniform_filter(a, size=2 * radius + 1, mode="reflect")
+
+    mean_i, mean_p = box(grey), box(source)
+    a = (box(grey * source) - mean_i * mean_p) / (box(grey * grey) - mean_i**2 + eps / 3)
+    b = mean_p - a * mean_i
+    expected = box(a) * grey + box(b)
+    ours = guided_filter(np.repeat(grey[..., None], 3, 2), source[..., None], radius, eps)[..., 0]
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
 def test_total_variation_by_hand():
     """Guo et al.'s row/column TV (p = 2): ‖row₁ − row₀‖₂ + ‖col₁ − col₀‖₂ per channel, summed over channels."""
     from cloaklab.ops.purify.tvm import total_variation_rows_cols

@@ -145,7 +145,7 @@ def test_guided_filter_equals_he_et_al_on_a_grey_guide():
     from cloaklab.ops.purify.adverse_cleaner import guided_filter
 
     rng = np.random.default_rng(0)
-    rows, cols = np.mgrid[0:24, 0:24]
+    rows = np.mgrid[0:24, 0:24][0]
     grey = 128 + 3 * np.sin(rows / 3.0) + rng.normal(0, 1.5, (24, 24))  # low variance: ε matters
     source = grey + rng.normal(0, 2.0, (24, 24))
     radius, eps = 2, 16.0

@@ -85,6 +85,34 @@ def test_latent_mask_is_area_weighted():
     assert torch.all(small[..., :4, :] == 1) and small[0, 0, 4, 0] == 1 and small[0, 0, 5, 0] == 0
 
 
+
+def test_latent_mask_averages_the_pixels_of_each_cell():
+    """By hand: a 16² mask with a 4×4 block on in the top-left 8×8 cell → that latent cell is 16/64 = 0.25 (area),
+    a block covering half of the bottom-right cell → 0.5; nearest or max pooling would give 0/1."""
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 2:6, 2:6] = 1
+    mask[..., 8:16, 12:16] = 1
+    expected = torch.tensor([[0.25, 0.0], [0.0, 0.5]])
+    assert torch.allclose(diffusion.latent_mask(mask, (2, 2))[0, 0], expected)
+
+
+def test_encode_images_feeds_the_vae_minus_one_to_one_and_scales_the_mean():
+    """A stand-in VAE whose posterior mean is its input: encode(x) = s · (2x − 1 − shift), typed out."""
+    from types import SimpleNamespace
+
+    class Posterior:
+        def __init__(self, x):
+            self.mean = x
+
+        def sample(self, generator=None):
+            return self.mean
+
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5, shift_factor=0.25),
+                          encode=lambda x: SimpleNamespace(latent_dist=Posterior(x)))
+    x = torch.linspace(0, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    out = diffusion.encode_images(vae, x, device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.allclose(out, 0.5 * (2 * x - 1 - 0.25))
+
 @pytest.mark.parametrize("sampler,rho,low,high", [
     ("uniform", None, 0.0, 1.0), ("threshold-high", 0.6, 0.6, 1.0), ("threshold-low", 0.4, 0.0, 0.4),
     ("power", 2.0, 0.0, 1.0), ("power", 0.5, 0.0, 1.0), ("tanh", 3.0, 0.0, 1.0), ("tanh", 10.0, 0.0, 1.0),

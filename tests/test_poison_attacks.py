@@ -139,6 +139,56 @@ def test_project_linf_and_random_start_stay_in_the_ball():
     assert torch.allclose((far - clean).clamp(min=0).max(), torch.tensor(min(4 / 255, float((1 - clean).max()))))
 
 
+
+def test_random_start_is_a_symmetric_uniform_draw_from_each_images_generator():
+    # expected: clean + (U[0,1) · 2 − 1) · ε/255 from a fresh generator with the same seed (torchattacks' rand_init)
+    clean = torch.full((2, 3, 8, 8), 0.5)
+    start = engine.random_start(clean, 8, gens(2, 40))
+    for i in range(2):
+        expected = 0.5 + (torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(40 + i)) * 2 - 1) * 8 / 255
+        assert torch.allclose(start[i], expected, atol=1e-7)
+    assert (start < 0.5).any() and (start > 0.5).any()
+
+
+def test_eot_gradient_and_loss_are_averages_over_the_draws():
+    # EoT transform x ↦ x + c_k (c_k = 0, 1, 2 on the k-th draw), loss Σ (x + c_k)²: by hand the mean gradient is
+    # 2 (x + 1) and the mean loss Σ over pixels of mean_k (x + c_k)²
+    x = torch.linspace(0, 1, 2 * 3 * 2 * 2).reshape(2, 3, 2, 2)
+    calls = []
+
+    def eot(images, generators):
+        calls.append(len(calls))
+        return images + float(calls[-1])
+
+    def loss_fn(images, generators):
+        return images.pow(2).flatten(1).sum(1)
+
+    grad, loss = engine.loss_gradient(x, loss_fn, gens(2), eot=eot, eot_samples=3)
+    assert torch.allclose(grad, 2 * (x + 1), atol=1e-6)
+    expected = torch.stack([(x + c).pow(2).flatten(1).sum(1) for c in (0.0, 1.0, 2.0)]).mean(0)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_library_defaults_equal_the_registrys():
+    """An attack called from Python runs the registry's (published, tested) defaults: every keyword default of a
+    module's ``attack``/``attack_set`` (and of da's differentiable sampler) equals the registry's value."""
+    import importlib
+    import inspect
+
+    from cloaklab.ops.attacks import ATTACKS
+
+    checked = 0
+    for name, spec in ATTACKS.items():
+        module = importlib.import_module(f"cloaklab.ops.attacks.{spec.module}")
+        functions = [module.attack_set if spec.set_level else module.attack] + ([module.sample] if name == "da" else [])
+        for function in functions:
+            parameters = inspect.signature(function).parameters
+            for key, value in spec.defaults.items():
+                if key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                    assert parameters[key].default == value, (name, function.__name__, key)
+                    checked += 1
+    assert checked >= 90
+
 def test_dct_is_orthonormal_and_lowpass_keeps_the_block():
     x = torch.randn(2, 3, 24, 40, dtype=torch.float64)
     assert torch.allclose(lowfreq.idct2(lowfreq.dct2(x)), x, atol=1e-10)

@@ -376,6 +376,23 @@ def test_metacloak_transform_is_seeded_differentiable_and_blurs():
     assert highfreq_energy(blurred - 0.5, 0.25) < highfreq_energy(noise - 0.5, 0.25) / 2
 
 
+
+def test_metacloak_transform_flips_with_probability_half_and_keeps_a_ramp():
+    """MetaCloak's RandomHorizontalFlip(p=0.5) after a normalized Gaussian blur: a horizontal ramp is linear, so a
+    symmetric unit-sum kernel leaves its interior unchanged; the image is mirrored exactly when the generator's
+    second draw is < 0.5 (the draws, typed from a fresh generator of the same seed)."""
+    from cloaklab.ops.attacks.metacloak import metacloak_transform
+
+    ramp = torch.arange(32, dtype=torch.float32).div(31).expand(1, 3, 32, 32).contiguous()
+    flips = []
+    for seed in range(12):
+        out = metacloak_transform(ramp, [torch.Generator().manual_seed(seed)])[0]
+        flipped = bool(torch.rand(3, generator=torch.Generator().manual_seed(seed))[1] < 0.5)
+        expected = ramp[0].flip(-1) if flipped else ramp[0]
+        assert torch.allclose(out[:, 4:-4, 4:-4], expected[:, 4:-4, 4:-4], atol=1e-5)
+        flips.append(flipped)
+    assert any(flips) and not all(flips)
+
 def test_dreambooth_trainer_trains_the_text_encoder_only_when_asked(pipe):
     from cloaklab.ops.train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate
 
@@ -402,6 +419,22 @@ def test_aspl_surrogate_learns_from_clean_dir_set_a(spy, pipe, class_dir):
     trained_on = [data for kind, data in spy if kind == "train"]
     assert torch.equal(trained_on[0], square_crops(set_a, SIZE))  # f′ ← set A, not the protected set
 
+
+
+def test_fsmg_surrogate_learns_from_clean_dir_set_a(spy, pipe, class_dir):
+    """Anti-DreamBooth FSMG: θ_clean is DreamBooth-trained on the clean set A (``--clean-dir``), not on the set
+    being protected (the two are equal before the first PGD step only when set A is not given)."""
+    from cloaklab.ops.attacks import get_attack
+    from cloaklab.ops.attacks.engine import AttackModels
+    from cloaklab.ops.attacks.setlevel import square_crops
+
+    set_a = [photo_tensor("rocket", SIZE)]
+    params = get_attack("fsmg").resolve({"surrogate_steps": 2, "steps": 1})
+    params.update(num_class_images=2, class_steps=2, class_dir=str(class_dir))
+    get_attack("fsmg").load().attack_set(photos(), models=AttackModels(pipe), generators=generators(),
+                                         clean_images=set_a, **params)
+    trained_on = [data for kind, data in spy if kind == "train"]
+    assert len(trained_on) == 2 and all(torch.equal(t, square_crops(set_a, SIZE)) for t in trained_on)
 
 def test_e_aspl_averages_the_members_rounds(monkeypatch, pipe, class_dir):
     from cloaklab.ops.attacks import e_aspl

@@ -30,6 +30,22 @@ def test_published_defaults():
                                                       "eps": 16.0}
 
 
+
+def test_library_defaults_equal_the_registrys():
+    """``purify(...)`` called from Python (no CLI) must run the published defaults pinned above and in
+    test_purify_models: every keyword default of a purifier's ``purify`` equals its registry default."""
+    import importlib
+    import inspect
+
+    checked = 0
+    for name, spec in PURIFIERS.items():
+        parameters = inspect.signature(importlib.import_module(f"cloaklab.ops.purify.{spec.module}").purify).parameters
+        for key, value in spec.defaults.items():
+            if key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                assert parameters[key].default == value, (name, key)
+                checked += 1
+    assert checked >= 60
+
 @pytest.mark.parametrize("fmt,name", [("JPEG", "jpeg"), ("WEBP", "webp")])
 def test_lossy_codecs_equal_pillows_encode_decode(fmt, name):
     image = photo("astronaut", 64)
@@ -88,6 +104,18 @@ def test_tvm_lowers_total_variation_keeps_size_and_is_seeded():
     assert torch.equal(out, _run("tvm", noisy, iters=60))
 
 
+
+def test_tvm_refills_exactly_the_dropped_pixels():
+    """Guo et al.'s TVM: pixels are dropped with probability ``drop`` (the Bernoulli draw typed here from a fresh
+    generator of the image's seed); the fidelity term pins the kept ones, TV re-fills the dropped ones."""
+    noisy = (photo_tensor("coffee", 32) + 0.1 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    noisy = noisy.clamp(0, 1)[None]
+    out = _run("tvm", noisy, resolution=32, drop=0.3, iters=100)
+    dropped = (torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.3)[0]
+    change = (out - noisy).abs()[0].mean(0)
+    assert 0.2 < float(dropped.float().mean()) < 0.4
+    assert change[dropped].mean() > 20 * change[~dropped].mean()
+
 def test_adverse_cleaner_removes_noise_but_keeps_edges():
     clean = photo_tensor("astronaut", 64)[None]
     noise = torch.empty_like(clean).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(0))
@@ -106,6 +134,31 @@ def test_guided_filter_with_image_as_its_own_guide_and_tiny_eps_is_identity():
     image = np.asarray(photo("chelsea", 32), dtype=np.float64)
     np.testing.assert_allclose(guided_filter(image, image, 2, 1e-6), image, atol=1e-2)
 
+
+
+def test_guided_filter_equals_he_et_al_on_a_grey_guide():
+    """He et al.'s guided filter written out (scipy box means, reflected borders as cv2.BORDER_REFLECT): with the
+    grey guide repeated in 3 channels, the colour filter's (Σ + εI)⁻¹ acts on (1,1,1) with eigenvalue 3σ² + ε, so it
+    equals the grey filter with ε/3 (a = cov/(σ² + ε/3), b = p̄ − a Ī, q = ā I + b̄)."""
+    from scipy.ndimage import uniform_filter
+
+    from cloaklab.ops.purify.adverse_cleaner import guided_filter
+
+    rng = np.random.default_rng(0)
+    rows = np.mgrid[0:24, 0:24][0]
+    grey = 128 + 3 * np.sin(rows / 3.0) + rng.normal(0, 1.5, (24, 24))  # low variance: ε matters
+    source = grey + rng.normal(0, 2.0, (24, 24))
+    radius, eps = 2, 16.0
+
+    def box(a):
+        return uniform_filter(a, size=2 * radius + 1, mode="reflect")
+
+    mean_i, mean_p = box(grey), box(source)
+    a = (box(grey * source) - mean_i * mean_p) / (box(grey * grey) - mean_i**2 + eps / 3)
+    b = mean_p - a * mean_i
+    expected = box(a) * grey + box(b)
+    ours = guided_filter(np.repeat(grey[..., None], 3, 2), source[..., None], radius, eps)[..., 0]
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 def test_total_variation_by_hand():
     """Guo et al.'s row/column TV (p = 2): ‖row₁ − row₀‖₂ + ‖col₁ − col₀‖₂ per channel, summed over channels."""

@@ -61,6 +61,43 @@ def test_prior_term_is_the_weighted_class_loss_under_the_decoupled_class_prompt(
     assert no_prior.extra_loss(torch.Generator()) is None
 
 
+
+def test_dreambooth_loss_is_the_batch_mean_plus_weighted_class_mean_by_hand(tiny_pipe):
+    """Paper 004 Eq. 2 / diffusers train_dreambooth.py: F.mse_loss(reduction="mean") on the instance half +
+    prior_loss_weight × the same on the class half, with t ~ U[0, T) then ε ~ N(0, I) drawn in that order."""
+    from cloaklab.ops.train.dreambooth import dreambooth_loss
+
+    unet, scheduler = tiny_pipe.unet, tiny_pipe.scheduler
+    make = torch.Generator().manual_seed(5)
+    instance, klass = torch.randn(2, 4, 8, 8, generator=make), torch.randn(2, 4, 8, 8, generator=make)
+    with torch.no_grad():
+        text = encode_prompts(tiny_pipe, ["a photo of sks person"])
+        got = dreambooth_loss(unet, scheduler, instance, text, klass, text, prior_weight=0.5,
+                              generator=torch.Generator().manual_seed(9))
+        draw = torch.Generator().manual_seed(9)
+
+        def by_hand(z):
+            t = (torch.rand(2, generator=draw, dtype=torch.float64) * 1000).floor().long()
+            noise = torch.randn(z.shape, generator=draw)
+            abar = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+            prediction = unet(abar.sqrt() * z + (1 - abar).sqrt() * noise, t,
+                              encoder_hidden_states=text.expand(2, -1, -1)).sample
+            return (prediction - noise).pow(2).mean()
+
+        expected = by_hand(instance) + 0.5 * by_hand(klass)
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+def test_surrogate_dreambooth_config_is_anti_dreamboths():
+    """VinAIResearch/Anti-DreamBooth train_dreambooth.py defaults used by ASPL/FSMG (docs/poison-setlevel.md):
+    lr 5e-7, prior_loss_weight 1.0, adam_weight_decay 1e-2, max_grad_norm 1.0, text encoder trained."""
+    from cloaklab.ops.train.dreambooth import DreamBoothConfig
+
+    config = DreamBoothConfig()
+    assert (config.learning_rate, config.prior_weight, config.weight_decay, config.max_grad_norm) == (5e-7, 1.0, 1e-2,
+                                                                                                       1.0)
+    assert config.train_text_encoder and config.instance_prompt == "a photo of sks person"
+
 def test_lora_trains_only_adapters_and_its_file_loads_with_diffusers(tmp_path, instances):
     pipe, base = load_pipeline("tiny"), load_pipeline("tiny")
     settings = DreamBoothSettings(lora_rank=4, prior_weight=0.0, class_prompt=None, train_text_encoder=True)

@@ -133,7 +133,7 @@ def generate_cmd(w):
 def score_cmd(w):
     s = C["score"]
     folders = " ".join(q(f"{W}/gen/{w.poison}/{w.defence}/{c}") for c in CONCEPTS)
-    return (f"{CLOAK} score {folders} -r --ref {q(DATA)} -m {q(s['metrics'])} --label poison={q(w.poison)} "
+    return (f"{CLOAK} score {folders} -r --ref {q(DATA)} --metrics {q(s['metrics'])} --label poison={q(w.poison)} "
             f"--label defense={q(w.defence)} -o {q(W + '/scores/' + w.poison + '__' + w.defence + '.json')} "
             f"--device {C['device']} {s.get('args') or ''}")
 

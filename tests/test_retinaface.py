@@ -154,3 +154,32 @@ def test_fixed_input_size_is_letterboxed_and_scaled_back():
     assert rows.shape == (1, 15)
     assert rows[0, :4] == pytest.approx(FACE_BOX, abs=1e-3)
     assert rows[0, 5:].reshape(5, 2) == pytest.approx(LANDMARKS, abs=1e-3)
+
+
+class TracedHeads(nn.Module):
+    """RawHeads without the recording list, for a TorchScript file."""
+
+    def __init__(self):
+        super().__init__()
+        heads = RawHeads()
+        self.register_buffer("loc", heads.loc)
+        self.register_buffer("conf", heads.conf)
+        self.register_buffer("landms", heads.landms)
+
+    def forward(self, image: torch.Tensor):
+        return self.loc + 0 * image.sum(), self.conf, self.landms
+
+
+def test_raw_torchscript_detector_through_the_cli(cli, tmp_path):
+    import json
+
+    from PIL import Image
+
+    image = _synthetic_face(LANDMARKS)
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "f.png")
+    detector = tmp_path / "retinaface_raw.pt"
+    torch.jit.trace(TracedHeads(), torch.zeros(1, 3, 180, 220)).save(str(detector))
+    code, _, err = cli(["score", tmp_path / "f.png", "-m", "fdfr", "--face-detector", detector, "--trust-pickle",
+                        "-o", tmp_path / "s.json"])
+    assert code == 0, err
+    assert '"fdfr": 0.0' in json.dumps(json.loads((tmp_path / "s.json").read_text()))

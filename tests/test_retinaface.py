@@ -133,27 +133,43 @@ def test_raw_heads_decode_to_the_face_and_align_onto_the_template():
         assert np.linalg.norm(found - point) < 0.5, (found, point)
 
 
+class HalfScaleHeads(nn.Module):
+    """Expects a 90 × 110 input: the 180 × 220 image at half scale; its face is the stand-in's, halved."""
+
+    def forward(self, image):
+        assert image.shape[-2:] == (90, 110)
+        count = (12 * 14 + 6 * 7 + 3 * 4) * 2
+        loc, landms = torch.zeros(1, count, 4), torch.zeros(1, count, 10)
+        conf = torch.tensor([0.99, 0.01]).repeat(1, count, 1)
+        index = 12 * 14 * 2 + (2 * 7 + 3) * 2  # level 16, cell (2, 3): centre (56, 40), size 64
+        loc[0, index] = torch.tensor(_encode_box([v / 2 for v in FACE_BOX], (56.0, 40.0, 64.0, 64.0)))
+        landms[0, index] = torch.from_numpy(((LANDMARKS / 2 - [56, 40]) / 6.4).reshape(-1))
+        conf[0, index] = torch.tensor([0.1, 0.9])
+        return loc, conf, landms
+
+
 def test_fixed_input_size_is_letterboxed_and_scaled_back():
     from cloaklab.ops.metrics.retinaface import RawRetinaFace
 
-    class Fixed(nn.Module):
-        """Expects a 90 × 110 input: the 180 × 220 image at half scale; its face is the stand-in's, halved."""
-
-        def forward(self, image):
-            assert image.shape[-2:] == (90, 110)
-            count = (12 * 14 + 6 * 7 + 3 * 4) * 2
-            loc, landms = torch.zeros(1, count, 4), torch.zeros(1, count, 10)
-            conf = torch.tensor([0.99, 0.01]).repeat(1, count, 1)
-            index = 12 * 14 * 2 + (2 * 7 + 3) * 2  # level 16, cell (2, 3): centre (56, 40), size 64
-            loc[0, index] = torch.tensor(_encode_box([v / 2 for v in FACE_BOX], (56.0, 40.0, 64.0, 64.0)))
-            landms[0, index] = torch.from_numpy(((LANDMARKS / 2 - [56, 40]) / 6.4).reshape(-1))
-            conf[0, index] = torch.tensor([0.1, 0.9])
-            return loc, conf, landms
-
-    rows = RawRetinaFace(Fixed(), (90, 110))(_synthetic_face(LANDMARKS)[None]).numpy()
+    rows = RawRetinaFace(HalfScaleHeads(), (90, 110))(_synthetic_face(LANDMARKS)[None]).numpy()
     assert rows.shape == (1, 15)
     assert rows[0, :4] == pytest.approx(FACE_BOX, abs=1e-3)
     assert rows[0, 5:].reshape(5, 2) == pytest.approx(LANDMARKS, abs=1e-3)
+
+
+def test_three_output_onnx_is_decoded_at_its_fixed_input_size():
+    from cloaklab.ops.metrics.faces import LandmarkDetector, OnnxModel
+
+    class FakeOnnx(OnnxModel):  # what OnnxModel reads from a session: 3 outputs, a static 90 × 110 input
+        def __init__(self):
+            self.output_count, self.input_size, self.net = 3, (90, 110), HalfScaleHeads()
+
+        def __call__(self, pixels):
+            return self.net(pixels)
+
+    (box, landmarks), = LandmarkDetector(FakeOnnx())(_synthetic_face(LANDMARKS))
+    assert box == (60, 40, 90, 100)
+    assert landmarks == pytest.approx(LANDMARKS, abs=1e-3)
 
 
 class TracedHeads(nn.Module):

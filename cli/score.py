@@ -65,8 +65,9 @@ def score(
     = None,
     face_detector: Annotated[Optional[str], typer.Option(
         help="fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file "
-             "returning (N, 15) boxes, scores and 5 landmarks: faces are then aligned to ArcFace's 112² template "
-             "(the papers' pipeline; docs/score.md).")] = None,
+             "returning (N, 15) boxes, scores and 5 landmarks, or a raw RetinaFace export (loc, conf, landms heads, "
+             "biubug6/Pytorch_Retinaface; decoded here, recognized automatically): faces are then aligned to "
+             "ArcFace's 112² template (the papers' pipeline; docs/score.md).")] = None,
     trust_pickle: common.TrustPickle = False,
     table: Annotated[bool, typer.Option("--table", help="Merge score files (the inputs) into a rows × cols table.")]
     = False,

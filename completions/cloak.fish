@@ -292,7 +292,7 @@ complete -c cloak -n "__fish_seen_subcommand_from score" -l lpips-net -r -d "lpi
 complete -c cloak -n "__fish_seen_subcommand_from score" -l fid-features -r -d "fid features: inception (torch-fidelity) or tiny."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l arcface-model -r -d "ism/ims: ArcFace ONNX file (e.g. antelopev2 glintr100.onnx; needs onnxruntime), TorchScript file (--trust-pickle), or tiny."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l vggface-model -r -d "ims: VGG-Face ONNX or TorchScript file, or tiny."
-complete -c cloak -n "__fish_seen_subcommand_from score" -l face-detector -r -d "fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes …"
+complete -c cloak -n "__fish_seen_subcommand_from score" -l face-detector -r -d "fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes, scores and 5 landmarks …"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l trust-pickle -d "Allow loading pickle checkpoints (.ckpt/.pt), which can execute code."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l table -d "Merge score files (the inputs) into a rows × cols table."
 complete -c cloak -n "__fish_seen_subcommand_from score" -l rows -r -d "--table: label key for rows (e.g. poison)."

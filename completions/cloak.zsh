@@ -258,7 +258,7 @@ _cloak() {
                 '--fid-features[fid features - inception (torch-fidelity) or tiny.]:value: ' \
                 '--arcface-model[ism/ims - ArcFace ONNX file (e.g. antelopev2 glintr100.onnx; needs onnxruntime), TorchScript file (--trust-pickle), or tiny.]:file:_files' \
                 '--vggface-model[ims - VGG-Face ONNX or TorchScript file, or tiny.]:file:_files' \
-                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes …]:value: ' \
+                '--face-detector[fdfr/ism/ims - haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file returning (N, 15) boxes, scores and 5 landmarks …]:value: ' \
                 '--trust-pickle[Allow loading pickle checkpoints (.ckpt/.pt), which can execute code.]' \
                 '--table[Merge score files (the inputs) into a rows × cols table.]' \
                 '--rows[--table - label key for rows (e.g. poison).]:value: ' \

@@ -26,8 +26,11 @@ Two pipelines:
     (``ims``) gets the detector's box crop at 224². The detector contract: input ``(1, 3, H, W)`` float RGB in
     [0, 1]; output ``(N, 15)`` = ``x1, y1, x2, y2, score`` and the landmarks ``x, y`` × 5 (left eye, right eye,
     nose, left mouth corner, right mouth corner) in input pixels — i.e. RetinaFace *after* its prior-box decoding
-    and NMS (wrap a raw RetinaFace export, e.g. biubug6/Pytorch_Retinaface, with its decode step; the raw
-    ``loc/conf/landms`` outputs are not decoded here).
+    and NMS. **Raw RetinaFace exports** (biubug6/Pytorch_Retinaface ``phase="test"``: ``loc (1, P, 4)``,
+    ``conf (1, P, 2)`` softmaxed, ``landms (1, P, 10)``) are recognized automatically — an ONNX file with three
+    outputs, or a model whose first answer is three tensors — and decoded by :mod:`.retinaface` as that repository's
+    ``layers/functions/prior_box.py``, ``utils/box_utils.py`` (``decode``, ``decode_landm``) and ``detect.py`` do
+    (BGR 0–255 minus (104, 117, 123) input, scores > 0.02, top 5000, NMS 0.4, keep 750).
 """
 
 from __future__ import annotations
@@ -113,10 +116,18 @@ class OnnxModel:
             raise ModelNotFoundError(f"{path}: ONNX face models run with onnxruntime (pip install onnxruntime), or "
                                      "pass a TorchScript file") from None
         self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_count = len(self.session.get_outputs())
+        shape = list(model_input.shape)[-2:]
+        self.input_size = tuple(shape) if all(isinstance(side, int) and side > 0 for side in shape) else None
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: pixels.cpu().numpy().astype(np.float32)})[0])
+    def __call__(self, pixels: torch.Tensor):
+        """The first output, or all of them as a tuple when the model has several (a raw RetinaFace's heads)."""
+        outputs = self.session.run(None, {self.input_name: pixels.cpu().numpy().astype(np.float32)})
+        if self.output_count > 1:
+            return tuple(torch.from_numpy(output) for output in outputs)
+        return torch.from_numpy(outputs[0])
 
 
 def load_face_model(spec, flag: str, trust_pickle: bool = False):
@@ -160,15 +171,32 @@ def load_recognizer(spec: str | None, input_size: int, flag: str, trust_pickle: 
 
 
 class LandmarkDetector:
-    """A RetinaFace-style detector (module docstring: input ``(1, 3, H, W)`` RGB in [0, 1], output ``(N, 15)``)."""
+    """A RetinaFace-style detector (module docstring): decoded ``(N, 15)`` rows, or a raw RetinaFace's three heads,
+    recognized automatically (an ONNX file by its output count, any other model by its first answer) and decoded by
+    :class:`.retinaface.RawRetinaFace`."""
 
     def __init__(self, model, threshold: float = DETECTOR_THRESHOLD):
+        from .retinaface import RawRetinaFace
+
         self.model, self.threshold = model, threshold
+        self.raw = isinstance(model, RawRetinaFace) or None
+        if isinstance(model, OnnxModel):
+            self.raw = model.output_count == 3
+            if self.raw:
+                self.model = RawRetinaFace(model, model.input_size)
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
         """Faces ``[(box (x, y, w, h), landmarks (5, 2))]`` with score ≥ threshold, largest box first."""
-        output = self.model(image.detach().float().cpu().clamp(0, 1)[None])
+        pixels = image.detach().float().cpu().clamp(0, 1)[None]
+        output = self.model(pixels)
+        if self.raw is None:  # first call: which contract does this model follow?
+            self.raw = isinstance(output, (tuple, list)) and len(output) == 3
+            if self.raw:
+                from .retinaface import RawRetinaFace
+
+                self.model = RawRetinaFace(self.model)
+                output = self.model(pixels)
         rows = torch.as_tensor(output).reshape(-1, 15).float().numpy()
         faces = []
         for row in rows[rows[:, 4] >= self.threshold]:

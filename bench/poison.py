@@ -42,19 +42,8 @@ def sync(device: torch.device) -> None:
 
 def timed(functions, repeats: int, device: torch.device) -> list[float]:
     """Best (minimum) seconds per call of each function — the figure least disturbed by other processes on a shared
-    machine (as ``timeit`` advises) — with calls interleaved round-robin, after two warm-up calls each."""
-    for function in functions:
-        function()
-        function()
-    samples: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for index, function in enumerate(functions):
-            sync(device)
-            start = time.perf_counter()
-            function()
-            sync(device)
-            samples[index].append(time.perf_counter() - start)
-    return [min(values) for values in samples]
+    machine (as ``timeit`` advises) — from :func:`timed_samples`."""
+    return [min(values) for values in timed_samples(functions, repeats, device)]
 
 
 def timed_samples(functions, repeats: int, device: torch.device) -> list[list[float]]:

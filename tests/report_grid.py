@@ -87,3 +87,14 @@ def build(root: Path, cli) -> dict:
             assert code == 0, err
             scores.append(out)
     return {"root": root, "scores": scores, "data": data}
+
+
+def markdown_cells(path: Path) -> dict[tuple[str, str], str]:
+    """The cells of a ``cloak score --table`` markdown file, parsed independently of the report code."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    cols = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    cells = {}
+    for line in lines[2:]:
+        row, *values = [c.strip() for c in line.strip("|").split("|")]
+        cells.update({(row, col): value for col, value in zip(cols, values)})
+    return cells

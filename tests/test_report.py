@@ -93,13 +93,7 @@ def table_cells(cli, scores, metric, tmp_path) -> dict[tuple[str, str], str]:
     code, stdout, err = cli(["score", "--table", *scores, "--rows", "poison", "--cols", "defense", "--metric", metric,
                              "--average-row", "Psn Avg", "--average-exclude", "none", "-o", out])
     assert code == 0, err
-    lines = [line for line in Path(stdout.strip()).read_text().splitlines() if line.startswith("|")]
-    cols = [c.strip() for c in lines[0].strip("|").split("|")][1:]
-    cells = {}
-    for line in lines[2:]:
-        row, *values = [c.strip() for c in line.strip("|").split("|")]
-        cells.update({(row, col): value for col, value in zip(cols, values)})
-    return cells
+    return report_grid.markdown_cells(Path(stdout.strip()))
 
 
 # ------------------------------------------------------------------------------------------------ the grid

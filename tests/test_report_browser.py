@@ -90,16 +90,6 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def _markdown_cells(path: Path) -> dict[tuple[str, str], str]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
-    cols = [c.strip() for c in lines[0].strip("|").split("|")][1:]
-    cells = {}
-    for line in lines[2:]:
-        row, *values = [c.strip() for c in line.strip("|").split("|")]
-        cells.update({(row, col): value for col, value in zip(cols, values)})
-    return cells
-
-
 def _all_images_loaded(driver, scope) -> list[str]:
     """Scroll each image of ``scope`` into view (they are lazy) and return the sources that failed to decode."""
     import contextlib
@@ -124,7 +114,7 @@ def test_grid_in_chromium_cells_numbers_dialog_images_console(browser, report, t
     browser.get(report["index"].as_uri())
     cells = browser.find_elements("css selector", "table.grid td[data-row]")
     assert len(cells) == len(report_grid.POISONS) * len(report_grid.DEFENCES)
-    expected = _markdown_cells(report["table"])
+    expected = report_grid.markdown_cells(report["table"])
     shown = {(td.get_attribute("data-row"), td.get_attribute("data-col")):
              td.find_element("css selector", "span.value[data-metric='psnr']").text for td in cells}
     assert shown == expected

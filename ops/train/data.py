@@ -79,15 +79,13 @@ def jpeg_compress(rgb: torch.Tensor, quality: int, scale: int | None = None) -> 
     ``(3, H, W)`` float in [0, 1] — bit-identical to compressing the PNG with Pillow and reading it back. ``scale``:
     compress at short side ``scale`` and resize back (``--jpeg-scale``; :func:`ops.purify.jpeg.round_trip`).
     """
-    from ..purify.jpeg import round_trip
+    from ..purify.jpeg import compress
 
     if not 1 <= quality <= 100:
         raise UsageError(f"JPEG quality must be 1-100, got {quality}")
     if scale is not None and scale < 8:
         raise UsageError(f"--jpeg-scale must be >= 8 px, got {scale}")
-    array = np.rint(rgb.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
-    decoded = np.asarray(round_trip(Image.fromarray(array), int(quality), "JPEG", scale), dtype=np.float32) / 255
-    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+    return compress(rgb.detach()[None].float().cpu(), int(quality), "JPEG", scale)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- geometry

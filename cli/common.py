@@ -78,7 +78,19 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No header and no pro
                                      "and the summary still print).")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Let the libraries (diffusers, transformers, peft, "
                                        "huggingface_hub) print their warnings, logs and progress bars.")]
-RUN_FLAGS = {"threads": Threads, "quiet": Quiet, "verbose": Verbose}
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what the run would do — the inputs after sharding, "
+                                      "which are skipped as done, which are rejected and why, the resolved settings "
+                                      "and the model that would load — without loading a model or writing anything "
+                                      "(--json for machines).")]
+Config = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", show_default=False,
+                                                help="Read settings from a TOML or YAML file (keys are the long flag "
+                                                     "names, e.g. quality = 25 or jpeg-scale: 512; an optional table "
+                                                     "named after the command applies to it only); flags given on "
+                                                     "the command line win.")]
+RUN_FLAGS = {"threads": Threads, "quiet": Quiet, "verbose": Verbose, "dry_run": DryRun, "config": Config}
+# --dry-run and --config belong to the nine commands (ops/commands); report and rerun do not take them.
+PLAN_FLAGS = ("dry_run", "config")
+RUN_COMMANDS = ("poison", "purify", "mask", "train_ti", "train_db", "generate", "score", "ssm", "immunize")
 
 
 def _with_run_flags(function: Callable, wrapper: Callable) -> None:
@@ -91,8 +103,9 @@ def _with_run_flags(function: Callable, wrapper: Callable) -> None:
     names = {p.name for p in params}
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY if any(
         p.kind == inspect.Parameter.KEYWORD_ONLY for p in params) else inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=None if name == "threads" else False, annotation=annotation)
-        for name, annotation in RUN_FLAGS.items() if name not in names]
+        default=None if name in ("threads", "config") else False, annotation=annotation)
+        for name, annotation in RUN_FLAGS.items()
+        if name not in names and (name not in PLAN_FLAGS or function.__name__ in RUN_COMMANDS)]
     at = next((i for i, p in enumerate(params) if p.name == "debug"), len(params))
     wrapper.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, **{p.name: p.annotation for p in extra}}
@@ -115,6 +128,8 @@ def handle_errors(function: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("CLOAK_DEBUG") == "1"
         run_flags = {name: kwargs.pop(name, None) for name in RUN_FLAGS}
+        if function.__name__ not in RUN_COMMANDS:
+            run_flags["dry_run"] = run_flags["config"] = None
         try:
             from cloaklab.ops.validate import check_command_flags
 
@@ -122,6 +137,9 @@ def handle_errors(function: Callable) -> Callable:
 
             verbose = bool(run_flags["verbose"]) or debug
             configure_run(run_flags["threads"], bool(run_flags["quiet"]), verbose)
+            RunOptions.dry_run = bool(run_flags["dry_run"])
+            if run_flags["config"] is not None:
+                apply_config(function, kwargs, run_flags["config"])
             check_command_flags(function.__name__, kwargs)  # bad flag values: exit 2 before any work
             try:
                 with quiet_libraries(not verbose):
@@ -159,7 +177,73 @@ class RunOptions:
 
     quiet = False
     verbose = False
+    dry_run = False
     threads: int | None = None
+
+
+def apply_config(function: Callable, kwargs: dict[str, Any], path: Path) -> None:
+    """Fill the flags not given on the command line from a TOML/YAML file (:func:`ops.commands.config.read_config`).
+
+    Only values whose source is the flag's default are replaced, so a flag on the command line always wins; a key
+    that is not a flag of this command is a usage error naming the valid ones."""
+    import inspect
+
+    try:  # recent typer parses with its own vendored click
+        from typer._click.globals import get_current_context  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import get_current_context
+
+    from cloaklab.ops.commands.config import read_config
+
+    command = function.__name__.replace("_", "-")
+    values = read_config(Path(path), command)
+    context = get_current_context(silent=True)
+    names = [name for name in inspect.signature(function).parameters if name not in ("inputs", "debug")]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise _usage(f"--config {path}: unknown key(s) {', '.join(unknown)} for {command} "
+                     f"(valid: {', '.join(sorted(n.replace('_', '-') for n in names))})")
+    for name, value in values.items():
+        source = context.get_parameter_source(name) if context is not None else None
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            annotation = inspect.signature(function, eval_str=True).parameters[name].annotation
+            kwargs[name] = Path(value) if "Path" in str(annotation) and isinstance(value, str) else value
+
+
+def _usage(message: str) -> Exception:
+    from cloaklab.ops.errors import UsageError
+
+    return UsageError(message)
+
+
+def settings_from(cls: type, values: dict[str, Any], *, drop: tuple[str, ...] = ()) -> Any:
+    """The command's settings from the CLI function's arguments: run/reporting arguments (inputs, output, --json,
+    --debug and ``drop``) are left out and ``None`` means "not given" (the settings' default applies)."""
+    skip = {"inputs", "output", "json_out", "debug", *drop}
+    return cls.from_kwargs(**{key: value(item) for key, item in values.items()
+                              if key not in skip and item is not None})
+
+
+def execute(command: str, settings: Any, inputs: Any, output: Path, json_out: bool) -> None:
+    """Run (or, with ``--dry-run``, plan) ``command`` with ``settings`` and report: the one place a command's CLI
+    hands over to its ops module. Exits with the run's exit code."""
+    from cloaklab.ops.commands import load, run_command
+
+    if RunOptions.dry_run:
+        emit_plan(load(command).plan(settings, inputs, output), json_out)
+        raise typer.Exit(0)
+    with Reporter(command) as reporter:
+        summary = run_command(command, settings, inputs, output, on_event=reporter.event)
+        code = reporter.summary(summary, summary.output or output, json_out)
+    raise typer.Exit(code)
+
+
+def emit_plan(plan: Any, as_json: bool) -> None:
+    """A dry run's plan on stdout (JSON with ``--json``)."""
+    if as_json:
+        sys.stdout.write(json.dumps(plan.as_dict(), default=str) + "\n")
+    else:
+        sys.stdout.write("\n".join(plan.lines()) + "\n")
 
 
 PROGRESS_SECONDS_ENV = "CLOAK_PROGRESS_SECONDS"  # plain-line progress interval (default 10 s; tests use 0)
@@ -269,6 +353,12 @@ class Reporter:
             return
         if kind == "warn":
             self.line(f"cloak: warning: {name}: {info['message']}")
+            return
+        if kind == "note":
+            self.line(f"cloak: note: {info['message']}")
+            return
+        if kind == "header":
+            self.header(**info)
             return
         if kind == "reject":
             self.line(f"cloak: rejected {name}: {info['reason']}")

@@ -13,7 +13,7 @@ try:  # recent typer parses with its own vendored click
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
-from . import generate, immunize, mask, poison, purify, report, score, ssm, train_db, train_ti
+from . import generate, immunize, mask, poison, purify, report, rerun, score, ssm, train_db, train_ti
 
 
 
@@ -71,7 +71,7 @@ def root(
     """cloaklab's command line."""
 
 
-for _module in (purify, poison, mask, train_ti, train_db, generate, score, report, ssm, immunize):
+for _module in (purify, poison, mask, train_ti, train_db, generate, score, report, ssm, immunize, rerun):
     _module.register(app)
 
 

@@ -119,51 +119,10 @@ def purify(
     chain methods with the shell (a && b). Model-based methods load their networks once per run; flags that do
     not apply to the chosen method are refused.
     """
-    import sys
+    flags = dict(locals())
+    from cloaklab.ops.commands.purify import PurifySettings
 
-    from cloaklab.ops.device import resolve_device, resolve_dtype
-    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
-                                 shard_label)
-    from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.purify import get_purifier
-    from cloaklab.ops.purify.run import purify_folder
-
-    spec = get_purifier(common.value(method))
-    params = spec.resolve({"quality": quality, "jpeg_scale": jpeg_scale, "sigma": sigma, "resolution": resolution,
-                           "drop": drop, "tv_weight": tv_weight, "iters": iters, "bilateral_iters": bilateral_iters,
-                           "guided_iters": guided_iters, "radius": radius, "eps": eps, "t": t, "steps": steps,
-                           "guidance": guidance, "prompt": prompt, "class_name": class_name, "eta": eta,
-                           "window": window, "stride": stride, "gamma": gamma, "lr": lr, "lpips_weight": lpips_weight,
-                           "lpips_budget": lpips_budget, "lpips_model": lpips_model, "fidelity": fidelity,
-                           "noise": noise, "noise_level": noise_level, "upscaler_steps": upscaler_steps,
-                           "upscaler_guidance": upscaler_guidance, "pixel_model": pixel_model,
-                           "upscaler_model": upscaler_model, "stage2_model": stage2_model, "face_model": face_model})
-    shard_spec = parse_shard(shard)
-    check_output_location(inputs, output)
-    items, notes = collect_inputs(inputs, recursive, sys.stdin)
-    check_outputs(output, items)
-    items = select_shard(items, shard_spec)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model_record = None
-    if spec.needs_model:
-        from cloaklab.ops.models import default_model, model_info
-
-        model_record = model_info(model or default_model()).as_dict()
-    manifest = Manifest(output, "purify", {"method": spec.name, **params, **({"model": model_record} if model_record
-                                                                            else {})},
-                        seed=seed, model=model_record,
-                        extra={"device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", ""),
-                               "batch_size": batch_size, "shard": shard_label(shard_spec)})
-    with common.Reporter("purify") as reporter:
-        for note in notes:
-            reporter.line(f"cloak: note: {note}")
-        summary = purify_folder(items, output, spec.name, params, manifest=manifest, seed=seed,
-                                device=torch_device, batch_size=batch_size, overwrite=overwrite,
-                                max_pixels=max_pixels, model=model, dtype=torch_dtype, trust_pickle=trust_pickle,
-                                on_event=reporter.event)
-        code = reporter.summary(summary, output, json_out)
-    raise typer.Exit(code)
+    common.execute("purify", common.settings_from(PurifySettings, flags), inputs, output, json_out)
 
 
 purify.__doc__ = inspect.cleandoc(purify.__doc__ or "") + "\n\nMethods (published defaults):\n\n" + METHOD_LIST

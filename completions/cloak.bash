@@ -5,7 +5,7 @@ _cloak() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "generate immunize mask poison purify report score ssm train-db train-ti --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "generate immunize mask poison purify report rerun score ssm train-db train-ti --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -35,9 +35,10 @@ _cloak() {
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --prompts -p --token -t --num-per-prompt -n --model --embedding --lora --unet --text-encoder --lora-scale --steps --guidance --negative-prompt --quality-negative --neg-token --scheduler --eta --resolution --only --trust-pickle --overwrite --shard --device --dtype --seed --batch-size --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --prompts -p --token -t --num-per-prompt -n --model --embedding --lora --unet --text-encoder --lora-scale --steps --guidance --negative-prompt --quality-negative --neg-token --scheduler --eta --resolution --only --trust-pickle --overwrite --shard --device --dtype --seed --batch-size --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -66,9 +67,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --against --multi-concept --no-multi-concept --steps --inner-steps --outer-steps --lr --defence-lr --max-grad-norm --clip --no-clip --weight-decay --lora-rank --cross-attention-only --no-cross-attention-only --token --class-word --instance-prompt --resolution --mean-latents --no-mean-latents --check-steps --checkpoint-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --against --multi-concept --no-multi-concept --steps --inner-steps --outer-steps --lr --defence-lr --max-grad-norm --clip --no-clip --weight-decay --lora-rank --cross-attention-only --no-cross-attention-only --token --class-word --instance-prompt --resolution --mean-latents --no-mean-latents --check-steps --checkpoint-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -87,9 +89,10 @@ _cloak() {
                 --seed) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --box --point --center --no-center --select --points-per-side --dilate --sam-type --sam-checkpoint --preview --no-preview --recursive -r --overwrite --shard --device --seed --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --box --point --center --no-center --select --points-per-side --dilate --sam-type --sam-checkpoint --preview --no-preview --recursive -r --overwrite --shard --device --seed --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -122,9 +125,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param --eval-draws --checkpointing --gradient-checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --attack -a --eps --step-size --steps --random-start --no-random-start --t-range --prompt --target --lf-ratio --fused-weight --mask --robust --eot-samples --jpeg-quality --resolution --native-size --working-size --native-crops --preview --clean-dir --param --eval-draws --checkpointing --gradient-checkpointing --no-checkpointing --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -173,9 +177,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --method -m --quality --jpeg-scale --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --method -m --quality --jpeg-scale --sigma --resolution --drop --tv-weight --iters --bilateral-iters --guided-iters --radius --eps --t --steps --guidance --prompt --class-name --eta --window --stride --gamma --lr --lpips-weight --lpips-budget --lpips-model --fidelity --noise --noise-level --upscaler-steps --upscaler-guidance --pixel-model --upscaler-model --stage2-model --face-model --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -195,6 +200,17 @@ _cloak() {
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--output -o --rows --cols --metric --pick --average-row --average-exclude --thumb-size --preview-size --title --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        rerun)
+            case "$prev" in
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda cuda:0 cuda:1 mps" -- "$cur")); return ;;
+                --threads) COMPREPLY=(); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--output -o --device --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -228,9 +244,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --metrics --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --metrics --ref --csv --group-by --class --prompt --token --label --dinov2-model --clip-model --clip-scale --clip-prefix --liqe-model --lpips-net --fid-features --arcface-model --vggface-model --face-detector --trust-pickle --table --rows --cols --metric --average-row --average-exclude --recursive -r --device --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -256,9 +273,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --prompt --token --embedding --init-word --timesteps --samples --masks --profile --clean --quality --resolution --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --prompt --token --embedding --init-word --timesteps --samples --masks --profile --clean --quality --resolution --model --trust-pickle --recursive -r --overwrite --shard --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -297,9 +315,10 @@ _cloak() {
                 --seed) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --max-train-steps --lr --learning-rate --batch-size --grad-accumulation --gradient-accumulation-steps --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --instance-prompt --class-prompt --neg-token --lora --train-text-encoder --no-train-text-encoder --prior-weight --num-class-images --class-dir --class-steps --class-guidance --steps --max-train-steps --lr --learning-rate --batch-size --grad-accumulation --gradient-accumulation-steps --max-grad-norm --weight-decay --resolution --use-8bit-adam --gradient-checkpointing --mixed-precision --save-trained-only --preset --jpeg --t-sampler --t-param --mask-mode --masks --dilate --checkpoint-every --save-every --resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
@@ -334,9 +353,10 @@ _cloak() {
                 --batch-size) COMPREPLY=(); return ;;
                 --max-pixels) COMPREPLY=(); return ;;
                 --threads) COMPREPLY=(); return ;;
+                --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --max-train-steps --lr --learning-rate --warmup-steps --weight-decay --flip-p --grad-accumulation --gradient-accumulation-steps --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --debug --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--output -o --token --init-token --num-vectors --templates --preset --jpeg --jpeg-scale --t-sampler --t-param --masks --mask-mode --dilate --steps --max-train-steps --lr --learning-rate --warmup-steps --weight-decay --flip-p --grad-accumulation --gradient-accumulation-steps --resolution --mean-latents --no-mean-latents --log-grad-by-t --no-log-grad-by-t --checkpoint-every --snapshot-every --resume --no-resume --model --trust-pickle --recursive -r --overwrite --device --dtype --seed --batch-size --max-pixels --json --threads --quiet -q --verbose --dry-run --config --debug --help -h" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

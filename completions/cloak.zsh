@@ -10,6 +10,7 @@ _cloak() {
         'poison:Protect images - every input becomes OUTPUT/<same name>.png with the same size, mode, orientation, alpha and ICC profile …'
         'purify:Purify images - every input becomes OUTPUT/<same name>.png with the same size, mode, alpha and ICC profile.'
         'report:Write OUT/index.html (inline CSS/JS, thumbnails in OUT/thumbs/; opens offline from the folder).'
+        'rerun:Re-execute a recorded run - the same command, settings and inputs (by path; inputs whose bytes changed since are reported) into a new folder …'
         'score:Score images - per-image records, per-concept means, then the dataset mean (paper 000'\''s order) → a JSON file.'
         'ssm:Semantic sensitivity maps - per image, token and timestep, E‖ε_θ(z_t,t,c) − ε_θ(z_t,t,c_Δn)‖²_ch (paper 000 Eq. 6) → OUTPUT/<name>.npy (T × N × h × w) …'
         'train-db:DreamBooth (full UNet, + text encoder) or LoRA fine-tuning with prior preservation, SZT and DiffShortcut.'
@@ -56,6 +57,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -95,6 +98,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -120,6 +125,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -162,6 +169,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -216,6 +225,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -231,6 +242,17 @@ _cloak() {
                 '--thumb-size[Longest side of the grid and sample thumbnails (px).]:value: ' \
                 '--preview-size[Longest side of before/after previews (px).]:value: ' \
                 '--title[Page title.]:value: ' \
+                '--json[Print a JSON summary on stdout instead of the output path.]' \
+                '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
+                '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
+                '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--debug[Show tracebacks for errors.]' \
+                '(--help -h)'{--help,-h}'[Show the help and exit.]' \
+                '*:file:_files' ;;
+        rerun)
+            _arguments -s \
+                '(--output -o)'{--output,-o}'[Output folder (created; must not be inside an input folder).]:directory:_files -/' \
+                '--device[Run on this device instead of the recorded one (auto, cpu, cuda, cuda -N, mps); results may then differ.]:value:(auto cpu cuda cuda:0 cuda:1 mps)' \
                 '--json[Print a JSON summary on stdout instead of the output path.]' \
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
@@ -274,6 +296,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -305,6 +329,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -354,6 +380,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;
@@ -397,6 +425,8 @@ _cloak() {
                 '--threads[CPU threads for torch (default - the CPUs this process may use — its affinity, capped by the cgroup CPU quota).]:value: ' \
                 '(--quiet -q)'{--quiet,-q}'[No header and no progress on stderr (warnings, errors and the summary still print).]' \
                 '--verbose[Let the libraries (diffusers, transformers, peft, huggingface_hub) print their warnings, logs and progress bars.]' \
+                '--dry-run[Print what the run would do — the inputs after sharding, which are skipped as done, which are rejected and why …]' \
+                '--config[Read settings from a TOML or YAML file …]:file:_files' \
                 '--debug[Show tracebacks for errors.]' \
                 '(--help -h)'{--help,-h}'[Show the help and exit.]' \
                 '*:file:_files' ;;

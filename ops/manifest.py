@@ -15,6 +15,7 @@ i.e. when no other writer can hold a merge that lacks it; otherwise logs stay un
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import errno
 import fcntl
@@ -40,6 +41,11 @@ import weakref
 
 LOG_DIR = MANIFEST_NAME + ".d"
 _OPEN: "weakref.WeakSet[Manifest]" = weakref.WeakSet()
+
+
+# What ``cloak rerun`` needs to repeat a run: the command, its full settings and its inputs as given. Set around a
+# command's run by :func:`ops.commands.run_command`; every manifest started inside records it.
+RUN_SPEC: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cloak_run_spec", default=None)
 
 
 def close_all() -> None:
@@ -322,6 +328,11 @@ class Manifest:
         """Record this run's command line, parameters, versions, seed and model, merge what earlier (perhaps
         killed) runs logged into ``cloak.json``, and clean stale temporaries left in the folder."""
         clean_stale_temporaries(self.folder)
+        spec = RUN_SPEC.get()
+        if spec is not None:
+            spec = {**spec, "inputs": [entry if entry == "-" else shareable_path(entry, self.folder)
+                                       for entry in spec.get("inputs", [])]}
+            self._append({"k": "top", "fields": {"run_spec": spec}})
         self._append({"k": "top", "fields": {"command": self.command, "argv": self.argv, "params": self.params,
                                              "params_hash": self.hash, "seed": self.seed, "cwd": shareable_cwd(self.folder),
                                              "model": self.model, "versions": package_versions()}})

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import CloakError, RejectedInput
 from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, output_path, \
     read_image, write_image
+from .commands.base import RunSummary
 from .manifest import Manifest
 
 
@@ -36,30 +37,6 @@ class ProcessedImage:
     rgb: Any  # torch.Tensor (3, H, W) in [0, 1], at the input's size
     stats: dict[str, Any] = field(default_factory=dict)
     like: LoadedImage | None = None  # write in this image's format instead of the input's (e.g. binary masks)
-
-
-@dataclass
-class RunSummary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        """0 all done · 1 a fault left outputs unwritten · 3 some inputs rejected, the rest done."""
-        if self.failed:
-            return 1
-        return 3 if self.rejected else 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "done": self.done,
-            "skipped": self.skipped,
-            "rejected": [{"file": name, "reason": why} for name, why in self.rejected],
-            "failed": [{"file": name, "reason": why} for name, why in self.failed],
-            "exit_code": self.exit_code,
-        }
 
 
 Event = Callable[[str, str, dict], None]
@@ -187,3 +164,12 @@ def _fail(summary: RunSummary, manifest: Manifest, job: ImageJob, reason: str, o
     manifest.record(out_rel, source=str(job.item.path), source_sha256=job.source_sha256, output=None,
                     status="error", error=reason)
     on_event("error", str(job.item.path), {"reason": reason})
+
+
+def same_size_groups(jobs: Sequence[Any]) -> list[list[Any]]:
+    """Jobs (anything with ``.image.size``) grouped by image size, first-seen order: only same-size images share a
+    batch tensor (each keeps its own generator, so grouping changes no result)."""
+    groups: dict[tuple[int, int], list[Any]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.image.size), []).append(job)
+    return list(groups.values())

@@ -1,0 +1,76 @@
+"""``cloak rerun OUTPUT/cloak.json -o NEW``: repeat a recorded run — the same command, settings and inputs — into a
+new folder (byte-identical outputs when the inputs are unchanged; every random draw comes from the recorded seed).
+
+The manifest's ``run_spec`` (written by :func:`ops.commands.run_command`) holds the command, its full settings and
+the inputs as given (relative to the manifest's folder when they share a parent). Inputs whose bytes differ from
+the recorded ``source_sha256`` are reported before the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+
+@dataclass
+class Recorded:
+    command: str
+    settings: Any  # the command's Settings
+    inputs: list[str]
+    folder: Path
+    changed: list[str] = field(default_factory=list)  # inputs whose bytes differ from the record (or are missing)
+
+
+def load_recorded(manifest: Path | str, **overrides: Any) -> Recorded:
+    """Read ``manifest`` (a ``cloak.json`` or its folder) and rebuild the run it records; ``overrides`` replace
+    settings (e.g. ``device="cpu"``)."""
+    from ..manifest import read_manifest
+    from . import load
+
+    path = Path(manifest)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "cloak.json").is_file() and not (folder / "cloak.json.d").is_dir():
+        raise UsageError(f"{manifest}: no cloak.json there")
+    data = read_manifest(folder)
+    if not data:
+        raise UsageError(f"{manifest}: the manifest cannot be read")
+    spec = data.get("run_spec")
+    if not spec:
+        raise UsageError(f"{manifest}: it records no run settings (written by a cloak before `cloak rerun` existed); "
+                         "rerun the command from its recorded argv instead")
+    module = load(spec["command"])
+    settings = module.Settings.from_kwargs(**{**spec["settings"], **overrides})
+    inputs = [entry if entry == "-" or os.path.isabs(entry) else os.path.normpath(folder / entry)
+              for entry in spec.get("inputs", [])]
+    return Recorded(spec["command"], settings, inputs, folder, changed_inputs(data, folder))
+
+
+def changed_inputs(data: dict[str, Any], folder: Path) -> list[str]:
+    """Recorded sources whose current bytes differ from their ``source_sha256`` (or that are gone)."""
+    from ..io import file_sha256
+
+    changed = []
+    for record in data.get("files", {}).values():
+        source, digest = record.get("source"), record.get("source_sha256")
+        if not source or not digest or record.get("status") != "done":
+            continue
+        path = Path(source) if os.path.isabs(source) else folder / source
+        try:
+            if file_sha256(path) != digest:
+                changed.append(f"{source}: its bytes changed since the recorded run")
+        except OSError:
+            changed.append(f"{source}: missing")
+    return sorted(changed)
+
+
+def check_new_output(recorded: Recorded, output: Path) -> None:
+    """A rerun writes a new folder: refuse the recorded run's own output."""
+    target = Path(output).resolve()
+    original = recorded.folder.resolve()
+    if target == original or (target.suffix and target.parent == original):
+        raise UsageError(f"-o {output} is the recorded run's own output; give a new folder (a plain rerun of the "
+                         "original command resumes there)")

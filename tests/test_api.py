@@ -1,0 +1,133 @@
+"""The one home of every command (issue 21): the Python API and the CLI give byte-identical outputs; ``--dry-run``
+loads no model and writes nothing; ``cloak rerun`` reproduces bytes; settings reject out-of-range values naming the
+flag. Parametrized over the commands that have a case in tests/api_cases/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .api_cases import all_cases
+from .conftest import photo
+
+CASES = all_cases()
+IGNORE = ("cloak.json", "cloak.json.d", ".cloak.json.lock")
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo("astronaut", 64).save(folder / "astronaut.png")
+    photo("coffee").resize((64, 64)).save(folder / "coffee.jpg", quality=95)
+    return folder
+
+
+def _files(root: Path, ignore: tuple[str, ...]) -> dict[str, bytes]:
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*"))
+            if path.is_file() and not any(part in ignore for part in path.relative_to(root).parts)}
+
+
+def _cli_run(cli, case, out: Path, extra=()):
+    code, stdout, stderr = cli([case.command, *case.inputs, "-o", out, *case.cli_args, *extra])
+    assert code == 0, stderr
+    return stdout
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_api_and_cli_write_identical_bytes(command, cli, tmp_path, photos):
+    import cloaklab
+
+    case = CASES[command](tmp_path, photos)
+    cli_out, api_out = tmp_path / "cli" / case.output, tmp_path / "api" / case.output
+    _cli_run(cli, case, cli_out)
+    summary = getattr(cloaklab, command.replace("-", "_"))(case.inputs, api_out, **case.api_kwargs)
+    assert summary.exit_code == 0 and summary.done
+    cli_files, api_files = _files(cli_out, case.ignore), _files(api_out, case.ignore)
+    assert cli_files and cli_files.keys() == api_files.keys()
+    assert [name for name in cli_files if cli_files[name] != api_files[name]] == []
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_dry_run_loads_no_model_and_writes_nothing(command, cli, tmp_path, photos, monkeypatch):
+    import torch
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a dry run constructed a torch module")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", no_model)
+    case = CASES[command](tmp_path, photos)
+    out = tmp_path / "dry" / case.output
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    stdout = _cli_run(cli, case, out, ["--dry-run", "--json"])
+    plan = json.loads(stdout)
+    assert plan["dry_run"] is True and plan["command"] == command
+    assert plan["inputs"] and plan["would_write"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_rerun_reproduces_bytes(command, cli, tmp_path, photos):
+    case = CASES[command](tmp_path, photos)
+    first, again = tmp_path / "first" / case.output, tmp_path / "again" / case.output
+    _cli_run(cli, case, first)
+    manifest = (first.parent if first.is_file() else first) / "cloak.json"
+    code, stdout, stderr = cli(["rerun", manifest, "-o", again])
+    assert code == 0, stderr
+    assert _files(again, case.ignore) == _files(first, case.ignore)
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_settings_reject_out_of_range_naming_the_flag(command, tmp_path, photos):
+    import cloaklab
+    from cloaklab.ops.errors import UsageError
+
+    case = CASES[command](tmp_path, photos)
+    key, value, flag = case.bad
+    with pytest.raises(UsageError, match=flag):
+        cloaklab.settings(command, **{**case.api_kwargs, key: value})
+    with pytest.raises(UsageError, match="no.such.setting"):
+        cloaklab.settings(command, **{**case.api_kwargs, "no_such_setting": 1})
+    cloaklab.settings(command, **case.api_kwargs)  # the case's own settings are valid
+
+
+def test_import_cloaklab_is_light():
+    code = ("import sys, cloaklab; assert callable(cloaklab.purify); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rerun_reports_changed_inputs_and_refuses_its_own_folder(cli, tmp_path, photos):
+    out = tmp_path / "out"
+    assert cli(["purify", photos, "-o", out, "-m", "jpeg"])[0] == 0
+    code, _, stderr = cli(["rerun", out / "cloak.json", "-o", out])
+    assert code == 2 and "own output" in stderr
+    photo("rocket", 64).save(photos / "astronaut.png")  # the input changed since the recorded run
+    code, _, stderr = cli(["rerun", out / "cloak.json", "-o", tmp_path / "again"])
+    assert code == 0 and "astronaut.png: its bytes changed" in stderr
+
+
+def test_config_file_fills_flags_and_the_command_line_wins(cli, tmp_path, photos):
+    config = tmp_path / "grid.toml"
+    config.write_text('quality = 10\n[purify]\nmethod = "jpeg"\n[train-ti]\nsteps = 3\n')
+    out_a, out_b, out_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert cli(["purify", photos, "-o", out_a, "--config", config])[0] == 0
+    assert cli(["purify", photos, "-o", out_b, "-m", "jpeg", "--quality", "10"])[0] == 0
+    assert cli(["purify", photos, "-o", out_c, "--config", config, "--quality", "90"])[0] == 0
+    assert _files(out_a, IGNORE) == _files(out_b, IGNORE)
+    assert _files(out_c, IGNORE) != _files(out_a, IGNORE)
+    yaml_config = tmp_path / "grid.yaml"
+    yaml_config.write_text("quality: 10\nmethod: jpeg\n")
+    assert cli(["purify", photos, "-o", tmp_path / "d", "--config", yaml_config])[0] == 0
+    assert _files(tmp_path / "d", IGNORE) == _files(out_a, IGNORE)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("qualty = 10\n")
+    code, _, stderr = cli(["purify", photos, "-o", tmp_path / "e", "--config", bad])
+    assert code == 2 and "qualty" in stderr and "quality" in stderr

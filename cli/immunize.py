@@ -210,6 +210,10 @@ def immunize(
         summary.append({"concept": name, "steps": result.steps_done, "inner_loss": result.inner_loss,
                         "outer_loss": result.outer_loss, "resumed_from": result.resumed_from})
 
+    from cloaklab.ops.train import distributed
+
+    if not distributed.is_main():  # data-parallel: rank 0 writes the immunized pipeline and runs the check alone
+        raise typer.Exit(3 if rejected else 0)
     base = attention_state(pipe.unet)
     changed = sum(not torch.equal(base[name], value) for name, value in state.items())
     save_attention_state(state, final, {"against": method, "model": str(record["name"]),

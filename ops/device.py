@@ -13,7 +13,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; ``cuda[:N]``, ``mps`` and ``cpu`` are checked to exist."""
+    """``auto`` picks CUDA, then MPS, then CPU; ``cuda[:N]``, ``mps`` and ``cpu`` are checked to exist. Under a
+    data-parallel launcher (``WORLD_SIZE`` > 1, :mod:`ops.train.distributed`) ``auto`` and ``cuda`` mean this
+    process's GPU, ``cuda:LOCAL_RANK``."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        from .train import distributed
+
+        if distributed.world() > 1:
+            return resolve_device(f"cuda:{distributed.local_rank()}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -168,6 +168,9 @@ class Manifest:
         self._log_path: Path | None = None
         self._clock = 0.0
         self._snapshot = self.read()
+        from .train.distributed import is_main
+
+        self.writable = is_main()  # a data-parallel run's other processes read the manifest but never write it
 
     # ------------------------------------------------------------------------------------------ file access
     def _base(self) -> dict[str, Any]:
@@ -247,6 +250,9 @@ class Manifest:
         return self._merged()[0]
 
     def _append(self, entry: dict[str, Any], *, durable: bool = True) -> None:
+        if not self.writable:
+            self._apply(self._snapshot, entry)
+            return
         if self._log_fd is None:
             self._open_log()
         self._clock = max(time.time(), self._clock + 1e-6)
@@ -305,6 +311,8 @@ class Manifest:
 
     def compact(self, *, own_log_done: bool = False) -> None:
         """Merge every log into ``cloak.json`` (atomic rename) and delete the logs nobody can still need."""
+        if not self.writable:
+            return
         with self._best_effort_lock():
             _no_symlink(self.path, "the manifest")
             data, status = self._merged()
@@ -327,6 +335,8 @@ class Manifest:
     def start_run(self) -> None:
         """Record this run's command line, parameters, versions, seed and model, merge what earlier (perhaps
         killed) runs logged into ``cloak.json``, and clean stale temporaries left in the folder."""
+        if not self.writable:
+            return
         clean_stale_temporaries(self.folder)
         spec = RUN_SPEC.get()
         if spec is not None:

@@ -80,13 +80,16 @@ class Surrogate:
 def dreambooth_loss(unet, scheduler, instance_latents: torch.Tensor, instance_text: torch.Tensor,
                     class_latents: torch.Tensor | None = None, class_text: torch.Tensor | None = None, *,
                     prior_weight: float = 1.0, t_range: tuple[int, int] | None = None,
-                    generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
+                    rows: slice | None = None) -> torch.Tensor:
     """Scalar DreamBooth loss: mean instance SE + ``prior_weight`` × mean class SE (paper 004 Eq. 2).
 
     ``instance_latents`` ``(B, C, h, w)`` scaled latents, ``instance_text`` ``(B or 1, 77, D)`` embeddings; the class
     pair likewise (omit it, or ``prior_weight=0``, to train without prior preservation). Timesteps are drawn
     ``U[0, T)`` (or in ``t_range``) and noise ``N(0, I)`` from ``generator`` (CPU), per sample. ``mask`` is an
-    optional latent mask for the instance term (LM of paper 000 App. I).
+    optional latent mask for the instance term (LM of paper 000 App. I). ``rows`` (a data-parallel process's block of
+    the batch, :mod:`ops.train.distributed`): the draws are made for every sample, the loss only for those rows, as
+    their share ``Σ rows ÷ B`` of each mean (the shares of all processes add up to the full loss).
     """
     def term(latents: torch.Tensor, text: torch.Tensor, term_mask: torch.Tensor | None) -> torch.Tensor:
         n = latents.shape[0]
@@ -96,7 +99,11 @@ def dreambooth_loss(unet, scheduler, instance_latents: torch.Tensor, instance_te
                                                                                           latents.dtype)
         if text.shape[0] == 1 and n > 1:
             text = text.expand(n, *text.shape[1:])
-        return diffusion_loss(unet, scheduler, latents, text, timesteps, noise, term_mask).mean()
+        if rows is None:
+            return diffusion_loss(unet, scheduler, latents, text, timesteps, noise, term_mask).mean()
+        term_mask = term_mask[rows] if term_mask is not None and term_mask.shape[0] == n else term_mask
+        return diffusion_loss(unet, scheduler, latents[rows], text[rows], timesteps[rows], noise[rows],
+                              term_mask).sum() / n
 
     loss = term(instance_latents, instance_text, mask)
     if class_latents is not None and prior_weight:

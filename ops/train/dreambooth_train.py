@@ -40,6 +40,7 @@ from ..errors import CloakError, UsageError
 from ..io import InputItem
 from ..models import cast, native_resolution
 from ..prompts import decoupled_prompts
+from . import distributed
 from .data import load_instance_images
 from .dreambooth import dreambooth_loss
 from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, latest_checkpoint, prepare_run_folder, train, \
@@ -155,8 +156,10 @@ class DreamBoothModel:
     def after_step(self) -> None:
         return None
 
-    def extra_loss(self, generator: torch.Generator) -> torch.Tensor | None:
-        """``λ ×`` the denoising loss of a random class batch under the class prompt (paper 004 Eq. 2)."""
+    def extra_loss(self, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor | None:
+        """``λ ×`` the denoising loss of a random class batch under the class prompt (paper 004 Eq. 2). The class
+        batch (``batch_size`` images, their latent samples, timesteps and noise) is drawn in full; ``rows`` (a
+        data-parallel process's block) keeps only those rows' share ``Σ rows ÷ batch_size``."""
         if self.class_latents is None:
             return None
         mean, std = self.class_latents
@@ -165,7 +168,7 @@ class DreamBoothModel:
         if self.sample_latents:
             latents = latents + std[index] * torch.randn(latents.shape, generator=generator).to(latents.device)
         text, _ = self.condition([self.class_prompt])
-        prior = dreambooth_loss(self.pipe.unet, self.scheduler, latents, text, generator=generator)
+        prior = dreambooth_loss(self.pipe.unet, self.scheduler, latents, text, generator=generator, rows=rows)
         return self.settings.prior_weight * prior
 
     def grad_norm(self) -> float:
@@ -246,6 +249,13 @@ def ensure_class_images(pipe, class_prompt: str, folder: Path, count: int, *, mo
     return [Path(folder) / job.name for job in jobs]
 
 
+def class_image_paths(class_prompt: str, folder: Path, count: int, seed: int) -> list[Path]:
+    """Where :func:`ensure_class_images` puts the class images (without making them)."""
+    from ..generate import plan_jobs
+
+    return [Path(folder) / job.name for job in plan_jobs([class_prompt], "", count, seed)]
+
+
 def _posterior(vae, images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     with torch.no_grad():
@@ -284,6 +294,9 @@ def _check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) 
         if changed:
             raise CloakError(f"cannot resume {out_dir}: it was trained with other settings ({', '.join(changed)}); "
                              "use the same ones, or --overwrite to start again")
+    distributed.barrier()  # data-parallel: every process has read the file before rank 0 rewrites it
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=2) + "\n")
 
@@ -316,9 +329,14 @@ def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: 
         if settings.num_class_images < 1:
             raise UsageError("--num-class-images must be >= 1 with prior preservation")
         folder = Path(class_dir) if class_dir else out_dir / "class_images"
-        paths = ensure_class_images(pipe, settings.class_prompt, folder, settings.num_class_images,
-                                    model_record=model_record, seed=config.seed, steps=settings.class_steps,
-                                    guidance=settings.class_guidance, resolution=resolution, on_event=on_event)
+        paths = None
+        if distributed.is_main():  # data-parallel: rank 0 makes them, the others wait and read them
+            paths = ensure_class_images(pipe, settings.class_prompt, folder, settings.num_class_images,
+                                        model_record=model_record, seed=config.seed, steps=settings.class_steps,
+                                        guidance=settings.class_guidance, resolution=resolution,
+                                        on_event=on_event)
+        distributed.barrier()
+        paths = paths or class_image_paths(settings.class_prompt, folder, settings.num_class_images, config.seed)
         class_items = [InputItem(path, PurePosixPath(path.name)) for path in paths]
         class_data = load_instance_images(class_items, resolution)
         class_latents = _posterior(pipe.vae, class_data.images)

@@ -35,6 +35,7 @@ the loss is :func:`~.loop.masked_step_loss` (→ :mod:`ops.diffusion`), batches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -47,6 +48,7 @@ import torch
 from .. import diffusion
 from ..errors import CloakError, UsageError
 from ..models import cast
+from . import distributed
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
 from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
                    check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
@@ -150,9 +152,12 @@ def apply_attention_state(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_attention_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomic, byte-stable ``safetensors`` file of the immunized attention tensors (see io.save_safetensors)."""
+    """Atomic, byte-stable ``safetensors`` file of the immunized attention tensors (see io.save_safetensors).
+    Data-parallel: only rank 0 writes (:mod:`.distributed`)."""
     from ..io import save_safetensors
 
+    if not distributed.is_main():
+        return
     save_safetensors(state, path, metadata or {})
 
 
@@ -206,10 +211,11 @@ def make_adaptation(work, against: str, *, token: str, class_word: str, instance
 
 
 def _adaptation_loss(work, scheduler, trainable, prompts: list[str], mean: torch.Tensor, std: torch.Tensor,
-                     order: DataOrder, batch_size: int, sample_latents: bool, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, list[int]]:
+                     order: DataOrder, batch_size: int, sample_latents: bool, generator: torch.Generator,
+                     part: slice | None = None) -> tuple[torch.Tensor, list[int]]:
     """One batch of the adaptation loss and its timesteps, with the random draws in :func:`~.loop.train`'s
-    order."""
+    order. ``part`` (a data-parallel process's rows): the whole batch is drawn, the loss is those rows' share
+    ``Σ rows ÷ batch_size`` (the shares of all processes add up to the batch mean); the timesteps are all of them."""
     device = work.unet.device
     index = order.next(batch_size, generator)
     batch_mean, batch_std = mean[index], std[index]
@@ -219,11 +225,17 @@ def _adaptation_loss(work, scheduler, trainable, prompts: list[str], mean: torch
     noise = torch.randn(batch_mean.shape, generator=generator).to(device)
     choice = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
     latents = batch_mean + batch_std * latent_noise.to(device) if latent_noise is not None else batch_mean
-    text, unet_kwargs = trainable.condition([prompts[i] for i in choice])
-    loss, _, _ = masked_step_loss(work.unet, scheduler, latents, text, timesteps.to(device), noise, "none", None,
-                                  **unet_kwargs)
-    loss = loss.mean()
-    extra = trainable.extra_loss(generator)
+    chosen = [prompts[i] for i in choice]
+    rows = part if part is not None else slice(None)
+    text, unet_kwargs = trainable.condition(chosen[rows])
+    loss, _, _ = masked_step_loss(work.unet, scheduler, latents[rows], text, timesteps[rows].to(device), noise[rows],
+                                  "none", None, **unet_kwargs)
+    if part is None:
+        loss = loss.mean()
+        extra = trainable.extra_loss(generator)
+    else:
+        loss = loss.sum() / batch_size
+        extra = trainable.extra_loss(generator, part)
     return (loss + extra if extra is not None else loss), timesteps.tolist()
 
 
@@ -242,11 +254,19 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     ``init_state`` (attention tensors of an earlier stage) is applied to the working copy first. Writes
     ``out_dir/train_log.jsonl`` (step, phase inner|outer, t, loss, lr) and ``out_dir/checkpoints/step-N.pt``
     (``--resume`` continues bit-exactly). Returns the immunized attention tensors; see the module docstring.
+
+    Data-parallel under a launcher (:mod:`.distributed`): each inner and each outer step splits its batch across
+    the processes and sums the gradients of that phase's parameters before clipping — the same alternation, so the
+    result equals the one-process run at the same ``--batch-size`` within float round-off; only rank 0 writes.
     """
     config = config.resolved()
     config.check()
+    distributed.check_batch(config.batch_size)
+    part = distributed.slice_batch(config.batch_size) if distributed.world() > 1 else None
+    writer = distributed.is_main()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     work = working_copy(pipe)
     if init_state is not None:
@@ -268,6 +288,8 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     order = DataOrder(len(data))
     step, resumed_from = 0, None
     log_path = out_dir / LOG_NAME
+    if part is not None:
+        distributed.barrier()  # rank 0 has prepared the folder (--overwrite) before anyone reads a checkpoint
 
     if resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -282,15 +304,16 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
         generator.set_state(state["generator"])
         order.order, order.position = state["order"], state["position"]
         step = resumed_from = int(state["step"])
-        kept = [line for line in log_path.read_text().splitlines() if line.strip()
-                and json.loads(line)["step"] <= step] if log_path.exists() else []
-        log_path.write_text("".join(line + "\n" for line in kept))
-    else:
+        if writer:
+            kept = [line for line in log_path.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= step] if log_path.exists() else []
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif writer:
         log_path.write_text("")
 
     cycle = config.inner_steps + config.outer_steps
     losses = {"inner": float("nan"), "outer": float("nan")}
-    with log_path.open("a") as log_file:
+    with (log_path.open("a") if writer else contextlib.nullcontext()) as log_file:
         while step < config.steps and (stop_after is None or step < stop_after):
             phase = "inner" if step % cycle < config.inner_steps else "outer"
             # DreamBooth trains the attention weights too in its inner step (they are part of its UNet)
@@ -301,24 +324,26 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
             params, optimizer = (inner_params, inner_opt) if phase == "inner" else (outer_params, outer_opt)
             optimizer.zero_grad(set_to_none=True)
             loss, timesteps = _adaptation_loss(work, scheduler, trainable, adaptation.prompts, mean, std, order,
-                                               config.batch_size, config.sample_latents, generator)
+                                               config.batch_size, config.sample_latents, generator, part)
             (loss if phase == "inner" else -loss).backward()
+            distributed.all_reduce_grads(params)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             trainable.after_step()
             step += 1
-            value = float(loss.detach())
+            value = float(distributed.all_reduce_sum(loss.detach().float().reshape(1)))  # the whole batch's loss
             check_finite(value)
             losses[phase] = value
             record = {"step": step, "phase": phase, "t": timesteps, "loss": value,
                       "lr": config.lr if phase == "inner" else config.defence_lr}
-            if step % config.log_every == 0 or step == config.steps:
+            if log_file is not None and (step % config.log_every == 0 or step == config.steps):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             at_stop = stop_after is not None and step == stop_after
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop or step == config.steps:
+            if writer and ((config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop
+                           or step == config.steps):
                 _save_checkpoint(out_dir, step, trainable, defended, inner_opt, outer_opt, generator, order, config,
                                  data, [token, class_word, instance_prompt or ""])
             if on_progress is not None:
@@ -374,5 +399,6 @@ def adapted_loss(pipe, state: dict[str, torch.Tensor] | None, data: InstanceData
     adaptation = make_adaptation(work, against, token=token, class_word=class_word, instance_prompt=instance_prompt,
                                  lora_rank=lora_rank, batch_size=1, resolution=int(data.images.shape[-1]))
     train(work, adaptation.trainable, data, adaptation.prompts,
-          TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=0, snapshot_every=0), out_dir)
+          TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=0, snapshot_every=0), out_dir,
+          data_parallel=False)  # a check at batch 1 that only rank 0 makes
     return adaptation_loss(work, adaptation.trainable, adaptation.prompts, data, draws=draws, seed=seed + 1234)

@@ -47,6 +47,7 @@ import torch
 
 from .. import diffusion
 from ..errors import CloakError, UsageError
+from . import distributed
 from .data import InstanceData
 
 MASK_MODES = ("none", "lm", "im", "lim", "zm")
@@ -62,7 +63,8 @@ class Trainable(Protocol):
     def parameters(self) -> list[torch.Tensor]: ...  # what the optimizer updates (requires_grad=True)
     def condition(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]: ...  # (hidden states, unet kw)
     def after_step(self) -> None: ...  # e.g. TI: put the frozen embedding rows back
-    def extra_loss(self, generator: torch.Generator) -> torch.Tensor | None: ...  # e.g. prior preservation
+    def extra_loss(self, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor | None: ...
+    # e.g. prior preservation: drawn for the whole batch; with ``rows`` only those rows' share (Σ rows ÷ batch)
     def grad_norm(self) -> float: ...  # magnitude of the trained gradient (for --log-grad-by-t)
     def state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
@@ -162,13 +164,18 @@ def latent_cache(vae, images: torch.Tensor, device, chunk: int = 4) -> tuple[tor
     return torch.cat(means), torch.cat(stds)
 
 
+def region_sums(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[Σ e·M, Σ M, Σ e·(1−M), Σ (1−M)]`` of the channel-mean squared error ``e`` under a latent mask
+    ``(B, 1, h, w)``: sums over samples, so the shares of a data-parallel batch add up."""
+    error = ((prediction.detach().float() - target.float()) ** 2).mean(1, keepdim=True)
+    return torch.stack([(error * mask).sum(), mask.sum(), (error * (1 - mask)).sum(), (1 - mask).sum()])
+
+
 def region_losses(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[inside, outside]``: mean squared error inside and outside a latent mask ``(B, 1, h, w)`` (area-weighted;
     for the log; a tensor, so the caller reads it back with the loss in one device sync)."""
-    error = ((prediction.detach().float() - target.float()) ** 2).mean(1, keepdim=True)
-    inside = (error * mask).sum() / mask.sum().clamp_min(1e-8)
-    outside = (error * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1e-8)
-    return torch.stack([inside, outside])
+    sums = region_sums(prediction, target, mask)
+    return torch.stack([sums[0] / sums[1].clamp_min(1e-8), sums[2] / sums[3].clamp_min(1e-8)])
 
 
 def masked_step_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
@@ -215,6 +222,8 @@ def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: t
     """Guard a training folder before a run: ``overwrite`` clears its checkpoints, train log and ``extra`` folders;
     otherwise earlier checkpoints are refused unless ``resume`` (a silent restart would mix two runs' files)."""
     out_dir = Path(out_dir)
+    if overwrite and not distributed.is_main():
+        return  # data-parallel: rank 0 clears the folder
     if overwrite:  # only files named the way cloak names them; anything the user put there stays
         for name in (CHECKPOINT_DIR, *extra):
             folder = out_dir / name
@@ -241,14 +250,187 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- loop
-def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], config: TrainConfig, out_dir: Path,
-          *, resume: bool = False, on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
-    """Run (or resume) training; see the module docstring. ``stop_after`` ends early at that step (for tests and
-    to split a run), after writing a checkpoint there."""
+@dataclass
+class LatentCache:
+    """The training images as cached VAE posteriors ``(N, 4, h, w)`` and latent masks ``(N, 1, h, w)``, plus the
+    mirrored images' own (the VAE is not exactly flip-equivariant), computed once per run on the model's device."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    masks: torch.Tensor | None
+    flipped: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    def pick(self, index: list[int], flips: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mean, std, mask) of the samples ``index``, mirrored where ``flips``."""
+        mean, std = self.mean[index], self.std[index]
+        masks = self.masks[index] if self.masks is not None else None
+        if flips is not None and self.flipped is not None:
+            mean_flipped, std_flipped, masks_flipped = self.flipped
+            pick = flips.to(mean.device)[:, None, None, None]
+            mean = torch.where(pick, mean_flipped[index], mean)
+            std = torch.where(pick, std_flipped[index], std)
+            if masks is not None:
+                masks = torch.where(pick, masks_flipped[index], masks)
+        return mean, std, masks
+
+
+def encode_training_data(vae, data: InstanceData, config: TrainConfig, device) -> LatentCache:
+    """Step 1 of a run: encode the images once. IM / LIM encode the masked image ``x ⊙ M_x`` (App. I)."""
+    images, masks = data.images, data.masks
+    encoded = images * masks if config.mask_mode in ("im", "lim") else images
+    mean, std = latent_cache(vae, encoded, device)
+    size = tuple(mean.shape[-2:])
+    latent_masks = diffusion.latent_mask(masks, size).to(device) if masks is not None else None
+    flipped = None
+    if config.flip_p > 0:
+        mean_flipped, std_flipped = latent_cache(vae, encoded.flip(-1), device)
+        masks_flipped = diffusion.latent_mask(masks.flip(-1), size).to(device) if masks is not None else None
+        flipped = (mean_flipped, std_flipped, masks_flipped)
+    return LatentCache(mean, std, latent_masks, flipped)
+
+
+@dataclass
+class Batch:
+    """One micro-batch as drawn in full (every process draws all of it; see :mod:`.distributed`)."""
+
+    latents: torch.Tensor  # (B, 4, h, w) z0 on the model's device
+    masks: torch.Tensor | None  # (B, 1, h, w) latent masks
+    timesteps: torch.Tensor  # (B,) on the CPU
+    noise: torch.Tensor  # (B, 4, h, w) on the model's device
+    prompts: list[str]
+    flips: list[int]
+
+    def rows(self, part: slice | None) -> "Batch":
+        """The samples ``part`` of this batch (all of them for ``None``)."""
+        if part is None:
+            return self
+        return Batch(self.latents[part], self.masks[part] if self.masks is not None else None,
+                     self.timesteps[part], self.noise[part], self.prompts[part], self.flips[part])
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the step, the random streams, the data order and the grad-by-t bins."""
+
+    generator: torch.Generator
+    flip_generator: torch.Generator | None
+    order: DataOrder
+    bins: torch.Tensor
+    counts: torch.Tensor
+    step: int = 0
+
+    @classmethod
+    def fresh(cls, config: TrainConfig, count: int) -> "RunState":
+        flip_generator = torch.Generator().manual_seed(config.seed + FLIP_STREAM) if config.flip_p > 0 else None
+        return cls(torch.Generator().manual_seed(config.seed), flip_generator, DataOrder(count),
+                   torch.zeros(config.grad_bins, dtype=torch.float64),
+                   torch.zeros(config.grad_bins, dtype=torch.float64))
+
+    def snapshot(self) -> tuple:
+        """RNG / data order / grad bins after the last finished step (restored on Ctrl-C)."""
+        flip_state = self.flip_generator.get_state() if self.flip_generator is not None else None
+        return (self.generator.get_state(), list(self.order.order), self.order.position, self.bins.clone(),
+                self.counts.clone(), flip_state)
+
+    def restore(self, snapshot: tuple) -> None:
+        generator_state, order, position, bins, counts, flip_state = snapshot
+        self.generator.set_state(generator_state)
+        if self.flip_generator is not None:
+            self.flip_generator.set_state(flip_state)
+        self.order.order, self.order.position = order, position
+        self.bins, self.counts = bins, counts
+
+
+def draw_batch(cache: LatentCache, state: RunState, prompts: list[str], config: TrainConfig, num_t: int,
+               device) -> Batch:
+    """Step 2: draw a whole micro-batch, in the run's fixed order — data order, flips (their own stream), latent
+    sample, timesteps, noise, prompts — from the CPU generators (module docstring, steps 0–3)."""
+    size, generator = config.batch_size, state.generator
+    index = state.order.next(size, generator)
+    flips = None
+    if state.flip_generator is not None:
+        flips = torch.rand(size, generator=state.flip_generator) < config.flip_p
+    mean, std, masks = cache.pick(index, flips)
+    latent_noise = torch.randn(mean.shape, generator=generator) if config.sample_latents else None
+    timesteps = diffusion.sample_timesteps(size, config.t_sampler, config.t_param, num_timesteps=num_t,
+                                           generator=generator)
+    noise = torch.randn(mean.shape, generator=generator).to(device)
+    choice = torch.randint(len(prompts), (size,), generator=generator).tolist()
+    latents = mean + std * latent_noise.to(device) if latent_noise is not None else mean
+    return Batch(latents, masks, timesteps, noise, [prompts[i] for i in choice],
+                 [int(flip) for flip in flips] if flips is not None else [])
+
+
+def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig,
+                         generator: torch.Generator, part: slice | None) -> torch.Tensor:
+    """Step 3: the loss of this process's ``part`` of ``batch`` (all of it for ``None``), backward (÷ the
+    accumulation steps). Returns the values to log — ``[loss]`` or ``[loss, Σ err·M, Σ M, Σ err·(1−M), Σ(1−M)]``
+    with masks — as this process's share, so that their sum over the processes is the whole batch's.
+
+    One process: ``loss = mean over the batch + trainable.extra_loss``. Data-parallel: ``Σ over the rows ÷ batch
+    + the rows' share of the extra loss``, whose sum over the processes is the same number."""
+    mine = batch.rows(part)
+    text, unet_kwargs = trainable.condition(mine.prompts)
+    loss, prediction, target = masked_step_loss(unet, scheduler, mine.latents, text, mine.timesteps.to(unet.device),
+                                                mine.noise, config.mask_mode, mine.masks, **unet_kwargs)
+    if part is None:
+        loss = loss.mean()
+        extra = trainable.extra_loss(generator)
+    else:
+        loss = loss.sum() / config.batch_size
+        extra = trainable.extra_loss(generator, part)
+    if extra is not None:
+        loss = loss + extra
+    (loss / config.grad_accumulation).backward()
+    readback = loss.detach().float().reshape(1)
+    if mine.masks is not None:
+        readback = torch.cat([readback, region_sums(prediction, target, mine.masks)])
+    return readback
+
+
+def optimizer_step(trainable: Trainable, optimizer, params: list[torch.Tensor], config: TrainConfig,
+                   state: RunState, record_t: list[int], num_t: int) -> float | None:
+    """Step 4: sum the gradients over the processes, bin the gradient norm by t (``--log-grad-by-t``), clip, step,
+    and let the trainable restore what it keeps fixed. Returns the gradient norm when it is logged."""
+    distributed.all_reduce_grads(params)
+    grad_norm = None
+    if config.log_grad_by_t:
+        grad_norm = trainable.grad_norm()
+        for t in record_t:
+            which = min(config.grad_bins - 1, t * config.grad_bins // num_t)
+            state.bins[which] += grad_norm
+            state.counts[which] += 1
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    trainable.after_step()
+    return grad_norm
+
+
+def _resume(out_dir: Path, trainable: Trainable, optimizer, state: RunState, config: TrainConfig,
+            data: InstanceData) -> int | None:
+    """Load the latest checkpoint into the trainable, optimizer and run state; the step it was made at (or None)."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if saved["config"] != config.resume_key() or saved["names"] != data.names:
+        raise CloakError(f"{checkpoint} was written with other settings or images; resume with the same "
+                         "ones, or start fresh in a new folder (or with --overwrite)")
+    trainable.load_state_dict(saved["trainable"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.generator.set_state(saved["generator"])
+    if state.flip_generator is not None:
+        state.flip_generator.set_state(saved["flip_generator"])
+    state.order.order, state.order.position = saved["order"], saved["position"]
+    state.bins, state.counts = saved["grad_bins"], saved["grad_counts"]
+    state.step = int(saved["step"])
+    return state.step
+
+
+def _check_run(pipe, data: InstanceData, prompts: list[str], config: TrainConfig, data_parallel: bool) -> None:
     config.check()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not prompts:
         raise UsageError("no training prompts")
     if config.mask_mode != "none" and data.masks is None:
@@ -256,50 +438,40 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     if getattr(pipe, "unet", None) is None:
         raise UsageError(f"{type(pipe).__name__} has no UNet: cloak trains UNet pipelines (SD 1.x/2.x/XL, "
                          "rectified-flow SD1.5) only")
-    unet, vae, scheduler = pipe.unet, pipe.vae, training_scheduler(pipe)
-    device = unet.device
+    if data_parallel:
+        distributed.check_batch(config.batch_size)
+
+
+def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], config: TrainConfig, out_dir: Path,
+          *, resume: bool = False, on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+          stop_after: int | None = None, data_parallel: bool = True) -> TrainResult:
+    """Run (or resume) training; see the module docstring. ``stop_after`` ends early at that step (for tests and
+    to split a run), after writing a checkpoint there.
+
+    Under a launcher (``torchrun``/``accelerate launch``, :mod:`.distributed`) the batch is split across the
+    processes and only rank 0 writes; ``data_parallel=False`` trains the whole batch in this process alone (a
+    side computation that only one process makes)."""
+    _check_run(pipe, data, prompts, config, data_parallel)
+    out_dir = Path(out_dir)
+    writer = distributed.is_main()
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    part = distributed.slice_batch(config.batch_size) if data_parallel and distributed.world() > 1 else None
+    unet, scheduler = pipe.unet, training_scheduler(pipe)
     started = time.perf_counter()
-
-    images = data.images
-    masks = data.masks
-    # IM / LIM encode the masked image x ⊙ M_x (App. I); the others the image itself
-    encoded = images * masks if config.mask_mode in ("im", "lim") else images
-    mean, std = latent_cache(vae, encoded, device)
-    latent_masks = diffusion.latent_mask(masks, tuple(mean.shape[-2:])).to(device) if masks is not None else None
-    flip_generator = None
-    if config.flip_p > 0:  # the mirrored images' own posteriors and masks (the VAE is not exactly flip-equivariant)
-        flip_generator = torch.Generator().manual_seed(config.seed + FLIP_STREAM)
-        mean_flipped, std_flipped = latent_cache(vae, encoded.flip(-1), device)
-        latent_masks_flipped = (diffusion.latent_mask(masks.flip(-1), tuple(mean.shape[-2:])).to(device)
-                                if masks is not None else None)
-
+    cache = encode_training_data(pipe.vae, data, config, unet.device)
     params = trainable.parameters()
     optimizer = make_optimizer(params, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    order = DataOrder(len(data))
-    bins = torch.zeros(config.grad_bins, dtype=torch.float64)
-    counts = torch.zeros(config.grad_bins, dtype=torch.float64)
-    step, resumed_from = 0, None
+    state = RunState.fresh(config, len(data))
     log_path = out_dir / LOG_NAME
-
-    if resume:
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is not None:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if state["config"] != config.resume_key() or state["names"] != data.names:
-                raise CloakError(f"{checkpoint} was written with other settings or images; resume with the same "
-                                 "ones, or start fresh in a new folder (or with --overwrite)")
-            trainable.load_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            if flip_generator is not None:
-                flip_generator.set_state(state["flip_generator"])
-            order.order, order.position = state["order"], state["position"]
-            bins, counts = state["grad_bins"], state["grad_counts"]
-            step = resumed_from = int(state["step"])
-            _truncate_log(log_path, step)
-    if not resume or resumed_from is None:
-        log_path.write_text("")
+    if part is not None:
+        distributed.barrier()  # rank 0 has prepared the folder (--overwrite) before anyone reads a checkpoint
+    resumed_from = _resume(out_dir, trainable, optimizer, state, config, data) if resume else None
+    if writer:
+        if resumed_from is not None:
+            _truncate_log(log_path, resumed_from)
+        else:
+            log_path.write_text("")
 
     total = config.steps
     last_loss = float("nan")
@@ -307,74 +479,45 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     history: list[dict[str, Any]] = []
     num_t = diffusion.num_train_timesteps(scheduler)
 
-    def resumable_state() -> tuple:  # RNG / data order / grad bins after the last finished step
-        flip_state = flip_generator.get_state() if flip_generator is not None else None
-        return generator.get_state(), list(order.order), order.position, bins.clone(), counts.clone(), flip_state
+    def save_checkpoint() -> None:
+        if writer:
+            _save_checkpoint(out_dir, state.step, trainable, optimizer, state.generator, state.order, state.bins,
+                             state.counts, config, data, state.flip_generator)
 
-    resumable, stepping = resumable_state(), False
-    log_file = log_path.open("a")
+    resumable, stepping = state.snapshot(), False
+    log_file = log_path.open("a") if writer else None
     try:
-        while step < total and (stop_after is None or step < stop_after):
-            lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        while state.step < total and (stop_after is None or state.step < stop_after):
+            lr = config.lr * min(1.0, (state.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             step_loss, record_t, inside, outside, record_flip = 0.0, [], [], [], []
             for _ in range(config.grad_accumulation):
-                index = order.next(config.batch_size, generator)
-                batch_mean, batch_std = mean[index], std[index]
-                batch_masks = latent_masks[index] if latent_masks is not None else None
-                if flip_generator is not None:
-                    flips = torch.rand(config.batch_size, generator=flip_generator) < config.flip_p
-                    record_flip += [int(flip) for flip in flips]
-                    pick = flips.to(device)[:, None, None, None]
-                    batch_mean = torch.where(pick, mean_flipped[index], batch_mean)
-                    batch_std = torch.where(pick, std_flipped[index], batch_std)
-                    if batch_masks is not None:
-                        batch_masks = torch.where(pick, latent_masks_flipped[index], batch_masks)
-                shape = batch_mean.shape
-                latent_noise = torch.randn(shape, generator=generator) if config.sample_latents else None
-                timesteps = diffusion.sample_timesteps(config.batch_size, config.t_sampler, config.t_param,
-                                                       num_timesteps=num_t, generator=generator)
-                noise = torch.randn(shape, generator=generator).to(device)
-                choice = torch.randint(len(prompts), (config.batch_size,), generator=generator).tolist()
-                latents = batch_mean + batch_std * latent_noise.to(device) if latent_noise is not None else batch_mean
-                text, unet_kwargs = trainable.condition([prompts[i] for i in choice])
-                loss, prediction, target = masked_step_loss(unet, scheduler, latents, text, timesteps.to(device),
-                                                            noise, config.mask_mode, batch_masks, **unet_kwargs)
-                loss = loss.mean()
-                extra = trainable.extra_loss(generator)
-                if extra is not None:
-                    loss = loss + extra
-                (loss / config.grad_accumulation).backward()
-                readback = loss.detach().float().reshape(1)
-                if batch_masks is not None:
-                    readback = torch.cat([readback, region_losses(prediction, target, batch_masks)])
+                batch = draw_batch(cache, state, prompts, config, num_t, unet.device)
+                readback = micro_batch_backward(unet, scheduler, trainable, batch, config, state.generator, part)
+                if part is not None:
+                    distributed.all_reduce_sum(readback)
+                if len(readback) > 1:  # the area-weighted losses inside / outside the mask
+                    readback = torch.stack([readback[0], readback[1] / readback[2].clamp_min(1e-8),
+                                            readback[3] / readback[4].clamp_min(1e-8)])
                 values = readback.tolist()  # one device sync per micro-batch
                 step_loss += values[0] / config.grad_accumulation
-                record_t += timesteps.tolist()
+                record_t += batch.timesteps.tolist()
+                record_flip += batch.flips
                 if len(values) == 3:
                     inside.append(values[1])
                     outside.append(values[2])
-            grad_norm = None
-            if config.log_grad_by_t:
-                grad_norm = trainable.grad_norm()
-                for t in record_t:
-                    which = min(config.grad_bins - 1, t * config.grad_bins // num_t)
-                    bins[which] += grad_norm
-                    counts[which] += 1
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             stepping = True
-            optimizer.step()
-            trainable.after_step()
-            step += 1
+            grad_norm = optimizer_step(trainable, optimizer, params, config, state, record_t, num_t)
+            state.step += 1
             stepping = False
-            resumable = resumable_state()
+            resumable = state.snapshot()
             check_finite(step_loss)
             last_loss = step_loss
+            step = state.step
             record: dict[str, Any] = {"step": step, "t": record_t, "loss": step_loss, "lr": lr}
-            if flip_generator is not None:
+            if state.flip_generator is not None:
                 record["flip"] = record_flip
             if inside:
                 record["loss_inside"] = sum(inside) / len(inside)
@@ -382,39 +525,43 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if step % config.log_every == 0 or step == total:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
                 history.append(record)
-            if config.snapshot_every and step % config.snapshot_every == 0 and step < total:
+            if config.snapshot_every and step % config.snapshot_every == 0 and step < total and writer:
                 written += trainable.save(out_dir, step, False)
             at_stop = stop_after is not None and step == stop_after
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop or step == total:
-                _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, bins, counts, config, data,
-                                 flip_generator)
+                save_checkpoint()
             if on_progress is not None:
                 on_progress(step, total, record)
     except KeyboardInterrupt:
         # Ctrl-C between optimizer steps: checkpoint the last finished step so --resume loses nothing.
-        if not stepping and step > 0:
-            generator.set_state(resumable[0])
-            if flip_generator is not None:
-                flip_generator.set_state(resumable[5])
-            order.order, order.position = resumable[1], resumable[2]
-            _save_checkpoint(out_dir, step, trainable, optimizer, generator, order, resumable[3], resumable[4],
-                             config, data, flip_generator)
+        if not stepping and state.step > 0:
+            state.restore(resumable)
+            save_checkpoint()
         raise
     finally:
-        log_file.close()
-    if step >= total:
-        written += trainable.save(out_dir, step, True)
+        if log_file is not None:
+            log_file.close()
+    if writer:
+        written += _write_final(out_dir, trainable, state, config, num_t, total)
+    return TrainResult(state.step, last_loss, resumed_from, written, time.perf_counter() - started, history)
+
+
+def _write_final(out_dir: Path, trainable: Trainable, state: RunState, config: TrainConfig, num_t: int,
+                 total: int) -> list[str]:
+    """Step 5: the final artefacts (when the run reached its last step) and ``grad_by_t.json``."""
+    written = trainable.save(out_dir, state.step, True) if state.step >= total else []
     if config.log_grad_by_t:
         edges = [round(i * num_t / config.grad_bins) for i in range(config.grad_bins + 1)]
         summary = {"bins": [[edges[i], edges[i + 1]] for i in range(config.grad_bins)],
-                   "mean_grad_norm": [float(b / c) if c else None for b, c in zip(bins, counts)],
-                   "count": [int(c) for c in counts]}
+                   "mean_grad_norm": [float(b / c) if c else None for b, c in zip(state.bins, state.counts)],
+                   "count": [int(c) for c in state.counts]}
         (out_dir / GRAD_BY_T_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         written.append(GRAD_BY_T_NAME)
-    return TrainResult(step, last_loss, resumed_from, written, time.perf_counter() - started, history)
+    return written
 
 
 def _save_checkpoint(out_dir: Path, step: int, trainable: Trainable, optimizer, generator: torch.Generator,

@@ -148,7 +148,7 @@ class TextualInversion:
     def after_step(self) -> None:
         """Nothing to restore: the frozen matrix never changes (the hook keeps the new rows outside it)."""
 
-    def extra_loss(self, generator: torch.Generator) -> torch.Tensor | None:
+    def extra_loss(self, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor | None:
         return None
 
     def grad_norm(self) -> float:

@@ -98,6 +98,7 @@ class ImmunizeConfig:
             raise UsageError("--steps, --inner-steps, --outer-steps, --batch-size and --lora-rank must be >= 1")
         if not (self.lr and self.lr > 0 and self.defence_lr and self.defence_lr > 0):
             raise UsageError("--lr and --defence-lr must be > 0")
+        distributed.check_batch(self.batch_size)  # a data-parallel run shares each batch equally
 
     def resume_key(self) -> dict[str, Any]:
         keep = asdict(self)
@@ -261,7 +262,6 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     """
     config = config.resolved()
     config.check()
-    distributed.check_batch(config.batch_size)
     part = distributed.slice_batch(config.batch_size) if distributed.world() > 1 else None
     writer = distributed.is_main()
     out_dir = Path(out_dir)

@@ -97,9 +97,13 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes; train-db --use-8bit-adam)
     flip_p: float = 0.0  # horizontal-flip probability per sample (diffusers TI example: 0.5; see FLIP_STREAM)
 
-    def check(self) -> None:
+    def check(self, data_parallel: bool = True) -> None:
+        """Refuse bad values (the CLI's exit 2); ``data_parallel``: also a batch the processes of a launcher's run
+        cannot share equally (:func:`.distributed.check_batch`)."""
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise UsageError("--steps, --batch-size and --grad-accumulation must be >= 1")
+        if data_parallel:
+            distributed.check_batch(self.batch_size)
         if self.lr <= 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.flip_p <= 1.0:
@@ -430,7 +434,7 @@ def _resume(out_dir: Path, trainable: Trainable, optimizer, state: RunState, con
 
 
 def _check_run(pipe, data: InstanceData, prompts: list[str], config: TrainConfig, data_parallel: bool) -> None:
-    config.check()
+    config.check(data_parallel)
     if not prompts:
         raise UsageError("no training prompts")
     if config.mask_mode != "none" and data.masks is None:
@@ -438,8 +442,6 @@ def _check_run(pipe, data: InstanceData, prompts: list[str], config: TrainConfig
     if getattr(pipe, "unet", None) is None:
         raise UsageError(f"{type(pipe).__name__} has no UNet: cloak trains UNet pipelines (SD 1.x/2.x/XL, "
                          "rectified-flow SD1.5) only")
-    if data_parallel:
-        distributed.check_batch(config.batch_size)
 
 
 def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], config: TrainConfig, out_dir: Path,

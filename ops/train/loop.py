@@ -23,6 +23,17 @@ bit-exactly):
      ``zm`` f(z_t⊙M_z); plus ``trainable.extra_loss`` (e.g. DreamBooth prior preservation);
   5. backward, optimizer step (AdamW, constant lr after ``warmup_steps``), ``trainable.after_step()``.
 
+The code follows those steps by name: :func:`encode_training_data` (the posterior cache, once) →
+:func:`draw_batch` (0–3, the whole micro-batch) → :func:`micro_batch_backward` (4 and the backward) →
+:func:`optimizer_step` (5: gradient sum, grad-by-t bins, clipping, step) → the log record, snapshots and checkpoints
+→ :func:`_write_final`. :class:`RunState` is what a checkpoint restores.
+
+Data-parallel (``torchrun``/``accelerate launch -m cloaklab``; :mod:`.distributed`): every process runs this same
+loop and draws the whole batch, :func:`micro_batch_backward` takes only the process's block of rows (its share of the
+loss: Σ rows ÷ batch), :func:`optimizer_step` sums the gradients across processes before anything reads them, the
+logged values are summed the same way, and only rank 0 writes. The run equals the one-process run at the same
+``batch_size`` within float round-off; one process takes exactly the code path it always did.
+
 Outputs in ``out_dir``: ``train_log.jsonl`` (one line per logged step: step, t, loss, lr, inside/outside-mask loss
 when masks are given, grad_norm with ``log_grad_by_t``), ``grad_by_t.json``, ``checkpoints/step-NNNNNN.pt`` (loaded
 with ``torch.load(weights_only=True)``: tensors and plain types only), snapshots and the final artefacts written by

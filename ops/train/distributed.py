@@ -29,7 +29,8 @@ torch (the manifest asks :func:`is_main`).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,14 +104,15 @@ def test_two_processes_train_like_one(cli, tmp_path):
     launch = subprocess.Popen(  # runs while the one-process references train here
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(_free_port()), str(WORKER), str(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         for args in _commands(images, masks, tmp_path / "one"):
             code, _, stderr = cli(args)
             assert code == 0, stderr
         stdout, stderr = launch.communicate(timeout=240)
     finally:
-        launch.kill()
+        if launch.poll() is None:  # the launcher and both workers: the session started for them
+            os.killpg(launch.pid, signal.SIGKILL)
     assert launch.returncode == 0, stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((spec.parent / f"codes-{rank}.json").read_text()) == [0, 0, 0], stderr[-3000:]

@@ -125,3 +125,19 @@ def test_a_box_outside_one_image_rejects_only_that_image(cli, tmp_path):
     assert (out / "b_large.png").is_file() and not (out / "a_small.png").exists()
     files = json.loads((out / "cloak.json").read_text())["files"]
     assert files["a_small.png"]["status"] == "rejected" and files["b_large.png"]["status"] == "done"
+
+
+def test_mask_settings_take_the_command_line_spelling_or_numbers():
+    from cloaklab.ops.commands.mask import MaskSettings
+    from cloaklab.ops.errors import UsageError
+
+    typed = MaskSettings(box="40, 30,480,500", point=["20,30", "60,40"])
+    assert typed == MaskSettings(box=(40, 30, 480, 500), point=[(20, 30), (60, 40)])
+    assert typed.prompt == MaskPrompt(box=(40.0, 30.0, 480.0, 500.0), points=[(20.0, 30.0), (60.0, 40.0)])
+    assert MaskSettings(point=(20, 30)).point == MaskSettings(point="20,30").point == ((20.0, 30.0),)
+    assert MaskSettings().prompt.automatic
+    for bad, flag in (({"box": "1,2,3"}, "--box"), ({"box": "0,0,nan,5"}, "--box"), ({"point": ["1"]}, "--point"),
+                      ({"dilate": -1}, "--dilate"), ({"points_per_side": 0}, "--points-per-side"),
+                      ({"select": "smallest"}, "--select"), ({"sam_type": "vit_x"}, "--sam-type")):
+        with pytest.raises(UsageError, match=flag):
+            MaskSettings(**bad)

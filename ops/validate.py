@@ -141,8 +141,8 @@ COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "train_db": {**TRAINING, "class_guidance": NON_NEGATIVE, "prior_weight": NON_NEGATIVE},
     "immunize": {**TRAINING, "defence_lr": POSITIVE},
     "generate": {"guidance": NON_NEGATIVE, "eta": UNIT, "resolution": Range(8, 4096, note="pixels")},
-    "ssm": {"resolution": Range(8, 4096, note="pixels")},
-    "mask": {},
+    "ssm": {"resolution": Range(8, 4096, note="pixels"), "samples": AT_LEAST_ONE, "quality": Range(1, 100)},
+    "mask": {"dilate": NON_NEGATIVE, "points_per_side": AT_LEAST_ONE},
     "score": {},
 }
 # Path flags that name something that must already exist (checked before any model loads). Model checkpoints

@@ -26,7 +26,7 @@ from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_c
 from .manifest import Manifest
 from .prompts import fill
 from .runner import RunSummary
-from .train.textual_inversion import expand_multi_vector
+from .prompts import expand_multi_vector
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler", "model")
 DEFAULT_STEPS = 50

@@ -200,7 +200,7 @@ def test_multi_vector_embeddings_reach_the_pipeline_with_every_vector(tmp_path, 
     import safetensors.torch
 
     from cloaklab.ops.generate import GenerationJob, sample
-    from cloaklab.ops.train.textual_inversion import expand_multi_vector
+    from cloaklab.ops.prompts import expand_multi_vector
 
     path = tmp_path / "learned_embeds.safetensors"
     safetensors.torch.save_file({"<R*>": torch.randn(3, 32)}, str(path))

@@ -62,6 +62,7 @@ FACE_PROMPTS: tuple[str, ...] = (
 )
 
 PROMPT_SETS: dict[str, tuple[str, ...]] = {"objects24": OBJECT_PROMPTS_24, "faces": FACE_PROMPTS}
+DEFAULT_PROMPT_SET = "objects24"  # cloak generate --prompts
 # Images per prompt when --num-per-prompt is not given: 5 for objects24 (paper 000 §5.1.2).
 DEFAULT_NUM_PER_PROMPT: dict[str, int] = {"objects24": 5, "faces": 5}
 DEFAULT_TOKEN = "sks"

@@ -197,12 +197,23 @@ def plan(settings: ScoreSettings, inputs: Sequence[str] | str | Path, output: Pa
     return result
 
 
+def split_manifests(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--table`` inputs without the ``cloak.json`` manifests a glob such as ``runs/*.json`` picks up beside the
+    score files (those are returned second)."""
+    from ..io import MANIFEST_NAME
+
+    manifests = [entry for entry in inputs if Path(entry).name == MANIFEST_NAME]
+    return [entry for entry in inputs if entry not in manifests], manifests
+
+
 def _plan_table(settings: ScoreSettings, inputs: list[str], output: Path) -> Plan:
     import json
 
     from ..score import table_paths
 
-    result = Plan("score", str(output), settings.as_dict(), inputs=list(inputs))
+    inputs, manifests = split_manifests(inputs)
+    result = Plan("score", str(output), settings.as_dict(), inputs=list(inputs),
+                  notes=[f"left out {entry}: the folder's manifest, not a score file" for entry in manifests])
     for entry in inputs:
         try:
             data = json.loads(Path(entry).read_text())
@@ -257,6 +268,9 @@ def run_table(settings: ScoreSettings, inputs: list[str], output: Path, on_event
     from ..extras import PLOT_SKIPPED
     from ..score import heatmap_png, merge_tables, table_csv, table_markdown, table_paths
 
+    inputs, manifests = split_manifests(inputs)
+    for entry in manifests:
+        on_event("note", "", {"message": f"left out {entry}: the folder's manifest, not a score file"})
     merged = merge_tables([Path(entry) for entry in inputs], settings.rows, settings.cols, settings.metric,
                           settings.average_row, settings.average_exclude)
     markdown, csv_path, png = table_paths(output)

@@ -254,7 +254,10 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     for raw in inputs:
         path = Path(raw)
         if path.is_file():
-            if not is_score_file(load_json(path)):
+            data = load_json(path)
+            if path.name == MANIFEST_NAME and not is_score_file(data):
+                continue  # the cloak.json a glob such as runs/*.json picks up beside the score files it records
+            if not is_score_file(data):
                 raise UsageError(f"{path}: not a cloak score file (fields 'dataset' and 'images' missing)")
             scores.append(path)
         elif path.is_dir():

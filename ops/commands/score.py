@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..metrics import CLIP_DEFAULT, CLIPSCORE_W, DINOV2_DEFAULT, FID_DEFAULT_FEATURES, LPIPS_DEFAULT_NET
 from .base import Event, Plan, RunSummary, Settings, as_input_list, no_event
@@ -75,14 +75,16 @@ class ScoreSettings(Settings):
     def metric_specs(self) -> list[Any]:
         from ..metrics import parse_metrics
 
-        return parse_metrics(self.metrics)
+        return parse_metrics(self.metrics if isinstance(self.metrics, str) else ",".join(self.metrics))
 
     def labels(self) -> dict[str, str]:
         """``--label KEY=VALUE`` entries as a dict."""
         from ..errors import UsageError
 
         labels = {}
-        for entry in self.label:
+        entries = [f"{key}={value}" for key, value in self.label.items()] if isinstance(self.label, Mapping) \
+            else self.label  # the Python API may pass {"poison": "adm+"}
+        for entry in entries:
             key, sep, value = entry.partition("=")
             if not sep or not key:
                 raise UsageError(f"--label {entry!r}: expected KEY=VALUE")

@@ -241,9 +241,10 @@ def run(settings: ScoreSettings, inputs: Sequence[str] | str | Path, output: Pat
 
 
 def run_scores(settings: ScoreSettings, inputs: list[str], output: Path, on_event: Event) -> ScoreSummary:
+    """Gather → decode the references → score → the score file (+ CSV) and its record → the means on stderr."""
     from ..device import resolve_device
     from ..io import DEFAULT_MAX_PIXELS
-    from ..score import References
+    from ..score import References, result_csv, result_json
 
     gathered = gather_images(settings, inputs, output)
     for note in gathered.notes:
@@ -255,9 +256,9 @@ def run_scores(settings: ScoreSettings, inputs: list[str], output: Path, on_even
     result = score_images(gathered.items, references, settings, device, on_event)
     seconds = time.perf_counter() - started
     document = score_document(settings, result, output, device)
-    files = {output: _json_bytes(document)}
+    files = {output: result_json(document)}
     if settings.csv is not None:
-        files[settings.csv] = _csv_bytes(result)
+        files[settings.csv] = result_csv(result).encode()
     written = write_recorded(files, output, gathered, settings, seconds, len(result["images"]), on_event)
     on_event("done", output.name, {"seconds": seconds})
     on_event("table", TABLE_TITLE, means_table(result))
@@ -434,18 +435,6 @@ def means_table(result: dict[str, Any]) -> dict[str, Any]:
     rows = [[concept, str(entry["images"]), *cells(entry)] for concept, entry in result["concepts"].items()]
     rows.append(["dataset", str(result["dataset"]["images"]), *cells(result["dataset"])])
     return {"columns": ["concept", "images", *result["metrics"]], "rows": rows}
-
-
-def _json_bytes(document: dict[str, Any]) -> bytes:
-    from ..score import result_json
-
-    return result_json(document)
-
-
-def _csv_bytes(result: dict[str, Any]) -> bytes:
-    from ..score import result_csv
-
-    return result_csv(result).encode()
 
 
 def record_folder(output: Path, gathered: Gathered | None) -> tuple[Path | None, str | None]:

@@ -41,9 +41,11 @@ def generate(
     text_encoder: Annotated[Optional[Path], typer.Option("--text-encoder", help="A trained text-encoder folder "
                                                          "replacing the model's (OUT/text_encoder).")] = None,
     lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength (1.0).")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (50; METHODS.md: 50-100).")] = DEFAULT_STEPS,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (50; METHODS.md: 50-100).")] = \
+    DEFAULT_STEPS,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale g (7.5). With a "
-                                            "negative prompt this is paper 001 Eq. 6 with w = g - 1.")] = DEFAULT_GUIDANCE,
+                                            "negative prompt this is paper 001 Eq. 6 with w = g - 1.")] = \
+    DEFAULT_GUIDANCE,
     negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt "
                                                            "(replaces the empty unconditional prompt).")] = None,
     quality_negative: Annotated[bool, typer.Option("--quality-negative", help="DiffShortcut sampling (paper 001 "
@@ -54,7 +56,8 @@ def generate(
                                                      "quality negative prompt, and ', without NEG' is appended to "
                                                      "every prompt (paper 001 §4.2, DiffShortcut's infer).")] = None,
     scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="Sampler: ddim (η=0), dpm "  # type: ignore
-                                                 "(DPM-Solver++), pndm, euler, or the model's own.")] = DEFAULT_SCHEDULER,
+                                                 "(DPM-Solver++), pndm, euler, or the model's own.")] = \
+    DEFAULT_SCHEDULER,
     eta: Annotated[float, typer.Option("--eta", help="DDIM η (0 = deterministic).")] = DEFAULT_ETA,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Square output size in pixels (the "
                                                       "model's default: 512 for SD 1.5, 64 for tiny).")] = None,

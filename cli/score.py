@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cloaklab.ops.metrics import (CLIP_DEFAULT, CLIPSCORE_W, DINOV2_DEFAULT, FID_DEFAULT_FEATURES, LPIPS_DEFAULT_NET,
-                                  METRICS)
+from cloaklab.ops.metrics import (CLIP_DEFAULT, CLIPSCORE_W, DEFAULT_METRICS, DINOV2_DEFAULT, FID_DEFAULT_FEATURES,
+                                  LPIPS_DEFAULT_NET, METRICS)
 
 from . import common
 
@@ -26,7 +26,7 @@ def score(
                                          help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics (the list under Metrics in this help); "
-                                         "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
+                                         "all-offline = every metric that needs no download.")] = DEFAULT_METRICS,
     metrics_short: Annotated[Optional[str], typer.Option("-m", hidden=True, show_default=False,
                                                          help="Deprecated spelling of --metrics.")] = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..metrics import CLIP_DEFAULT, CLIPSCORE_W, DINOV2_DEFAULT, FID_DEFAULT_FEATURES, LPIPS_DEFAULT_NET
+from ..metrics import CLIP_DEFAULT, CLIPSCORE_W, DEFAULT_METRICS, DINOV2_DEFAULT, FID_DEFAULT_FEATURES, \
+    LPIPS_DEFAULT_NET
 from .base import Event, Plan, RunSummary, Settings, as_input_list, no_event
 
 TABLE_TITLE = "cloak score (per concept, then dataset)"
@@ -30,7 +31,7 @@ class ScoreSettings(Settings):
     (``class`` is a Python keyword)."""
 
     command = "score"
-    metrics: str = "psnr,ssim,rmse"
+    metrics: str = DEFAULT_METRICS
     ref: Path | None = None
     csv: Path | None = None
     group_by: str = "folder"

@@ -70,6 +70,7 @@ def parse_metrics(text: str) -> list[MetricSpec]:
 
 # Default weights and settings of the metric options (``cloak score --clip-model`` …), stated once here: the
 # registry is light, so the settings of ``cloak score`` and the metric modules both read them.
+DEFAULT_METRICS = "psnr,ssim,rmse"  # cloak score --metrics
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 DINOV2_DEFAULT = "facebook/dinov2-base"
 CLIPSCORE_W = 2.5  # Hessel et al. 2021: CLIP-S = w · max(cos, 0), w = 2.5

@@ -521,6 +521,8 @@ def test_api_and_cli_write_the_same_score_and_csv_bytes_and_rerun_writes_beside_
     for name in ("s.json", "s.csv"):
         assert (root / "again" / name).read_bytes() == (root / "cli" / name).read_bytes(), name
     assert (root / "cli" / "s.csv").stat().st_mtime_ns == before  # the recorded run's CSV is left alone
+    assert cli(["rerun", root / "cli" / "s.csv", "-o", root / "third" / "s.json"])[0] == 0  # the CSV's run: the same
+    assert (root / "third" / "s.csv").read_bytes() == (root / "cli" / "s.csv").read_bytes()
 
 
 def test_a_score_file_in_another_commands_folder_leaves_its_manifest_alone(cli, scored_folders):

@@ -29,7 +29,7 @@ def load_recorded(manifest: Path | str, **overrides: Any) -> Recorded:
     """Read ``manifest`` (a ``cloak.json`` or its folder) and rebuild the run it records; ``overrides`` replace
     settings (e.g. ``device="cpu"``). A command whose ``-o`` is a file (``cloak score``) records each file it wrote
     with its own run spec in the folder's ``cloak.json``: name that file to repeat its run (the folder's
-    ``cloak.json`` repeats the latest)."""
+    ``cloak.json`` repeats the latest; any other file, the folder's run)."""
     from ..manifest import read_manifest
     from . import load
 
@@ -41,11 +41,11 @@ def load_recorded(manifest: Path | str, **overrides: Any) -> Recorded:
     if not data:
         raise UsageError(f"{manifest}: the manifest cannot be read")
     spec = data.get("run_spec")
-    if path.is_file() and path.name != "cloak.json":
-        record = (data.get("files") or {}).get(path.name)
-        if not isinstance(record, dict) or not record.get("run_spec"):
-            raise UsageError(f"{manifest}: {folder / 'cloak.json'} records no run that wrote it")
-        spec = record["run_spec"]
+    if path.is_file() and path.name != "cloak.json":  # an output file: the run that wrote it, if recorded apart
+        files = data.get("files") or {}
+        record = files.get(path.name) if isinstance(files.get(path.name), dict) else {}
+        record = files.get(record.get("written_with"), record)  # score's CSV points to its score file
+        spec = (record.get("run_spec") if isinstance(record, dict) else None) or spec
     if not spec:
         raise UsageError(f"{manifest}: it records no run settings (written by a cloak before `cloak rerun` existed); "
                          "rerun the command from its recorded argv instead")

@@ -27,7 +27,9 @@ class Recorded:
 
 def load_recorded(manifest: Path | str, **overrides: Any) -> Recorded:
     """Read ``manifest`` (a ``cloak.json`` or its folder) and rebuild the run it records; ``overrides`` replace
-    settings (e.g. ``device="cpu"``)."""
+    settings (e.g. ``device="cpu"``). A command whose ``-o`` is a file (``cloak score``) records each file it wrote
+    with its own run spec in the folder's ``cloak.json``: name that file to repeat its run (the folder's
+    ``cloak.json`` repeats the latest; any other file, the folder's run)."""
     from ..manifest import read_manifest
     from . import load
 
@@ -39,6 +41,11 @@ def load_recorded(manifest: Path | str, **overrides: Any) -> Recorded:
     if not data:
         raise UsageError(f"{manifest}: the manifest cannot be read")
     spec = data.get("run_spec")
+    if path.is_file() and path.name != "cloak.json":  # an output file: the run that wrote it, if recorded apart
+        files = data.get("files") or {}
+        record = files.get(path.name) if isinstance(files.get(path.name), dict) else {}
+        record = files.get(record.get("written_with"), record)  # score's CSV points to its score file
+        spec = (record.get("run_spec") if isinstance(record, dict) else None) or spec
     if not spec:
         raise UsageError(f"{manifest}: it records no run settings (written by a cloak before `cloak rerun` existed); "
                          "rerun the command from its recorded argv instead")
@@ -68,9 +75,15 @@ def changed_inputs(data: dict[str, Any], folder: Path) -> list[str]:
 
 
 def check_new_output(recorded: Recorded, output: Path) -> None:
-    """A rerun writes a new folder: refuse the recorded run's own output."""
+    """A rerun writes a new folder: refuse the recorded run's own output. A command that writes beside its ``-o``
+    (score's ``--csv``) moves those writes next to the new output (its module's ``rerun_settings``)."""
+    from . import load
+
     target = Path(output).resolve()
     original = recorded.folder.resolve()
     if target == original or (target.suffix and target.parent == original):
         raise UsageError(f"-o {output} is the recorded run's own output; give a new folder (a plain rerun of the "
                          "original command resumes there)")
+    move = getattr(load(recorded.command), "rerun_settings", None)
+    if move is not None:
+        recorded.settings = move(recorded.settings, Path(output))

@@ -14,10 +14,9 @@ from typing import Sequence
 
 import torch
 
+from . import DINOV2_DEFAULT as DEFAULT_WEIGHTS  # stated once, in the registry
 from .base import (IMAGENET_MEAN, IMAGENET_STD, ImageContext, Metric, cosine_matrix, features, finite,
                    load_pretrained, preprocess)
-
-DEFAULT_WEIGHTS = "facebook/dinov2-base"
 
 
 def tiny_dinov2():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import FID_DEFAULT_FEATURES
 from .base import ImageContext, Metric, finite, same_size_groups
 
 
@@ -72,7 +73,7 @@ def _new_fid(features: str | nn.Module, device):
 class FidMetric(Metric):
     name = "fid"
 
-    def __init__(self, features: str = "inception", device="cpu"):
+    def __init__(self, features: str = FID_DEFAULT_FEATURES, device="cpu"):
         require_fid(features)
         self.device = torch.device(device)
         self.extractor: str | nn.Module = TinyFeatures() if features == "tiny" else features
@@ -108,5 +109,5 @@ class FidMetric(Metric):
         return values
 
 
-def build(name: str, fid_features: str = "inception", device="cpu", **_options) -> FidMetric:
+def build(name: str, fid_features: str = FID_DEFAULT_FEATURES, device="cpu", **_options) -> FidMetric:
     return FidMetric(fid_features, device)

@@ -22,6 +22,7 @@ from ..errors import ModelNotFoundError, UsageError
 from ..extras import require
 from ..models import quiet_loading
 
+from . import LPIPS_DEFAULT_NET
 from .base import ImageContext, Metric, finite, same_size_groups
 from .pixel import require_reference
 
@@ -101,7 +102,7 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
 class LpipsMetric(Metric):
     name = "lpips"
 
-    def __init__(self, net: str = "alex", device="cpu"):
+    def __init__(self, net: str = LPIPS_DEFAULT_NET, device="cpu"):
         self.device = torch.device(device)
         self.model = load_lpips(net, self.device)
 
@@ -117,5 +118,5 @@ class LpipsMetric(Metric):
         return values
 
 
-def build(name: str, lpips_net: str = "alex", device="cpu", **_options) -> LpipsMetric:
+def build(name: str, lpips_net: str = LPIPS_DEFAULT_NET, device="cpu", **_options) -> LpipsMetric:
     return LpipsMetric(lpips_net, device)

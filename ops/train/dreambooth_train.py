@@ -225,7 +225,8 @@ def ensure_class_images(pipe, class_prompt: str, folder: Path, count: int, *, mo
     Images are ``folder/p00_iKKK.png`` from ``cloak generate``'s own loop, so an interrupted run resumes and a
     cache folder can be shared by every concept of the same class and model.
     """
-    from ..generate import generate_folder, plan_jobs, set_scheduler
+    from ..commands.generate import generate_folder
+    from ..generate import plan_jobs, set_scheduler
     from ..manifest import Manifest
 
     jobs = plan_jobs([class_prompt], "", count, seed)

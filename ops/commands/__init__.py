@@ -7,6 +7,7 @@ is stdlib-only; a command's module imports torch only inside its ``run``.
 from __future__ import annotations
 
 import importlib
+import os as _os
 from types import ModuleType
 
 COMMANDS: dict[str, str] = {
@@ -33,7 +34,15 @@ def run_command(command: str, settings, inputs, output, *, on_event=None, **extr
 
     module = load(command)
     given = as_input_list(inputs) if inputs is not None else []
-    spec = {"command": command.replace("_", "-"), "settings": settings.as_dict(),
+    recorded = settings.as_dict()
+    for name in settings.path_fields():  # a rerun from another folder must find --ref, --embedding … too
+        recorded[name] = _absolute_paths(recorded[name])
+    for table in (recorded, recorded.get("params") or {}):  # model folders and prompt files named by a str flag
+        for name in MAYBE_PATHS:
+            value = table.get(name)
+            if isinstance(value, str) and value not in BUILTIN_NAMES and _os.path.exists(value):
+                table[name] = _absolute(value)
+    spec = {"command": command.replace("_", "-"), "settings": recorded,
             "inputs": [entry if entry == "-" else _absolute(entry) for entry in given]}
     token = RUN_SPEC.set(spec)
     try:
@@ -42,7 +51,18 @@ def run_command(command: str, settings, inputs, output, *, on_event=None, **extr
         RUN_SPEC.reset(token)
 
 
-def _absolute(entry: str) -> str:
-    import os
+MAYBE_PATHS = ("model", "prompts", "pixel_model", "upscaler_model", "stage2_model", "face_model", "face_detector",
+               "lpips_model")
+BUILTIN_NAMES = ("tiny", "toy", "sd15-shaped", "objects24", "faces", "none", "codeformer", "vgg", "alex", "squeeze")
 
-    return os.path.abspath(entry)
+
+def _absolute_paths(value):
+    if isinstance(value, str) and value:
+        return _absolute(value)
+    if isinstance(value, list):
+        return [_absolute_paths(item) for item in value]
+    return value
+
+
+def _absolute(entry: str) -> str:
+    return _os.path.abspath(entry)

@@ -34,34 +34,13 @@ def run_command(command: str, settings, inputs, output, *, on_event=None, **extr
 
     module = load(command)
     given = as_input_list(inputs) if inputs is not None else []
-    recorded = settings.as_dict()
-    for name in settings.path_fields():  # a rerun from another folder must find --ref, --embedding … too
-        recorded[name] = _absolute_paths(recorded[name])
-    for table in (recorded, recorded.get("params") or {}):  # model folders and prompt files named by a str flag
-        for name in MAYBE_PATHS:
-            value = table.get(name)
-            if isinstance(value, str) and value not in BUILTIN_NAMES and _os.path.exists(value):
-                table[name] = _absolute(value)
-    spec = {"command": command.replace("_", "-"), "settings": recorded,
-            "inputs": [entry if entry == "-" else _absolute(entry) for entry in given]}
+    spec = {"command": command.replace("_", "-"), "settings": settings.as_dict(),
+            "inputs": given, "inputs_resolved": [entry if entry == "-" else _absolute(entry) for entry in given]}
     token = RUN_SPEC.set(spec)
     try:
         return module.run(settings, inputs, output, on_event=on_event, **extra)
     finally:
         RUN_SPEC.reset(token)
-
-
-MAYBE_PATHS = ("model", "prompts", "pixel_model", "upscaler_model", "stage2_model", "face_model", "face_detector",
-               "lpips_model")
-BUILTIN_NAMES = ("tiny", "toy", "sd15-shaped", "objects24", "faces", "none", "codeformer", "vgg", "alex", "squeeze")
-
-
-def _absolute_paths(value):
-    if isinstance(value, str) and value:
-        return _absolute(value)
-    if isinstance(value, list):
-        return [_absolute_paths(item) for item in value]
-    return value
 
 
 def _absolute(entry: str) -> str:

@@ -38,70 +38,22 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .. import diffusion
-from ..errors import CloakError, UsageError
+from ..errors import CloakError
 from ..models import cast
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
+from .immunize_config import (AGAINST, DEFAULT_CLASS_WORD, DEFAULT_TOKENS, DEFAULTS, IMMUNIZED_NAME,  # noqa: F401
+                              ImmunizeConfig, default_token)
 from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
                    check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
 
-AGAINST = ("ti", "db", "lora")
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
-IMMUNIZED_NAME = "immunized_attention.safetensors"
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "ti": {"lr": 5e-4, "defence_lr": 1e-6, "max_grad_norm": None},
-    "db": {"lr": 5e-6, "defence_lr": 2e-5, "max_grad_norm": 1.0},
-    "lora": {"lr": 5e-6, "defence_lr": 2e-5, "max_grad_norm": 1.0},
-}
-
-
-@dataclass
-class ImmunizeConfig:
-    """Hyper-parameters of one immunization stage; ``None`` means the per-method default of :data:`DEFAULTS`."""
-
-    against: str = "ti"
-    steps: int = 1000
-    inner_steps: int = 1
-    outer_steps: int = 1
-    lr: float | None = None
-    defence_lr: float | None = None
-    max_grad_norm: float | None = field(default=None)
-    clip: bool = True  # False: no clipping even where the method's default clips
-    batch_size: int = 1
-    weight_decay: float = 1e-2
-    lora_rank: int = 4
-    cross_attention_only: bool = False
-    sample_latents: bool = True
-    seed: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 1
-
-    def resolved(self) -> "ImmunizeConfig":
-        if self.against not in AGAINST:
-            raise UsageError(f"--against {self.against!r}: choose one of {', '.join(AGAINST)}")
-        base = DEFAULTS[self.against]
-        clip = self.max_grad_norm if self.max_grad_norm is not None else base["max_grad_norm"]
-        return replace(self, lr=self.lr if self.lr is not None else base["lr"],
-                       defence_lr=self.defence_lr if self.defence_lr is not None else base["defence_lr"],
-                       max_grad_norm=clip if self.clip else None)
-
-    def check(self) -> None:
-        if min(self.steps, self.inner_steps, self.outer_steps, self.batch_size, self.lora_rank) < 1:
-            raise UsageError("--steps, --inner-steps, --outer-steps, --batch-size and --lora-rank must be >= 1")
-        if not (self.lr and self.lr > 0 and self.defence_lr and self.defence_lr > 0):
-            raise UsageError("--lr and --defence-lr must be > 0")
-
-    def resume_key(self) -> dict[str, Any]:
-        keep = asdict(self)
-        for name in ("steps", "checkpoint_every", "log_every"):
-            keep.pop(name)
-        return keep
 
 
 @dataclass
@@ -232,8 +184,8 @@ def _optimizer(params: list[torch.Tensor], lr: float, config: ImmunizeConfig):
 
 
 # ------------------------------------------------------------------------------------------------- stage
-def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *, token: str = "<R*>",
-             class_word: str = "object", instance_prompt: str | None = None,
+def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *, token: str | None = None,
+             class_word: str = DEFAULT_CLASS_WORD, instance_prompt: str | None = None,
              init_state: dict[str, torch.Tensor] | None = None, resume: bool = False,
              on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
              stop_after: int | None = None) -> ImmunizeResult:
@@ -245,6 +197,7 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     """
     config = config.resolved()
     config.check()
+    token = token or default_token(config.against)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -361,7 +314,7 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
 
 
 def adapted_loss(pipe, state: dict[str, torch.Tensor] | None, data: InstanceData, against: str, out_dir: Path, *,
-                 steps: int, lr: float, token: str, class_word: str = "object", instance_prompt: str | None = None,
+                 steps: int, lr: float, token: str, class_word: str = DEFAULT_CLASS_WORD, instance_prompt: str | None = None,
                  lora_rank: int = 4, seed: int = 0, draws: int = 16) -> float:
     """Adapt a copy of ``pipe`` (with the attention tensors ``state`` applied, or the plain model for ``None``) on
     ``data`` for ``steps`` steps of the shared training loop, then return :func:`adaptation_loss`. Same arguments

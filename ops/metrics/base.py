@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..similarity import cosine_matrix  # noqa: F401 - re-exported for the metrics' callers
 from ..validate import check_aspect
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,11 +90,6 @@ def same_size_groups(images: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(index)
     return groups
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities ``(N, M)`` between rows of ``a (N, D)`` and ``b (M, D)``."""
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 def load_pretrained(model_class, weights: str, what: str, flag: str, **kwargs: Any):

@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, cosine_matrix, features, load_pretrained, preprocess
+from ..similarity import cosine_matrix
+from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, features, load_pretrained, preprocess
 
 DEFAULT_WEIGHTS = "openai/clip-vit-base-patch32"
 IQA_PROMPTS = ("Good photo.", "Bad photo.")

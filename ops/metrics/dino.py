@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .base import (IMAGENET_MEAN, IMAGENET_STD, ImageContext, Metric, cosine_matrix, features, finite,
-                   load_pretrained, preprocess)
+from ..similarity import cosine_matrix
+from .base import IMAGENET_MEAN, IMAGENET_STD, ImageContext, Metric, features, finite, load_pretrained, preprocess
 
 DEFAULT_WEIGHTS = "facebook/dinov2-base"
 

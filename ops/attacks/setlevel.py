@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..grouping import group_indices_by
 from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, encode_class_images
 from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf, \
     report_step
@@ -58,9 +59,7 @@ class ProtectedSet:
         """Index minibatches of same-shaped images, in input order within each shape (``None``: one batch per
         shape, the whole set when all images share one — Anti-DreamBooth's ``pgd_attack`` steps all of them at
         once)."""
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(self.clean):
-            by_shape.setdefault(tuple(image.shape[-2:]), []).append(index)
+        by_shape = group_indices_by(self.clean, lambda image: tuple(image.shape[-2:]))
         size = max(1, len(self.clean) if batch_size is None else batch_size)
         return [members[i:i + size] for members in by_shape.values() for i in range(0, len(members), size)]
 

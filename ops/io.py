@@ -28,10 +28,6 @@ from .errors import RejectedInput, UsageError
 if TYPE_CHECKING:  # torch is imported lazily at run time
     import torch
 
-IMAGE_EXTENSIONS = {
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm",
-    ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".qoi",
-}
 # Files whose extension says they are not images are skipped silently inside folders; anything else is tried.
 NON_IMAGE_EXTENSIONS = {
     ".txt", ".json", ".jsonl", ".md", ".rst", ".csv", ".tsv", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml",

@@ -226,7 +226,7 @@ def test_dinov2_similarity_reference_features_computed_once():
 
 
 def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
-    from cloaklab.ops.metrics.base import cosine_matrix
+    from cloaklab.ops.similarity import cosine_matrix
     from cloaklab.ops.metrics.clip import backbone
 
     gen = tmp_path / "gen"

@@ -31,8 +31,9 @@ from typing import Sequence
 
 import torch
 
+from ..similarity import cosine_matrix
 from . import CLIP_DEFAULT as DEFAULT_WEIGHTS, CLIPSCORE_W  # defaults stated once, in the registry
-from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, cosine_matrix, features, load_pretrained, preprocess
+from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, features, load_pretrained, preprocess
 
 IQA_PROMPTS = ("Good photo.", "Bad photo.")
 LIQE_LEVELS = ("bad", "poor", "fair", "good", "perfect")

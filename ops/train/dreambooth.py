@@ -65,10 +65,6 @@ class Surrogate:
         return Surrogate(self.vae, copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder), self.tokenizer,
                          self.scheduler, self.name, dict(self.extra))
 
-    def load_state_from(self, other: "Surrogate") -> None:
-        self.unet.load_state_dict(other.unet.state_dict())
-        self.text_encoder.load_state_dict(other.text_encoder.state_dict())
-
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -210,11 +206,3 @@ def encode_class_images(vae, class_images: torch.Tensor, chunk: int = 8) -> tupl
     parts = [latent_posterior(vae, c.to(vae.device, torch.float32)) for c in class_images.split(chunk)]
     return torch.cat([m for m, _ in parts]).float(), torch.cat([s for _, s in parts]).float()
 
-
-def freeze(surrogate: Surrogate) -> Surrogate:
-    """Put a surrogate in eval mode with no parameter gradients (what PGD against it needs)."""
-    for module in (surrogate.unet, surrogate.text_encoder, surrogate.vae):
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-    return surrogate

@@ -9,11 +9,12 @@ from pathlib import PurePosixPath
 import pytest
 import torch
 
+from cloaklab.ops.commands.train_db import train_dreambooth
 from cloaklab.ops.diffusion import encode_prompts
 from cloaklab.ops.io import InputItem
 from cloaklab.ops.models import load_pipeline, model_info
 from cloaklab.ops.train.dreambooth import dreambooth_loss
-from cloaklab.ops.train.dreambooth_train import DreamBoothModel, DreamBoothSettings, train_dreambooth
+from cloaklab.ops.train.dreambooth_model import DreamBoothModel, DreamBoothSettings
 from cloaklab.ops.train.loop import TrainConfig
 from cloaklab.tests.conftest import photo
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, encode_class_images
+from . import SET_DEFAULTS
 from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf, \
     report_step
 
@@ -149,19 +150,6 @@ def class_images(pipe, prompt: str, count: int, *, cache_dir: str | Path | None 
 
 
 # ---------------------------------------------------------------------------------------- run context
-SET_DEFAULTS: dict[str, Any] = {
-    "instance_prompt": "a photo of sks person",  # papers 001/004, Anti-DreamBooth
-    "class_prompt": "a photo of person",
-    "num_class_images": 200,  # papers 001/004
-    "class_dir": None,  # cache folder for class images (default $XDG_CACHE_HOME/cloaklab/class-images)
-    "class_steps": 50,  # sampler steps for class images (DDIM, CFG 7.5: the diffusers DreamBooth example)
-    "prior_weight": 1.0,
-    "db_lr": 5e-7,  # DreamBooth surrogate learning rate
-    "train_text_encoder": True,
-    "t_range": None,
-}
-
-
 @dataclass
 class SetRun:
     """What every set-level attack builds first: the set, the seeds, the class images and a round reporter."""
@@ -207,17 +195,20 @@ def start_run(images: Sequence[torch.Tensor], *, pipe, generators: Sequence[torc
               progress: Callable[[str], None] | None = None, eot: Any = None, eot_samples: int = 1,
               grad_transform: Any = None, delta_transform: Any = None, batch_size: int | None = None,
               instance_prompt: str = SET_DEFAULTS["instance_prompt"],
-              class_prompt: str = SET_DEFAULTS["class_prompt"], num_class_images: int = 200,
-              class_dir: str | Path | None = None, class_steps: int = 50, prior_weight: float = 1.0,
-              db_lr: float = 5e-7, train_text_encoder: bool = True, t_range: tuple[int, int] | None = None,
-              db_batch_size: int = 1, latent_sample: bool = False, **extra: Any) -> SetRun:
+              class_prompt: str = SET_DEFAULTS["class_prompt"],
+              num_class_images: int = SET_DEFAULTS["num_class_images"],
+              class_dir: str | Path | None = SET_DEFAULTS["class_dir"], class_steps: int = SET_DEFAULTS["class_steps"],
+              prior_weight: float = SET_DEFAULTS["prior_weight"], db_lr: float = SET_DEFAULTS["db_lr"],
+              train_text_encoder: bool = SET_DEFAULTS["train_text_encoder"],
+              t_range: tuple[int, int] | None = SET_DEFAULTS["t_range"], db_batch_size: int = 1,
+              latent_sample: bool = SET_DEFAULTS["latent_sample"], **extra: Any) -> SetRun:
     """Validate the inputs and prepare everything the attack loops need (class images generated or reused).
 
     ``masks`` (or its alias ``mask``): ``None`` or one ``(1, H, W)`` pixel mask per image. ``grad_transform`` /
     ``delta_transform`` are the engine's (``lf-<attack>`` passes the DCT projections). ``batch_size``: the PGD
     minibatch (``None``, the default: all same-sized images in one batch per step, as Anti-DreamBooth's
     ``attacks/aspl.py`` ``pgd_attack`` does; results do not depend on it). Unknown keyword options
-    (e.g. ``on_step``, ``lf_ratio``) are kept in ``SetRun.extra``.
+    (e.g. ``on_step``, ``lf_ratio``) are kept in ``SetRun.extra``. Defaults: :data:`ops.attacks.SET_DEFAULTS`.
     """
     masks = masks if masks is not None else mask
     if getattr(pipe, "text_encoder_2", None) is not None:

@@ -27,6 +27,7 @@ class TrainTiSettings(SztSettings, ModelSettings):
     and, for the SZT options, from the preset (:class:`.training.SztSettings`)."""
 
     command = "train_ti"
+    masks_imply_lm = True  # (--mask-mode's help: "default lm when --masks is given")
     token: str = TI["token"]
     init_token: str = TI["init_token"]
     num_vectors: int = TI["num_vectors"]

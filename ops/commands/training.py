@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from ..errors import UsageError
 from ..train.presets import MASK_MODES, PRESETS, TIMESTEP_SAMPLERS
@@ -18,6 +18,7 @@ class SztSettings(Settings):
     """The Safe-Zone Training options of paper 000 (``--preset`` … ``--dilate``); ``None`` = the preset's value
     (:data:`ops.train.presets.NOMINAL` without a preset). Resolved by :meth:`szt`."""
 
+    masks_imply_lm: ClassVar[bool] = False  # train-ti: masks without a mask mode mean loss masking
     preset: str | None = None
     jpeg: int | None = None
     t_sampler: str | None = None
@@ -40,14 +41,14 @@ class SztSettings(Settings):
                              "`cloak mask IMAGES -o DIR`)")
 
     def szt(self) -> dict[str, Any]:
-        """``jpeg``, ``t_sampler``, ``t_param``, ``mask_mode``, ``dilate``: the preset with the given flags on top;
-        masks without a mask mode (here or in the preset) mean loss masking (``lm``)."""
+        """``jpeg``, ``t_sampler``, ``t_param``, ``mask_mode``, ``dilate``: the preset with the given flags on top
+        (and ``lm`` for masks without a mask mode, here or in the preset, where ``masks_imply_lm``)."""
         from ..train.presets import resolve_preset
 
         given = {"jpeg": self.jpeg, "t_sampler": self.t_sampler, "t_param": self.t_param,
                  "mask_mode": self.mask_mode, "dilate": self.dilate}
         szt = resolve_preset(self.preset, given)
-        if self.masks is not None and self.mask_mode is None and szt["mask_mode"] == "none":
+        if self.masks_imply_lm and self.masks is not None and self.mask_mode is None and szt["mask_mode"] == "none":
             szt["mask_mode"] = "lm"
         return szt
 

@@ -350,7 +350,7 @@ class Reporter:
                 self.task = self._bar().add_task("", total=self.total_files, label=self.command)
             return
         if kind == "step":
-            self.step(int(info["step"]), int(info["total"]), name or self.current or "")
+            self.step(int(info["step"]), int(info["total"]), name or self.current or "", info.get("text", ""))
             return
         if kind == "warn":
             self.line(f"cloak: warning: {name}: {info['message']}")

@@ -67,7 +67,7 @@ def test_dry_run_loads_no_model_and_writes_nothing(command, cli, tmp_path, photo
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     stdout = _cli_run(cli, case, out, ["--dry-run", "--json"])
     plan = json.loads(stdout)
-    assert plan["dry_run"] is True and plan["command"] == command
+    assert plan["dry_run"] is True and plan["command"] == case.command
     assert plan["inputs"] and plan["would_write"]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
 

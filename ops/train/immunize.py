@@ -27,7 +27,7 @@ the non-attention UNet weights) is thrown away, as the released code saves only 
 concepts are immunized sequentially, each stage starting from the previous stage's weights (paper 003 A1.3).
 
 Reuse: the adaptation methods are the training core's :class:`~.loop.Trainable` objects
-(:class:`~.textual_inversion.TextualInversion`, :class:`~.dreambooth_train.DreamBoothModel` with or without LoRA),
+(:class:`~.textual_inversion.TextualInversion`, :class:`~.dreambooth_model.DreamBoothModel` with or without LoRA),
 the loss is :func:`~.loop.masked_step_loss` (→ :mod:`ops.diffusion`), batches are drawn exactly as
 :func:`~.loop.train` draws them (seeded :class:`~.loop.DataOrder`, one CPU generator), and the optimizers come from
 :func:`~.loop.make_optimizer`. Only the alternation (two optimizers, the sign of the outer step) is new here.
@@ -149,7 +149,7 @@ def make_adaptation(work, against: str, *, token: str, class_word: str, instance
 
         return Adaptation(TextualInversion(work, token, class_word, 1, resolution),
                           fill_templates(OBJECT_TEMPLATES, token), work)
-    from .dreambooth_train import DreamBoothModel, DreamBoothSettings
+    from .dreambooth_model import DreamBoothModel, DreamBoothSettings
 
     prompt = instance_prompt or f"a photo of {token} {class_word}"
     settings = DreamBoothSettings(instance_prompt=prompt, class_prompt=None, prior_weight=0.0,

@@ -53,11 +53,15 @@ def plan(command: str, inputs: Any, output: Any, **values: Any):
 def rerun(manifest: Any, output: Any, *, on_event=None, **overrides: Any):
     """Repeat the run recorded in ``manifest`` (a ``cloak.json``) into ``output``; returns its RunSummary."""
     from cloaklab.ops.commands import run_command
-    from cloaklab.ops.commands.rerun import check_new_output, load_recorded
+    from pathlib import Path
+
+    from cloaklab.ops.commands.rerun import check_new_output, in_recorded_folder, load_recorded
 
     recorded = load_recorded(manifest, **overrides)
     check_new_output(recorded, output)
-    summary = run_command(recorded.command, recorded.settings, recorded.inputs, output, on_event=on_event)
+    target = Path(output).absolute()  # named from here, before moving to the recorded working directory
+    with in_recorded_folder(recorded):  # relative settings and inputs mean what they meant then
+        summary = run_command(recorded.command, recorded.settings, recorded.inputs, target, on_event=on_event)
     summary.notes = [*recorded.changed, *summary.notes]
     return summary
 

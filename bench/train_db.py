@@ -7,7 +7,7 @@ CPU, tiny model (default)::
   * DreamBooth step (instance + prior term, shared loop, AdamW) and LoRA step vs a bare UNet forward/backward on the
     same batch — the overhead of the loop itself (a DB step with prior preservation runs two UNet passes: ~2× is
     the floor);
-  * generation images/s: ``ops.generate.generate_folder`` (seeding, PNG writes, manifest) vs diffusers' own
+  * generation images/s: ``ops.commands.generate.generate_folder`` (seeding, PNG writes, manifest) vs diffusers' own
     pipeline call with the same prompts and steps (goal: ratio ≤ 1.05).
 
 GPU (when one is lent)::
@@ -67,7 +67,8 @@ def bare_step(pipe, batch: int, resolution: int, repeats: int, device: torch.dev
 def train_run(args, lora: int | None, prior: float, out: Path, items) -> tuple[float, float, int]:
     """(seconds per step, peak GPU GiB, steps) of a train-db run (class images generated before timing)."""
     from cloaklab.ops.models import load_pipeline, model_info
-    from cloaklab.ops.train.dreambooth_train import DreamBoothSettings, train_dreambooth
+    from cloaklab.ops.commands.train_db import train_dreambooth
+    from cloaklab.ops.train.dreambooth_model import DreamBoothSettings
     from cloaklab.ops.train.loop import TrainConfig
 
     device = torch.device(args.device)
@@ -98,7 +99,8 @@ def train_run(args, lora: int | None, prior: float, out: Path, items) -> tuple[f
 
 def generation(args, out: Path) -> tuple[float, float]:
     """(images/s through generate_folder, images/s through the bare pipeline call)."""
-    from cloaklab.ops.generate import generate_folder, image_seed, plan_jobs, set_scheduler
+    from cloaklab.ops.commands.generate import generate_folder
+    from cloaklab.ops.generate import image_seed, plan_jobs, set_scheduler
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.models import load_pipeline
     from cloaklab.ops.prompts import OBJECT_PROMPTS_24

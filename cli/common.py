@@ -260,7 +260,8 @@ class Reporter:
 
     One reporter serves a whole command: file events (``on_event(kind, name, info)`` from the folder runners:
     ``start``/``done``/``skip``/``reject``/``error``/``warn``, and ``step`` with ``{"step", "total"}`` for the inner
-    PGD/sampling steps of the current file), and training steps through :meth:`steps`. ``--quiet`` silences the
+    PGD/sampling steps of the current file; ``note``/``header``; ``text`` and ``table`` for result text and tables
+    such as score's means), and training steps through :meth:`steps`. ``--quiet`` silences the
     header and the progress (warnings, errors and the closing summary still print)."""
 
     def __init__(self, command: str, quiet: bool | None = None):
@@ -349,7 +350,7 @@ class Reporter:
                 self.task = self._bar().add_task("", total=self.total_files, label=self.command)
             return
         if kind == "step":
-            self.step(int(info["step"]), int(info["total"]), name or self.current or "")
+            self.step(int(info["step"]), int(info["total"]), name or self.current or "", info.get("text", ""))
             return
         if kind == "warn":
             self.line(f"cloak: warning: {name}: {info['message']}")
@@ -359,6 +360,14 @@ class Reporter:
             return
         if kind == "header":
             self.header(**info)
+            return
+        if kind == "text":  # a block of result text (score --table's markdown): as it is, not silenced
+            self.stop()
+            for text_line in str(info["text"]).rstrip("\n").split("\n"):
+                self.line(text_line)
+            return
+        if kind == "table":  # a result table ({"columns", "rows"}) titled ``name``: not silenced
+            self.table(name, info["columns"], info["rows"])
             return
         if kind == "reject":
             self.line(f"cloak: rejected {name}: {info['reason']}")
@@ -375,6 +384,18 @@ class Reporter:
                 self.step_task = None
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, description=name)
+
+    def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        """A rich table on stderr (the last row, a total such as score's dataset mean, in bold)."""
+        from rich.table import Table
+
+        self.stop()
+        grid = Table(title=title)
+        for index, column in enumerate(columns):
+            grid.add_column(column, justify="left" if index == 0 else "right")
+        for index, row in enumerate(rows):
+            grid.add_row(*[str(cell) for cell in row], style="bold" if index == len(rows) - 1 else None)
+        self.console.print(grid)
 
     def step(self, step: int, total: int, name: str = "", text: str = "") -> None:
         """Inner step ``step`` of ``total`` of the current file (or of a training run): a bar on a terminal, else a

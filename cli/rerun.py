@@ -24,13 +24,15 @@ def rerun(
 
     Example:  cloak rerun out/poisoned/cloak.json -o out/poisoned-again
     """
-    from cloaklab.ops.commands.rerun import check_new_output, load_recorded
+    from cloaklab.ops.commands.rerun import check_new_output, in_recorded_folder, load_recorded
 
     recorded = load_recorded(manifest, **({"device": device} if device else {}))
     check_new_output(recorded, output)
     for line in recorded.changed:
         common.Reporter("rerun").line(f"cloak: warning: {line}")
-    common.execute(recorded.command, recorded.settings, recorded.inputs, output, json_out)
+    target = output.absolute()  # named from here, before moving to the recorded working directory
+    with in_recorded_folder(recorded):  # relative settings and inputs mean what they meant then
+        common.execute(recorded.command, recorded.settings, recorded.inputs, target, json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cloaklab.ops.metrics import METRICS
+from cloaklab.ops.metrics import (CLIP_DEFAULT, CLIPSCORE_W, DEFAULT_METRICS, DINOV2_DEFAULT, FID_DEFAULT_FEATURES,
+                                  LPIPS_DEFAULT_NET, METRICS)
 
 from . import common
 
@@ -26,12 +26,12 @@ def score(
                                          help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics (the list under Metrics in this help); "
-                                         "all-offline = every metric that needs no download.")] = "psnr,ssim,rmse",
+                                         "all-offline = every metric that needs no download.")] = DEFAULT_METRICS,
     metrics_short: Annotated[Optional[str], typer.Option("-m", hidden=True, show_default=False,
                                                          help="Deprecated spelling of --metrics.")] = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
+    csv: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
                                                      help="Also write the records and means as CSV.")] = None,
     group_by: Annotated[str, typer.Option("--group-by", help="Concepts: folder (first subfolder, or the flat "
                                           "folder's name), none, field:NAME (a cloak generate record field), or "
@@ -45,19 +45,19 @@ def score(
     label: Annotated[Optional[list[str]], typer.Option("--label", metavar="KEY=VALUE", help="Label stored in the "
                                                        "score file for --table (repeatable), e.g. poison=adm+.")] = None,
     dinov2_model: Annotated[str, typer.Option(help="dinov2 weights: Hub id, local folder, or tiny.")] =
-    "facebook/dinov2-base",
+    DINOV2_DEFAULT,
     clip_model: Annotated[str, typer.Option(help="CLIP weights for clip, clip-iqa, clip-iqac, liqe, q: Hub id, "
-                                            "folder, or tiny.")] = "openai/clip-vit-base-patch32",
+                                            "folder, or tiny.")] = CLIP_DEFAULT,
     clip_scale: Annotated[float, typer.Option(help="clip: CLIPScore weight w in w·max(cos, 0); 2.5 is Hessel et al.'s "
-                                              "CLIP-S (paper 000's tables), 100 torchmetrics' scale.")] = 2.5,
+                                              "CLIP-S (paper 000's tables), 100 torchmetrics' scale.")] = CLIPSCORE_W,
     clip_prefix: Annotated[str, typer.Option(help="clip: text put before each prompt; Hessel et al.'s code uses "
                                              "'A photo depicts ' (default: none).")] = "",
     liqe_model: Annotated[Optional[str], typer.Option(help="liqe: LIQE CLIP weights as a transformers folder "
                                                       "(default: zero-shot with --clip-model).")] = None,
     lpips_net: Annotated[str, typer.Option(help="lpips backbone: alex, vgg, squeeze, or tiny (random backbone).")] =
-    "alex",
+    LPIPS_DEFAULT_NET,
     fid_features: Annotated[str, typer.Option(help="fid features: inception (torch-fidelity) or tiny.")] =
-    "inception",
+    FID_DEFAULT_FEATURES,
     arcface_model: Annotated[Optional[str], typer.Option(help="ism/ims: ArcFace ONNX file (e.g. antelopev2 "
                                                         "glintr100.onnx; needs onnxruntime), TorchScript file "
                                                         "(--trust-pickle), or tiny.")] = None,
@@ -92,126 +92,14 @@ def score(
     cloak score --table runs/*.json --rows poison --cols defense --average-row "Psn Avg" --average-exclude clean
     -o table1.md
     """
-    import json
+    flags = dict(locals())
+    if metrics_short is not None:  # -m means --method (cloak purify); score's old -m still works, warned
+        sys.stderr.write("cloak: warning: score -m is deprecated (-m means --method); use --metrics\n")
+        flags["metrics"] = metrics_short
+    from cloaklab.ops.commands.score import ScoreSettings
 
-    if metrics_short is not None:  # --metrics means --method (cloak purify); score's old --metrics still works, warned
-        sys.stderr.write("cloak: warning: score --metrics is deprecated (-m means --method); use --metrics\n")
-        metrics = metrics_short
-
-    from cloaklab.ops.errors import UsageError
-
-    if table:
-        from cloaklab.ops.score import merge_tables, write_table
-
-        if not rows or not cols:
-            raise UsageError("--table needs --rows KEY and --cols KEY (label keys of the score files)")
-        merged = merge_tables([Path(p) for p in inputs], rows, cols, metric, average_row, average_exclude or ())
-        paths = write_table(merged, output)
-        sys.stderr.write(Path(paths[0]).read_text())
-        if not any(path.suffix == ".png" for path in paths):
-            from cloaklab.ops.extras import PLOT_SKIPPED
-
-            sys.stderr.write(f"cloak: note: {PLOT_SKIPPED}\n")
-        sys.stdout.write((json.dumps({"outputs": [str(p) for p in paths], **merged}) if json_out
-                          else str(paths[0])) + "\n")
-        raise typer.Exit(0)
-
-    from cloaklab.ops.device import resolve_device
-    from cloaklab.ops.io import check_output_file, collect_inputs
-    from cloaklab.ops.manifest import package_versions
-    from cloaklab.ops.metrics import parse_metrics
-    from cloaklab.ops.score import References, check_group_by, is_score_csv, is_score_output, score_images, \
-        write_result
-
-    specs = parse_metrics(metrics)
-    check_group_by(group_by)
-    labels = {}
-    for entry in label or []:
-        key, sep, value = entry.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--label {entry!r}: expected KEY=VALUE")
-        labels[key.strip()] = value.strip()
-    if output.exists() and output.is_dir():
-        raise UsageError(f"--output {output} is a folder: give a .json file name")
-    items, notes = collect_inputs(inputs, recursive, sys.stdin)
-    ref_items = []
-    if ref is not None:
-        if not ref.exists():
-            raise UsageError(f"--ref {ref}: not found")
-        ref_items, _ = collect_inputs([str(ref)], True)
-    protected = [item.path for item in [*items, *ref_items]]
-    check_output_file(output, protected, "--output", owned=is_score_output)
-    if csv_path is not None:
-        check_output_file(csv_path, protected + [output], "--csv", owned=is_score_csv)
-    references = None
-    torch_device = resolve_device(device)
-    with common.Reporter("score") as reporter:
-        for note in notes:
-            reporter.line(f"cloak: note: {note}")
-        if ref is not None:
-            references = References.load(ref_items, max_pixels or 2**27)
-        options = {"device": torch_device, "dinov2_model": dinov2_model, "clip_model": clip_model,
-                   "clip_scale": clip_scale, "clip_prefix": clip_prefix, "liqe_model": liqe_model,
-                   "lpips_net": lpips_net, "fid_features": fid_features,
-                   "arcface_model": arcface_model, "vggface_model": vggface_model, "face_detector": face_detector,
-                   "trust_pickle": trust_pickle}
-        result = score_images(items, references, specs, options, group_by=group_by, class_name=class_name,
-                              prompt=prompt, token=token, batch_size=batch_size, max_pixels=max_pixels,
-                              on_event=lambda kind, name, info: reporter.line(
-                                  f"score: {name} ({info['seconds']:.2f} s)")
-                              if kind == "done" and reporter.progress is None else reporter.event(kind, name, info))
-        params = {"metrics": [s.name for s in specs], "ref": str(ref) if ref else None, "group_by": group_by,
-                  "class": class_name, "prompt": prompt, "token": token,
-                  **({"clip_scale": clip_scale, "clip_prefix": clip_prefix} if any(s.name == "clip" for s in specs)
-                     else {}),
-                  "backbones": {s.name: _backbone(s.name, options) for s in specs}}
-        from cloaklab.ops.provenance import command_argv, shareable_cwd, shareable_path
-
-        for row in result.get("images") or []:
-            if row.get("path"):
-                row["path"] = shareable_path(row["path"], output.parent)
-        document = {"command": "score", "argv": command_argv(), "cwd": shareable_cwd(output.parent), "labels": labels,
-                    "params": params,
-                    "versions": package_versions(), "device": str(torch_device), **result}
-        write_result(output, document, csv_path)
-        _print_table(reporter, result)
-        for item in result["rejected"]:
-            reporter.line(f"  rejected {item['file']}: {item['reason']}")
-    code = 3 if result["rejected"] else 0
-    common.emit(output, {"output": str(output), "dataset": result["dataset"], "rejected": result["rejected"],
-                         "exit_code": code}, json_out)
-    raise typer.Exit(code)
-
-
-def _backbone(name: str, options: dict) -> str | None:
-    aligned = f" (aligned, detector {options['face_detector']})" if options.get("face_detector") not in (None, "haar") \
-        else ""
-    return {"dinov2": options["dinov2_model"], "clip": options["clip_model"], "clip-iqa": options["clip_model"],
-            "clip-iqac": options["clip_model"], "liqe": options["liqe_model"] or options["clip_model"],
-            "q": options["clip_model"], "lpips": options["lpips_net"], "fid": options["fid_features"],
-            "ism": f"{options['arcface_model']}{aligned}", "ims": f"{options['arcface_model']}+"
-            f"{options['vggface_model']}{aligned}",
-            "fdfr": options.get("face_detector") or "opencv-haar-frontalface-default",
-            "brisque": "brisque-bundled-svm"}.get(name)
-
-
-def _print_table(reporter, result: dict) -> None:
-    """Concept means and the dataset mean as a table on stderr."""
-    from rich.table import Table
-
-    grid = Table(title="cloak score (per concept, then dataset)")
-    grid.add_column("concept")
-    grid.add_column("images", justify="right")
-    for name in result["metrics"]:
-        grid.add_column(name, justify="right")
-
-    def cells(entry: dict) -> list[str]:
-        return ["" if entry.get(n) is None else f"{entry[n]:.4f}" for n in result["metrics"]]
-
-    for concept, entry in result["concepts"].items():
-        grid.add_row(concept, str(entry["images"]), *cells(entry))
-    grid.add_row("[bold]dataset[/bold]", str(result["dataset"]["images"]), *cells(result["dataset"]))
-    reporter.console.print(grid)
+    settings = common.settings_from(ScoreSettings, flags, drop=("metrics_short",))
+    common.execute("score", settings, inputs, output, json_out)
 
 
 score.__doc__ = (score.__doc__ or "") + "\n\nMetrics:\n\n" + METRIC_LIST

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from cloaklab.ops.commands.ssm import PROFILES, SsmSettings
+
 from . import common
 
-PROFILE_NAMES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")
-Profile = common.choices("Profile", list(PROFILE_NAMES))
-DEFAULT_TIMESTEPS = "100,200,300,400,500,600,700,800,1000"
+Profile = common.choices("Profile", list(PROFILES))
 
 
 @common.handle_errors
@@ -20,19 +19,20 @@ def ssm(
     inputs: common.Inputs,
     output: common.Output,
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt the maps are conditioned on, e.g. 'a <R*> on the "
-                                        "grass'.")] = "a photo of a <R*>",
+                                        "grass'.")] = SsmSettings.prompt,
     token: Annotated[Optional[list[str]], typer.Option("--token", help="Token or word of the prompt to map "
                                                        "(repeatable; default: every token of the prompt). A token "
                                                        "unknown to the tokenizer is added, initialised from "
                                                        "--init-word, unless --embedding provides it.")] = None,
     embedding: Annotated[Optional[Path], typer.Option("--embedding", help="Learned TI embedding "
                                                       "(learned_embeds.safetensors) for the token.")] = None,
-    init_word: Annotated[str, typer.Option(help="Initial embedding of a new token without --embedding.")] = "object",
+    init_word: Annotated[str, typer.Option(help="Initial embedding of a new token without --embedding.")] \
+    = SsmSettings.init_word,
     timesteps: Annotated[Optional[str], typer.Option("--timesteps", help="Comma-separated timesteps (default: "
                                                      "100,200,…,800,1000 as paper 000 Fig. 3 for maps; 21 equally "
                                                      "spaced, 0…1000, for profiles as Fig. 4).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Draws of (random dictionary embedding, noise) "
-                                         "averaged per map / per profile point.")] = 8,
+                                         "averaged per map / per profile point.")] = SsmSettings.samples,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Concept masks named like the images: adds "
                                                   "R_{n,M} (Eq. 16) to each map; needed by --profile mask-loss.")]
     = None,
@@ -43,7 +43,7 @@ def ssm(
     clean: Annotated[Optional[Path], typer.Option("--clean", help="Clean twins of the (poisoned) inputs, named "
                                                   "alike: a second series in the profiles.")] = None,
     quality: Annotated[int, typer.Option(help="JPEG quality for jpeg-hist and spectrum (SZT's 25).", min=1,
-                                         max=100)] = 25,
+                                         max=100)] = SsmSettings.quality,
     resolution: Annotated[Optional[int], typer.Option(help="Working resolution (default: the model's, 512 for "
                                                       "SD 1.5); images are resized and centre-cropped.")] = None,
     model: common.Model = None,
@@ -55,7 +55,8 @@ def ssm(
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Timesteps per UNet call for maps (each "
-                                            "call is batch × (1 + tokens) wide; results do not depend on it).")] = 4,
+                                            "call is batch × (1 + tokens) wide; results do not depend on it).")] \
+    = SsmSettings.batch_size,
     max_pixels: common.MaxPixels = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
@@ -69,102 +70,8 @@ def ssm(
     cloak ssm poisoned -o prof --profile jpeg-hist --clean clean --quality 25 ·
     cloak ssm ti-clean/train_log.jsonl ti-adm/train_log.jsonl -o prof --profile mask-loss
     """
-    import json
-
-    from cloaklab.ops import diffusion
-    from cloaklab.ops.device import resolve_device, resolve_dtype
-    from cloaklab.ops.extras import PLOT_SKIPPED
-    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
-                                 shard_label)
-    from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info
-    from cloaklab.ops.ssm import ensure_token, load_embedding, parse_timesteps
-    from cloaklab.ops.ssm_run import run_maps, run_profile, working_resolution
-
-    profile_name = common.value(profile) if profile is not None else None
-    if profile_name == "mask-loss" and inputs and all(name.endswith(".jsonl") for name in inputs):
-        from cloaklab.ops.ssm_run import run_train_log_profile
-
-        output.mkdir(parents=True, exist_ok=True)
-        data = run_train_log_profile([Path(name) for name in inputs], output)
-        if data["png_skipped"]:
-            sys.stderr.write(f"cloak: note: {PLOT_SKIPPED}\n")
-        sys.stderr.write(f"ssm: profile mask-loss from {len(inputs)} training log(s) → {data['outputs'][-1]}\n")
-        sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": 0})
-                          if json_out else str(output)) + "\n")
-        raise typer.Exit(0)
-    shard_spec = parse_shard(shard)
-    check_output_location(inputs, output)
-    items, notes = collect_inputs(inputs, recursive, sys.stdin)
-    check_outputs(output, items)
-    items = select_shard(items, shard_spec)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model_name = model or default_model()
-    check_available(model_name)
-    pipe = load_pipeline(model_name, torch_device, torch_dtype, trust_pickle=trust_pickle)
-    tokens = list(token or [])
-    if embedding is not None:
-        if len(tokens) < 1:
-            from cloaklab.ops.errors import UsageError
-
-            raise UsageError("--embedding needs --token (the token it is stored under, e.g. '<R*>')")
-        load_embedding(pipe, embedding, tokens[0])
-    for word in tokens:
-        ensure_token(pipe, word, init_word)
-    size = working_resolution(pipe, resolution)
-    output.mkdir(parents=True, exist_ok=True)
-    with common.Reporter("ssm") as reporter:
-        for note in notes:
-            reporter.line(f"cloak: note: {note}")
-        if profile_name:
-            chosen = parse_timesteps(timesteps, diffusion.num_train_timesteps(pipe.scheduler)) if timesteps else None
-            data = run_profile(pipe, profile_name, items, output, prompt=prompt, token=tokens[0] if tokens else None,
-                               clean=clean, masks=masks, samples=samples, seed=seed, resolution=size,
-                               quality=quality, max_pixels=max_pixels, timesteps=chosen)
-            manifest = Manifest(output, "ssm", {"profile": profile_name, "prompt": prompt, "tokens": tokens,
-                                                "timesteps": data["timesteps"], "samples": samples,
-                                                "resolution": size, "quality": quality,
-                                                "clean": str(clean) if clean else None,
-                                                "masks": str(masks) if masks else None,
-                                                "embedding": str(embedding) if embedding else None,
-                                                "model": model_name},
-                                seed=seed, model=model_info(model_name).as_dict(), extra={"device": str(torch_device)})
-            manifest.start_run()
-            manifest.update(**{f"profile_{profile_name}": {"outputs": data["outputs"], "images": data["images"],
-                                                           "rejected": data["rejected"]}})
-            for name, reason in data["rejected"]:
-                reporter.line(f"  rejected {name}: {reason}")
-            if data["png_skipped"]:
-                reporter.line(f"cloak: note: {PLOT_SKIPPED}")
-            reporter.line(f"ssm: profile {profile_name} over {len(data['images'])} image(s) → {data['outputs'][-1]}")
-            code = 3 if data["rejected"] else 0
-            sys.stdout.write((json.dumps({"output": str(output), "outputs": data["outputs"], "exit_code": code})
-                              if json_out else str(output)) + "\n")
-            raise typer.Exit(code)
-        steps = parse_timesteps(timesteps or DEFAULT_TIMESTEPS, diffusion.num_train_timesteps(pipe.scheduler))
-        manifest = Manifest(output, "ssm", {"prompt": prompt, "tokens": tokens, "timesteps": steps,
-                                            "samples": samples, "resolution": size, "init_word": init_word,
-                                            "embedding": str(embedding) if embedding else None,
-                                            "masks": str(masks) if masks else None, "model": model_name},
-                            seed=seed, model=model_info(model_name).as_dict(),
-                            extra={"device": str(torch_device), "shard": shard_label(shard_spec)})
-        manifest.start_run()
-        summary = run_maps(pipe, items, output, manifest, prompt=prompt, tokens=tokens, timesteps=steps,
-                           samples=samples, seed=seed, resolution=size, masks=masks, overwrite=overwrite,
-                           batch_timesteps=batch_size,
-                           max_pixels=max_pixels, on_event=reporter.event)
-        if summary["png_skipped"]:
-            reporter.line(f"cloak: note: {PLOT_SKIPPED}")
-        reporter.line(f"ssm: {len(summary['done'])} mapped, {len(summary['skipped'])} skipped (already done), "
-                      f"{len(summary['rejected'])} rejected → {output}")
-        for name, reason in summary["rejected"]:
-            reporter.line(f"  rejected {name}: {reason}")
-    code = 3 if summary["rejected"] else 0
-    common.emit(output, {"output": str(output), "done": summary["done"], "skipped": summary["skipped"],
-                         "rejected": [{"file": n, "reason": r} for n, r in summary["rejected"]], "exit_code": code},
-                json_out)
-    raise typer.Exit(code)
+    flags = dict(locals())
+    common.execute("ssm", common.settings_from(SsmSettings, flags), inputs, output, json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,10 +1,7 @@
-"""Device, dtype and seed handling shared by every command (``--device``, ``--dtype``, ``--seed``)."""
+"""Device, dtype and thread handling shared by every command (``--device``, ``--dtype``, ``--threads``)."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 
 from .errors import UsageError
@@ -49,14 +46,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"--dtype {name!r}: choose auto, fp32, fp16 or bf16")
     return DTYPES[name]
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for explicit draws."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ threads

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-TIMESTEP_SAMPLERS = ("uniform", "threshold-high", "threshold-low", "power", "tanh")
+from .train.presets import TIMESTEP_SAMPLERS  # noqa: F401 - the names, stdlib-only there so the CLI can list them
 
 
 # --------------------------------------------------------------------------------------------------- VAE

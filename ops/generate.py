@@ -1,4 +1,6 @@
-"""Seeded text-to-image generation from a base model, a TI embedding, a LoRA, or a DreamBooth pipeline folder.
+"""Seeded text-to-image generation from a base model, a TI embedding, a LoRA, or a DreamBooth pipeline folder — the
+library part: job lists and seeds, pipeline loading, the sampler call. The folder run of ``cloak generate`` (resume,
+``--only``, shards, manifest, PNG writes) is :mod:`ops.commands.generate`.
 
 Every image has its own seed, drawn from ``(seed, prompt index, image index)`` (:func:`image_seed`), so image ``k``
 of prompt ``j`` comes out the same whether it is generated in a batch, in a shard, or alone after deleting it.
@@ -14,23 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+from .errors import CloakError, UsageError
+from .prompts import expand_multi_vector, fill
 
-from .errors import CloakError, RejectedInput, UsageError
-from .io import LoadedImage, atomic_write_bytes, encode_png, file_sha256, iter_chunks, output_path, quantize
-from .manifest import Manifest
-from .prompts import fill
-from .runner import RunSummary
-from .train.textual_inversion import expand_multi_vector
-
-SCHEDULERS = ("ddim", "dpm", "pndm", "euler", "model")
+# torch, diffusers and safetensors are imported inside the functions: ``cloak generate --help``, the settings and the
+# dry run read the sampler list and the defaults below without them.
+SCHEDULERS = ("ddim", "dpm", "pndm", "euler", "model")  # ``model``: keep the model's own sampler
+DEFAULT_SCHEDULER = "ddim"
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_ETA = 0.0  # DDIM η: 0 = deterministic
 
 
 @dataclass(frozen=True)
@@ -198,6 +197,8 @@ def artifact_digest(path: Path | None) -> str | None:
     if path is None:
         return None
     path = Path(path)
+    from .io import file_sha256
+
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         return "-".join(file_sha256(file)[:16] for file in weights) or None
@@ -205,12 +206,13 @@ def artifact_digest(path: Path | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample(pipe, jobs: Sequence[GenerationJob], *, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-           height: int | None = None, width: int | None = None, eta: float = 0.0,
-           lora_scale: float | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           height: int | None = None, width: int | None = None, eta: float = DEFAULT_ETA,
+           lora_scale: float | None = None, on_step: Callable[[int, int], None] | None = None):
     """Images ``(B, 3, H, W)`` in [0, 1] for ``jobs``, each from its own ``torch.Generator`` (CPU-seeded);
     ``on_step(step, total)`` after each sampling step (1-based) when the pipeline takes ``callback_on_step_end``."""
+    import torch
+
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     negatives = [job.negative_prompt or "" for job in jobs]
     kwargs: dict[str, Any] = {"eta": eta}  # the pipeline passes η only to samplers that take it (DDIM)
@@ -223,78 +225,10 @@ def sample(pipe, jobs: Sequence[GenerationJob], *, steps: int = DEFAULT_STEPS, g
 
         kwargs["callback_on_step_end"] = step_end
     tokenizer = pipe.tokenizer
-    result = pipe(prompt=[expand_multi_vector(tokenizer, job.prompt) for job in jobs],
-                  negative_prompt=[expand_multi_vector(tokenizer, text) for text in negatives] if any(negatives)
-                  else None,
-                  num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                  generator=generators, output_type="pt", **kwargs)
+    with torch.no_grad():
+        result = pipe(prompt=[expand_multi_vector(tokenizer, job.prompt) for job in jobs],
+                      negative_prompt=[expand_multi_vector(tokenizer, text) for text in negatives]
+                      if any(negatives) else None,
+                      num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                      generator=generators, output_type="pt", **kwargs)
     return result.images.float().clamp(0, 1)
-
-
-def _is_done(manifest: Manifest, job: GenerationJob, output: Path) -> bool:
-    record = manifest.files.get(job.name)
-    return bool(record and record.get("status") == "done" and record.get("params_hash") == manifest.hash
-                and record.get("prompt") == job.prompt and record.get("seed") == job.seed
-                and record.get("negative_prompt") == job.negative_prompt and output.exists())
-
-
-def generate_folder(pipe, jobs: Sequence[GenerationJob], out_dir: Path, manifest: Manifest, *,
-                    settings: dict[str, Any], batch_size: int = 1, overwrite: bool = False,
-                    on_event: Callable[[str, str, dict], None] = lambda kind, name, info: None) -> RunSummary:
-    """Generate ``jobs`` into ``out_dir`` (resume skips finished images), recording each in ``manifest``.
-
-    ``settings`` are the sampler keyword arguments of :func:`sample` (steps, guidance, height, width, eta,
-    lora_scale); they are also stored in every file record.
-    """
-    summary = RunSummary()
-    manifest.start_run()
-    out_dir = Path(out_dir)
-    todo = []
-    for job in jobs:
-        if not overwrite and _is_done(manifest, job, out_dir / job.name):
-            summary.skipped.append(job.name)
-            on_event("skip", job.name, {})
-            continue
-        try:  # never through a symlink inside OUTPUT, never over a file cloak did not write
-            target = output_path(out_dir, job.name)
-            if target.exists() and not manifest.owns(job.name):
-                raise RejectedInput(f"{target} exists and was not written by cloak; move it away")
-        except RejectedInput as exc:
-            summary.rejected.append((job.name, str(exc)))
-            on_event("reject", job.name, {"reason": str(exc)})
-            continue
-        todo.append(job)
-    on_event("start", "", {"total": len(todo)})
-    like = LoadedImage(torch.zeros(3, 1, 1), None, None, False, 8, "RGB")
-    for batch in iter_chunks(todo, batch_size):
-        started = time.perf_counter()
-        try:
-            name = batch[0].name + (" …" if len(batch) > 1 else "")
-            images = sample(pipe, batch, **settings, on_step=lambda step, total, name=name: on_event(
-                "step", name, {"step": step, "total": total}))
-        except CloakError:
-            raise
-        except Exception as exc:  # a fault in sampling: record it for these images, go on with the others
-            for job in batch:
-                summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
-                manifest.record(job.name, output=None, status="error", error=f"{type(exc).__name__}: {exc}",
-                                **_job_fields(job))
-                on_event("error", job.name, {"reason": str(exc)})
-            continue
-        seconds = (time.perf_counter() - started) / len(batch)
-        for job, image in zip(batch, images):
-            manifest.record(job.name, output=None, status="writing", owned=True)
-            atomic_write_bytes(out_dir / job.name, encode_png(quantize(image, like), like))
-            manifest.record(job.name, output=job.name, status="done", owned=True, error=None, seconds=round(seconds, 4),
-                            size=[int(image.shape[2]), int(image.shape[1])], settings=settings, **_job_fields(job))
-            summary.done.append(job.name)
-            on_event("done", job.name, {"seconds": seconds, "stats": {}})
-    manifest.update(last_summary={k: len(v) for k, v in summary.as_dict().items() if isinstance(v, list)})
-    manifest.close()
-    return summary
-
-
-def _job_fields(job: GenerationJob) -> dict[str, Any]:
-    return {"prompt": job.prompt, "prompt_template": job.template, "token": job.token, "seed": job.seed,
-            "prompt_index": job.prompt_index, "image_index": job.image_index,
-            "negative_prompt": job.negative_prompt}

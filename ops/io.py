@@ -28,10 +28,6 @@ from .errors import RejectedInput, UsageError
 if TYPE_CHECKING:  # torch is imported lazily at run time
     import torch
 
-IMAGE_EXTENSIONS = {
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm",
-    ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".qoi",
-}
 # Files whose extension says they are not images are skipped silently inside folders; anything else is tried.
 NON_IMAGE_EXTENSIONS = {
     ".txt", ".json", ".jsonl", ".md", ".rst", ".csv", ".tsv", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml",
@@ -117,16 +113,9 @@ def collect_inputs(
     notes: list[str] = []
     for raw in inputs:
         if raw == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            listed = [line.strip() for line in stream if line.strip()]
-            # A listed path that does not exist is that file's rejection (the runner cannot read it), not an abort.
-            present = [entry for entry in listed if Path(entry).exists()]
-            items += [InputItem(Path(entry), PurePosixPath(Path(entry).name)) for entry in listed
-                      if not Path(entry).exists()]
-            if present:
-                sub, sub_notes = collect_inputs(present, recursive)
-                items += sub
-                notes += sub_notes
+            listed, listed_notes = _listed_inputs(stdin if stdin is not None else sys.stdin, recursive)
+            items += listed
+            notes += listed_notes
             continue
         path = Path(raw)
         if path.is_dir():
@@ -142,6 +131,18 @@ def collect_inputs(
         raise UsageError("no input images found (give files, folders, or - for paths on stdin)")
     items.sort(key=lambda item: (item.rel.as_posix(), str(item.path)))
     return mark_clashes(items), notes
+
+
+def _listed_inputs(stream: TextIO, recursive: bool) -> tuple[list[InputItem], list[str]]:
+    """The inputs of a ``-``: one path per line of ``stream`` (blank lines ignored), expanded like arguments."""
+    listed = [line.strip() for line in stream if line.strip()]
+    # A listed path that does not exist is that file's rejection (the runner cannot read it), not an abort.
+    present = [entry for entry in listed if Path(entry).exists()]
+    items = [InputItem(Path(entry), PurePosixPath(Path(entry).name)) for entry in listed if not Path(entry).exists()]
+    if not present:
+        return items, []
+    found, notes = collect_inputs(present, recursive)
+    return items + found, notes
 
 
 def mark_clashes(items: Sequence[InputItem]) -> list[InputItem]:
@@ -207,27 +208,40 @@ def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[in
     folder; finished files are skipped): resubmit the original range instead, or pass --shard 6/32.
     """
     env = os.environ if environ is None else environ
-    task = _env_int(env, "SLURM_ARRAY_TASK_ID")
-    if task is not None:
-        count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
-        if count is None:
-            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not "
-                             "(Slurm older than 17.02?); pass --shard I/N")
-        first = _env_int(env, "SLURM_ARRAY_TASK_MIN")
-        step = _env_int(env, "SLURM_ARRAY_TASK_STEP")
-        return _array_position("Slurm", task, 0 if first is None else first, step or 1, count,
-                               _env_int(env, "SLURM_ARRAY_TASK_MAX"))
-    task = _env_int(env, "SGE_TASK_ID")
-    if task is not None:
-        first = _env_int(env, "SGE_TASK_FIRST")
-        last = _env_int(env, "SGE_TASK_LAST")
-        step = _env_int(env, "SGE_TASK_STEPSIZE") or 1
-        if first is None or last is None:
-            raise UsageError("--shard auto: SGE_TASK_ID is set but SGE_TASK_FIRST/SGE_TASK_LAST are not; pass "
-                             "--shard I/N")
-        return _array_position("Grid Engine", task, first, step, (last - first) // step + 1)
+    position = _slurm_position(env) or _grid_engine_position(env)
+    if position is not None:
+        return position
     raise UsageError(f"--shard auto: no array-job variables found; it reads {SHARD_ENV_HELP}. Submit the command "
                      "as an array job (e.g. sbatch --array=0-31) or pass --shard I/N")
+
+
+def _slurm_position(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """``(I, N)`` of a Slurm array task; ``None`` outside one."""
+    task = _env_int(env, "SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return None
+    count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+    if count is None:
+        raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not "
+                         "(Slurm older than 17.02?); pass --shard I/N")
+    first = _env_int(env, "SLURM_ARRAY_TASK_MIN")
+    step = _env_int(env, "SLURM_ARRAY_TASK_STEP")
+    return _array_position("Slurm", task, 0 if first is None else first, step or 1, count,
+                           _env_int(env, "SLURM_ARRAY_TASK_MAX"))
+
+
+def _grid_engine_position(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """``(I, N)`` of a Grid Engine array task (SGE, UGE, Son of GE); ``None`` outside one."""
+    task = _env_int(env, "SGE_TASK_ID")
+    if task is None:
+        return None
+    first = _env_int(env, "SGE_TASK_FIRST")
+    last = _env_int(env, "SGE_TASK_LAST")
+    step = _env_int(env, "SGE_TASK_STEPSIZE") or 1
+    if first is None or last is None:
+        raise UsageError("--shard auto: SGE_TASK_ID is set but SGE_TASK_FIRST/SGE_TASK_LAST are not; pass "
+                         "--shard I/N")
+    return _array_position("Grid Engine", task, first, step, (last - first) // step + 1)
 
 
 def parse_shard(spec: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
@@ -434,19 +448,59 @@ def _unit_scale(raw: np.ndarray) -> tuple[float, int]:
     raise RejectedInput(f"unsupported sample type {raw.dtype}")
 
 
+# Pillow modes whose samples may be deeper than Pillow keeps (16-bit or float): read again by :func:`_read_deep`.
+_DEEP_CANDIDATE_MODES = ("RGB", "RGBA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N")
+_PILLOW_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # gray samples Pillow keeps at full depth
+
+
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode ``path`` faithfully, or raise :class:`RejectedInput` with a one-line reason.
 
     8-bit files come back at 8 bits; 16-bit files (grayscale, RGB and RGBA PNG/TIFF) and float TIFFs with samples in
-    [0, 1] come back as 16-bit images (written back as 16-bit PNGs); other depths are rejected, never clipped."""
-    import torch
+    [0, 1] come back as 16-bit images (written back as 16-bit PNGs); other depths are rejected, never clipped.
 
+    Steps: open with the pixel limit (:func:`_open_limited`); re-read samples Pillow would narrow
+    (:func:`_read_deep`); orient and normalize them to gray/RGB(A) samples (:func:`_oriented_deep`,
+    :func:`_pillow_deep`, :func:`_pillow_conversions`); scale them to float planes in [0, 1] (:func:`_unit_planes`);
+    keep the ICC profile only when it matches the written colour space.
+    """
     if path.stat().st_size == 0:
         raise RejectedInput("empty file (0 bytes)")
+    image, notes = _open_limited(path, max_pixels)
+    deep = None
+    if image is None or image.mode in _DEEP_CANDIDATE_MODES:
+        deep = _read_deep(path, image.format if image is not None else None)
+    if image is None and deep is None:
+        raise RejectedInput("not an image (or a format Pillow cannot read)")
+
+    icc = image.info.get("icc_profile") if image is not None else None
+    transparency = image is not None and "transparency" in image.info
+    mode = image.mode if image is not None else f"TIFF {deep.dtype}"
+    if deep is not None:
+        raw = _oriented_deep(deep, image.getexif().get(0x0112) if image is not None else None, max_pixels)
+        is_gray = raw.ndim == 2
+    elif image.mode in _PILLOW_DEEP_MODES:
+        raw, is_gray = _pillow_deep(image), True
+    else:
+        image = ImageOps.exif_transpose(image)
+        for target in _pillow_conversions(image.mode, transparency):
+            image = image.convert(target)  # rebinding frees each intermediate image
+        raw, is_gray = np.asarray(image), image.mode in ("L", "LA")
+    rgb, alpha, bits = _unit_planes(raw)
+    del raw, deep
+    if mode == "CMYK" or _icc_colour_space(icc) != (b"GRAY" if is_gray else b"RGB "):
+        icc = None  # a profile for another colour space would mislabel the written pixels
+    if rgb.shape[0] == 1:
+        rgb = rgb.expand(3, -1, -1).clone()
+    return LoadedImage(rgb, alpha, icc, is_gray, bits, mode, notes)
+
+
+def _open_limited(path: Path, max_pixels: int) -> tuple[Image.Image | None, list[str]]:
+    """Open and load ``path`` with Pillow under the decompression-bomb limit ``max_pixels`` (restored after);
+    ``None`` when Pillow cannot identify it (a float RGB TIFF may still be read by :func:`_read_deep`)."""
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     notes: list[str] = []
-    image = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -459,56 +513,64 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             f"decompression-bomb-sized image (more than {max_pixels} pixels); pass --max-pixels to allow it"
         ) from None
     except UnidentifiedImageError:
-        image = None  # maybe a TIFF Pillow cannot read (float RGB): tried below
+        return None, notes
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectedInput(f"unreadable or truncated image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+    return image, notes
 
-    deep = None
-    if image is None or image.mode in ("RGB", "RGBA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"):
-        deep = _read_deep(path, image.format if image is not None else None)
-    if image is None and deep is None:
-        raise RejectedInput("not an image (or a format Pillow cannot read)")
 
-    icc = image.info.get("icc_profile") if image is not None else None
-    transparency = image is not None and "transparency" in image.info
-    mode = image.mode if image is not None else f"TIFF {deep.dtype}"
-    if deep is not None:
-        if deep.ndim == 3 and deep.shape[2] == 1:
-            deep = deep[..., 0]
-        if deep.ndim not in (2, 3) or (deep.ndim == 3 and deep.shape[2] not in (3, 4)):
-            raise RejectedInput(f"unsupported sample layout {deep.shape} (expected gray, RGB or RGBA)")
-        if deep.shape[0] * deep.shape[1] > max_pixels:
-            raise RejectedInput(f"decompression-bomb-sized image (more than {max_pixels} pixels); pass "
-                                "--max-pixels to allow it")
-        orientation = image.getexif().get(0x0112) if image is not None else None
-        raw = _EXIF_TRANSPOSE.get(orientation, lambda a: a)(deep)
-        is_gray = raw.ndim == 2
-    elif image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        raw = np.asarray(ImageOps.exif_transpose(image))
-        raw = raw.astype(raw.dtype.newbyteorder("="))
-        is_gray = True
-    else:
-        image = ImageOps.exif_transpose(image)
-        if image.mode == "1":
-            image = image.convert("L")
-        elif image.mode == "P":
-            image = image.convert("RGBA" if transparency else "RGB")
-        elif image.mode in ("PA", "RGBa"):
-            image = image.convert("RGBA")
-        elif image.mode == "La":
-            image = image.convert("LA")
-        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-            image = image.convert("RGBA" if transparency else "RGB")
-        if image.mode == "L" and transparency:
-            image = image.convert("LA")
-        raw = np.asarray(image)
-        is_gray = image.mode in ("L", "LA")
+def _oriented_deep(deep: np.ndarray, orientation: int | None, max_pixels: int) -> np.ndarray:
+    """Samples from :func:`_read_deep` as gray ``(H, W)`` or RGB(A) ``(H, W, 3|4)``, checked against the pixel limit
+    and turned by the EXIF ``orientation``."""
+    if deep.ndim == 3 and deep.shape[2] == 1:
+        deep = deep[..., 0]
+    if deep.ndim not in (2, 3) or (deep.ndim == 3 and deep.shape[2] not in (3, 4)):
+        raise RejectedInput(f"unsupported sample layout {deep.shape} (expected gray, RGB or RGBA)")
+    if deep.shape[0] * deep.shape[1] > max_pixels:
+        raise RejectedInput(f"decompression-bomb-sized image (more than {max_pixels} pixels); pass "
+                            "--max-pixels to allow it")
+    return _EXIF_TRANSPOSE.get(orientation, lambda a: a)(deep)
+
+
+def _pillow_deep(image: Image.Image) -> np.ndarray:
+    """The oriented gray samples of a 32-bit integer, 16-bit or float Pillow image, in native byte order."""
+    raw = np.asarray(ImageOps.exif_transpose(image))
+    return raw.astype(raw.dtype.newbyteorder("="))
+
+
+def _pillow_conversions(mode: str, transparency: bool) -> list[str]:
+    """The Pillow modes an 8-bit image of ``mode`` is converted through, in order, to become L, LA, RGB or RGBA
+    (a palette or gray image with a transparent colour gains an alpha channel).
+
+    >>> _pillow_conversions("P", True), _pillow_conversions("1", True), _pillow_conversions("RGB", False)
+    (['RGBA'], ['L', 'LA'], [])
+    """
+    steps = []
+    if mode == "1":
+        steps.append("L")
+    elif mode == "P":
+        steps.append("RGBA" if transparency else "RGB")
+    elif mode in ("PA", "RGBa"):
+        steps.append("RGBA")
+    elif mode == "La":
+        steps.append("LA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        steps.append("RGBA" if transparency else "RGB")
+    if (steps[-1] if steps else mode) == "L" and transparency:
+        steps.append("LA")
+    return steps
+
+
+def _unit_planes(raw: np.ndarray) -> tuple["torch.Tensor", np.ndarray | None, int]:
+    """Gray/RGB(A) samples → float32 colour planes ``(1|3, H, W)`` and alpha ``(H, W)`` in [0, 1], and the bit depth
+    written back (:func:`_unit_scale`). One plane at a time: no full-size float64 or duplicate float copy."""
+    import torch
+
     scale, bits = _unit_scale(raw)
     planes = raw[..., None] if raw.ndim == 2 else raw
     colour = 1 if planes.shape[2] in (1, 2) else 3
-    # One plane at a time into float32: no full-size float64 or duplicate float copies of a large photo.
     rgb = torch.empty((colour, planes.shape[0], planes.shape[1]), dtype=torch.float32)
     for channel in range(colour):
         np.divide(planes[..., channel], np.float32(scale), out=rgb[channel].numpy(), dtype=np.float32,
@@ -516,12 +578,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     alpha = None
     if planes.shape[2] in (2, 4):
         alpha = np.divide(planes[..., -1], np.float32(scale), dtype=np.float32, casting="unsafe")
-    del raw, deep, planes
-    if mode == "CMYK" or _icc_colour_space(icc) != (b"GRAY" if is_gray else b"RGB "):
-        icc = None  # a profile for another colour space would mislabel the written pixels
-    if rgb.shape[0] == 1:
-        rgb = rgb.expand(3, -1, -1).clone()
-    return LoadedImage(rgb, alpha, icc, is_gray, bits, mode, notes)
+    return rgb, alpha, bits
 
 
 # ------------------------------------------------------------------------------------------------ encoding

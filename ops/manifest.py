@@ -340,8 +340,8 @@ class Manifest:
         clean_stale_temporaries(self.folder)
         spec = RUN_SPEC.get()
         if spec is not None:
-            spec = {**spec, "inputs": [entry if entry == "-" else shareable_path(entry, self.folder)
-                                       for entry in spec.get("inputs", [])]}
+            spec = {**spec, "inputs_resolved": [entry if entry == "-" else shareable_path(entry, self.folder)
+                                                for entry in spec.get("inputs_resolved", [])]}
             self._append({"k": "top", "fields": {"run_spec": spec}})
         self._append({"k": "top", "fields": {"command": self.command, "argv": self.argv, "params": self.params,
                                              "params_hash": self.hash, "seed": self.seed, "cwd": shareable_cwd(self.folder),

@@ -25,15 +25,17 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-from PIL import Image, ImageFilter
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ModelNotFoundError, RejectedInput, UsageError
 from .extras import require
 
-SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
+if TYPE_CHECKING:
+    import numpy as np
+
+SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")  # --sam-type
+DEFAULT_SAM_TYPE = "vit_h"  # the model paper 000 names
+SELECT_MODES = ("central", "largest")  # --select: which automatic mask is the concept (see _pick_automatic)
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 DILATION_REFERENCE = 512  # paper 000 App. J dilates masks of 512×512 training images
@@ -52,6 +54,9 @@ def scaled_dilation(pixels: int, size: tuple[int, int], resolution: int = DILATI
 def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary ``(H, W)`` (bool, or uint8 > 127, or float > 0.5) → dilated bool ``(H, W)`` by Pillow's
     ``MaxFilter(2·radius + 1)`` — a single on-pixel grows into a (2·radius+1)² square, clipped at the border."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
     array = np.asarray(mask)
     on = array > 127 if array.dtype == np.uint8 else array > 0.5 if array.dtype.kind == "f" else array.astype(bool)
     if radius <= 0:
@@ -62,6 +67,9 @@ def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask file → bool ``(H, W)``: grey > 127 (an all-black image with alpha uses the alpha instead)."""
+    import numpy as np
+    from PIL import Image
+
     try:
         with Image.open(path) as image:
             image.load()
@@ -120,7 +128,7 @@ def find_sam_checkpoint(sam_type: str, checkpoint: str | None) -> Path:
     return path
 
 
-def load_sam(sam_type: str = "vit_h", checkpoint: str | None = None, device: Any = "cpu"):
+def load_sam(sam_type: str = DEFAULT_SAM_TYPE, checkpoint: str | None = None, device: Any = "cpu"):
     """A SAM model on ``device`` in eval mode; the checkpoint's weights are loaded as a plain state dict."""
     import torch
 
@@ -164,6 +172,8 @@ class MaskPrompt:
 
 
 def _prompted(predictor, prompt: MaskPrompt, width: int, height: int) -> tuple[np.ndarray, float]:
+    import numpy as np
+
     points = [tuple(p) for p in prompt.points]
     if prompt.center:
         points.append(((width - 1) / 2, (height - 1) / 2))
@@ -187,15 +197,24 @@ def _pick_automatic(candidates: list[dict], width: int, height: int, select: str
     return max(kept, key=lambda c: int(c["segmentation"].sum()), default=None)
 
 
+def box_problem(box: Sequence[float] | None, width: int, height: int) -> str | None:
+    """Why a ``box`` prompt cannot be used on a ``width``×``height`` image (it must lie inside it), or None."""
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        return f"--box {x0},{y0},{x1},{y1} is outside this {width}x{height} image"
+    return None
+
+
 def segment(sam, rgb: np.ndarray, prompt: MaskPrompt, **generator_kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """``rgb`` uint8 ``(H, W, 3)`` → bool mask ``(H, W)`` and stats (mode, SAM score)."""
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
     height, width = rgb.shape[:2]
-    if prompt.box is not None:
-        x0, y0, x1, y1 = prompt.box
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise RejectedInput(f"--box {x0},{y0},{x1},{y1} is outside this {width}x{height} image")
+    problem = box_problem(prompt.box, width, height)
+    if problem:
+        raise RejectedInput(problem)
     if prompt.automatic:
         generator = SamAutomaticMaskGenerator(sam, points_per_side=prompt.points_per_side, **generator_kwargs)
         picked = _pick_automatic(generator.generate(rgb), width, height, prompt.select)
@@ -214,6 +233,8 @@ def segment(sam, rgb: np.ndarray, prompt: MaskPrompt, **generator_kwargs: Any) -
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """A preview: the image with the mask tinted red, uint8 ``(H, W, 3)``."""
+    import numpy as np
+
     tinted = rgb.astype(np.float32)
     red = np.array([255, 0, 0], dtype=np.float32)
     tinted[mask] = (1 - alpha) * tinted[mask] + alpha * red

@@ -15,10 +15,14 @@ added this suffix"; DiffShortcut ``diffshortcut/train_dreambooth.py``, ``infer``
 args.inputNegTok_Str``) and the negative prompt is ``concat(neg, "noisy, abstract, pattern, low quality")`` (Alg. 1
 line 14; the released ``infer`` uses "noisy, lowres, artifact, pattern" without the token instead — see
 docs/generate.md).
+
+Multi-vector TI tokens (``<R*>`` → ``<R*> <R*>_1 …``) are spelled out here too, for training (``ops/train/
+textual_inversion``), generation (``ops/generate``) and SSM alike — a leaf module all three import downwards.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import UsageError
@@ -58,6 +62,7 @@ FACE_PROMPTS: tuple[str, ...] = (
 )
 
 PROMPT_SETS: dict[str, tuple[str, ...]] = {"objects24": OBJECT_PROMPTS_24, "faces": FACE_PROMPTS}
+DEFAULT_PROMPT_SET = "objects24"  # cloak generate --prompts
 # Images per prompt when --num-per-prompt is not given: 5 for objects24 (paper 000 §5.1.2).
 DEFAULT_NUM_PER_PROMPT: dict[str, int] = {"objects24": 5, "faces": 5}
 DEFAULT_TOKEN = "sks"
@@ -113,3 +118,31 @@ def quality_negative_prompt(neg_token: str | None = None, extra: str | None = No
     """Paper 001 Alg. 1 line 14: ``concat(neg_token, "noisy, abstract, pattern, low quality")`` (+ ``extra``)."""
     parts = [part for part in (neg_token, QUALITY_NEGATIVE, extra) if part]
     return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------ multi-vector TI tokens
+def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
+    """``<R*>`` → ``["<R*>", "<R*>_1", …]`` (what diffusers' loader creates for a multi-row embedding)."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_multi_vector(tokenizer, text: str) -> str:
+    """``"a <R*> dog"`` → ``"a <R*> <R*>_1 <R*>_2 dog"`` for every multi-vector TI token loaded into ``tokenizer``.
+
+    diffusers' ``maybe_convert_prompt`` does this at generation time, but with transformers 5 the CLIP tokenizer
+    lowercases added tokens in ``tokenize()``, so it never finds them and silently uses only the first vector.
+    Already expanded text is left as it is."""
+    vocab = tokenizer.get_vocab()
+    for token in sorted(getattr(tokenizer, "added_tokens_encoder", {}), key=len, reverse=True):
+        if f"{token}_1" not in vocab or f"{token}_1" in text:
+            continue
+        count = 1
+        while f"{token}_{count}" in vocab:
+            count += 1
+        text = re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_tokens(token, count)), text)
+    return text
+
+
+def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
+    """Write a multi-vector token out in full, as ``maybe_convert_prompt`` does at generation time."""
+    return prompt.replace(token, " ".join(placeholder_tokens(token, num_vectors))) if num_vectors > 1 else prompt

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import CloakError, RejectedInput
+from .grouping import group_indices_by
 from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, output_path, \
     read_image, write_image
 from .commands.base import RunSummary
@@ -169,7 +170,5 @@ def _fail(summary: RunSummary, manifest: Manifest, job: ImageJob, reason: str, o
 def same_size_groups(jobs: Sequence[Any]) -> list[list[Any]]:
     """Jobs (anything with ``.image.size``) grouped by image size, first-seen order: only same-size images share a
     batch tensor (each keeps its own generator, so grouping changes no result)."""
-    groups: dict[tuple[int, int], list[Any]] = {}
-    for job in jobs:
-        groups.setdefault(tuple(job.image.size), []).append(job)
-    return list(groups.values())
+    groups = group_indices_by(jobs, lambda job: tuple(job.image.size))
+    return [[jobs[i] for i in indices] for indices in groups.values()]

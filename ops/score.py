@@ -1,4 +1,6 @@
-"""``cloak score``: per-image metric records, per-concept means, dataset means, and result tables.
+"""``cloak score``'s library: concepts, references, per-concept then dataset means, the CSV, and result tables.
+The run itself (gathering, the metric loop, the score file, its manifest) is :mod:`ops.commands.score`; ``cloak
+report`` reads the means and table cells through the functions here.
 
 Averaging follows paper 000 §5.1.3: "metrics first averaged across all generated images per concept and then across
 all concepts in a dataset" — so a concept with 100 images weighs as much as one with 5. Undefined values (``None``:
@@ -24,15 +26,13 @@ import io
 import json
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from .errors import CloakError, RejectedInput, UsageError
-from .io import DEFAULT_MAX_PIXELS, InputItem, atomic_write_bytes, iter_chunks, read_image
+from .errors import RejectedInput, UsageError
+from .io import InputItem, atomic_write_bytes, read_image
 
-Event = Callable[[str, str, dict], None]
 FLAT = "*"
 
 
@@ -44,7 +44,7 @@ def remove_token(prompt: str, token: str | None) -> str:
     return re.sub(r"\s+", " ", prompt).strip()
 
 
-def _record_field(record: dict, manifest: dict, key: str) -> Any:
+def record_field(record: dict, manifest: dict, key: str) -> Any:
     for source in (record, record.get("stats") or {}, record.get("params") or {}, manifest.get("params") or {}):
         if isinstance(source, dict) and source.get(key) not in (None, ""):
             return source[key]
@@ -83,7 +83,7 @@ def concept_of(item: InputItem, group_by: str, record: dict, manifest: dict) -> 
     if group_by == "folder":
         return item.rel.parts[0] if len(item.rel.parts) > 1 else (item.path.parent.name or "all")
     if group_by.startswith("field:"):
-        value = _record_field(record, manifest, group_by[6:])
+        value = record_field(record, manifest, group_by[6:])
         if value is None:
             raise RejectedInput(f"--group-by {group_by}: its cloak generate record has no field {group_by[6:]!r}")
         return str(value)
@@ -175,96 +175,6 @@ def aggregate(records: Sequence[dict], metrics: Sequence[str],
     return concepts, dataset
 
 
-# ------------------------------------------------------------------------------------------------ scoring
-def score_images(items: Sequence[InputItem], references: References | None, metric_specs: Sequence[Any],
-                 metric_options: dict[str, Any], *, group_by: str = "folder", class_name: str | None = None,
-                 prompt: str | None = None, token: str | None = None, batch_size: int = 8,
-                 max_pixels: int | None = None, on_event: Event = lambda *a: None) -> dict[str, Any]:
-    """Score ``items`` with every metric; return the result document (see :func:`write_result`)."""
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    names = [spec.name for spec in metric_specs]
-    generate = GenerateRecords()
-    records, pending, rejected = [], [], []
-    for item in items:
-        record, manifest = generate.lookup(item.path)
-        try:
-            concept = concept_of(item, group_by, record, manifest)
-        except RejectedInput as exc:
-            rejected.append((item.rel.as_posix(), str(exc)))
-            continue
-        item_token = token or _record_field(record, manifest, "token")
-        item_prompt = prompt or _record_field(record, manifest, "prompt")
-        pending.append((item, concept, remove_token(item_prompt, item_token) if item_prompt else None))
-
-    needs_refs = [spec.name for spec in metric_specs if spec.kind in ("paired", "set", "concept")]
-    if needs_refs and references is None:
-        raise UsageError(f"{', '.join(needs_refs)} compare against clean images: pass --ref FOLDER")
-    references = references or References()
-    concepts_seen = list(dict.fromkeys(concept for _, concept, _ in pending))
-    ref_sets = {concept: references.for_concept(concept) for concept in concepts_seen}
-
-    from .metrics.base import ImageContext
-
-    on_event("start", "score", {"total": len(pending)})
-    built = []
-    for spec in metric_specs:
-        metric = spec.build(**metric_options)
-        if spec.kind in ("set", "concept"):
-            missing = [concept for concept, refs in ref_sets.items() if not refs]
-            if missing:
-                raise CloakError(f"{spec.name}: no clean reference images for concept {missing[0]!r} under --ref "
-                                 f"(put them in a subfolder named {missing[0]!r} or use a flat folder)")
-            metric.prepare(ref_sets)
-        built.append(metric)
-
-    for chunk in iter_chunks(pending, batch_size):
-        images, contexts, rows = [], [], []
-        for item, concept, item_prompt in chunk:
-            rel = item.rel.as_posix()
-            started = time.perf_counter()
-            try:
-                rgb = read_image(item.path, max_pixels).rgb
-            except RejectedInput as exc:
-                rejected.append((rel, str(exc)))
-                on_event("reject", rel, {"reason": str(exc)})
-                continue
-            images.append(rgb)
-            contexts.append(ImageContext(rel, concept, references.paired(item.rel), item_prompt, class_name))
-            rows.append({"image": rel, "path": str(item.path.resolve()), "concept": concept, "status": "done",
-                         "metrics": {}, "started": started,
-                         **({"prompt": item_prompt} if item_prompt else {})})
-        if not images:
-            continue
-        for metric in built:
-            try:
-                values = metric.score(images, contexts)
-            except RejectedInput:  # one image lacks what the metric needs: score them one by one
-                values = []
-                for image, context, row in zip(images, contexts, rows):
-                    try:
-                        values += metric.score([image], [context])
-                    except RejectedInput as exc:
-                        values.append(None)
-                        row.setdefault("errors", {})[metric.name] = str(exc)
-            for row, value in zip(rows, values):
-                row["metrics"][metric.name] = value
-        for row in rows:
-            row["seconds"] = round(time.perf_counter() - row.pop("started"), 4)
-            if row.get("errors"):
-                row["status"] = "partial"
-                rejected.append((row["image"], "; ".join(row["errors"].values())))
-                on_event("reject", row["image"], {"reason": "; ".join(row["errors"].values())})
-            else:
-                on_event("done", row["image"], {"seconds": row["seconds"]})
-            records.append(row)
-
-    concept_level = {metric.name: metric.concept_values() for metric in built
-                     if any(s.name == metric.name and s.kind == "concept" for s in metric_specs)}
-    concepts, dataset = aggregate(records, names, concept_level)
-    return {"metrics": names, "images": records, "concepts": concepts, "dataset": dataset,
-            "rejected": [{"file": name, "reason": why} for name, why in references.rejected + rejected]}
-
-
 # ------------------------------------------------------------------------------------------------ writing
 def _cell(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -311,10 +221,9 @@ def is_score_csv(path: Path) -> bool:
         return False
 
 
-def write_result(path: Path, result: dict, csv_path: Path | None = None) -> None:
-    atomic_write_bytes(path, json.dumps(result, indent=2, default=str).encode() + b"\n")
-    if csv_path is not None:
-        atomic_write_bytes(csv_path, result_csv(result).encode())
+def result_json(document: dict) -> bytes:
+    """The score file's bytes (indented JSON, one trailing newline)."""
+    return json.dumps(document, indent=2, default=str).encode() + b"\n"
 
 
 # -------------------------------------------------------------------------------------------- table merge
@@ -379,16 +288,16 @@ def table_csv(table: dict) -> str:
     return buffer.getvalue()
 
 
-def table_heatmap(table: dict, path: Path) -> bool:
-    """A heatmap PNG of the table (matplotlib, Agg), values printed in the cells; False (nothing written) when the
-    optional extra ``plot`` (matplotlib) is not installed."""
+def heatmap_png(table: dict) -> bytes | None:
+    """A heatmap PNG of the table (matplotlib, Agg), values printed in the cells; ``None`` when the optional extra
+    ``plot`` (matplotlib) is not installed."""
     import numpy as np
 
     from .extras import pyplot
 
     plt = pyplot()
     if plt is None:
-        return False
+        return None
     values = np.array([[np.nan if table["cells"][r].get(c) is None else table["cells"][r][c] for c in table["cols"]]
                        for r in table["rows"]], dtype=float)
     figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(table["cols"]), 1.0 + 0.45 * len(table["rows"])))
@@ -407,17 +316,28 @@ def table_heatmap(table: dict, path: Path) -> bool:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return True
+    return buffer.getvalue()
+
+
+def table_heatmap(table: dict, path: Path) -> bool:
+    """Write :func:`heatmap_png` to ``path``; False (nothing written) without matplotlib."""
+    data = heatmap_png(table)
+    if data is not None:
+        atomic_write_bytes(path, data)
+    return data is not None
+
+
+def table_paths(output: Path) -> list[Path]:
+    """``output`` (.md, .csv, .png, .json or a stem) → ``[stem.md, stem.csv, stem.png]``."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix.lower() in (".md", ".csv", ".png", ".json") else output
+    return [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".png")]
 
 
 def write_table(table: dict, output: Path) -> list[Path]:
     """``output`` (.md or a stem) → ``stem.md``, ``stem.csv``, ``stem.png``; returns the paths written (the PNG
     only with matplotlib, the ``plot`` extra)."""
-    stem = output.with_suffix("") if output.suffix.lower() in (".md", ".csv", ".png", ".json") else output
-    paths = [stem.with_suffix(".md"), stem.with_suffix(".csv")]
-    atomic_write_bytes(paths[0], table_markdown(table).encode())
-    atomic_write_bytes(paths[1], table_csv(table).encode())
-    if table_heatmap(table, stem.with_suffix(".png")):
-        paths.append(stem.with_suffix(".png"))
-    return paths
+    markdown, csv_path, png = table_paths(output)
+    atomic_write_bytes(markdown, table_markdown(table).encode())
+    atomic_write_bytes(csv_path, table_csv(table).encode())
+    return [markdown, csv_path] + ([png] if table_heatmap(table, png) else [])

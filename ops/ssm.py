@@ -158,17 +158,6 @@ def sensitivity_ratio(ssm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (ssm * mask).sum((-2, -1)) / ssm.sum((-2, -1))
 
 
-def parse_timesteps(text: str, num_timesteps: int) -> list[int]:
-    """``"100,200,500"`` → ``[100, 200, 500]``; ``1000`` means the last index (999)."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--timesteps {text!r}: expected integers like 100,200,500") from None
-    if not values or any(v < 0 or v > num_timesteps for v in values):
-        raise UsageError(f"--timesteps {text!r}: values must be in 0..{num_timesteps}")
-    return [min(v, num_timesteps - 1) for v in values]
-
-
 def profile_timesteps(num_timesteps: int, count: int = PROFILE_TIMESTEPS) -> list[int]:
     """``count`` equally spaced timesteps from 0 to T−1 (paper 000 Fig. 4: 0, 50, …, 1000)."""
     return [min(num_timesteps - 1, round(i * num_timesteps / (count - 1))) for i in range(count)]

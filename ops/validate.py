@@ -133,16 +133,26 @@ TRAINING = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_N
             "resolution": Range(8, 4096, note="pixels"),
             # rho: a fraction in (0, 1) for the threshold samplers (checked by ops.diffusion), > -1 for power
             "t_param": Range(-1, None, low_open=True)}
+# the training commands' own loop and Safe-Zone Training flags (typer checks them on the command line too; the Python
+# API has only these tables)
+SZT_TRAINING = {"steps": AT_LEAST_ONE, "grad_accumulation": AT_LEAST_ONE, "checkpoint_every": NON_NEGATIVE,
+                "jpeg": Range(1, 100), "dilate": NON_NEGATIVE}
 COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "poison": {"resolution": Range(0, 4096, note="short side in px; 0 = native"), "eot_samples": AT_LEAST_ONE,
                "eval_draws": NON_NEGATIVE},
     "purify": {},
-    "train_ti": {**TRAINING, "flip_p": UNIT, "jpeg_scale": Range(8, 4096, note="pixels")},
-    "train_db": {**TRAINING, "class_guidance": NON_NEGATIVE, "prior_weight": NON_NEGATIVE},
-    "immunize": {**TRAINING, "defence_lr": POSITIVE},
-    "generate": {"guidance": NON_NEGATIVE, "eta": UNIT, "resolution": Range(8, 4096, note="pixels")},
-    "ssm": {"resolution": Range(8, 4096, note="pixels")},
-    "mask": {},
+    "train_ti": {**TRAINING, **SZT_TRAINING, "flip_p": UNIT, "jpeg_scale": Range(8, 4096, note="pixels"),
+                 "num_vectors": AT_LEAST_ONE, "warmup_steps": NON_NEGATIVE, "snapshot_every": NON_NEGATIVE},
+    "train_db": {**TRAINING, **SZT_TRAINING, "class_guidance": NON_NEGATIVE, "prior_weight": NON_NEGATIVE,
+                 "lora": AT_LEAST_ONE, "num_class_images": AT_LEAST_ONE, "class_steps": AT_LEAST_ONE,
+                 "save_every": NON_NEGATIVE},
+    "immunize": {**TRAINING, "defence_lr": POSITIVE, "steps": AT_LEAST_ONE, "inner_steps": AT_LEAST_ONE,
+                 "outer_steps": AT_LEAST_ONE, "lora_rank": AT_LEAST_ONE, "check_steps": NON_NEGATIVE,
+                 "checkpoint_every": NON_NEGATIVE},
+    "generate": {"guidance": NON_NEGATIVE, "eta": UNIT, "resolution": Range(8, 4096, note="pixels"),
+                 "steps": AT_LEAST_ONE, "num_per_prompt": AT_LEAST_ONE},
+    "ssm": {"resolution": Range(8, 4096, note="pixels"), "samples": AT_LEAST_ONE, "quality": Range(1, 100)},
+    "mask": {"dilate": NON_NEGATIVE, "points_per_side": AT_LEAST_ONE},
     "score": {},
 }
 # Path flags that name something that must already exist (checked before any model loads). Model checkpoints

@@ -67,7 +67,7 @@ def test_dry_run_loads_no_model_and_writes_nothing(command, cli, tmp_path, photo
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     stdout = _cli_run(cli, case, out, ["--dry-run", "--json"])
     plan = json.loads(stdout)
-    assert plan["dry_run"] is True and plan["command"] == command
+    assert plan["dry_run"] is True and plan["command"] == case.command
     assert plan["inputs"] and plan["would_write"]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
 
@@ -131,3 +131,19 @@ def test_config_file_fills_flags_and_the_command_line_wins(cli, tmp_path, photos
     bad.write_text("qualty = 10\n")
     code, _, stderr = cli(["purify", photos, "-o", tmp_path / "e", "--config", bad])
     assert code == 2 and "qualty" in stderr and "quality" in stderr
+
+
+def test_rerun_from_another_folder_finds_relative_path_settings(cli, tmp_path, photos, monkeypatch):
+    import shutil
+
+    shutil.copytree(photos, tmp_path / "refs")
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = cli(["score", "photos", "--ref", "refs", "--metrics", "psnr", "-o", "first/s.json"])
+    assert code == 0, stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # (the score file names its images relative to itself, so the copy sits at the same depth as the original)
+    code, _, stderr = cli(["rerun", "../first/cloak.json", "-o", "../again/s.json"])
+    assert code == 0, stderr
+    assert (tmp_path / "again" / "s.json").read_bytes() == (tmp_path / "first" / "s.json").read_bytes()

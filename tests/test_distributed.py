@@ -191,7 +191,7 @@ def test_shares_of_a_split_batch_add_up_to_the_batch(fresh_tiny_pipe, monkeypatc
     one-process values; DreamBooth's class term and immunize's adaptation loss likewise."""
     from cloaklab.ops.train import immunize, loop
     from cloaklab.ops.train.data import InstanceData
-    from cloaklab.ops.train.dreambooth_train import DreamBoothModel, DreamBoothSettings, _posterior
+    from cloaklab.ops.train.dreambooth_model import DreamBoothModel, DreamBoothSettings
     from cloaklab.ops.train.textual_inversion import TextualInversion
 
     pipe = fresh_tiny_pipe
@@ -219,7 +219,7 @@ def test_shares_of_a_split_batch_add_up_to_the_batch(fresh_tiny_pipe, monkeypatc
     assert float((shares[0][1] - shares[1][1]).abs().max()) > 100 * float(full_grad.abs().max()) * 1e-5
 
     db = DreamBoothModel(pipe, DreamBoothSettings(prior_weight=0.5), batch_size=2,
-                         class_latents=_posterior(pipe.vae, images))
+                         class_latents=loop.latent_cache(pipe.vae, images, pipe.vae.device, chunk=8))
     full = float(db.extra_loss(torch.Generator().manual_seed(4)).detach())
     parts = [float(db.extra_loss(torch.Generator().manual_seed(4), rows).detach())
              for rows in (slice(0, 1), slice(1, 2))]

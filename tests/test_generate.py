@@ -200,7 +200,7 @@ def test_multi_vector_embeddings_reach_the_pipeline_with_every_vector(tmp_path, 
     import safetensors.torch
 
     from cloaklab.ops.generate import GenerationJob, sample
-    from cloaklab.ops.train.textual_inversion import expand_multi_vector
+    from cloaklab.ops.prompts import expand_multi_vector
 
     path = tmp_path / "learned_embeds.safetensors"
     safetensors.torch.save_file({"<R*>": torch.randn(3, 32)}, str(path))
@@ -220,3 +220,21 @@ def test_multi_vector_embeddings_reach_the_pipeline_with_every_vector(tmp_path, 
                         prompt="a <R*> in the jungle", negative_prompt=None, seed=1)
     sample(fresh_tiny_pipe, [job], steps=2, height=64, width=64)
     assert seen == ["a <R*> <R*>_1 <R*>_2 in the jungle"]
+
+
+def test_dry_run_plans_what_the_run_skips_and_writes(cli, tmp_path, prompt_file):
+    """``--dry-run`` decides resume as the run does (same parameter hash, same prompt and seed): after generating
+    p00_i000 alone, the plan of the full run skips it and would write the other three, loading nothing."""
+    out = tmp_path / "gen"
+    args = ["--prompts", prompt_file, "-n", "2", "--token", "R*", "--seed", "3", *FAST]
+    assert cli(["generate", "-o", out, *args, "--only", "p00_i000"])[0] == 0
+    code, stdout, err = cli(["generate", "-o", out, *args, "--dry-run", "--json"])
+    assert code == 0, err
+    plan = json.loads(stdout)
+    assert plan["skipped"] == ["p00_i000.png"]
+    assert plan["would_write"] == ["p00_i001.png", "p01_i000.png", "p01_i001.png"]
+    assert plan["inputs"][3] == f"p01_i001.png: a R* in the snow (seed {image_seed(3, 1, 1)})"
+    code, stdout, _ = cli(["generate", "-o", out, *args, "--steps", "3", "--shard", "2/2", "--dry-run", "--json"])
+    plan = json.loads(stdout)  # another sampler setting: nothing is done yet; shard 2 of 2 takes images 2 and 4
+    assert code == 0 and plan["skipped"] == [] and plan["would_write"] == ["p00_i001.png", "p01_i001.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["p00_i000.png"]

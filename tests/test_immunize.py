@@ -136,8 +136,9 @@ def test_cli_multi_concept_saves_loadable_pipeline_and_skips_rerun(cli, tmp_path
     base = base_pipe.unet.state_dict()
     for name, value in loaded.unet.state_dict().items():
         assert torch.equal(value, final[name]) if name in final else torch.equal(value, base[name]), name
-    code, stdout, stderr = cli(args)
-    assert code == 0 and json.loads(stdout)["skipped"] is True
+    code, stdout, stderr = cli(args)  # a rerun with the same settings skips the finished products
+    assert code == 0 and json.loads(stdout)["skipped"] == [im.IMMUNIZED_NAME, "pipeline"]
+    assert json.loads(stdout)["done"] == []
 
 
 def test_cli_class_word_count_must_match_concepts(cli, tmp_path, photo_dir):

@@ -52,9 +52,11 @@ def test_a_moved_results_folder_still_finds_its_sources(cli, tmp_path, monkeypat
     assert manifest["argv"][:3] == ["cloak", "purify", "photos"] and manifest["cwd"] == ".."
     assert {r["source"] for r in manifest["files"].values()} == {"../photos/p0.jpg", "../photos/p1.jpg"}
     score = json.loads((project / "scores" / "s.json").read_text())
-    assert score["argv"][0] == "cloak" and score["cwd"] == ".."
+    assert "argv" not in score and "cwd" not in score  # the score file holds only what decides its numbers
+    recorded = json.loads((project / "scores" / "cloak.json").read_text())  # the command line is recorded beside it
+    assert recorded["files"]["s.json"]["argv"][:2] == ["cloak", "score"] and recorded["cwd"] == ".."
     assert {r["path"] for r in score["images"]} == {"../out/p0.png", "../out/p1.png"}
-    assert str(tmp_path) not in json.dumps(manifest) + json.dumps(score)  # nothing machine-specific
+    assert str(tmp_path) not in json.dumps(manifest) + json.dumps(score) + json.dumps(recorded)  # nothing local
 
     moved = tmp_path / "b" / "shared"
     shutil.move(str(project), str(moved))

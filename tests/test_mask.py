@@ -104,3 +104,40 @@ def test_mask_errors_are_one_line(cli, photo_dir, tmp_path):
     assert code == 2 and "--box" in stderr
     code, _, stderr = cli(["mask", photo_dir, "-o", tmp_path / "c", "--sam-type", "tiny", "--box", "0,0,500,500"])
     assert code == 3 and "outside" in stderr
+
+
+def test_a_box_outside_one_image_rejects_only_that_image(cli, tmp_path):
+    """--box 0,0,40,40 does not fit a 32-px image: that image is rejected (exit 3) and the ones after it in sorted
+    order are still segmented; the dry run predicts the same split without loading SAM."""
+    from cloaklab.tests.conftest import photo
+
+    folder, out = tmp_path / "in", tmp_path / "masks"
+    folder.mkdir()
+    photo("rocket", 32).save(folder / "a_small.png")
+    photo("astronaut", 64).save(folder / "b_large.png")
+    args = ["mask", folder, "-o", out, "--sam-type", "tiny", "--device", "cpu", "--box", "0,0,40,40"]
+    code, stdout, _ = cli([*args, "--dry-run", "--json"])
+    plan = json.loads(stdout)
+    assert code == 0 and plan["would_write"] == ["b_large.png"]
+    assert [entry["file"] for entry in plan["rejected"]] == [str(folder / "a_small.png")]
+    code, _, stderr = cli(args)
+    assert code == 3 and "outside this 32x32 image" in stderr
+    assert (out / "b_large.png").is_file() and not (out / "a_small.png").exists()
+    files = json.loads((out / "cloak.json").read_text())["files"]
+    assert files["a_small.png"]["status"] == "rejected" and files["b_large.png"]["status"] == "done"
+
+
+def test_mask_settings_take_the_command_line_spelling_or_numbers():
+    from cloaklab.ops.commands.mask import MaskSettings
+    from cloaklab.ops.errors import UsageError
+
+    typed = MaskSettings(box="40, 30,480,500", point=["20,30", "60,40"])
+    assert typed == MaskSettings(box=(40, 30, 480, 500), point=[(20, 30), (60, 40)])
+    assert typed.prompt == MaskPrompt(box=(40.0, 30.0, 480.0, 500.0), points=[(20.0, 30.0), (60.0, 40.0)])
+    assert MaskSettings(point=(20, 30)).point == MaskSettings(point="20,30").point == ((20.0, 30.0),)
+    assert MaskSettings().prompt.automatic
+    for bad, flag in (({"box": "1,2,3"}, "--box"), ({"box": "0,0,nan,5"}, "--box"), ({"point": ["1"]}, "--point"),
+                      ({"dilate": -1}, "--dilate"), ({"points_per_side": 0}, "--points-per-side"),
+                      ({"select": "smallest"}, "--select"), ({"sam_type": "vit_x"}, "--sam-type")):
+        with pytest.raises(UsageError, match=flag):
+            MaskSettings(**bad)

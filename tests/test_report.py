@@ -153,6 +153,9 @@ def test_lineage_prompts_seeds_commands_and_the_defended_image(grid):
     assert poison_step.seconds_per_image == pytest.approx(2.0) and poison_step.peak_rss_mb == 901.0
     train_step = next(s for s in cell.steps if s.kind == "train-ti")
     assert train_step.seconds_per_image == pytest.approx(2.0) and train_step.per == "step"  # 20 s / 10 steps
+    score_step = next(s for s in cell.steps if s.kind == "score")  # its time: the score file's cloak.json record
+    assert score_step.argv and score_step.seconds_total > 0
+    assert score_step.seconds_per_image == pytest.approx(score_step.seconds_total / len(cell.samples))
     entry = next(t for t in cell.training if t.concept == "cat")
     root = grid["root"]
     assert entry.clean == root / "data" / "cat" / "cat_00.png"

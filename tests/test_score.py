@@ -226,7 +226,7 @@ def test_dinov2_similarity_reference_features_computed_once():
 
 
 def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
-    from cloaklab.ops.metrics.base import cosine_matrix
+    from cloaklab.ops.similarity import cosine_matrix
     from cloaklab.ops.metrics.clip import backbone
 
     gen = tmp_path / "gen"
@@ -493,3 +493,44 @@ def test_lpips_wrapper_hands_torchmetrics_unit_range_images_with_normalize():
     values = LPIPSNet(Recorder())(a, b)
     assert values.shape == (2,) and torch.allclose(values, torch.full((2,), 0.5))
     assert calls[0][2] is True and torch.equal(calls[0][0], a) and torch.equal(calls[0][1], b)
+
+
+# ------------------------------------------------------------------------------- one home (issue 21): file output
+def test_api_and_cli_write_the_same_score_and_csv_bytes_and_rerun_writes_beside_the_new_output(cli, scored_folders):
+    """The score file and its CSV hold no command line, working folder or timing, so the Python API, the CLI and
+    ``cloak rerun`` write identical bytes; those go to the folder's cloak.json, whose record of the score file
+    lets ``cloak rerun FILE`` repeat it, the CSV moving next to the new ``-o``."""
+    import cloaklab
+
+    root = scored_folders
+    args = ["-r", "--ref", root / "ref", "--metrics", "psnr,rmse", "--label", "poison=noise"]
+    assert cli(["score", root / "gen", "-o", root / "cli" / "s.json", "--csv", root / "cli" / "s.csv", *args])[0] == 0
+    summary = cloaklab.score([str(root / "gen")], root / "api" / "s.json", csv=root / "api" / "s.csv",
+                             recursive=True, ref=root / "ref", metrics="psnr,rmse", label=["poison=noise"])
+    assert summary.exit_code == 0 and summary.done == ["s.json", "s.csv"]
+    assert summary.dataset["psnr"] == json.loads((root / "api" / "s.json").read_text())["dataset"]["psnr"]
+    for name in ("s.json", "s.csv"):
+        assert (root / "cli" / name).read_bytes() == (root / "api" / name).read_bytes(), name
+    data = json.loads((root / "cli" / "s.json").read_text())
+    assert "argv" not in data and "cwd" not in data and all("seconds" not in row for row in data["images"])
+    record = json.loads((root / "cli" / "cloak.json").read_text())["files"]["s.json"]
+    assert record["argv"][0] == "cloak" and record["images"] == 4 and record["seconds"] > 0
+    before = (root / "cli" / "s.csv").stat().st_mtime_ns
+    code, _, err = cli(["rerun", root / "cli" / "s.json", "-o", root / "again" / "s.json"])
+    assert code == 0, err
+    for name in ("s.json", "s.csv"):
+        assert (root / "again" / name).read_bytes() == (root / "cli" / name).read_bytes(), name
+    assert (root / "cli" / "s.csv").stat().st_mtime_ns == before  # the recorded run's CSV is left alone
+    assert cli(["rerun", root / "cli" / "s.csv", "-o", root / "third" / "s.json"])[0] == 0  # the CSV's run: the same
+    assert (root / "third" / "s.csv").read_bytes() == (root / "cli" / "s.csv").read_bytes()
+
+
+def test_a_score_file_in_another_commands_folder_leaves_its_manifest_alone(cli, scored_folders):
+    root = scored_folders
+    gen = root / "gen" / "cat"
+    (gen / "cloak.json").write_text(json.dumps({"command": "generate", "files": {}}))
+    before = (gen / "cloak.json").read_bytes()
+    code, _, err = cli(["score", gen, "--ref", root / "ref" / "cat", "--metrics", "psnr", "-o", gen / "s.json"])
+    assert code == 0, err
+    assert "not recorded for cloak rerun" in err and "belongs to cloak generate" in err
+    assert (gen / "cloak.json").read_bytes() == before and json.loads((gen / "s.json").read_text())["dataset"]

@@ -187,6 +187,10 @@ def test_ssm_cli_writes_maps_ratio_and_resumes(cli, tmp_path):
     assert record["stats"]["tokens"] == ["<R*>", "grass"]
     assert np.allclose(record["stats"]["R"], 1.0)  # an all-ones mask holds the whole map
     assert (out / "astronaut.png").stat().st_size > 0
+    code, stdout, err = cli([*args, "--dry-run", "--json"])  # the plan's resume decision is the run's
+    plan = json.loads(stdout)
+    assert code == 0 and plan["skipped"] == ["astronaut.png"] and plan["would_write"] == []
+    assert [entry["file"] for entry in plan["rejected"]] == [str(images / "broken.png")]
     code, _, err = cli(args)
     assert "1 skipped" in err
 
@@ -243,3 +247,24 @@ def test_mask_loss_profile_from_training_logs(cli, tmp_path):
     assert (out / "profile-mask-loss.png").stat().st_size > 0
     code, _, err = cli(["ssm", tmp_path / "missing.jsonl", "-o", out, "--profile", "mask-loss"])
     assert code == 2 and "missing.jsonl" in err
+
+
+def test_ssm_settings_parse_the_command_line_and_refuse_what_cannot_run(tmp_path):
+    from cloaklab.ops.commands.ssm import SsmSettings, schedule_timesteps
+    from cloaklab.ops.errors import UsageError
+
+    given = SsmSettings(token="dog", timesteps="200, 1000")
+    assert given == SsmSettings(token=["dog"], timesteps=[200, 1000])
+    assert schedule_timesteps(given, 1000) == [200, 999]  # 1000 = the last index
+    assert schedule_timesteps(SsmSettings(), 1000) == [100, 200, 300, 400, 500, 600, 700, 800, 999]  # Fig. 3
+    assert schedule_timesteps(SsmSettings(profile="loss"), 1000) == list(range(0, 1000, 50)) + [999]  # Fig. 4
+    with pytest.raises(UsageError, match="0..100"):
+        schedule_timesteps(given, 100)
+    embedding = tmp_path / "learned_embeds.safetensors"
+    embedding.write_bytes(b"")
+    for bad, flag in (({"timesteps": "2x"}, "--timesteps"), ({"timesteps": "-5"}, "--timesteps"),
+                      ({"embedding": embedding}, "--embedding needs --token"), ({"profile": "grad"}, "--token"),
+                      ({"profile": "jpeg-hist"}, "--clean"), ({"profile": "nope"}, "--profile"),
+                      ({"quality": 0}, "--quality"), ({"samples": 0}, "--samples")):
+        with pytest.raises(UsageError, match=flag):
+            SsmSettings(**bad)

@@ -9,11 +9,12 @@ from pathlib import PurePosixPath
 import pytest
 import torch
 
+from cloaklab.ops.commands.train_db import train_dreambooth
 from cloaklab.ops.diffusion import encode_prompts
 from cloaklab.ops.io import InputItem
 from cloaklab.ops.models import load_pipeline, model_info
 from cloaklab.ops.train.dreambooth import dreambooth_loss
-from cloaklab.ops.train.dreambooth_train import DreamBoothModel, DreamBoothSettings, train_dreambooth
+from cloaklab.ops.train.dreambooth_model import DreamBoothModel, DreamBoothSettings
 from cloaklab.ops.train.loop import TrainConfig
 from cloaklab.tests.conftest import photo
 
@@ -252,3 +253,39 @@ def test_dreambooth_defaults_are_paper_001s_full_sh(cli, tmp_path, instances):
     assert (params["train_text_encoder"], params["batch_size"]) == (False, 2)
     help_code, help_text, _ = cli(["train-db", "--help"])
     assert "--no-train-text-encoder" in help_text
+
+
+def test_mode_defaults_and_dtype_resolve_in_the_settings():
+    """LoRA: paper 000 App. P (no prior, UNet only) with lr 1e-4, batch 2; DreamBooth: paper 001's full.sh (lr 5e-7,
+    batch 1, prior 1.0, text encoder); --dtype fp16/bf16 is that autocast and may not contradict --mixed-precision."""
+    from cloaklab.ops.commands.train_db import TrainDbSettings
+    from cloaklab.ops.errors import UsageError
+
+    keys = ("lr", "batch_size", "prior_weight", "train_text_encoder", "class_prompt", "mixed_precision")
+    assert [TrainDbSettings(lora=4).resolved()[k] for k in keys] == [1e-4, 2, 0.0, False, None, "no"]
+    assert [TrainDbSettings().resolved()[k] for k in keys] == [5e-7, 1, 1.0, True, "a photo of person", "no"]
+    assert TrainDbSettings(lora=4, prior_weight=0.5).resolved()["class_prompt"] == "a photo of person"
+    assert TrainDbSettings(dtype="bf16").resolved()["mixed_precision"] == "bf16"
+    assert TrainDbSettings(dtype="fp32", mixed_precision="no").resolved()["mixed_precision"] == "no"
+    assert TrainDbSettings(dtype="auto", mixed_precision="fp16").resolved()["mixed_precision"] == "fp16"
+    with pytest.raises(UsageError, match="contradicts"):
+        TrainDbSettings(dtype="fp16", mixed_precision="bf16")
+    with pytest.raises(UsageError, match="--dtype"):
+        TrainDbSettings(dtype="fp64")
+    with pytest.raises(UsageError, match="--masks"):
+        TrainDbSettings(preset="szt")
+
+
+def test_set_level_surrogate_defaults_are_stated_once():
+    """The set-level poisons' DreamBooth surrogate (Anti-DreamBooth / papers 001, 004): one table, which start_run's
+    signature follows (it used to repeat the values and lacked latent_sample)."""
+    import inspect
+
+    from cloaklab.ops.attacks import SET_DEFAULTS
+    from cloaklab.ops.attacks.setlevel import start_run
+
+    parameters = inspect.signature(start_run).parameters
+    assert {key: parameters[key].default for key in SET_DEFAULTS} == SET_DEFAULTS
+    assert SET_DEFAULTS == {"instance_prompt": "a photo of sks person", "class_prompt": "a photo of person",
+                            "num_class_images": 200, "class_dir": None, "class_steps": 50, "prior_weight": 1.0,
+                            "db_lr": 5e-7, "train_text_encoder": True, "t_range": None, "latent_sample": False}

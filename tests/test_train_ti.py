@@ -107,6 +107,15 @@ def test_szt_preset_end_to_end_then_rerun_skips(cli, concept, tmp_path):
     assert 0 < min(manifest["files"]["learned_embeds.safetensors"]["mask_area"]) < 1
     code, stdout, stderr = cli(args)
     assert code == 0 and "already trained" in stderr and json.loads(stdout)["skipped"]
+    # the dry run sees the same: skipped as finished; with more steps and --resume, the checkpoint it continues
+    code, stdout, _ = cli(args + ["--dry-run"])
+    plan = json.loads(stdout)
+    assert code == 0 and plan["skipped"] == ["learned_embeds.safetensors"] and plan["would_write"] == []
+    longer = [("5" if a == "4" else a) for a in args]
+    plan = json.loads(cli(longer + ["--dry-run"])[1])
+    assert "learned_embeds.safetensors" in plan["would_write"] and any("stops" in note for note in plan["notes"])
+    plan = json.loads(cli(longer + ["--dry-run", "--resume"])[1])
+    assert any(note == "resume from step-000004.pt" for note in plan["notes"])
 
 
 def test_resume_continues_bit_exactly(cli, concept, tmp_path):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..registry import MethodSpec
+from ..train.presets import DREAMBOOTH
 from ..validate import ATTACK_RANGES
 
 # PGD defaults of paper 000 App. F / Diff-Protect / Mist v1: ε 16/255, α 1/255, 100 steps, t ~ U[0, 1000), and a
@@ -120,14 +121,17 @@ register(AttackSpec("mist", "mist", "Mist v1 fused mode (mist_v3.py): minimize �
 
 # ------------------------------------------------------------------------------------------- set level
 # (aspl, fsmg, e-aspl, metacloak, caat, ace, inmark: registered below by their modules' author)
-# Shared by the DreamBooth-surrogate attacks (ops/attacks/setlevel.py): prompts of papers 001/004, 200 class images
-# of the base model (cached, resumable), DreamBooth lr 5e-7 with prior weight 1.0. Anti-DreamBooth's budget 0.05 /
-# step 0.005 in [-1, 1] units is 6.375 / 0.6375 here.
-SET_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "class_prompt": "a photo of person",
-                                "num_class_images": 200, "class_dir": None, "class_steps": 50, "prior_weight": 1.0,
-                                "db_lr": 5e-7, "train_text_encoder": True, "t_range": None, "latent_sample": False}
-NO_PRIOR_DEFAULTS: dict[str, Any] = {"instance_prompt": "a photo of sks person", "t_range": None,
-                                     "latent_sample": False}
+# Shared by the DreamBooth-surrogate attacks (ops/attacks/setlevel.py, whose start_run takes its defaults from here):
+# the DreamBooth defaults of ops.train.presets.DREAMBOOTH — prompts of papers 001/004, 200 class images of the base
+# model (cached, resumable; class_dir None = the user cache), lr 5e-7 with prior weight 1.0, text encoder trained —
+# plus the attack side: no timestep window and the posterior mean as latents (latent_sample draws from it instead).
+# Anti-DreamBooth's budget 0.05 / step 0.005 in [-1, 1] units is 6.375 / 0.6375 here.
+SET_DEFAULTS: dict[str, Any] = {
+    "instance_prompt": DREAMBOOTH["instance_prompt"], "class_prompt": DREAMBOOTH["class_prompt"],
+    "num_class_images": DREAMBOOTH["num_class_images"], "class_dir": None, "class_steps": DREAMBOOTH["class_steps"],
+    "prior_weight": DREAMBOOTH["prior_weight"], "db_lr": DREAMBOOTH["lr"],
+    "train_text_encoder": DREAMBOOTH["train_text_encoder"], "t_range": None, "latent_sample": False}
+NO_PRIOR_DEFAULTS: dict[str, Any] = {key: SET_DEFAULTS[key] for key in ("instance_prompt", "t_range", "latent_sample")}
 ANTI_DREAMBOOTH_BUDGET: dict[str, Any] = {"eps": 6.375, "step_size": 0.6375}
 register(AttackSpec("aspl", "aspl", "Anti-DreamBooth ASPL: 50 rounds of [copy f→f′, 3 DreamBooth steps of f′ on clean "
                     "set A, 6 PGD steps on the set against f′, 3 DreamBooth steps of f on the perturbed set]; "

@@ -57,7 +57,7 @@ def make_target(target: str, height: int, width: int) -> torch.Tensor:
         return torch.zeros(3, height, width)
     path = Path(target)
     if not path.is_file():
-        raise UsageError(f"--target {target!r} is neither pattern, gray, zero nor an image file")
+        raise UsageError(f"--target {target!r} is neither {', '.join(TARGET_KINDS)} nor an image file")
     from ..errors import RejectedInput
     from ..io import read_image
 

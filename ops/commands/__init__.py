@@ -7,6 +7,7 @@ is stdlib-only; a command's module imports torch only inside its ``run``.
 from __future__ import annotations
 
 import importlib
+import os as _os
 from types import ModuleType
 
 COMMANDS: dict[str, str] = {
@@ -34,7 +35,7 @@ def run_command(command: str, settings, inputs, output, *, on_event=None, **extr
     module = load(command)
     given = as_input_list(inputs) if inputs is not None else []
     spec = {"command": command.replace("_", "-"), "settings": settings.as_dict(),
-            "inputs": [entry if entry == "-" else _absolute(entry) for entry in given]}
+            "inputs": given, "inputs_resolved": [entry if entry == "-" else _absolute(entry) for entry in given]}
     token = RUN_SPEC.set(spec)
     try:
         return module.run(settings, inputs, output, on_event=on_event, **extra)
@@ -43,6 +44,4 @@ def run_command(command: str, settings, inputs, output, *, on_event=None, **extr
 
 
 def _absolute(entry: str) -> str:
-    import os
-
-    return os.path.abspath(entry)
+    return _os.path.abspath(entry)

@@ -68,10 +68,17 @@ def parse_metrics(text: str) -> list[MetricSpec]:
     return [get_metric(name) for name in names]
 
 
+# Default weights and settings of the metric options (``cloak score --clip-model`` …), stated once here: the
+# registry is light, so the settings of ``cloak score`` and the metric modules both read them.
+DEFAULT_METRICS = "psnr,ssim,rmse"  # cloak score --metrics
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
+DINOV2_DEFAULT = "facebook/dinov2-base"
+CLIPSCORE_W = 2.5  # Hessel et al. 2021: CLIP-S = w · max(cos, 0), w = 2.5
+LPIPS_DEFAULT_NET = "alex"
+FID_DEFAULT_FEATURES = "inception"
 register(MetricSpec("dinov2", "dino", "cosine similarity of DINOv2 CLS embeddings to every clean reference of the "
                     "concept, averaged (paper 000 §5.1.3)", "set", "DINOv2 ViT-B/14 (transformers Dinov2Model)",
-                    "facebook/dinov2-base", False, True))
+                    DINOV2_DEFAULT, False, True))
 register(MetricSpec("fid", "fid", "Fréchet Inception Distance of the concept's images vs its clean references "
                     "(torchmetrics; per concept, paper 000)", "concept", "InceptionV3 pool3 (torch-fidelity via "
                     "torchmetrics)", "pt_inception-2015-12-05 (torch-fidelity download)", False, False))

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..grouping import group_indices_by, shape_of
+from ..similarity import cosine_matrix  # noqa: F401 - re-exported for the metrics' callers
 from ..validate import check_aspect
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,7 +68,7 @@ def preprocess(images: Sequence[torch.Tensor], resize: int, crop: int, mean: Seq
     same size are resized in one call.
     """
     out: list[torch.Tensor | None] = [None] * len(images)
-    for shape, indices in same_size_groups(images).items():
+    for shape, indices in group_indices_by(images, shape_of).items():
         batch = torch.stack([images[i] for i in indices]).to(device=device, dtype=torch.float32)
         height, width = shape[-2:]
         check_aspect(width, height)
@@ -81,19 +83,6 @@ def preprocess(images: Sequence[torch.Tensor], resize: int, crop: int, mean: Seq
     mean_t = torch.tensor(mean, device=stacked.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=stacked.device).view(1, 3, 1, 1)
     return (stacked - mean_t) / std_t
-
-
-def same_size_groups(images: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Indices of ``images`` grouped by shape (order kept), so each group can go through a network as one batch."""
-    groups: dict[tuple, list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(index)
-    return groups
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities ``(N, M)`` between rows of ``a (N, D)`` and ``b (M, D)``."""
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 def load_pretrained(model_class, weights: str, what: str, flag: str, **kwargs: Any):

@@ -31,16 +31,16 @@ from typing import Sequence
 
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, cosine_matrix, features, load_pretrained, preprocess
+from ..similarity import cosine_matrix
+from . import CLIP_DEFAULT as DEFAULT_WEIGHTS, CLIPSCORE_W  # defaults stated once, in the registry
+from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, features, load_pretrained, preprocess
 
-DEFAULT_WEIGHTS = "openai/clip-vit-base-patch32"
 IQA_PROMPTS = ("Good photo.", "Bad photo.")
 LIQE_LEVELS = ("bad", "poor", "fair", "good", "perfect")
 LIQE_SCENES = ("animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others")
 LIQE_DISTORTIONS = ("jpeg2000 compression", "jpeg compression", "noise", "blur", "color", "contrast",
                     "overexposure", "underexposure", "spatial", "quantization", "other")
 LOGIT_SCALE = 100.0
-CLIPSCORE_W = 2.5  # Hessel et al. 2021: CLIP-S = w · max(cos, 0), w = 2.5
 
 
 def _article(word: str) -> str:

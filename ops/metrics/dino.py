@@ -14,10 +14,9 @@ from typing import Sequence
 
 import torch
 
-from .base import (IMAGENET_MEAN, IMAGENET_STD, ImageContext, Metric, cosine_matrix, features, finite,
-                   load_pretrained, preprocess)
-
-DEFAULT_WEIGHTS = "facebook/dinov2-base"
+from ..similarity import cosine_matrix
+from . import DINOV2_DEFAULT as DEFAULT_WEIGHTS  # stated once, in the registry
+from .base import IMAGENET_MEAN, IMAGENET_STD, ImageContext, Metric, features, finite, load_pretrained, preprocess
 
 
 def tiny_dinov2():

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ImageContext, Metric, cosine_matrix
+from ..similarity import cosine_matrix
+from .base import ImageContext, Metric
 
 CASCADE = "haarcascade_frontalface_default.xml"
 DETECTION_SIZE = 256

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ImageContext, Metric, finite, same_size_groups
+from ..grouping import group_indices_by, shape_of
+from . import FID_DEFAULT_FEATURES
+from .base import ImageContext, Metric, finite
 
 
 class TinyFeatures(nn.Module):
@@ -72,7 +74,7 @@ def _new_fid(features: str | nn.Module, device):
 class FidMetric(Metric):
     name = "fid"
 
-    def __init__(self, features: str = "inception", device="cpu"):
+    def __init__(self, features: str = FID_DEFAULT_FEATURES, device="cpu"):
         require_fid(features)
         self.device = torch.device(device)
         self.extractor: str | nn.Module = TinyFeatures() if features == "tiny" else features
@@ -87,7 +89,7 @@ class FidMetric(Metric):
     def prepare(self, references: dict[str, list[torch.Tensor]]) -> None:
         for concept, images in references.items():
             fid = self._fid(concept)
-            for indices in same_size_groups(images).values():
+            for indices in group_indices_by(images, shape_of).values():
                 fid.update(torch.stack([images[i] for i in indices]).to(self.device), real=True)
 
     @torch.no_grad()
@@ -96,7 +98,7 @@ class FidMetric(Metric):
         for image, context in zip(images, contexts):
             by_concept.setdefault(context.concept, []).append(image)
         for concept, group in by_concept.items():
-            for indices in same_size_groups(group).values():
+            for indices in group_indices_by(group, shape_of).values():
                 self._fid(concept).update(torch.stack([group[i] for i in indices]).to(self.device), real=False)
         return [None] * len(images)  # FID is a set statistic: see concept_values
 
@@ -108,5 +110,5 @@ class FidMetric(Metric):
         return values
 
 
-def build(name: str, fid_features: str = "inception", device="cpu", **_options) -> FidMetric:
+def build(name: str, fid_features: str = FID_DEFAULT_FEATURES, device="cpu", **_options) -> FidMetric:
     return FidMetric(fid_features, device)

@@ -22,7 +22,9 @@ from ..errors import ModelNotFoundError, UsageError
 from ..extras import require
 from ..models import quiet_loading
 
-from .base import ImageContext, Metric, finite, same_size_groups
+from ..grouping import group_indices_by, shape_of
+from . import LPIPS_DEFAULT_NET
+from .base import ImageContext, Metric, finite
 from .pixel import require_reference
 
 
@@ -101,7 +103,7 @@ def load_lpips(name: str, device: Any = "cpu") -> nn.Module:
 class LpipsMetric(Metric):
     name = "lpips"
 
-    def __init__(self, net: str = "alex", device="cpu"):
+    def __init__(self, net: str = LPIPS_DEFAULT_NET, device="cpu"):
         self.device = torch.device(device)
         self.model = load_lpips(net, self.device)
 
@@ -109,7 +111,7 @@ class LpipsMetric(Metric):
     def score(self, images: Sequence[torch.Tensor], contexts: Sequence[ImageContext]) -> list[float | None]:
         references = [require_reference(self.name, image, context) for image, context in zip(images, contexts)]
         values: list[float | None] = [None] * len(images)
-        for indices in same_size_groups(images).values():  # one forward per image size
+        for indices in group_indices_by(images, shape_of).values():  # one forward per image size
             a = torch.stack([images[i] for i in indices]).to(self.device, torch.float32)
             b = torch.stack([references[i] for i in indices]).to(self.device, torch.float32)
             for index, value in zip(indices, self.model(a, b).flatten().tolist()):
@@ -117,5 +119,5 @@ class LpipsMetric(Metric):
         return values
 
 
-def build(name: str, lpips_net: str = "alex", device="cpu", **_options) -> LpipsMetric:
+def build(name: str, lpips_net: str = LPIPS_DEFAULT_NET, device="cpu", **_options) -> LpipsMetric:
     return LpipsMetric(lpips_net, device)

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .base import ImageContext, Metric, cosine_matrix, finite
+from ..similarity import cosine_matrix
+from .base import ImageContext, Metric, finite
 
 
 class ToyMetric(Metric):

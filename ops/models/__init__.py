@@ -56,7 +56,7 @@ def _missing(model: str, where: str) -> ModelNotFoundError:
 def model_info(model: str) -> ModelInfo:
     """Describe ``model`` for the manifest without loading it."""
     if model == "toy":
-        from ..toy import weights_revision
+        from .toy_weights import weights_revision
 
         return ModelInfo(model, "builtin", weights_revision())
     if model in BUILTIN_MODELS:
@@ -262,7 +262,7 @@ def load_pipeline(model: str | None = None, device: Any = "cpu", dtype: Any = No
         pipe = build_sd15_shaped_pipeline(device=device)
     else:
         if model == "toy":
-            from ..toy import weights_folder
+            from .toy_weights import weights_folder
 
             model_path = str(weights_folder())
         else:

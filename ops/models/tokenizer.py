@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import copy
 from functools import lru_cache
-from pathlib import Path
+from .toy_weights import BUNDLED_FOLDER
 
 VOCAB_SIZE = 49408
-TOKENIZER_FOLDER = Path(__file__).resolve().parents[1] / "toy" / "weights" / "tokenizer"
+TOKENIZER_FOLDER = BUNDLED_FOLDER / "tokenizer"  # the bundled toy weights, whatever CLOAK_TOY_WEIGHTS says
 
 
 @lru_cache(maxsize=1)

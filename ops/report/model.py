@@ -254,7 +254,10 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     for raw in inputs:
         path = Path(raw)
         if path.is_file():
-            if not is_score_file(load_json(path)):
+            data = load_json(path)
+            if path.name == MANIFEST_NAME and not is_score_file(data):
+                continue  # the cloak.json a glob such as runs/*.json picks up beside the score files it records
+            if not is_score_file(data):
                 raise UsageError(f"{path}: not a cloak score file (fields 'dataset' and 'images' missing)")
             scores.append(path)
         elif path.is_dir():
@@ -354,6 +357,21 @@ def _sample_path(record: dict, data: dict, score_path: Path) -> Path | None:
                                         record.get("concept") or len(Path(record["image"]).parts) > 1):
                 return candidate.resolve()
     return None
+
+
+def _score_step(path: Path, data: dict) -> Step:
+    """The score step of a cell: its command line and time from the record of the score file in its folder's
+    ``cloak.json`` (files written before that record existed carry ``argv`` and per-image ``seconds`` themselves)."""
+    if data.get("argv"):
+        records = [r for r in data.get("images") or [] if isinstance(r, dict)]
+        return Step("score", "all", list(data["argv"]), _records_mean(records, "seconds"),
+                    sum(r.get("seconds") or 0 for r in records))
+    from ..manifest import read_manifest
+
+    record = ((read_manifest(Path(path).parent) or {}).get("files") or {}).get(Path(path).name) or {}
+    seconds, images = record.get("seconds"), record.get("images")
+    per_image = seconds / images if isinstance(seconds, (int, float)) and images else None
+    return Step("score", "all", list(record.get("argv") or []), per_image, seconds)
 
 
 def pick_samples(samples: Sequence[Sample], metric: str | None, higher_is_better: bool) -> dict[str, Sample]:
@@ -558,9 +576,7 @@ def build_grid(score_paths: Sequence[Path], rows: str = "poison", cols: str = "d
             if lineage["poison_folder"] is not None and lineage["poison_folder"] not in runs:
                 runs[lineage["poison_folder"]] = read_run(lineage["poison_folder"], manifests,
                                                           f"{row} · {concept}")
-        records = [r for r in data.get("images") or [] if isinstance(r, dict)]
-        cell.steps.append(Step("score", "all", list(data.get("argv") or []), _records_mean(records, "seconds"),
-                               sum(r.get("seconds") or 0 for r in records)))
+        cell.steps.append(_score_step(path, data))
         cell.picks = pick_samples(cell.samples, pick, higher)
         cells[(row, col)] = cell
     if average_row:

@@ -207,24 +207,3 @@ def generate(n: int, seed: int = 0, **fixed) -> list[ToyItem]:
 def as_arrays(items: list[ToyItem]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Stack into images uint8 (N,64,64,3), masks bool (N,64,64) and captions."""
     return np.stack([it.image for it in items]), np.stack([it.mask for it in items]), [it.caption for it in items]
-
-
-def write_folder(folder, items: list[ToyItem], *, stem: str = "img", with_masks: bool = False) -> list[str]:
-    """Save items as PNGs (``{stem}_{i:03d}.png``) plus ``captions.jsonl`` with the ground truth; returns names."""
-    import json
-    from pathlib import Path
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names, lines = [], []
-    for i, it in enumerate(items):
-        name = f"{stem}_{i:03d}.png"
-        Image.fromarray(it.image).save(folder / name)
-        if with_masks:
-            (folder / "masks").mkdir(exist_ok=True)
-            Image.fromarray((it.mask * 255).astype(np.uint8)).save(folder / "masks" / name)
-        names.append(name)
-        lines.append(json.dumps({"file": name, "shape": it.shape, "colour": it.colour, "texture": it.texture,
-                                 "caption": it.caption, "box": it.box}))
-    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return names

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..metrics.base import cosine_matrix
+from ..similarity import cosine_matrix
 from . import dataset
 from .concepts import CONCEPTS, concept_items, write_concepts
 
@@ -170,7 +170,7 @@ def weights_info(model: str) -> dict:
     """Which weights a report measured: for ``toy`` the folder, its content hash and its UNet steps."""
     if model != "toy":
         return {"model": model}
-    from . import weights_folder, weights_revision
+    from ..models.toy_weights import weights_folder, weights_revision
 
     folder = weights_folder()
     record = folder / "toy_train.json"

@@ -25,21 +25,23 @@ import torch
 
 from ..diffusion import diffusion_loss, encode_images, encode_prompts, latent_posterior, num_train_timesteps, \
     sample_timesteps
+from .presets import DREAMBOOTH
 
 
 @dataclass
 class DreamBoothConfig:
-    """Hyper-parameters of a DreamBooth run (defaults: papers 001 A.1 / 004 §4 / Anti-DreamBooth)."""
+    """Hyper-parameters of a DreamBooth run (defaults: :data:`.presets.DREAMBOOTH` — papers 001 A.1 / 004 §4 /
+    Anti-DreamBooth — with Anti-DreamBooth's batch of 2 instance + 2 class images)."""
 
-    instance_prompt: str = "a photo of sks person"
-    class_prompt: str = "a photo of person"
-    learning_rate: float = 5e-7
-    prior_weight: float = 1.0
+    instance_prompt: str = DREAMBOOTH["instance_prompt"]
+    class_prompt: str = DREAMBOOTH["class_prompt"]
+    learning_rate: float = DREAMBOOTH["lr"]
+    prior_weight: float = DREAMBOOTH["prior_weight"]
     batch_size: int = 2
-    train_text_encoder: bool = True
+    train_text_encoder: bool = DREAMBOOTH["train_text_encoder"]
     t_range: tuple[int, int] | None = None
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 1e-2
+    max_grad_norm: float | None = DREAMBOOTH["max_grad_norm"]
+    weight_decay: float = DREAMBOOTH["weight_decay"]
     sample_posterior: bool = True
 
 
@@ -64,10 +66,6 @@ class Surrogate:
         """Deep copies of the trainable UNet and text encoder (f → f′ of ASPL); VAE/tokenizer/scheduler shared."""
         return Surrogate(self.vae, copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder), self.tokenizer,
                          self.scheduler, self.name, dict(self.extra))
-
-    def load_state_from(self, other: "Surrogate") -> None:
-        self.unet.load_state_dict(other.unet.state_dict())
-        self.text_encoder.load_state_dict(other.text_encoder.state_dict())
 
     @property
     def device(self) -> torch.device:
@@ -217,11 +215,3 @@ def encode_class_images(vae, class_images: torch.Tensor, chunk: int = 8) -> tupl
     parts = [latent_posterior(vae, c.to(vae.device, torch.float32)) for c in class_images.split(chunk)]
     return torch.cat([m for m, _ in parts]).float(), torch.cat([s for _, s in parts]).float()
 
-
-def freeze(surrogate: Surrogate) -> Surrogate:
-    """Put a surrogate in eval mode with no parameter gradients (what PGD against it needs)."""
-    for module in (surrogate.unet, surrogate.text_encoder, surrogate.vae):
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-    return surrogate

@@ -27,7 +27,7 @@ the non-attention UNet weights) is thrown away, as the released code saves only 
 concepts are immunized sequentially, each stage starting from the previous stage's weights (paper 003 A1.3).
 
 Reuse: the adaptation methods are the training core's :class:`~.loop.Trainable` objects
-(:class:`~.textual_inversion.TextualInversion`, :class:`~.dreambooth_train.DreamBoothModel` with or without LoRA),
+(:class:`~.textual_inversion.TextualInversion`, :class:`~.dreambooth_model.DreamBoothModel` with or without LoRA),
 the loss is :func:`~.loop.masked_step_loss` (→ :mod:`ops.diffusion`), batches are drawn exactly as
 :func:`~.loop.train` draws them (seeded :class:`~.loop.DataOrder`, one CPU generator), and the optimizers come from
 :func:`~.loop.make_optimizer`. Only the alternation (two optimizers, the sign of the outer step) is new here.
@@ -39,72 +39,23 @@ import contextlib
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .. import diffusion
-from ..errors import CloakError, UsageError
+from ..errors import CloakError
 from ..models import cast
 from . import distributed
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
+from .immunize_config import (AGAINST, DEFAULT_CLASS_WORD, DEFAULT_TOKENS, DEFAULTS, IMMUNIZED_NAME,  # noqa: F401
+                              ImmunizeConfig, default_token)
 from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
                    check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
 
-AGAINST = ("ti", "db", "lora")
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
-IMMUNIZED_NAME = "immunized_attention.safetensors"
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "ti": {"lr": 5e-4, "defence_lr": 1e-6, "max_grad_norm": None},
-    "db": {"lr": 5e-6, "defence_lr": 2e-5, "max_grad_norm": 1.0},
-    "lora": {"lr": 5e-6, "defence_lr": 2e-5, "max_grad_norm": 1.0},
-}
-
-
-@dataclass
-class ImmunizeConfig:
-    """Hyper-parameters of one immunization stage; ``None`` means the per-method default of :data:`DEFAULTS`."""
-
-    against: str = "ti"
-    steps: int = 1000
-    inner_steps: int = 1
-    outer_steps: int = 1
-    lr: float | None = None
-    defence_lr: float | None = None
-    max_grad_norm: float | None = field(default=None)
-    clip: bool = True  # False: no clipping even where the method's default clips
-    batch_size: int = 1
-    weight_decay: float = 1e-2
-    lora_rank: int = 4
-    cross_attention_only: bool = False
-    sample_latents: bool = True
-    seed: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 1
-
-    def resolved(self) -> "ImmunizeConfig":
-        if self.against not in AGAINST:
-            raise UsageError(f"--against {self.against!r}: choose one of {', '.join(AGAINST)}")
-        base = DEFAULTS[self.against]
-        clip = self.max_grad_norm if self.max_grad_norm is not None else base["max_grad_norm"]
-        return replace(self, lr=self.lr if self.lr is not None else base["lr"],
-                       defence_lr=self.defence_lr if self.defence_lr is not None else base["defence_lr"],
-                       max_grad_norm=clip if self.clip else None)
-
-    def check(self) -> None:
-        if min(self.steps, self.inner_steps, self.outer_steps, self.batch_size, self.lora_rank) < 1:
-            raise UsageError("--steps, --inner-steps, --outer-steps, --batch-size and --lora-rank must be >= 1")
-        if not (self.lr and self.lr > 0 and self.defence_lr and self.defence_lr > 0):
-            raise UsageError("--lr and --defence-lr must be > 0")
-        distributed.check_batch(self.batch_size)  # a data-parallel run shares each batch equally
-
-    def resume_key(self) -> dict[str, Any]:
-        keep = asdict(self)
-        for name in ("steps", "checkpoint_every", "log_every"):
-            keep.pop(name)
-        return keep
 
 
 @dataclass
@@ -203,7 +154,7 @@ def make_adaptation(work, against: str, *, token: str, class_word: str, instance
 
         return Adaptation(TextualInversion(work, token, class_word, 1, resolution),
                           fill_templates(OBJECT_TEMPLATES, token), work)
-    from .dreambooth_train import DreamBoothModel, DreamBoothSettings
+    from .dreambooth_model import DreamBoothModel, DreamBoothSettings
 
     prompt = instance_prompt or f"a photo of {token} {class_word}"
     settings = DreamBoothSettings(instance_prompt=prompt, class_prompt=None, prior_weight=0.0,
@@ -245,8 +196,107 @@ def _optimizer(params: list[torch.Tensor], lr: float, config: ImmunizeConfig):
 
 
 # ------------------------------------------------------------------------------------------------- stage
-def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *, token: str = "<R*>",
-             class_word: str = "object", instance_prompt: str | None = None,
+@dataclass
+class _Stage:
+    """The live state of one stage: the working copy, what each side trains and its optimizer, the cached latents
+    and the random draws (one CPU generator and the data order, as :func:`~.loop.train` keeps them)."""
+
+    work: Any
+    adaptation: Adaptation
+    defended: dict[str, torch.nn.Parameter]  # θ, the attention weights the defence ascends on
+    inner_params: list[torch.Tensor]  # φ, what the adaptation descends on
+    inner_opt: Any
+    outer_opt: Any
+    scheduler: Any
+    mean: torch.Tensor
+    std: torch.Tensor
+    generator: torch.Generator
+    order: DataOrder
+
+    @property
+    def outer_params(self) -> list[torch.Tensor]:
+        return list(self.defended.values())
+
+
+def _build_stage(pipe, data: InstanceData, config: ImmunizeConfig, *, token: str, class_word: str,
+                 instance_prompt: str | None, init_state: dict[str, torch.Tensor] | None) -> _Stage:
+    work = working_copy(pipe)
+    if init_state is not None:
+        apply_attention_state(work.unet, init_state)
+    defended = attention_parameters(work.unet, config.cross_attention_only)  # before LoRA wraps the layers
+    adaptation = make_adaptation(work, config.against, token=token, class_word=class_word,
+                                 instance_prompt=instance_prompt, lora_rank=config.lora_rank,
+                                 batch_size=config.batch_size, resolution=int(data.images.shape[-1]))
+    inner_params = adaptation.trainable.parameters()
+    inner_opt = _optimizer(inner_params, config.lr, config)
+    outer_opt = _optimizer(list(defended.values()), config.defence_lr, config)
+    scheduler = training_scheduler(work)
+    mean, std = latent_cache(work.vae, data.images, work.unet.device)
+    return _Stage(work, adaptation, defended, inner_params, inner_opt, outer_opt, scheduler, mean, std,
+                  torch.Generator().manual_seed(config.seed), DataOrder(len(data)))
+
+
+def _resume(stage: _Stage, out_dir: Path, config: ImmunizeConfig, data: InstanceData, adaptation_key: list[str]
+            ) -> int | None:
+    """Restore the latest checkpoint of ``out_dir`` into ``stage`` and cut the train log back to its step; return
+    that step (``None``: no checkpoint). A checkpoint of other settings, images or prompts is refused. Every
+    process of a data-parallel run restores it; only rank 0 cuts the log."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["config"] != config.resume_key() or state["names"] != data.names or state["adaptation"] != adaptation_key:
+        raise CloakError(f"{checkpoint} was written with other settings or images; resume with the same ones, "
+                         "or start fresh (--overwrite)")
+    stage.adaptation.trainable.load_state_dict(state["trainable"])
+    apply_attention_state(stage.work.unet, state["attention"])
+    stage.inner_opt.load_state_dict(state["inner_optimizer"])
+    stage.outer_opt.load_state_dict(state["outer_optimizer"])
+    stage.generator.set_state(state["generator"])
+    stage.order.order, stage.order.position = state["order"], state["position"]
+    step = int(state["step"])
+    if not distributed.is_main():
+        return step
+    log_path = out_dir / LOG_NAME
+    kept = [line for line in log_path.read_text().splitlines() if line.strip()
+            and json.loads(line)["step"] <= step] if log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in kept))
+    return step
+
+
+def _alternate(stage: _Stage, config: ImmunizeConfig, phase: str, part: slice | None = None
+               ) -> tuple[float, list[int]]:
+    """One step of ``phase``: ``inner`` descends the adaptation loss over φ, ``outer`` ascends it over θ (the
+    gradient of ``−L_A``). Returns the loss before the step (the whole batch's) and its timesteps. ``part``: this
+    data-parallel process's rows (:mod:`.distributed`); the phase's gradients are summed over the processes before
+    clipping, so every process takes the same step."""
+    inner_ids = {id(p) for p in stage.inner_params}
+    # DreamBooth trains the attention weights too in its inner step (they are part of its UNet)
+    for p in stage.inner_params:
+        p.requires_grad_(phase == "inner")
+    for p in stage.outer_params:
+        p.requires_grad_(phase == "outer" or (phase == "inner" and id(p) in inner_ids))
+    params, optimizer = ((stage.inner_params, stage.inner_opt) if phase == "inner"
+                         else (stage.outer_params, stage.outer_opt))
+    optimizer.zero_grad(set_to_none=True)
+    loss, timesteps = _adaptation_loss(stage.work, stage.scheduler, stage.adaptation.trainable,
+                                       stage.adaptation.prompts, stage.mean, stage.std, stage.order,
+                                       config.batch_size, config.sample_latents, stage.generator, part)
+    (loss if phase == "inner" else -loss).backward()
+    distributed.all_reduce_grads(params)
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stage.adaptation.trainable.after_step()
+    value = float(distributed.all_reduce_sum(loss.detach().float().reshape(1)) if part is not None
+                  else loss.detach())  # the whole batch's loss
+    check_finite(value)
+    return value, timesteps
+
+
+def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *, token: str | None = None,
+             class_word: str = DEFAULT_CLASS_WORD, instance_prompt: str | None = None,
              init_state: dict[str, torch.Tensor] | None = None, resume: bool = False,
              on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
              stop_after: int | None = None) -> ImmunizeResult:
@@ -262,81 +312,31 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
     """
     config = config.resolved()
     config.check()
+    token = token or default_token(config.against)
     part = distributed.slice_batch(config.batch_size) if distributed.world() > 1 else None
     writer = distributed.is_main()
     out_dir = Path(out_dir)
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    work = working_copy(pipe)
-    if init_state is not None:
-        apply_attention_state(work.unet, init_state)
-    defended = attention_parameters(work.unet, config.cross_attention_only)  # before LoRA wraps the layers
-    names = list(defended)
-    adaptation = make_adaptation(work, config.against, token=token, class_word=class_word,
-                                 instance_prompt=instance_prompt, lora_rank=config.lora_rank,
-                                 batch_size=config.batch_size, resolution=int(data.images.shape[-1]))
-    trainable = adaptation.trainable
-    inner_params = trainable.parameters()
-    outer_params = list(defended.values())
-    inner_ids = {id(p) for p in inner_params}
-    inner_opt = _optimizer(inner_params, config.lr, config)
-    outer_opt = _optimizer(outer_params, config.defence_lr, config)
-    scheduler = training_scheduler(work)
-    mean, std = latent_cache(work.vae, data.images, work.unet.device)
-    generator = torch.Generator().manual_seed(config.seed)
-    order = DataOrder(len(data))
-    step, resumed_from = 0, None
+    stage = _build_stage(pipe, data, config, token=token, class_word=class_word, instance_prompt=instance_prompt,
+                         init_state=init_state)
+    adaptation_key = [token, class_word, instance_prompt or ""]
     log_path = out_dir / LOG_NAME
     if part is not None:
         distributed.barrier()  # rank 0 has prepared the folder (--overwrite) before anyone reads a checkpoint
-
-    if resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if (state["config"] != config.resume_key() or state["names"] != data.names
-                or state["adaptation"] != [token, class_word, instance_prompt or ""]):
-            raise CloakError(f"{checkpoint} was written with other settings or images; resume with the same ones, "
-                             "or start fresh (--overwrite)")
-        trainable.load_state_dict(state["trainable"])
-        apply_attention_state(work.unet, state["attention"])
-        inner_opt.load_state_dict(state["inner_optimizer"])
-        outer_opt.load_state_dict(state["outer_optimizer"])
-        generator.set_state(state["generator"])
-        order.order, order.position = state["order"], state["position"]
-        step = resumed_from = int(state["step"])
-        if writer:
-            kept = [line for line in log_path.read_text().splitlines() if line.strip()
-                    and json.loads(line)["step"] <= step] if log_path.exists() else []
-            log_path.write_text("".join(line + "\n" for line in kept))
-    elif writer:
+    resumed_from = _resume(stage, out_dir, config, data, adaptation_key) if resume else None
+    if resumed_from is None and writer:
         log_path.write_text("")
-
+    step = resumed_from or 0
     cycle = config.inner_steps + config.outer_steps
     losses = {"inner": float("nan"), "outer": float("nan")}
     with (log_path.open("a") if writer else contextlib.nullcontext()) as log_file:
         while step < config.steps and (stop_after is None or step < stop_after):
             phase = "inner" if step % cycle < config.inner_steps else "outer"
-            # DreamBooth trains the attention weights too in its inner step (they are part of its UNet)
-            for p in inner_params:
-                p.requires_grad_(phase == "inner")
-            for p in outer_params:
-                p.requires_grad_(phase == "outer" or (phase == "inner" and id(p) in inner_ids))
-            params, optimizer = (inner_params, inner_opt) if phase == "inner" else (outer_params, outer_opt)
-            optimizer.zero_grad(set_to_none=True)
-            loss, timesteps = _adaptation_loss(work, scheduler, trainable, adaptation.prompts, mean, std, order,
-                                               config.batch_size, config.sample_latents, generator, part)
-            (loss if phase == "inner" else -loss).backward()
-            distributed.all_reduce_grads(params)
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            trainable.after_step()
+            losses[phase], timesteps = _alternate(stage, config, phase, part)
             step += 1
-            value = float(distributed.all_reduce_sum(loss.detach().float().reshape(1)))  # the whole batch's loss
-            check_finite(value)
-            losses[phase] = value
-            record = {"step": step, "phase": phase, "t": timesteps, "loss": value,
+            record = {"step": step, "phase": phase, "t": timesteps, "loss": losses[phase],
                       "lr": config.lr if phase == "inner" else config.defence_lr}
             if log_file is not None and (step % config.log_every == 0 or step == config.steps):
                 log_file.write(json.dumps(record) + "\n")
@@ -344,11 +344,11 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
             at_stop = stop_after is not None and step == stop_after
             if writer and ((config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop
                            or step == config.steps):
-                _save_checkpoint(out_dir, step, trainable, defended, inner_opt, outer_opt, generator, order, config,
-                                 data, [token, class_word, instance_prompt or ""])
+                _save_checkpoint(out_dir, step, stage.adaptation.trainable, stage.defended, stage.inner_opt,
+                                 stage.outer_opt, stage.generator, stage.order, config, data, adaptation_key)
             if on_progress is not None:
                 on_progress(step, config.steps, record)
-    state = {name: defended[name].detach().float().cpu().clone() for name in names}
+    state = {name: value.detach().float().cpu().clone() for name, value in stage.defended.items()}
     return ImmunizeResult(state, step, resumed_from, losses["inner"], losses["outer"],
                           time.perf_counter() - started)
 
@@ -386,7 +386,7 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
 
 
 def adapted_loss(pipe, state: dict[str, torch.Tensor] | None, data: InstanceData, against: str, out_dir: Path, *,
-                 steps: int, lr: float, token: str, class_word: str = "object", instance_prompt: str | None = None,
+                 steps: int, lr: float, token: str, class_word: str = DEFAULT_CLASS_WORD, instance_prompt: str | None = None,
                  lora_rank: int = 4, seed: int = 0, draws: int = 16) -> float:
     """Adapt a copy of ``pipe`` (with the attention tensors ``state`` applied, or the plain model for ``None``) on
     ``data`` for ``steps`` steps of the shared training loop, then return :func:`adaptation_loss`. Same arguments

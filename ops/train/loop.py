@@ -60,8 +60,8 @@ from .. import diffusion
 from ..errors import CloakError, UsageError
 from . import distributed
 from .data import InstanceData
+from .presets import MASK_MODES
 
-MASK_MODES = ("none", "lm", "im", "lim", "zm")
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
 GRAD_BY_T_NAME = "grad_by_t.json"

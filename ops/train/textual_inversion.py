@@ -20,44 +20,17 @@ loadable by diffusers ``load_textual_inversion`` (SDXL: once per encoder with ``
 
 from __future__ import annotations
 
-import re
-
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UsageError
+# the multi-vector token spelling is shared with generation and SSM: it lives in ops/prompts (imported downwards)
+from ..prompts import expand_multi_vector, expand_prompt, placeholder_tokens  # noqa: F401 - re-exported
 
 EMBEDS_NAME = "learned_embeds.safetensors"
 SNAPSHOT_DIR = "snapshots"
-
-
-def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
-    """``<R*>`` → ``["<R*>", "<R*>_1", …]`` (what diffusers' loader creates for a multi-row embedding)."""
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
-def expand_multi_vector(tokenizer, text: str) -> str:
-    """``"a <R*> dog"`` → ``"a <R*> <R*>_1 <R*>_2 dog"`` for every multi-vector TI token loaded into ``tokenizer``.
-
-    diffusers' ``maybe_convert_prompt`` does this at generation time, but with transformers 5 the CLIP tokenizer
-    lowercases added tokens in ``tokenize()``, so it never finds them and silently uses only the first vector.
-    Already expanded text is left as it is."""
-    vocab = tokenizer.get_vocab()
-    for token in sorted(getattr(tokenizer, "added_tokens_encoder", {}), key=len, reverse=True):
-        if f"{token}_1" not in vocab or f"{token}_1" in text:
-            continue
-        count = 1
-        while f"{token}_{count}" in vocab:
-            count += 1
-        text = re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_tokens(token, count)), text)
-    return text
-
-
-def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
-    """Write a multi-vector token out in full, as ``maybe_convert_prompt`` does at generation time."""
-    return prompt.replace(token, " ".join(placeholder_tokens(token, num_vectors))) if num_vectors > 1 else prompt
 
 
 class _TokenSlot:

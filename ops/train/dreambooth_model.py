@@ -1,4 +1,6 @@
-"""``cloak train-db``: DreamBooth (full UNet, optionally the text encoder) or LoRA on the shared training loop.
+"""DreamBooth (full UNet, optionally the text encoder) or LoRA as a :class:`~.loop.Trainable` of the shared training
+loop, plus the class images of prior preservation and the LoRA file. ``cloak train-db``'s folder-level run (data,
+class images, resume checks, manifest) is :mod:`ops.commands.train_db`.
 
 * DreamBooth (Ruiz et al. 2023) with prior preservation, as paper 004 Eq. 2 / paper 001 A.1 write it:
   ``L = ‖f(z_t, t, c_inst) − y‖² + λ ‖f(z̄_t, t̄, c_class) − ȳ‖²`` with λ = 1.0, 200 class images generated once by
@@ -7,15 +9,16 @@
   (DiffShortcut ``scripts/sub/train/full.sh``: ``--train_text_encoder --train_batch_size=1
   --with_prior_preservation --prior_loss_weight=1.0 --learning_rate=5e-7 --lr_scheduler=constant
   --num_class_images=200 --max_train_steps=1000 --resolution=512 --center_crop``; ``train_dreambooth.py``
-  ``collate_fn`` concatenates the instance and class examples, so batch 1 = 1 + 1). ``DB_DEFAULTS`` holds them.
+  ``collate_fn`` concatenates the instance and class examples, so batch 1 = 1 + 1). :data:`.presets.DREAMBOOTH`
+  holds them.
   That script also passes ``--use_8bit_adam --mixed_precision=bf16 --gradient_checkpointing`` (CUDA memory
   settings; ``cloak train-db --use-8bit-adam --mixed-precision bf16 --gradient-checkpointing``, not defaults here
   because they need a GPU). Where we differ: the instance resize is Pillow bicubic, theirs torchvision bilinear.
 * LoRA (paper 000 App. P): rank-4 adapters on the UNet attention projections (``to_q/k/v/out.0``; the text encoder's
   ``q/k/v/out_proj`` with ``train_text_encoder``) via peft; the base weights stay frozen. Paper 000 uses no prior
   preservation and a prompt with a dummy "*" token; the learning rate is not stated there — we default to 1e-4
-  (diffusers' LoRA examples use 1e-4 to 5e-4). Saved as ``pytorch_lora_weights.safetensors`` for diffusers
-  ``load_lora_weights``.
+  (diffusers' LoRA examples use 1e-4 to 5e-4; :data:`.presets.LORA`). Saved as ``pytorch_lora_weights.safetensors``
+  for diffusers ``load_lora_weights``.
 * DiffShortcut (paper 001 Alg. 1 line 7): ``neg_token`` → instance prompt + ", {neg}", class prompt + ", without
   {neg}" (:func:`ops.prompts.decoupled_prompts`).
 
@@ -29,46 +32,41 @@ poisoned instance data) — our choice, as no paper combines SZT with prior pres
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .. import diffusion
 from ..errors import CloakError, UsageError
-from ..io import InputItem
-from ..models import cast, native_resolution
+from ..models import cast
 from ..prompts import decoupled_prompts
-from . import distributed
-from .data import load_instance_images
 from .dreambooth import dreambooth_loss
-from .loop import CHECKPOINT_DIR, TrainConfig, TrainResult, latest_checkpoint, prepare_run_folder, train, \
-    training_scheduler
+from .loop import training_scheduler
+from .presets import DREAMBOOTH
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DB_DEFAULTS = {"lr": 5e-7, "steps": 1000, "batch_size": 1, "prior_weight": 1.0, "weight_decay": 1e-2,
-               "max_grad_norm": 1.0, "train_text_encoder": True}  # paper 001 full.sh (module docstring)
-LORA_DEFAULTS = {"lr": 1e-4, "steps": 1000, "batch_size": 2, "prior_weight": 0.0, "weight_decay": 1e-2,
-                 "max_grad_norm": 1.0, "train_text_encoder": False}
 
 
 @dataclass
 class DreamBoothSettings:
-    """What a DreamBooth/LoRA run trains and saves (the loop's own settings are in :class:`TrainConfig`)."""
+    """What a DreamBooth/LoRA run trains and saves (the loop's own settings are in :class:`~.loop.TrainConfig`).
 
-    instance_prompt: str = "a photo of sks person"
-    class_prompt: str | None = "a photo of person"
+    Defaults: :data:`.presets.DREAMBOOTH` (``cloak train-db`` resolves them, or :data:`.presets.LORA`, per run)."""
+
+    instance_prompt: str = DREAMBOOTH["instance_prompt"]
+    class_prompt: str | None = DREAMBOOTH["class_prompt"]
     neg_token: str | None = None
     lora_rank: int | None = None  # None = full fine-tuning
-    train_text_encoder: bool = False
-    prior_weight: float = 1.0
-    num_class_images: int = 200
-    class_steps: int = 50
-    class_guidance: float = 7.5
+    train_text_encoder: bool = False  # opt-in for library callers (immunize); train-db resolves DREAMBOOTH / LORA
+    prior_weight: float = DREAMBOOTH["prior_weight"]
+    num_class_images: int = DREAMBOOTH["num_class_images"]
+    class_steps: int = DREAMBOOTH["class_steps"]
+    class_guidance: float = DREAMBOOTH["class_guidance"]
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; fp32 master weights)
     save_trained_only: bool = False
@@ -228,7 +226,8 @@ def ensure_class_images(pipe, class_prompt: str, folder: Path, count: int, *, mo
     Images are ``folder/p00_iKKK.png`` from ``cloak generate``'s own loop, so an interrupted run resumes and a
     cache folder can be shared by every concept of the same class and model.
     """
-    from ..generate import generate_folder, plan_jobs, set_scheduler
+    from ..commands.generate import generate_folder
+    from ..generate import plan_jobs, set_scheduler
     from ..manifest import Manifest
 
     jobs = plan_jobs([class_prompt], "", count, seed)
@@ -250,20 +249,11 @@ def ensure_class_images(pipe, class_prompt: str, folder: Path, count: int, *, mo
 
 
 def class_image_paths(class_prompt: str, folder: Path, count: int, seed: int) -> list[Path]:
-    """Where :func:`ensure_class_images` puts the class images (without making them)."""
+    """Where :func:`ensure_class_images` puts the class images, without making them (a data-parallel run's other
+    processes read the images rank 0 made)."""
     from ..generate import plan_jobs
 
     return [Path(folder) / job.name for job in plan_jobs([class_prompt], "", count, seed)]
-
-
-def _posterior(vae, images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    with torch.no_grad():
-        for start in range(0, len(images), chunk):
-            mean, std = diffusion.latent_posterior(vae, images[start:start + chunk].to(vae.device))
-            means.append(mean.float())
-            stds.append(std.float())
-    return torch.cat(means), torch.cat(stds)
 
 
 def autocast_context(mixed_precision: str, device: torch.device):
@@ -274,75 +264,3 @@ def autocast_context(mixed_precision: str, device: torch.device):
     if mixed_precision not in dtypes:
         raise UsageError(f"--mixed-precision {mixed_precision!r}: choose no, bf16 or fp16")
     return torch.autocast(device_type=device.type, dtype=dtypes[mixed_precision])
-
-
-# ---------------------------------------------------------------------------------------------------- run
-RUN_SETTINGS = "train_db_settings.json"
-_NOT_RESUME_RELEVANT = ("save_trained_only", "class_steps", "class_guidance", "gradient_checkpointing")
-
-
-def _check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -> None:
-    """The DreamBooth settings a checkpoint was made with must match on ``--resume`` (the loop checks its own)."""
-    import json
-
-    path = out_dir / CHECKPOINT_DIR / RUN_SETTINGS
-    current = json.loads(json.dumps({k: v for k, v in current.items() if k not in _NOT_RESUME_RELEVANT},
-                                    default=str))
-    if resuming and path.exists():
-        stored = json.loads(path.read_text())
-        changed = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
-        if changed:
-            raise CloakError(f"cannot resume {out_dir}: it was trained with other settings ({', '.join(changed)}); "
-                             "use the same ones, or --overwrite to start again")
-    distributed.barrier()  # data-parallel: every process has read the file before rank 0 rewrites it
-    if not distributed.is_main():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2) + "\n")
-
-
-def train_dreambooth(pipe, items: Sequence[InputItem], out_dir: Path, settings: DreamBoothSettings,
-                     config: TrainConfig, *, model_record: dict[str, Any], resolution: int | None = None,
-                     class_dir: Path | None = None, jpeg: int | None = None, mask_dir: Path | None = None,
-                     dilate: int = 0, max_pixels: int | None = None, resume: bool = False, overwrite: bool = False,
-                     rejected: list[tuple[str, str]] | None = None,
-                     on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-                     on_event: Callable[[str, str, dict], None] | None = None,
-                     stop_after: int | None = None) -> TrainResult:
-    """Load the instance data (JPEG/masks as SZT asks), make the class images, and train; see the module doc."""
-    out_dir = Path(out_dir)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UsageError("train-db trains SD 1.x / 2.x pipelines (one text encoder); SDXL DreamBooth/LoRA is not "
-                         "implemented — use `cloak train-ti` for SDXL")
-    prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
-    resolution = resolution or native_resolution(pipe)
-    device = pipe.unet.device
-    _check_run_settings(out_dir, {**asdict(settings), "resolution": resolution, "jpeg": jpeg, "dilate": dilate,
-                                  "masks": str(mask_dir) if mask_dir else None, "model": model_record},
-                        resume and latest_checkpoint(out_dir) is not None)
-    data = load_instance_images(items, resolution, jpeg_quality=jpeg, mask_dir=mask_dir, dilate=dilate,
-                                max_pixels=max_pixels, rejected=rejected)
-    class_latents = None
-    if settings.prior_weight:
-        if not settings.class_prompt:
-            raise UsageError("prior preservation needs --class-prompt (or --prior-weight 0)")
-        if settings.num_class_images < 1:
-            raise UsageError("--num-class-images must be >= 1 with prior preservation")
-        folder = Path(class_dir) if class_dir else out_dir / "class_images"
-        paths = None
-        if distributed.is_main():  # data-parallel: rank 0 makes them, the others wait and read them
-            paths = ensure_class_images(pipe, settings.class_prompt, folder, settings.num_class_images,
-                                        model_record=model_record, seed=config.seed, steps=settings.class_steps,
-                                        guidance=settings.class_guidance, resolution=resolution,
-                                        on_event=on_event)
-        distributed.barrier()
-        paths = paths or class_image_paths(settings.class_prompt, folder, settings.num_class_images, config.seed)
-        class_items = [InputItem(path, PurePosixPath(path.name)) for path in paths]
-        class_data = load_instance_images(class_items, resolution)
-        class_latents = _posterior(pipe.vae, class_data.images)
-    trainable = DreamBoothModel(pipe, settings, batch_size=config.batch_size, class_latents=class_latents,
-                                sample_latents=config.sample_latents, seed=config.seed)
-    instance_prompt, _ = settings.prompts()
-    with autocast_context(settings.mixed_precision, device):
-        return train(pipe, trainable, data, [instance_prompt], config, out_dir, resume=resume,
-                     on_progress=on_progress, stop_after=stop_after)

@@ -135,7 +135,7 @@ TRAINING = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_N
             "t_param": Range(-1, None, low_open=True)}
 COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "poison": {"resolution": Range(0, 4096, note="short side in px; 0 = native"), "eot_samples": AT_LEAST_ONE,
-               "eval_draws": NON_NEGATIVE},
+               "eval_draws": NON_NEGATIVE, "jpeg_quality": Range(1, 100), "native_crops": UNIT},
     "purify": {},
     "train_ti": {**TRAINING, "flip_p": UNIT, "jpeg_scale": Range(8, 4096, note="pixels")},
     "train_db": {**TRAINING, "class_guidance": NON_NEGATIVE, "prior_weight": NON_NEGATIVE},

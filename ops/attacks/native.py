@@ -1,5 +1,5 @@
-"""A photo's native pixels ↔ an attack's working grid, and the budget on the stored integers (library code shared
-by ``cloak poison``'s folder run, :mod:`ops.commands.poison`, and the single-image helper :func:`ops.images.poison_image`).
+"""A photo's native pixels ↔ an attack's working grid, and the budget on the stored integers: library code shared
+by ``cloak poison``'s folder run (:mod:`ops.commands.poison`) and the single-image :func:`ops.images.poison_image`.
 
 * :func:`working_size` — short side ``resolution`` (512 for SD 1.x), aspect kept, both sides multiples of 8
   (``resolution=0``: the native size rounded to multiples of 8);
@@ -9,8 +9,8 @@ by ``cloak poison``'s folder run, :mod:`ops.commands.poison`, and the single-ima
 * :func:`resize` / :func:`to_native` — otherwise the photo is resized to the working size (bicubic, antialiased
   when shrinking), attacked there, and ``δ = x' − x`` is mapped back to the native size (bicubic) and added;
 * :func:`native_mask` / :func:`working_mask` — ``--mask`` at the photo's size and on the working grid;
-* :func:`project_stored` — ``|q(x') − q(x)| ≤ ⌊ε⌋`` per stored sample (8 or 16 bit), so the PNG holds the budget
-  exactly (not ε+1 as Mist admits).
+* :func:`project_stored`: ``|q(x') − q(x)| ≤ ⌊ε⌋`` per stored sample (ε in /255 units; ``ε·257`` levels for
+  16-bit images), so the PNG holds the budget exactly (not ε+1 as Mist admits).
 """
 
 from __future__ import annotations

@@ -230,18 +230,20 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
         on_event: Event | None = None, pipe: Any = None) -> RunSummary:
     """Poison every input into ``OUTPUT/<same name>.png`` (same size, mode, orientation, alpha and ICC profile).
 
-    ``pipe``: a diffusers pipeline already loaded (the Python API); otherwise ``--model`` loads when the first file
-    needs work (a resumed run with nothing left to do loads nothing)."""
+    ``pipe``: the pipeline of ``settings.model``, already loaded (the manifest records ``settings.model`` and the
+    working size defaults to its size); otherwise the model loads when the first file needs work (a resumed run
+    with nothing left to do loads nothing)."""
     from ..io import shard_label
     from ..manifest import Manifest
-    from ..models import check_available, model_note
+    from ..models import check_available, default_model, model_note
 
     output = Path(output)
     on_event = on_event or no_event
     items, notes, shard_spec = gather(as_input_list(inputs), output, recursive=settings.recursive,
                                       shard=settings.shard)
+    if pipe is None:
+        check_available(settings.model or default_model())  # a missing model: one line, no output folder left
     resolved = resolve(settings)
-    check_available(resolved.model)  # a missing model: one line, and no output folder left behind
     manifest = Manifest(output, "poison", resolved.manifest_params, seed=settings.seed, model=resolved.model_record,
                         extra={"device": str(resolved.device), "batch_size": settings.batch_size,
                                "shard": shard_label(shard_spec), "preview": settings.preview,
@@ -251,8 +253,10 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
     for note in ([model_note(resolved.model)] if model_note(resolved.model) else []) + list(notes):
         on_event("note", "", {"message": note})
     if settings.preset:
-        on_event("info", "", {"message": "cloak: note: no --attack given: artist preset (" + ", ".join(
-            f"{key} {value}" for key, value in _preset().items()) + ")"})
+        from ..attacks import ARTIST_PRESET
+
+        preset = ", ".join(f"{key} {value}" for key, value in ARTIST_PRESET.items())
+        on_event("info", "", {"message": f"cloak: note: no --attack given: artist preset ({preset})"})
     load = functools.partial(_load_pipeline, resolved.model, resolved.device, resolved.dtype,
                              settings.trust_pickle, on_event)
     summary = poison_folder(items, output, settings.spec().name, resolved.params, pipe=pipe, load_pipe=load,
@@ -268,12 +272,6 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
                             progress=functools.partial(_progress_line, on_event))
     summary.output, summary.notes = output, list(notes)
     return attach_records(summary, output)
-
-
-def _preset() -> dict[str, Any]:
-    from ..attacks import ARTIST_PRESET
-
-    return ARTIST_PRESET
 
 
 def _load_pipeline(model: str, device: Any, dtype: Any, trust_pickle: bool, on_event: Event) -> Any:

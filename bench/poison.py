@@ -184,7 +184,7 @@ def native_figures(pipe, steps: int, repeats: int, factors=(2.5, 8.0), work: int
 
     from cloaklab.ops.attacks import adm
     from cloaklab.ops.attacks.resample import NativeView
-    from cloaklab.ops.poison import to_native
+    from cloaklab.ops.attacks.native import to_native
 
     models = engine.AttackModels(pipe)
     names = ("astronaut", "chelsea", "coffee", "rocket")

@@ -260,9 +260,10 @@ class Reporter:
 
     One reporter serves a whole command: file events (``on_event(kind, name, info)`` from the folder runners:
     ``start``/``done``/``skip``/``reject``/``error``/``warn``, and ``step`` with ``{"step", "total"}`` for the inner
-    PGD/sampling steps of the current file; ``note``/``header``; ``text`` and ``table`` for result text and tables
-    such as score's means), and training steps through :meth:`steps`. ``--quiet`` silences the
-    header and the progress (warnings, errors and the closing summary still print)."""
+    PGD/sampling steps of the current file; ``header``, ``note`` and ``info`` — a progress line ``{"message"}``;
+    ``text`` and ``table`` for result text and tables such as score's means), and training steps through
+    :meth:`steps`. ``--quiet`` silences the header and the progress (warnings, notes, errors and the closing summary
+    still print)."""
 
     def __init__(self, command: str, quiet: bool | None = None):
         from rich.console import Console
@@ -357,6 +358,9 @@ class Reporter:
             return
         if kind == "note":
             self.line(f"cloak: note: {info['message']}")
+            return
+        if kind == "info":  # a progress-level line, given whole (silenced by --quiet)
+            self.info(info["message"])
             return
         if kind == "header":
             self.header(**info)

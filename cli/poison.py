@@ -22,46 +22,6 @@ def _opt(help_text: str, **kwargs):
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
 
-def _parse_t_range(text: str | None) -> list[int] | None:
-    from cloaklab.ops.errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        low, high = (int(part) for part in text.replace(":", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--t-range {text!r}: give two integers LO,HI (e.g. 0,1000)") from None
-    return [low, high]
-
-
-def _parse_params(pairs: list[str] | None, defaults: dict) -> dict:
-    """``--param key=value`` for method parameters without a flag, typed like the default."""
-    from cloaklab.ops.errors import UsageError
-
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"--param {pair!r}: write KEY=VALUE (e.g. --param rounds=10)")
-        key, text = (part.strip() for part in pair.split("=", 1))
-        key = key.replace("-", "_")
-        default = defaults.get(key)
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(text)
-                value = text.lower() in ("1", "true", "yes")
-            elif isinstance(default, int):
-                value = int(text)
-            elif isinstance(default, float):
-                value = float(text)
-            else:
-                value = None if text.lower() == "none" else text
-        except ValueError:
-            raise UsageError(f"--param {key}={text!r}: expected a {type(default).__name__}") from None
-        out[key] = value
-    return out
-
-
 @common.handle_errors
 def poison(
     inputs: common.Inputs,
@@ -149,91 +109,16 @@ def poison(
       cloak poison faces -o out -a aspl --clean-dir faces_a --param rounds=20
       cloak poison photos -o out -a lf-adm+ --lf-ratio 0.25 --model toy
     """
+    flags = dict(locals())
     import sys
 
-    from cloaklab.ops.attacks import get_attack
-    from cloaklab.ops.attacks.robust import parse_robust
-    from cloaklab.ops.device import resolve_device, resolve_dtype
-    from cloaklab.ops.errors import UsageError
-    from cloaklab.ops.io import (check_outputs, check_output_location, collect_inputs, parse_shard, select_shard,
-                                 shard_label)
-    from cloaklab.ops.manifest import Manifest
-    from cloaklab.ops.models import check_available, default_model, load_pipeline, model_info, model_note, \
-        native_resolution
-    from cloaklab.ops.poison import poison_folder
+    from cloaklab.ops.commands.poison import PoisonSettings
 
     if param_short:  # -p means --prompts (cloak generate); poison's -p still works, warned
         sys.stderr.write("cloak: warning: poison -p is deprecated (-p means --prompts); use --param\n")
-        param = list(param or []) + list(param_short)
-
-    preset = None
-    if attack is None:
-        preset = "artist"
-        name = ARTIST_PRESET["attack"]
-        robust = ARTIST_PRESET["robust"] if robust is None else robust
-    else:
-        name = common.value(attack)
-    spec = get_attack(name)
-    given = {"eps": eps, "step_size": step_size, "steps": steps, "random_start": random_start,
-             "t_range": _parse_t_range(t_range), "prompt": prompt, "target": target, "lf_ratio": lf_ratio,
-             "fused_weight": fused_weight}
-    extra = _parse_params(param, spec.defaults)
-    overlap = sorted(set(extra) & {k for k, v in given.items() if v is not None})
-    if overlap:
-        raise UsageError(f"--param {overlap[0]} repeats a flag; give it once")
-    params = spec.resolve({**given, **extra})
-    if params.get("t_range") is not None:
-        params["t_range"] = list(params["t_range"])
-    if spec.needs_target and params.get("target") not in ("pattern", "gray", "zero") and \
-            not Path(str(params.get("target"))).is_file():
-        raise UsageError(f"--target {params.get('target')!r} is neither pattern, gray, zero nor an image file")
-    if clean_dir is not None and not spec.set_level:
-        raise UsageError(f"--clean-dir applies to set-level attacks only, not --attack {spec.name}")
-    transforms = parse_robust(robust)
-    shard_spec = parse_shard(shard)
-    check_output_location(inputs, output)
-    items, notes = collect_inputs(inputs, recursive, sys.stdin)
-    check_outputs(output, items)
-    items = select_shard(items, shard_spec)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model_name = model or default_model()
-    check_available(model_name)  # a missing model: one line, and no output folder left behind
-    if resolution is None:
-        resolution = native_resolution(model_name)
-    model_record = model_info(model_name).as_dict()
-    run_params = {"attack": spec.name, "preset": preset, **params, "resolution": resolution, "native_size": native_size, "native_crops": native_crops,
-                  "robust": transforms,
-                  "eot_samples": eot_samples if transforms else None, "jpeg_quality": jpeg_quality,
-                  "mask": str(mask) if mask else None, "clean_dir": str(clean_dir) if clean_dir else None,
-                  "dtype": str(torch_dtype).replace("torch.", ""), "model": model_record}
-    manifest = Manifest(output, "poison", run_params, seed=seed, model=model_record,
-                        extra={"device": str(torch_device), "batch_size": batch_size, "shard": shard_label(shard_spec),
-                               "preview": preview, "checkpointing": checkpointing})
-    with common.Reporter("poison") as reporter:
-        reporter.header(model=model_name, device=torch_device, dtype=torch_dtype,
-                        size=resolution or "native", threads=common.RunOptions.threads)
-        if model_note(model_name):
-            reporter.line(f"cloak: note: {model_note(model_name)}")
-        for note in notes:
-            reporter.line(f"cloak: note: {note}")
-        if preset:
-            reporter.info(f"cloak: note: no --attack given: artist preset ({PRESET_TEXT})")
-        def load_pipe():
-            reporter.info(f"cloak: loading model {model_name}")
-            return load_pipeline(model_name, device=torch_device, dtype=torch_dtype, trust_pickle=trust_pickle)
-
-        summary = poison_folder(items, output, spec.name, params, load_pipe=load_pipe, manifest=manifest, seed=seed,
-                                batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels,
-                                resolution=resolution, robust_transforms=transforms, eot_samples=eot_samples,
-                                jpeg_quality=jpeg_quality, mask=str(mask) if mask else None,
-                                clean_dir=str(clean_dir) if clean_dir else None, preview=preview,
-                                checkpointing=checkpointing, eval_draws=eval_draws, native=native_size,
-                                native_crops=native_crops,
-                                on_event=reporter.event,
-                                progress=lambda text: reporter.line(f"poison: {text}"))
-        code = reporter.summary(summary, output, json_out)
-    raise typer.Exit(code)
+        flags["param"] = [*(param or []), *param_short]
+    common.execute("poison", common.settings_from(PoisonSettings, flags, drop=("param_short",)), inputs, output,
+                   json_out)
 
 
 poison.__doc__ = inspect.cleandoc(poison.__doc__ or "") + (

@@ -472,7 +472,19 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
         deep = _read_deep(path, image.format if image is not None else None)
     if image is None and deep is None:
         raise RejectedInput("not an image (or a format Pillow cannot read)")
+    return _decode(image, deep, notes, max_pixels)
 
+
+def image_from_pil(image: Image.Image) -> LoadedImage:
+    """Decode an image already in memory as :func:`read_image` decodes a file (EXIF orientation, modes, alpha, ICC
+    profile; the first frame of an animation). Pillow holds colour at 8 bits, so there is no 16-bit colour here."""
+    image.load()
+    notes = ["animated image: only the first frame is processed"] if getattr(image, "n_frames", 1) > 1 else []
+    return _decode(image, None, notes, DEFAULT_MAX_PIXELS)
+
+
+def _decode(image: Image.Image | None, deep: np.ndarray | None, notes: list[str], max_pixels: int) -> LoadedImage:
+    """The :class:`LoadedImage` of an opened Pillow image, or of ``deep`` samples (with ``image`` for its EXIF)."""
     icc = image.info.get("icc_profile") if image is not None else None
     transparency = image is not None and "transparency" in image.info
     mode = image.mode if image is not None else f"TIFF {deep.dtype}"

@@ -139,7 +139,7 @@ SZT_TRAINING = {"steps": AT_LEAST_ONE, "grad_accumulation": AT_LEAST_ONE, "check
                 "jpeg": Range(1, 100), "dilate": NON_NEGATIVE}
 COMMAND_FLAGS: dict[str, dict[str, Range]] = {
     "poison": {"resolution": Range(0, 4096, note="short side in px; 0 = native"), "eot_samples": AT_LEAST_ONE,
-               "eval_draws": NON_NEGATIVE},
+               "eval_draws": NON_NEGATIVE, "jpeg_quality": Range(1, 100), "native_crops": UNIT},
     "purify": {},
     "train_ti": {**TRAINING, **SZT_TRAINING, "flip_p": UNIT, "jpeg_scale": Range(8, 4096, note="pixels"),
                  "num_vectors": AT_LEAST_ONE, "warmup_steps": NON_NEGATIVE, "snapshot_every": NON_NEGATIVE},

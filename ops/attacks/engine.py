@@ -119,8 +119,8 @@ def evaluate_loss(images: torch.Tensor, loss_fn: LossFn, generators: Sequence[to
     return torch.stack([loss_fn(images, eval_gens).float() for _ in range(draws)]).mean(0).cpu()
 
 
-# Inner-step progress: ``ops.poison`` installs a callback ``(step, total)`` for the file(s) being attacked; every
-# optimization loop reports through :func:`report_step` (1-based), so the CLI can show progress inside an image.
+# Inner-step progress: ``ops.commands.poison`` installs a callback ``(step, total)`` for the file(s) being attacked;
+# every optimization loop reports through :func:`report_step` (1-based), so the CLI can show progress inside an image.
 _STEP_HOOK: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar("cloak_step_hook",
                                                                                                default=None)
 
@@ -203,7 +203,7 @@ class AttackModels:
     ``view`` (a :class:`ops.attacks.resample.NativeView`, or ``None``): photos larger than the working size are
     first shrunk by one random draw of a mimic's resize (per image, from the generators ``encode`` is given, else
     the view's own), so an attack optimizes its perturbation in the photo's own pixels; images already at the
-    working size pass untouched. ``ops.poison`` installs one per batch (docs/poison.md, "Native size").
+    working size pass untouched. ``ops.commands.poison`` installs one per batch (docs/poison.md, "Native size").
 
     The UNet/VAE dtype and device are read once, here (diffusers walks every module on each ``.dtype``/``.device``:
     ≈ 5–7 ms a read on the tiny model); call :meth:`refresh` after moving or casting the modules.

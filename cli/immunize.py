@@ -89,6 +89,8 @@ def immunize(
     cloak immunize purse/ -o imma-db --against db --class-word purse ·
     cloak immunize castle/ chair/ guitar/ -o imma3 --against ti --multi-concept --class-word castle
     --class-word chair --class-word guitar
+
+    Several GPUs: torchrun --nproc-per-node N -m cloaklab immunize … (docs/grid.md)
     """
     flags = dict(locals())
     from cloaklab.ops.commands.immunize import ImmunizeSettings

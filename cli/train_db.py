@@ -116,6 +116,8 @@ def train_db(
     "a photo of person" --train-text-encoder --use-8bit-adam --mixed-precision bf16 ·
     cloak train-db toy -o lora --lora 4 --instance-prompt "a photo of *" --preset szt --masks toy_masks ·
     cloak train-db faces -o ds --neg-token "UNKNOWN artifact masked" --train-text-encoder
+
+    Several GPUs: torchrun --nproc-per-node N -m cloaklab train-db … (docs/grid.md)
     """
     flags = dict(locals())
     common.execute("train-db", common.settings_from(S, flags), inputs, output, json_out)

@@ -101,6 +101,8 @@ def train_ti(
     Examples:  cloak train-ti photos -o ti --token '<R*>' --init-token toy ·
     cloak mask photos -o masks && cloak train-ti photos -o ti-szt --preset szt --masks masks ·
     cloak train-ti photos -o ti --t-sampler power --t-param 2 --log-grad-by-t
+
+    Several GPUs: torchrun --nproc-per-node N -m cloaklab train-ti … (docs/grid.md)
     """
     flags = dict(locals())
     common.execute("train-ti", common.settings_from(S, flags), inputs, output, json_out)

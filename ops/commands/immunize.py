@@ -248,7 +248,6 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
     ``pipe`` reuses a pipeline already loaded from ``settings.model`` (it is not modified)."""
     from ..device import resolve_device, resolve_dtype
     from ..manifest import Manifest
-    from ..models import model_note
 
     output = Path(output)
     on_event = on_event or no_event
@@ -259,6 +258,19 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
     manifest = Manifest(output, "immunize", manifest_params(settings, concepts, resolution, record),
                         seed=settings.seed, model=record,
                         extra={"device": str(device), "dtype": str(dtype).replace("torch.", "")})
+    try:
+        return _run(settings, concepts, notes, model_name, resolution, record, device, dtype, manifest, output, pipe,
+                    on_event)
+    finally:
+        manifest.close()  # merge this run's records into cloak.json, whatever the outcome
+
+
+def _run(settings: ImmunizeSettings, concepts: Sequence[Concept], notes: list[str], model_name: str,
+         resolution: int, record: dict[str, Any], device: Any, dtype: Any, manifest: Any, output: Path, pipe: Any,
+         on_event: Event) -> ImmunizeSummary:
+    from ..models import model_note
+    from ..train import distributed
+
     on_event("header", "", {"model": model_name, "device": device, "dtype": dtype, "size": resolution})
     for note in ([model_note(model_name)] if model_note(model_name) else []) + notes:
         on_event("note", "", {"message": note})
@@ -280,8 +292,6 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
                                      f"{settings.outer_steps} outer), lr {config.lr:g}, defence lr "
                                      f"{config.defence_lr:g}"})
     state = run_stages(settings, pipe, concepts, manifest, resolution, summary, on_event)
-    from ..train import distributed
-
     if not distributed.is_main():  # data-parallel: rank 0 alone writes the immunized pipeline and runs the check
         return _with_records(summary, manifest, concepts)
     base, changed = save_immunized(pipe, state, output, settings.against, str(record["name"]),

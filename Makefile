@@ -1,7 +1,7 @@
 # Developer tasks for cloaklab. `make help` lists them.
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help install lock test completions man docs-check bench bench-gpu toy-model toy-model-continue
+.PHONY: help install lock test lint completions man docs-check bench bench-gpu toy-model toy-model-continue
 help:  ## list the developer tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
@@ -13,6 +13,9 @@ lock:  ## re-resolve '.[dev]' afresh and rewrite constraints.txt (then: make ins
 
 test:  ## run the test suite (the README's test command)
 	$(PY) -m pytest
+
+lint:  ## ruff: lint + import order (pyproject [tool.ruff]; .ci/run enforces it)
+	$(PY) -m ruff check .
 
 completions:  ## regenerate completions/ and man/ from the typer app
 	$(PY) -m cloaklab.cli.docgen

@@ -52,9 +52,9 @@ def plan(command: str, inputs: Any, output: Any, **values: Any):
 
 def rerun(manifest: Any, output: Any, *, on_event=None, **overrides: Any):
     """Repeat the run recorded in ``manifest`` (a ``cloak.json``) into ``output``; returns its RunSummary."""
-    from cloaklab.ops.commands import run_command
     from pathlib import Path
 
+    from cloaklab.ops.commands import run_command
     from cloaklab.ops.commands.rerun import check_new_output, in_recorded_folder, load_recorded
 
     recorded = load_recorded(manifest, **overrides)

@@ -34,10 +34,10 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 
 def run_once(root: Path, count: int, size: int) -> tuple[float, float]:
+    from cloaklab.ops.commands.purify import purify_folder
     from cloaklab.ops.io import collect_inputs
     from cloaklab.ops.manifest import Manifest
     from cloaklab.ops.purify import get_purifier
-    from cloaklab.ops.commands.purify import purify_folder
 
     source, output = root / f"in{count}", root / f"out{count}"
     make_images(source, count, size)

@@ -183,8 +183,8 @@ def native_figures(pipe, steps: int, repeats: int, factors=(2.5, 8.0), work: int
     from skimage import data
 
     from cloaklab.ops.attacks import adm
-    from cloaklab.ops.attacks.resample import NativeView
     from cloaklab.ops.attacks.native import to_native
+    from cloaklab.ops.attacks.resample import NativeView
 
     models = engine.AttackModels(pipe)
     names = ("astronaut", "chelsea", "coffee", "rocket")

@@ -19,8 +19,14 @@ import torch
 
 from cloaklab.ops.models import load_pipeline
 from cloaklab.ops.purify import get_purifier
-from cloaklab.ops.purify.models import PurifierModels, TinyFaceRestorer, TinyLPIPS, place_on, build_tiny_pixel_model, \
-    build_tiny_upscaler
+from cloaklab.ops.purify.models import (
+    PurifierModels,
+    TinyFaceRestorer,
+    TinyLPIPS,
+    build_tiny_pixel_model,
+    build_tiny_upscaler,
+    place_on,
+)
 
 METHODS = ("regen", "diffpure-latent", "diffpure-pixel", "ddspure", "gridpure", "pdm-pure", "impress",
            "codeformer-sr", "noisy-upscale")
@@ -36,13 +42,19 @@ def tiny_models(device, dtype) -> PurifierModels:
 
 def sd_shaped_models(device, dtype) -> PurifierModels:
     """Random networks with the real models' shapes (no download): ``sd15-shaped`` for the SD pipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, \
-        UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
     from torchmetrics.functional.image.lpips import _NoTrainLpips
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
     from cloaklab.ops.metrics.lpips import LPIPSNet
+    from cloaklab.ops.models.tokenizer import VOCAB_SIZE, clip_tokenizer
     from cloaklab.ops.purify.models import PixelDiffusion
 
     def text_encoder(hidden: int, layers: int) -> CLIPTextModel:

@@ -1,8 +1,9 @@
 """Benchmark: images/s of each backbone metric of ``cloak score`` vs the bare forward of its backbone.
 
 Two baselines: the bare forward on already-preprocessed tensors, and the forward plus the resize/crop/normalize
-any implementation must do. Goal ≤ 1.2× against the second (preprocessing and bookkeeping must not dominate; reference features are computed once in
-``prepare``, outside the timed loop, as in a real run). Tiny backbones built in code by default (offline); on a GPU
+any implementation must do. Goal ≤ 1.2× against the second (preprocessing and bookkeeping must not dominate;
+reference features are computed once in ``prepare``, outside the timed loop, as in a real run). Tiny backbones built
+in code by default (offline); on a GPU
 machine: ``python bench/score.py --device cuda``. Real weights: ``--real`` (needs them cached).
 
     python bench/score.py [--images 32] [--batch 8] [--device cpu|cuda] [--size 256]
@@ -66,7 +67,7 @@ def main() -> None:
                                                                                         args.batch)]
 
         def run_metric():
-            for index, (batch, ctx) in enumerate(batches):
+            for batch, ctx in batches:
                 # distinct keys per pass so the CLIP memo cannot skip work across repeats
                 metric.score(batch, [ImageContext(f"{time.perf_counter()}-{c.rel}", c.concept, c.reference, c.prompt,
                                                   c.class_name) for c in ctx])

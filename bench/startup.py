@@ -29,7 +29,8 @@ def main() -> None:
     help_cmd = [cloak, "--help"] if cloak else [sys.executable, "-m", "cloaklab.cli.main", "--help"]
     base, _ = best_of(python)
     rows = [("python -c pass", *best_of(python)), ("import cloaklab.cli.main", *best_of(import_cli)),
-            ("cloak --help", *best_of(help_cmd)), ("cloak purify --help", *best_of(help_cmd[:-1] + ["purify", "--help"]))]
+            ("cloak --help", *best_of(help_cmd)),
+            ("cloak purify --help", *best_of(help_cmd[:-1] + ["purify", "--help"]))]
     print(f"{'what':28} {'best s':>8} {'median s':>9} {'× python':>9}  goal")
     for name, best, median in rows:
         goal = "≤ 0.30 s" if name != "python -c pass" else ""

@@ -66,8 +66,8 @@ def bare_step(pipe, batch: int, resolution: int, repeats: int, device: torch.dev
 
 def train_run(args, lora: int | None, prior: float, out: Path, items) -> tuple[float, float, int]:
     """(seconds per step, peak GPU GiB, steps) of a train-db run (class images generated before timing)."""
-    from cloaklab.ops.models import load_pipeline, model_info
     from cloaklab.ops.commands.train_db import train_dreambooth
+    from cloaklab.ops.models import load_pipeline, model_info
     from cloaklab.ops.train.dreambooth_model import DreamBoothSettings
     from cloaklab.ops.train.loop import TrainConfig
 

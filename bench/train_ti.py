@@ -71,7 +71,7 @@ def bare_step(pipe, resolution: int, repeats: int, device: torch.device) -> floa
 
 def ti_step(model: str, device: torch.device, dtype: torch.dtype, resolution: int, steps: int, **szt) -> float:
     """Seconds per step of the real loop (steps 4..N timed through the progress callback)."""
-    from cloaklab.ops.train.data import InstanceData, OBJECT_TEMPLATES, fill_templates
+    from cloaklab.ops.train.data import OBJECT_TEMPLATES, InstanceData, fill_templates
     from cloaklab.ops.train.loop import TrainConfig, train
     from cloaklab.ops.train.textual_inversion import TextualInversion
     from cloaklab.tests.conftest import photo_tensor

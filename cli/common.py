@@ -8,8 +8,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -38,7 +39,7 @@ Recursive = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that a previous run with the same "
                                          "parameters already wrote (default: skip them); files cloak did not write "
                                          "are never replaced (docs/contract.md).")]
-Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N|auto", help="Process only shard I of N "
+Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N|auto", help="Process only shard I of N "
                                               "(1-based, round-robin over the sorted inputs) so N processes can "
                                               "share a folder; auto: this array task's shard from Slurm "
                                               "(SLURM_ARRAY_TASK_*) or Grid Engine (SGE_TASK_*), e.g. under "
@@ -50,9 +51,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed; each file draws 
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (same-size images only).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Reject larger images as "
+MaxPixels = Annotated[int | None, typer.Option("--max-pixels", min=1, help="Reject larger images as "
                                                   "decompression bombs (default 134,217,728).")]
-Model = Annotated[Optional[str], typer.Option("--model", envvar="CLOAK_MODEL", help="Hub id, local diffusers folder, "
+Model = Annotated[str | None, typer.Option("--model", envvar="CLOAK_MODEL", help="Hub id, local diffusers folder, "
                                               ".safetensors file, 'tiny', 'toy' or "
                                               "'sd15-shaped' (random weights, for timing) (default "
                                               "stable-diffusion-v1-5/stable-diffusion-v1-5).")]
@@ -71,7 +72,7 @@ def value(option: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- errors
-Threads = Annotated[Optional[int], typer.Option("--threads", envvar="CLOAK_THREADS", min=1, show_default=False,
+Threads = Annotated[int | None, typer.Option("--threads", envvar="CLOAK_THREADS", min=1, show_default=False,
                                                  help="CPU threads for torch (default: the CPUs this process may "
                                                       "use — its affinity, capped by the cgroup CPU quota).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No header and no progress on stderr (warnings, errors "
@@ -82,7 +83,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what the run woul
                                       "which are skipped as done, which are rejected and why, the resolved settings "
                                       "and the model that would load — without loading a model or writing anything "
                                       "(--json for machines).")]
-Config = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", show_default=False,
+Config = Annotated[Path | None, typer.Option("--config", metavar="FILE", show_default=False,
                                                 help="Read settings from a TOML or YAML file (keys are the long flag "
                                                      "names, e.g. quality = 25 or jpeg-scale: 512; an optional table "
                                                      "named after the command applies to it only); flags given on "
@@ -131,9 +132,8 @@ def handle_errors(function: Callable) -> Callable:
         if function.__name__ not in RUN_COMMANDS:
             run_flags["dry_run"] = run_flags["config"] = None
         try:
-            from cloaklab.ops.validate import check_command_flags
-
             from cloaklab.ops.models import quiet_libraries
+            from cloaklab.ops.validate import check_command_flags
 
             verbose = bool(run_flags["verbose"]) or debug
             configure_run(run_flags["threads"], bool(run_flags["quiet"]), verbose)
@@ -152,7 +152,7 @@ def handle_errors(function: Callable) -> Callable:
             raise
         except KeyboardInterrupt:
             sys.stderr.write("cloak: interrupted (finished files are kept; rerun to resume)\n")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the single place where faults become exit codes
             from cloaklab.ops.errors import CloakError
 
@@ -162,10 +162,10 @@ def handle_errors(function: Callable) -> Callable:
 
             if isinstance(exc, CloakError):
                 sys.stderr.write(f"cloak: error: {printable(exc)}\n")
-                raise typer.Exit(exc.exit_code)
+                raise typer.Exit(exc.exit_code) from exc
             sys.stderr.write(f"cloak: internal error: {type(exc).__name__}: {printable(exc)}"
                              f"{'' if debug else ' (rerun with --debug for the traceback)'}\n")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from exc
 
     _with_run_flags(function, wrapper)
     return wrapper
@@ -282,7 +282,7 @@ class Reporter:
         self.last_line = 0.0
         self.interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "10") or 10)
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -343,7 +343,6 @@ class Reporter:
 
     # -- file events
     def event(self, kind: str, name: str, info: dict) -> None:
-        import time
 
         if kind == "start":
             self.total_files = int(info.get("total", 0))
@@ -457,27 +456,6 @@ class Reporter:
         return summary.exit_code
 
 
-class StepProgress:
-    """Training progress (kept for the training commands): ``with StepProgress(label, reporter) as p`` and pass
-    ``p.update`` as ``on_progress(step, total, record)``; it is :meth:`Reporter.steps` of one shared reporter."""
-
-    def __init__(self, label: str, reporter: Reporter | None = None,
-                 describe: Callable[[dict], str] | None = None):
-        self.reporter = reporter or Reporter(label)
-        self.update = self.reporter.steps(label.removeprefix(self.reporter.command).strip(), describe)
-
-    def __enter__(self) -> "StepProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.reporter.stop()
-
-
 def emit(output: Path, payload: dict, as_json: bool) -> None:
     """The data line on stdout: the output path, or ``payload`` as JSON with ``--json``."""
     sys.stdout.write((json.dumps(payload, default=str) if as_json else str(output)) + "\n")
-
-
-def not_implemented(command: str) -> None:
-    sys.stderr.write(f"cloak: {command} is not implemented yet\n")
-    raise typer.Exit(2)

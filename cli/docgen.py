@@ -110,7 +110,8 @@ def _named_sets(param) -> list[str]:
 
 
 MODEL_NAMES = ["tiny", "toy", "sd15-shaped"]  # built-in --model names besides Hub ids, folders and files
-SUGGESTED = {"--device": ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps"], "--dtype": ["auto", "fp32", "fp16", "bf16"]}
+SUGGESTED = {"--device": ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps"],
+             "--dtype": ["auto", "fp32", "fp16", "bf16"]}
 
 
 def _value_help(command: str, names: list[str]) -> dict[str, str]:

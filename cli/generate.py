@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,35 +23,35 @@ def generate(
         help="objects24 (24 recontextualisation prompts, paper 000), faces ('a photo of {token} person', 'a DSLR "
              "portrait of {token} person'; papers 001/004), or a text file with one template per line (# comments).")
     ] = DEFAULT_PROMPT_SET,
-    token: Annotated[Optional[str], typer.Option("--token", "-t", help="Replaces {token} in the templates (default: "
+    token: Annotated[str | None, typer.Option("--token", "-t", help="Replaces {token} in the templates (default: "
                                                  "the embedding's token with --embedding, else 'sks'). Add a class "
                                                  "word if wanted: --token 'sks dog'.")] = None,
-    num_per_prompt: Annotated[Optional[int], typer.Option("--num-per-prompt", "-n", min=1,
+    num_per_prompt: Annotated[int | None, typer.Option("--num-per-prompt", "-n", min=1,
                                                           help="Images per prompt (5 for the built-in sets, paper "
                                                           "000 §5.1.2; 1 for files).")] = None,
     model: common.Model = None,
-    embedding: Annotated[Optional[Path], typer.Option("--embedding", help="Textual-inversion file "
+    embedding: Annotated[Path | None, typer.Option("--embedding", help="Textual-inversion file "
                                                       "(learned_embeds.safetensors), loaded with diffusers' "
                                                       "load_textual_inversion.")] = None,
-    lora: Annotated[Optional[Path], typer.Option("--lora", help="Folder (or file) with "
+    lora: Annotated[Path | None, typer.Option("--lora", help="Folder (or file) with "
                                                  "pytorch_lora_weights.safetensors, loaded with diffusers' "
                                                  "load_lora_weights.")] = None,
-    unet: Annotated[Optional[Path], typer.Option("--unet", help="A trained UNet folder replacing the model's "
+    unet: Annotated[Path | None, typer.Option("--unet", help="A trained UNet folder replacing the model's "
                                                  "(train-db --save-trained-only writes OUT/unet).")] = None,
-    text_encoder: Annotated[Optional[Path], typer.Option("--text-encoder", help="A trained text-encoder folder "
+    text_encoder: Annotated[Path | None, typer.Option("--text-encoder", help="A trained text-encoder folder "
                                                          "replacing the model's (OUT/text_encoder).")] = None,
-    lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength (1.0).")] = None,
+    lora_scale: Annotated[float | None, typer.Option("--lora-scale", help="LoRA strength (1.0).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (50; METHODS.md: 50-100).")] = \
     DEFAULT_STEPS,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale g (7.5). With a "
                                             "negative prompt this is paper 001 Eq. 6 with w = g - 1.")] = \
     DEFAULT_GUIDANCE,
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt "
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt "
                                                            "(replaces the empty unconditional prompt).")] = None,
     quality_negative: Annotated[bool, typer.Option("--quality-negative", help="DiffShortcut sampling (paper 001 "
                                                    "Eq. 6, Alg. 1): negative prompt '{neg-token}, noisy, abstract, "
                                                    "pattern, low quality' (+ --negative-prompt).")] = False,
-    neg_token: Annotated[Optional[str], typer.Option("--neg-token", help="DiffShortcut negative token used in "
+    neg_token: Annotated[str | None, typer.Option("--neg-token", help="DiffShortcut negative token used in "
                                                      "training (e.g. 'UNKNOWN artifact masked'); prepended to the "
                                                      "quality negative prompt, and ', without NEG' is appended to "
                                                      "every prompt (paper 001 §4.2, DiffShortcut's infer).")] = None,
@@ -59,9 +59,9 @@ def generate(
                                                  "(DPM-Solver++), pndm, euler, or the model's own.")] = \
     DEFAULT_SCHEDULER,
     eta: Annotated[float, typer.Option("--eta", help="DDIM η (0 = deterministic).")] = DEFAULT_ETA,
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Square output size in pixels (the "
+    resolution: Annotated[int | None, typer.Option("--resolution", help="Square output size in pixels (the "
                                                       "model's default: 512 for SD 1.5, 64 for tiny).")] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Generate only these images, e.g. --only "
+    only: Annotated[list[str] | None, typer.Option("--only", help="Generate only these images, e.g. --only "
                                                       "p03_i002 (repeatable); their seeds are the same as in a "
                                                       "full run.")] = None,
     trust_pickle: common.TrustPickle = False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,11 +31,11 @@ def immunize(
                                              "(IMMA: 1).")] = STAGE.inner_steps,
     outer_steps: Annotated[int, typer.Option(min=1, rich_help_panel=IMMA, help="Defence steps per cycle (IMMA: "
                                              "1).")] = STAGE.outer_steps,
-    lr: Annotated[Optional[float], typer.Option(rich_help_panel=IMMA, help="Adaptation (inner) lr; default per "
+    lr: Annotated[float | None, typer.Option(rich_help_panel=IMMA, help="Adaptation (inner) lr; default per "
                                                 "method: ti 5e-4, db 5e-6, lora 5e-6.")] = None,
-    defence_lr: Annotated[Optional[float], typer.Option(rich_help_panel=IMMA, help="Defence (outer) lr on the "
+    defence_lr: Annotated[float | None, typer.Option(rich_help_panel=IMMA, help="Defence (outer) lr on the "
                                                         "attention weights; default ti 1e-6, db/lora 2e-5.")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option(rich_help_panel=IMMA, help="Gradient-norm clip of both "
+    max_grad_norm: Annotated[float | None, typer.Option(rich_help_panel=IMMA, help="Gradient-norm clip of both "
                                                            "steps (default: db/lora 1.0, ti none).")] = None,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", rich_help_panel=IMMA,
                                        help="--no-clip: never clip gradients, whatever --max-grad-norm says.")
@@ -47,14 +47,14 @@ def immunize(
     cross_attention_only: Annotated[bool, typer.Option(rich_help_panel=IMMA, help="Immunize only cross-attention "
                                                        "(attn2) projections (default: self- and cross-attention "
                                                        "to_q/to_k/to_v/to_out).")] = STAGE.cross_attention_only,
-    token: Annotated[Optional[str], typer.Option(help="Identifier the attacker trains: the new TI token (default "
+    token: Annotated[str | None, typer.Option(help="Identifier the attacker trains: the new TI token (default "
                                                  "'<R*>') or the DreamBooth rare word (default 'sks').")] = None,
     class_word: Annotated[list[str], typer.Option(help="Class of the concept: TI init token and DreamBooth "
                                                   "prompt word; repeat once per concept with --multi-concept.")]
     = [DEFAULT_CLASS_WORD],  # noqa: B006 - typer needs a list default
-    instance_prompt: Annotated[Optional[str], typer.Option(help="db/lora prompt (default 'a photo of {token} "
+    instance_prompt: Annotated[str | None, typer.Option(help="db/lora prompt (default 'a photo of {token} "
                                                            "{class}').")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's; 512 for SD1.5, "
+    resolution: Annotated[int | None, typer.Option(help="Training size (default: the model's; 512 for SD1.5, "
                                                       "64 for tiny).")] = None,
     mean_latents: Annotated[bool, typer.Option(help="Use the VAE posterior mean instead of a sample per step.")]
     = not STAGE.sample_latents,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,9 +21,9 @@ PROMPTS = "Prompts (default: automatic)"
 def mask(
     inputs: common.Inputs,
     output: common.Output,
-    box: Annotated[Optional[str], typer.Option(metavar="X0,Y0,X1,Y1", rich_help_panel=PROMPTS,
+    box: Annotated[str | None, typer.Option(metavar="X0,Y0,X1,Y1", rich_help_panel=PROMPTS,
                                                help="Box prompt in image pixels (same for every image).")] = None,
-    point: Annotated[Optional[list[str]], typer.Option(metavar="X,Y", rich_help_panel=PROMPTS,
+    point: Annotated[list[str] | None, typer.Option(metavar="X,Y", rich_help_panel=PROMPTS,
                                                        help="Positive point prompt in image pixels; repeatable.")]
     = None,
     center: Annotated[bool, typer.Option(rich_help_panel=PROMPTS, help="Prompt with the image centre.")] = False,
@@ -38,7 +38,7 @@ def mask(
                                         "(--dilate / --preset szt).")] = MaskSettings.dilate,
     sam_type: Annotated[SamType, typer.Option(help="SAM backbone (tiny = random demo model built in code).")]  # type: ignore[valid-type]
     = MaskSettings.sam_type,
-    sam_checkpoint: Annotated[Optional[Path], typer.Option(envvar="CLOAK_SAM_CHECKPOINT", help="SAM checkpoint "
+    sam_checkpoint: Annotated[Path | None, typer.Option(envvar="CLOAK_SAM_CHECKPOINT", help="SAM checkpoint "
                                                            "(.pth state dict or .safetensors). Default: "
                                                            "~/.cache/segment_anything/sam_vit_h_4b8939.pth etc., from "
                                                            "https://dl.fbaipublicfiles.com/segment_anything/")] = None,

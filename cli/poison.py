@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,34 +26,34 @@ def _opt(help_text: str, **kwargs):
 def poison(
     inputs: common.Inputs,
     output: common.Output,
-    attack: Annotated[Optional[Attack], typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
-                                                     help="Attack (the list under Attacks in this help). Without it: the artist preset "
-                                                          f"({PRESET_TEXT}).")] = None,
-    eps: Annotated[Optional[float], _opt("L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family 6.375, "
-                                          "MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
-    step_size: Annotated[Optional[float], _opt("PGD step in /255 units, 0 < step <= 255 (1).", min=0)] = None,
-    steps: Annotated[Optional[int], _opt("PGD iterations (100; da 200).", min=0)] = None,
-    random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", show_default=False,
+    attack: Annotated[Attack | None, typer.Option("--attack", "-a", show_default=False,  # type: ignore[valid-type]
+                                                  help="Attack (the list under Attacks in this help). Without it: "
+                                                       f"the artist preset ({PRESET_TEXT}).")] = None,
+    eps: Annotated[float | None, _opt("L∞ budget in /255 pixel units, 0 < eps <= 255 (16; Anti-DreamBooth family "
+                                      "6.375, MetaCloak 11). Holds exactly on the saved PNG.", min=0)] = None,
+    step_size: Annotated[float | None, _opt("PGD step in /255 units, 0 < step <= 255 (1).", min=0)] = None,
+    steps: Annotated[int | None, _opt("PGD iterations (100; da 200).", min=0)] = None,
+    random_start: Annotated[bool | None, typer.Option("--random-start/--no-random-start", show_default=False,
                                                          help="Start from a uniform draw in the ε-ball (on for "
                                                               "adm±, sds±, ea, mist as Mist v1; off for lf-*, "
                                                               "da).")] = None,
-    t_range: Annotated[Optional[str], _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole schedule).",
-                                           metavar="LO,HI")] = None,
-    prompt: Annotated[Optional[str], _opt("Prompt conditioning the UNet ('a photo').")] = None,
-    target: Annotated[Optional[str], _opt("ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, "
+    t_range: Annotated[str | None, _opt("Timesteps LO,HI drawn uniformly, LO ≤ t < HI, 0 <= LO < HI <= 1000 (whole "
+                                        "schedule).", metavar="LO,HI")] = None,
+    prompt: Annotated[str | None, _opt("Prompt conditioning the UNet ('a photo').")] = None,
+    target: Annotated[str | None, _opt("ea/mist/da/ace target: pattern (ours, high-contrast), gray, zero, "
                                           "or an image path (pattern).")] = None,
-    lf_ratio: Annotated[Optional[float], _opt("lf-*/inmark: DCT low-frequency ratio η, 0 < η <= 1 (0.25).", min=0,
+    lf_ratio: Annotated[float | None, _opt("lf-*/inmark: DCT low-frequency ratio η, 0 < η <= 1 (0.25).", min=0,
                                               max=1)] = None,
-    fused_weight: Annotated[Optional[float], _opt("mist: weight of the AdvDM term, >= 0 (1e4).")] = None,
-    mask: Annotated[Optional[Path], _opt("Perturb only inside this mask (white = perturb): one image for all "
+    fused_weight: Annotated[float | None, _opt("mist: weight of the AdvDM term, >= 0 (1e4).")] = None,
+    mask: Annotated[Path | None, _opt("Perturb only inside this mask (white = perturb): one image for all "
                                          "inputs, or a folder of <name>.png masks as `cloak mask` writes.")] = None,
-    robust: Annotated[Optional[str], _opt("EoT transforms inside the loss, comma-separated: jpeg "
+    robust: Annotated[str | None, _opt("EoT transforms inside the loss, comma-separated: jpeg "
                                           "(differentiable), resize, blur; 'none' to switch off the preset's.",
                                           metavar="LIST")] = None,
     eot_samples: Annotated[int, typer.Option(help="EoT draws averaged per step.", min=1)] = 1,
-    jpeg_quality: Annotated[Optional[int], _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
+    jpeg_quality: Annotated[int | None, _opt("Fix the EoT JPEG quality (default random 50-90).", min=1,
                                                 max=100)] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Working resolution: short side in px (0-4096), aspect "
+    resolution: Annotated[int | None, typer.Option(help="Working resolution: short side in px (0-4096), aspect "
                                                            "kept, multiples of 8; 0 = native size. Default: the "
                                                            "model's own size (SD 1.x 512, SD 2.1-v 768, SDXL 1024, "
                                                            "toy/tiny 64). Photos longer than 8× their short side "
@@ -69,11 +69,11 @@ def poison(
                                                      "place), for mimics that random-crop.", min=0, max=1)] = 0.0,
     preview: Annotated[bool, typer.Option("--preview", help="Also write OUTPUT/previews/<name>.png: original | "
                                           "cloaked | amplified difference.")] = False,
-    clean_dir: Annotated[Optional[Path], _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
-    param: Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", show_default=False,
-                                                       help="Any other method parameter (listed per attack in this help), e.g. "
-                                                            "--param rounds=10 --param l2_eps=8.")] = None,
-    param_short: Annotated[Optional[list[str]], typer.Option("-p", hidden=True, show_default=False,
+    clean_dir: Annotated[Path | None, _opt("Set-level attacks: clean images of the same subject (set A).")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", metavar="KEY=VALUE", show_default=False,
+                                                    help="Any other method parameter (listed per attack in this "
+                                                         "help), e.g. --param rounds=10 --param l2_eps=8.")] = None,
+    param_short: Annotated[list[str] | None, typer.Option("-p", hidden=True, show_default=False,
                                                              help="Deprecated spelling of --param.")] = None,
     eval_draws: Annotated[int, typer.Option(help="Fixed (t, ε) draws measuring each file's loss at start and end "
                                                  "(0 = skip; single-image attacks).", min=0)] = 4,
@@ -89,7 +89,7 @@ def poison(
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
     seed: common.Seed = 0,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, show_default=False,
                                                       help="Images per batch, same-size images only (1); "
                                                            "set-level attacks: the PGD minibatch (all images at "
                                                            "once, as Anti-DreamBooth).")] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,18 +19,18 @@ def report(
                                          "empty, or an earlier report).", show_default=False)],
     rows: Annotated[str, typer.Option(help="Label key for rows (the score files' --label).")] = "poison",
     cols: Annotated[str, typer.Option(help="Label key for columns.")] = "defense",
-    metric: Annotated[Optional[str], typer.Option(help="Metric that colours the cells (default: the first "
+    metric: Annotated[str | None, typer.Option(help="Metric that colours the cells (default: the first "
                                                   "file's first); every metric is shown.")] = None,
-    pick: Annotated[Optional[str], typer.Option(help="Metric that picks the best / median / worst samples "
+    pick: Annotated[str | None, typer.Option(help="Metric that picks the best / median / worst samples "
                                                 "(default: --metric; its registered direction decides best).")]
     = None,
-    average_row: Annotated[Optional[str], typer.Option(help="Add a row averaging the rows, as score --table, e.g. "
+    average_row: Annotated[str | None, typer.Option(help="Add a row averaging the rows, as score --table, e.g. "
                                                        "'Psn Avg'.")] = None,
-    average_exclude: Annotated[Optional[list[str]], typer.Option(help="Rows left out of the average "
+    average_exclude: Annotated[list[str] | None, typer.Option(help="Rows left out of the average "
                                                                  "(repeatable), e.g. none.")] = None,
     thumb_size: Annotated[int, typer.Option(help="Longest side of the grid and sample thumbnails (px).")] = 128,
     preview_size: Annotated[int, typer.Option(help="Longest side of before/after previews (px).")] = 256,
-    title: Annotated[Optional[str], typer.Option(help="Page title.")] = None,
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     json_out: common.JsonOut = False,
     debug: common.Debug = False,
 ) -> None:

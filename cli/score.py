@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from cloaklab.ops.metrics import (CLIP_DEFAULT, CLIPSCORE_W, DEFAULT_METRICS, DINOV2_DEFAULT, FID_DEFAULT_FEATURES,
-                                  LPIPS_DEFAULT_NET, METRICS)
+from cloaklab.ops.metrics import (
+    CLIP_DEFAULT,
+    CLIPSCORE_W,
+    DEFAULT_METRICS,
+    DINOV2_DEFAULT,
+    FID_DEFAULT_FEATURES,
+    LPIPS_DEFAULT_NET,
+    METRICS,
+)
 
 from . import common
 
@@ -25,25 +32,26 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", parser=common.output_path,
                                          help="Score file to write (.json); with --table: the "
                                          "table stem (writes .md, .csv and .png).", show_default=False)],
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics (the list under Metrics in this help); "
-                                         "all-offline = every metric that needs no download.")] = DEFAULT_METRICS,
-    metrics_short: Annotated[Optional[str], typer.Option("-m", hidden=True, show_default=False,
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics (the list under Metrics in this "
+                                         "help); all-offline = every metric that needs no download.")
+                       ] = DEFAULT_METRICS,
+    metrics_short: Annotated[str | None, typer.Option("-m", hidden=True, show_default=False,
                                                          help="Deprecated spelling of --metrics.")] = None,
-    ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
+    ref: Annotated[Path | None, typer.Option("--ref", help="Clean reference images: one subfolder per concept, "
                                                 "or a flat folder for all; paired metrics match by name.")] = None,
-    csv: Annotated[Optional[Path], typer.Option("--csv", parser=common.output_path,
+    csv: Annotated[Path | None, typer.Option("--csv", parser=common.output_path,
                                                      help="Also write the records and means as CSV.")] = None,
     group_by: Annotated[str, typer.Option("--group-by", help="Concepts: folder (first subfolder, or the flat "
                                           "folder's name), none, field:NAME (a cloak generate record field), or "
                                           "regex:PATTERN on the relative path.")] = "folder",
-    class_name: Annotated[Optional[str], typer.Option("--class", help="Class word for clip-iqac and q "
+    class_name: Annotated[str | None, typer.Option("--class", help="Class word for clip-iqac and q "
                                                       "(e.g. person, dog).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="clip: prompt for every image (default: each "
+    prompt: Annotated[str | None, typer.Option("--prompt", help="clip: prompt for every image (default: each "
                                                   "image's prompt from the cloak generate manifest).")] = None,
-    token: Annotated[Optional[str], typer.Option("--token", help="clip: token removed from the prompt (default: the "
+    token: Annotated[str | None, typer.Option("--token", help="clip: token removed from the prompt (default: the "
                                                  "manifest's token).")] = None,
-    label: Annotated[Optional[list[str]], typer.Option("--label", metavar="KEY=VALUE", help="Label stored in the "
-                                                       "score file for --table (repeatable), e.g. poison=adm+.")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="Label stored in the "
+                                                    "score file for --table (repeatable), e.g. poison=adm+.")] = None,
     dinov2_model: Annotated[str, typer.Option(help="dinov2 weights: Hub id, local folder, or tiny.")] =
     DINOV2_DEFAULT,
     clip_model: Annotated[str, typer.Option(help="CLIP weights for clip, clip-iqa, clip-iqac, liqe, q: Hub id, "
@@ -52,18 +60,18 @@ def score(
                                               "CLIP-S (paper 000's tables), 100 torchmetrics' scale.")] = CLIPSCORE_W,
     clip_prefix: Annotated[str, typer.Option(help="clip: text put before each prompt; Hessel et al.'s code uses "
                                              "'A photo depicts ' (default: none).")] = "",
-    liqe_model: Annotated[Optional[str], typer.Option(help="liqe: LIQE CLIP weights as a transformers folder "
+    liqe_model: Annotated[str | None, typer.Option(help="liqe: LIQE CLIP weights as a transformers folder "
                                                       "(default: zero-shot with --clip-model).")] = None,
     lpips_net: Annotated[str, typer.Option(help="lpips backbone: alex, vgg, squeeze, or tiny (random backbone).")] =
     LPIPS_DEFAULT_NET,
     fid_features: Annotated[str, typer.Option(help="fid features: inception (torch-fidelity) or tiny.")] =
     FID_DEFAULT_FEATURES,
-    arcface_model: Annotated[Optional[str], typer.Option(help="ism/ims: ArcFace ONNX file (e.g. antelopev2 "
+    arcface_model: Annotated[str | None, typer.Option(help="ism/ims: ArcFace ONNX file (e.g. antelopev2 "
                                                         "glintr100.onnx; needs onnxruntime), TorchScript file "
                                                         "(--trust-pickle), or tiny.")] = None,
-    vggface_model: Annotated[Optional[str], typer.Option(help="ims: VGG-Face ONNX or TorchScript file, or tiny.")]
+    vggface_model: Annotated[str | None, typer.Option(help="ims: VGG-Face ONNX or TorchScript file, or tiny.")]
     = None,
-    face_detector: Annotated[Optional[str], typer.Option(
+    face_detector: Annotated[str | None, typer.Option(
         help="fdfr/ism/ims: haar (default, OpenCV, offline; no alignment) or a RetinaFace-style ONNX/TorchScript file "
              "returning (N, 15) boxes, scores and 5 landmarks, or a raw RetinaFace export (loc, conf, landms heads, "
              "biubug6/Pytorch_Retinaface; decoded here, recognized automatically): faces are then aligned to "
@@ -71,12 +79,12 @@ def score(
     trust_pickle: common.TrustPickle = False,
     table: Annotated[bool, typer.Option("--table", help="Merge score files (the inputs) into a rows × cols table.")]
     = False,
-    rows: Annotated[Optional[str], typer.Option(help="--table: label key for rows (e.g. poison).")] = None,
-    cols: Annotated[Optional[str], typer.Option(help="--table: label key for columns (e.g. defense).")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="--table: metric shown (default: each file's first).")] = None,
-    average_row: Annotated[Optional[str], typer.Option(help="--table: add a row averaging the rows, e.g. "
+    rows: Annotated[str | None, typer.Option(help="--table: label key for rows (e.g. poison).")] = None,
+    cols: Annotated[str | None, typer.Option(help="--table: label key for columns (e.g. defense).")] = None,
+    metric: Annotated[str | None, typer.Option(help="--table: metric shown (default: each file's first).")] = None,
+    average_row: Annotated[str | None, typer.Option(help="--table: add a row averaging the rows, e.g. "
                                                        "'Psn Avg'.")] = None,
-    average_exclude: Annotated[Optional[list[str]], typer.Option(help="--table: rows left out of the average "
+    average_exclude: Annotated[list[str] | None, typer.Option(help="--table: rows left out of the average "
                                                                  "(repeatable), e.g. clean.")] = None,
     recursive: common.Recursive = False,
     device: common.Device = "auto",

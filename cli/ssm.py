@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,31 +20,31 @@ def ssm(
     output: common.Output,
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt the maps are conditioned on, e.g. 'a <R*> on the "
                                         "grass'.")] = SsmSettings.prompt,
-    token: Annotated[Optional[list[str]], typer.Option("--token", help="Token or word of the prompt to map "
+    token: Annotated[list[str] | None, typer.Option("--token", help="Token or word of the prompt to map "
                                                        "(repeatable; default: every token of the prompt). A token "
                                                        "unknown to the tokenizer is added, initialised from "
                                                        "--init-word, unless --embedding provides it.")] = None,
-    embedding: Annotated[Optional[Path], typer.Option("--embedding", help="Learned TI embedding "
+    embedding: Annotated[Path | None, typer.Option("--embedding", help="Learned TI embedding "
                                                       "(learned_embeds.safetensors) for the token.")] = None,
     init_word: Annotated[str, typer.Option(help="Initial embedding of a new token without --embedding.")] \
     = SsmSettings.init_word,
-    timesteps: Annotated[Optional[str], typer.Option("--timesteps", help="Comma-separated timesteps (default: "
+    timesteps: Annotated[str | None, typer.Option("--timesteps", help="Comma-separated timesteps (default: "
                                                      "100,200,…,800,1000 as paper 000 Fig. 3 for maps; 21 equally "
                                                      "spaced, 0…1000, for profiles as Fig. 4).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Draws of (random dictionary embedding, noise) "
                                          "averaged per map / per profile point.")] = SsmSettings.samples,
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="Concept masks named like the images: adds "
+    masks: Annotated[Path | None, typer.Option("--masks", help="Concept masks named like the images: adds "
                                                   "R_{n,M} (Eq. 16) to each map; needed by --profile mask-loss.")]
     = None,
-    profile: Annotated[Optional[Profile], typer.Option("--profile", help="Run an analysis instead of maps: loss "  # type: ignore[valid-type]
+    profile: Annotated[Profile | None, typer.Option("--profile", help="Run an analysis instead of maps: loss "  # type: ignore[valid-type]
                                                        "(Fig. 4), grad (Fig. 5), mask-loss (Fig. 6), jpeg-hist "
                                                        "(Fig. 7/12, needs --clean), spectrum (Fig. 13). mask-loss on "
                                                        "train_log.jsonl inputs plots the logged losses.")] = None,
-    clean: Annotated[Optional[Path], typer.Option("--clean", help="Clean twins of the (poisoned) inputs, named "
+    clean: Annotated[Path | None, typer.Option("--clean", help="Clean twins of the (poisoned) inputs, named "
                                                   "alike: a second series in the profiles.")] = None,
     quality: Annotated[int, typer.Option(help="JPEG quality for jpeg-hist and spectrum (SZT's 25).", min=1,
                                          max=100)] = SsmSettings.quality,
-    resolution: Annotated[Optional[int], typer.Option(help="Working resolution (default: the model's, 512 for "
+    resolution: Annotated[int | None, typer.Option(help="Working resolution (default: the model's, 512 for "
                                                       "SD 1.5); images are resized and centre-cropped.")] = None,
     model: common.Model = None,
     trust_pickle: common.TrustPickle = False,

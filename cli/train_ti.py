@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,39 +25,41 @@ def train_ti(
     token: Annotated[str, typer.Option(help="The new placeholder token (must not exist in the tokenizer).")] = S.token,
     init_token: Annotated[str, typer.Option(help="A one-token word whose embedding initialises the new token.")]
     = S.init_token,
-    num_vectors: Annotated[int, typer.Option(min=1, help="Embedding rows for the token (paper 000: 1).")] = S.num_vectors,
+    num_vectors: Annotated[int, typer.Option(min=1, help="Embedding rows for the token (paper 000: 1).")
+                           ] = S.num_vectors,
     templates: Annotated[str, typer.Option(
         metavar="object|style|FILE", help="Prompt templates: the TI paper's object or style set, or a text file of "
                                           "templates with {} for the token, one per line.")] = S.templates,
-    preset: Annotated[Optional[Preset], typer.Option(  # type: ignore[valid-type]
+    preset: Annotated[Preset | None, typer.Option(  # type: ignore[valid-type]
         help=f"{SZT} preset = a column of Table 1: nominal, jpeg (q25), t600 (t>=600), lm (loss mask), jpeg+t600, "
              "jpeg+lm, szt (JPEG q25 + t>=500 + LM with 16 px dilation). Explicit flags override it.",
         rich_help_panel=SZT)] = None,
-    jpeg: Annotated[Optional[int], typer.Option(min=1, max=100, metavar="Q", rich_help_panel=SZT,
+    jpeg: Annotated[int | None, typer.Option(min=1, max=100, metavar="Q", rich_help_panel=SZT,
                                                 help="JPEG-compress training images at quality Q (SZT: 25).")] = None,
-    jpeg_scale: Annotated[Optional[int], typer.Option(
+    jpeg_scale: Annotated[int | None, typer.Option(
         min=8, metavar="S", rich_help_panel=SZT,
         help="Apply that JPEG at short side S px (Pillow bicubic up, encode/decode, back; paper 000 compressed 512-px "
              "photos, so the toy grid's 64-px images use 512). Default: each file's own size. Ignored without JPEG.")]
     = None,
-    t_sampler: Annotated[Optional[Sampler], typer.Option(  # type: ignore[valid-type]
+    t_sampler: Annotated[Sampler | None, typer.Option(  # type: ignore[valid-type]
         rich_help_panel=SZT, help="Timestep sampler (App. H): uniform; threshold-high U(rho,1); threshold-low "
                                   "U(0,rho); power p(t)~t^rho; tanh p(t)~tanh(rho(t-0.5))/2+0.5 (t in [0,1] x T).")]
     = None,
-    t_param: Annotated[Optional[float], typer.Option(metavar="RHO", rich_help_panel=SZT,
+    t_param: Annotated[float | None, typer.Option(metavar="RHO", rich_help_panel=SZT,
                                                      help="rho of the sampler (t600: 0.6; szt: 0.5).")] = None,
-    masks: Annotated[Optional[Path], typer.Option(rich_help_panel=SZT, help="Folder of concept masks (from `cloak "
+    masks: Annotated[Path | None, typer.Option(rich_help_panel=SZT, help="Folder of concept masks (from `cloak "
                                                   "mask`): same relative name (.png) and size as each image.")] = None,
-    mask_mode: Annotated[Optional[MaskMode], typer.Option(  # type: ignore[valid-type]
+    mask_mode: Annotated[MaskMode | None, typer.Option(  # type: ignore[valid-type]
         rich_help_panel=SZT, help="App. I: lm = loss mask, im = masked input image, lim = both, zm = masked z_t "
                                   "(default lm when --masks is given).")] = None,
-    dilate: Annotated[Optional[int], typer.Option(min=0, metavar="N", rich_help_panel=SZT,
+    dilate: Annotated[int | None, typer.Option(min=0, metavar="N", rich_help_panel=SZT,
                                                   help="Dilate masks by N px at a 512 training resolution, any "
                                                        "aspect ratio (max filter 2N'+1, N' = N·min(W,H)/512; "
                                                        "SZT: 16).")] = None,
-    steps: Annotated[int, typer.Option("--steps", "--max-train-steps", min=1, help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")]
-    = S.steps,
-    lr: Annotated[float, typer.Option("--lr", "--learning-rate", help="Learning rate > 0, constant (paper 000: 5e-4).")] = S.lr,
+    steps: Annotated[int, typer.Option("--steps", "--max-train-steps", min=1,
+                                       help="Optimizer steps (paper 000: 5000; CustomConcept101: 2500).")] = S.steps,
+    lr: Annotated[float, typer.Option("--lr", "--learning-rate", help="Learning rate > 0, constant (paper 000: 5e-4).")
+                  ] = S.lr,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps (paper 000: 0).")] = S.warmup_steps,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay of the new token's rows (diffusers' "
                                                 "textual_inversion.py --adam_weight_decay: 1e-2; 0 = plain Adam).")]
@@ -66,8 +68,9 @@ def train_ti(
                                           "per sample (diffusers' TextualInversionDataset flip_p: 0.5; 0 = never). "
                                           "Drawn from the run's seed.")] = S.flip_p,
     grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", "--gradient-accumulation-steps", min=1,
-                                                   help="Gradient accumulation (App. O SDXL: 5).")] = S.grad_accumulation,
-    resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's, e.g. 512 for "
+                                                   help="Gradient accumulation (App. O SDXL: 5).")
+                                 ] = S.grad_accumulation,
+    resolution: Annotated[int | None, typer.Option(help="Training size (default: the model's, e.g. 512 for "
                                                       "SD1.5, 64 for tiny).")] = None,
     mean_latents: Annotated[bool, typer.Option(help="Use the VAE posterior mean instead of a sample per step.")]
     = False,

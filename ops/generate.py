@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import CloakError, UsageError
 from .prompts import expand_multi_vector, fill
@@ -125,7 +126,7 @@ def _load_embedding(pipe, path: Path, token: str, stored: str | None) -> None:
 
 def set_scheduler(pipe, name: str) -> None:
     """Swap the pipeline's sampler, keeping the model's noise schedule (``model`` keeps its own sampler)."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler,
                "euler": EulerDiscreteScheduler}

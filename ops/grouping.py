@@ -4,7 +4,8 @@ attacks' minibatches (:meth:`ops.attacks.setlevel.ProtectedSet.groups`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
 
 
 def group_indices_by(items: Iterable[Any], key: Callable[[Any], Hashable]) -> dict[Hashable, list[int]]:

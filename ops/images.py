@@ -23,8 +23,9 @@ attacks, which need the whole set (use ``cloaklab.poison(folder, output)``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 from .errors import RejectedInput, UsageError
 

@@ -13,12 +13,13 @@ import json
 import os
 import re
 import sys
-import time
 import tempfile
+import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,7 +62,7 @@ class LoadedImage:
     ``alpha`` is a float32 array ``(H, W)`` in [0, 1] or ``None``.
     """
 
-    rgb: "torch.Tensor"
+    rgb: torch.Tensor
     alpha: np.ndarray | None
     icc_profile: bytes | None
     gray: bool
@@ -304,7 +305,7 @@ def check_outputs(output: Path, items: Sequence[InputItem]) -> None:
 
 
 def check_output_file(output: Path, protected: Iterable[Path], flag: str = "--output",
-                      owned: "Callable[[Path], bool] | None" = None) -> None:
+                      owned: Callable[[Path], bool] | None = None) -> None:
     """Refuse a single output file that is (resolves to) an input or reference file, or that exists and is not
     cloak's own output (``owned(path)`` decides; without it any existing file is refused)."""
     if not str(output).strip():
@@ -575,7 +576,7 @@ def _pillow_conversions(mode: str, transparency: bool) -> list[str]:
     return steps
 
 
-def _unit_planes(raw: np.ndarray) -> tuple["torch.Tensor", np.ndarray | None, int]:
+def _unit_planes(raw: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None, int]:
     """Gray/RGB(A) samples → float32 colour planes ``(1|3, H, W)`` and alpha ``(H, W)`` in [0, 1], and the bit depth
     written back (:func:`_unit_scale`). One plane at a time: no full-size float64 or duplicate float copy."""
     import torch
@@ -594,7 +595,7 @@ def _unit_planes(raw: np.ndarray) -> tuple["torch.Tensor", np.ndarray | None, in
 
 
 # ------------------------------------------------------------------------------------------------ encoding
-def quantize(rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
+def quantize(rgb: torch.Tensor, like: LoadedImage) -> np.ndarray:
     """Float ``(3, H, W)`` in [0, 1] → the integer array ``(H, W, C)`` that :func:`write_image` stores.
 
     Grayscale images are written back as the mean of the three channels (a perturbation within ε on every channel
@@ -618,7 +619,7 @@ def quantize(rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
     return out
 
 
-def dequantize(array: np.ndarray, like: LoadedImage) -> "torch.Tensor":
+def dequantize(array: np.ndarray, like: LoadedImage) -> torch.Tensor:
     """Inverse of :func:`quantize` for the colour planes (alpha dropped), as ``(3, H, W)`` float in [0, 1]."""
     import torch
 
@@ -772,7 +773,7 @@ def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] |
     atomic_write_bytes(Path(path), len(text).to_bytes(8, "little") + text + blob[8 + length :])
 
 
-def write_image(path: Path, rgb: "torch.Tensor", like: LoadedImage) -> np.ndarray:
+def write_image(path: Path, rgb: torch.Tensor, like: LoadedImage) -> np.ndarray:
     """Quantize ``rgb`` like the input, write a PNG atomically, and return the stored integer array."""
     array = quantize(rgb, like)
     atomic_write_bytes(path, encode_png(array, like))

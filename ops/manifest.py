@@ -9,11 +9,13 @@ always merge ``cloak.json`` with the logs present, so a record is never lost, ev
 Several processes, possibly on several machines (``--shard I/N`` on NFS/Lustre), may share one output folder.
 Correctness does not rely on ``flock``: every process appends only to its own log, and a log is deleted only once
 it is closed ("end" line, or its process is gone) and no other log is live or ended less than two minutes ago,
-i.e. when no other writer can hold a merge that lacks it; otherwise logs stay until a later run merges them. ``flock`` on ``.cloak.json.lock`` is taken as well, only to avoid redundant merges locally.
+i.e. when no other writer can hold a merge that lacks it; otherwise logs stay until a later run merges them.
+``flock`` on ``.cloak.json.lock`` is taken as well, only to avoid redundant merges locally.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import datetime as _dt
@@ -27,20 +29,18 @@ import secrets
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .provenance import command_argv, shareable_cwd, shareable_path
 from .io import MANIFEST_NAME, atomic_write_bytes, clean_stale_temporaries, printable
-
-import atexit
-import weakref
+from .provenance import command_argv, shareable_cwd, shareable_path
 
 LOG_DIR = MANIFEST_NAME + ".d"
-_OPEN: "weakref.WeakSet[Manifest]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[Manifest] = weakref.WeakSet()
 
 
 # What ``cloak rerun`` needs to repeat a run: the command, its full settings and its inputs as given. Set around a
@@ -181,7 +181,8 @@ class Manifest:
         except json.JSONDecodeError as exc:
             from .errors import CloakError
 
-            raise CloakError(f"{self.path} is not valid JSON ({exc}); move it away to start a fresh manifest")
+            raise CloakError(f"{self.path} is not valid JSON ({exc}); move it away to start a fresh manifest"
+                             ) from exc
         data.setdefault("files", {})
         data.setdefault("runs", [])
         return data
@@ -344,7 +345,8 @@ class Manifest:
                                                 for entry in spec.get("inputs_resolved", [])]}
             self._append({"k": "top", "fields": {"run_spec": spec}})
         self._append({"k": "top", "fields": {"command": self.command, "argv": self.argv, "params": self.params,
-                                             "params_hash": self.hash, "seed": self.seed, "cwd": shareable_cwd(self.folder),
+                                             "params_hash": self.hash, "seed": self.seed,
+                                             "cwd": shareable_cwd(self.folder),
                                              "model": self.model, "versions": package_versions()}})
         self._append({"k": "run", "run": {"id": secrets.token_hex(6), "started": _now(), "params_hash": self.hash,
                                           "argv": self.argv, **self.extra}})
@@ -390,7 +392,8 @@ class Manifest:
     def clash(self, source: str, **fields: Any) -> None:
         """Record an input refused because an earlier input takes its output name (kept apart from ``files`` so
         it never replaces the winner's record)."""
-        self._append({"k": "clash", "source": shareable_path(source, self.folder), "rec": {"params_hash": self.hash, "time": _now(), **fields}})
+        self._append({"k": "clash", "source": shareable_path(source, self.folder),
+                      "rec": {"params_hash": self.hash, "time": _now(), **fields}})
 
     def update(self, **fields: Any) -> None:
         """Merge top-level fields (e.g. a run summary or training state)."""

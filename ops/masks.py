@@ -22,10 +22,11 @@ SAM built in code from segment-anything's own modules (tests and demos; its mask
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelNotFoundError, RejectedInput, UsageError
 from .extras import require

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Sequence
 
 PROG = "cloak"
 

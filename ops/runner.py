@@ -7,17 +7,27 @@ A method supplies ``process(jobs) -> [ProcessedImage]``; the runner owns everyth
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from .commands.base import RunSummary
 from .errors import CloakError, RejectedInput
 from .grouping import group_indices_by
-from .io import DEFAULT_MAX_PIXELS, InputItem, LoadedImage, file_sha256, item_seed, iter_chunks, output_path, \
-    read_image, write_image
-from .commands.base import RunSummary
+from .io import (
+    DEFAULT_MAX_PIXELS,
+    InputItem,
+    LoadedImage,
+    file_sha256,
+    item_seed,
+    iter_chunks,
+    output_path,
+    read_image,
+    write_image,
+)
 from .manifest import Manifest
 
 

@@ -26,9 +26,10 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import RejectedInput, UsageError
 from .io import InputItem, atomic_write_bytes, read_image
@@ -117,7 +118,7 @@ class References:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, items: Sequence[InputItem], max_pixels: int) -> "References":
+    def load(cls, items: Sequence[InputItem], max_pixels: int) -> References:
         refs = cls()
         for item in items:
             try:

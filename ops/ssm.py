@@ -15,8 +15,9 @@ All noise, targets and losses come from :mod:`ops.diffusion`. Images are ``(B, 3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

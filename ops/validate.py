@@ -10,9 +10,10 @@ finite (``nan`` and ``inf`` are refused everywhere). Stdlib only: the CLI import
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
 

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from cloaklab.tests.conftest import photo
 from PIL import Image
+
+from cloaklab.tests.conftest import photo
 
 CONCEPTS = {"cat": "chelsea", "mug": "coffee"}
 POISONS = ("none", "adm+")
@@ -46,7 +47,8 @@ def build(root: Path, cli) -> dict:
             original = clean[(concept, index)].astype(int)
             cloaked = np.clip(original + rng.choice([-8, 8], original.shape), 0, 255).astype(np.uint8)
             _save(cloaked, folder / f"{concept}_{index:02d}.png")
-            files[f"{concept}_{index:02d}.png"] = {"source": str(data / concept / f"{concept}_{index:02d}.png"), "output": f"{concept}_{index:02d}.png",
+            files[f"{concept}_{index:02d}.png"] = {"source": str(data / concept / f"{concept}_{index:02d}.png"),
+                                                   "output": f"{concept}_{index:02d}.png",
                                          "status": "done", "seconds": 1.5 + index, "peak_rss_mb": 900.0 + index}
         _manifest(folder, "poison", ["cloak", "poison", str(data / concept), "-o", str(folder), "-a", "adm+",
                                      "--eps", "8"], {"attack": "adm+", "eps": 8.0}, files)
@@ -70,10 +72,12 @@ def build(root: Path, cli) -> dict:
                 files = {}
                 for index in range(2):  # named like the references so psnr/ssim pair them
                     noise = 4 + 6 * p_index + 3 * d_index + 5 * index
-                    image = np.clip(clean[(concept, index)].astype(int) + rng.integers(-noise, noise + 1, (SIZE, SIZE, 3)),
+                    jitter = rng.integers(-noise, noise + 1, (SIZE, SIZE, 3))
+                    image = np.clip(clean[(concept, index)].astype(int) + jitter,
                                     0, 255).astype(np.uint8)
                     _save(image, gen / f"{concept}_{index:02d}.png")
-                    files[f"{concept}_{index:02d}.png"] = {"output": f"{concept}_{index:02d}.png", "status": "done", "seconds": 0.25,
+                    files[f"{concept}_{index:02d}.png"] = {"output": f"{concept}_{index:02d}.png", "status": "done",
+                                                           "seconds": 0.25,
                                                  "prompt": f"a <R*> number {index}", "token": "<R*>",
                                                  "seed": 1000 + index, "peak_rss_mb": 700.0}
                 _manifest(gen, "generate", ["cloak", "generate", "-o", str(gen), "--embedding",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloaklab.ops.attacks import da, ea, engine, get_attack, mist, sds, adm
+from cloaklab.ops.attacks import adm, da, ea, engine, get_attack, mist, sds
 from cloaklab.tests.conftest import photo_tensor
 
 ALPHA = 2.0  # step in /255

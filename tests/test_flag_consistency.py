@@ -10,8 +10,9 @@ from cloaklab.cli.main import app
 GROUP = typer.main.get_command(app)
 
 # The documented meaning of every visible short flag (README "Flags"); a new short flag must be added here.
-SHORT_FLAGS = {"-o": "output", "-r": "recursive", "-m": "method", "-a": "attack", "-p": "prompts", "-n": "num_per_prompt",
-               "-t": "token", "-q": "quiet"}  # -q: issue 20 item 3's --quiet, where a command has it
+SHORT_FLAGS = {"-o": "output", "-r": "recursive", "-m": "method", "-a": "attack", "-p": "prompts",
+               "-n": "num_per_prompt", "-t": "token",
+               "-q": "quiet"}  # -q: issue 20 item 3's --quiet, where a command has it
 
 
 def _options(command):
@@ -20,7 +21,7 @@ def _options(command):
 
 def test_each_visible_short_flag_has_one_meaning_everywhere():
     seen: dict[str, set[str]] = {}
-    for name, command in GROUP.commands.items():
+    for command in GROUP.commands.values():
         for option in _options(command):
             if option.hidden:
                 continue

@@ -11,8 +11,15 @@ import torch
 from PIL import Image
 
 from cloaklab.ops.generate import GenerationJob, image_seed, plan_jobs, sample
-from cloaklab.ops.prompts import (FACE_PROMPTS, OBJECT_PROMPTS_24, QUALITY_NEGATIVE, DEFAULT_NUM_PER_PROMPT,
-                                  decoupled_prompts, load_prompt_templates, quality_negative_prompt)
+from cloaklab.ops.prompts import (
+    DEFAULT_NUM_PER_PROMPT,
+    FACE_PROMPTS,
+    OBJECT_PROMPTS_24,
+    QUALITY_NEGATIVE,
+    decoupled_prompts,
+    load_prompt_templates,
+    quality_negative_prompt,
+)
 
 FAST = ["--model", "tiny", "--steps", "2", "--device", "cpu", "--dtype", "fp32"]
 

@@ -67,7 +67,8 @@ def test_bash_completion_completes_commands_options_and_choices(tmp_path):
     ("Maximize the loss w.r.t. the image. Then more.", "Maximize the loss w.r.t. the image."),
     ("Sensitivity (paper 000 Eq. 6) per token. Then.", "Sensitivity (paper 000 Eq. 6) per token."),
     ("Class word (e.g. person, dog). Then.", "Class word (e.g. person, dog)."),
-    ("Segment with SAM: " + "a mask, " * 30 + "done. Then.", "Segment with SAM: " + "a mask, " * 16 + "a mask …"),  # last comma before 160
+    # the last comma before 160 characters
+    ("Segment with SAM: " + "a mask, " * 30 + "done. Then.", "Segment with SAM: " + "a mask, " * 16 + "a mask …"),
     ("Run " + "x" * 200 + ". Then.", "Run " + "x" * 200 + "."),  # one long clause: whole, not cut
 ])
 def test_summaries_end_at_a_sentence_or_a_clause_never_mid_phrase(text, summary):

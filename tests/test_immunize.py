@@ -14,7 +14,6 @@ import torch
 
 from cloaklab.ops.train import immunize as im
 from cloaklab.ops.train.data import InstanceData, load_instance_images
-
 from cloaklab.tests.conftest import photo, photo_tensor
 
 DEFENCE_LR = 1e-3

@@ -10,9 +10,9 @@ from PIL import Image
 from cloaklab.ops.attacks import get_attack
 from cloaklab.ops.attacks.resample import NativeView, resize
 from cloaklab.ops.attacks.setlevel import ProtectedSet
+from cloaklab.ops.commands.poison import poison_folder
 from cloaklab.ops.io import collect_inputs, read_back
 from cloaklab.ops.manifest import Manifest
-from cloaklab.ops.commands.poison import poison_folder
 from cloaklab.tests.conftest import photo
 
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "area": Image.BOX}

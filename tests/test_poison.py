@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageCms
 
 from cloaklab.ops.attacks import get_attack
-from cloaklab.ops.io import collect_inputs, quantize, read_back, read_image
-from cloaklab.ops.manifest import Manifest
 from cloaklab.ops.attacks.native import project_stored, working_size
 from cloaklab.ops.commands.poison import contact_sheet, poison_folder
+from cloaklab.ops.io import collect_inputs, quantize, read_back, read_image
+from cloaklab.ops.manifest import Manifest
 from cloaklab.tests.conftest import photo
 
 SINGLE_ATTACKS = ["adm+", "adm-", "sds+", "sds-", "ea", "mist", "da", "lf-adm+", "lf-ea"]

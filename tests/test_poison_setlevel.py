@@ -248,7 +248,7 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior(pipe):
 
 def test_dreambooth_trainer_learns_and_respects_parameter_subset(pipe):
     from cloaklab.ops.diffusion import encode_images
-    from cloaklab.ops.train.dreambooth import (DreamBoothConfig, DreamBoothTrainer, Surrogate, dreambooth_loss)
+    from cloaklab.ops.train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, dreambooth_loss
 
     surrogate = Surrogate.from_pipe(pipe).clone()
     images = torch.stack([photos()[0]] * 2)

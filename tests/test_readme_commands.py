@@ -9,7 +9,6 @@ demo`) is not run here: its Makefile is checked with `make -n`.
 from __future__ import annotations
 
 import glob
-import json
 import re
 import shlex
 import shutil
@@ -45,7 +44,8 @@ def readme_commands(text: str) -> list[list[str]]:
 
 
 def test_parser_reads_continuations_comments_and_chains():
-    text = "```bash\ncloak a -o b   # note\ncloak c --x 'p q' \\\n    --y 1; cloak --help && make -n\n```\n```\ncloak no\n```"
+    text = ("```bash\ncloak a -o b   # note\ncloak c --x 'p q' \\\n    --y 1; cloak --help && make -n\n```\n"
+            "```\ncloak no\n```")
     assert readme_commands(text) == [["cloak", "a", "-o", "b"], ["cloak", "c", "--x", "p q", "--y", "1"],
                                      ["cloak", "--help"], ["make", "-n"]]
 
@@ -74,8 +74,8 @@ def _sandbox(root: Path, cli) -> None:
 def _stand_in(output: Path) -> None:
     """What a command that needs weights would have written, so that the next step of a pipeline can run."""
     if output.name == "ti":  # cloak train-ti → the embedding cloak generate loads
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
 
         output.mkdir(parents=True, exist_ok=True)
         save_file({"<R*>": torch.zeros(1, 768)}, str(output / "learned_embeds.safetensors"))

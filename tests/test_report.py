@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cloaklab.tests import report_grid
 from PIL import Image
+
+from cloaklab.tests import report_grid
 
 
 def _runner():
-    from cloaklab.cli.main import app
     from typer.testing import CliRunner
+
+    from cloaklab.cli.main import app
 
     runner = CliRunner()
 

@@ -55,8 +55,9 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from cloaklab.cli.main import app
     from typer.testing import CliRunner
+
+    from cloaklab.cli.main import app
 
     runner = CliRunner()
 

@@ -262,8 +262,8 @@ def test_learned_embeds_bytes_do_not_depend_on_the_hash_seed(tmp_path):
                        env={**os.environ, "PYTHONHASHSEED": seed})
         outputs.append(path.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "e1.safetensors"))["<t>"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with safe_open(str(tmp_path / "e1.safetensors"), "pt") as handle:

@@ -226,8 +226,8 @@ def test_dinov2_similarity_reference_features_computed_once():
 
 
 def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
-    from cloaklab.ops.similarity import cosine_matrix
     from cloaklab.ops.metrics.clip import backbone
+    from cloaklab.ops.similarity import cosine_matrix
 
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -235,8 +235,8 @@ def test_clip_score_reads_generate_manifest_and_removes_token(cli, tmp_path):
     (gen / "cloak.json").write_text(json.dumps({"command": "generate", "params": {"token": "<R*>"}, "files": {
         "p00_i000.png": {"prompt": "a <R*> on the beach", "seed": 1, "status": "done"}}}))
     out = tmp_path / "s.json"
-    code, _, err = cli(["score", gen, "--metrics", "clip,clip-iqa,clip-iqac,liqe,q", "--clip-model", "tiny", "--class", "cat",
-                        "-o", out])
+    code, _, err = cli(["score", gen, "--metrics", "clip,clip-iqa,clip-iqac,liqe,q", "--clip-model", "tiny",
+                        "--class", "cat", "-o", out])
     assert code == 0, err
     record = json.loads(out.read_text())["images"][0]
     assert record["prompt"] == "a on the beach"

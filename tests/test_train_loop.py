@@ -14,8 +14,7 @@ from PIL import Image
 
 from cloaklab.ops import diffusion
 from cloaklab.ops.errors import UsageError
-from cloaklab.ops.train.data import (InstanceData, OBJECT_TEMPLATES, fill_templates, jpeg_compress,
-                                     load_templates)
+from cloaklab.ops.train.data import OBJECT_TEMPLATES, InstanceData, fill_templates, jpeg_compress, load_templates
 from cloaklab.ops.train.loop import TrainConfig, masked_step_loss, train
 from cloaklab.ops.train.textual_inversion import TextualInversion
 from cloaklab.tests.conftest import photo_tensor

@@ -224,7 +224,7 @@ def test_training_schedule_keeps_the_model_target(kind, fresh_tiny_pipe, tmp_pat
 
     from cloaklab.ops import diffusion
     from cloaklab.ops.train.data import InstanceData
-    from cloaklab.ops.train.loop import TrainConfig, training_scheduler, train
+    from cloaklab.ops.train.loop import TrainConfig, train, training_scheduler
     from cloaklab.tests.conftest import photo_tensor
 
     if kind == "flow":

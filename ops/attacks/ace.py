@@ -26,16 +26,17 @@ init draws from the run's seed, not the global RNG. Target as ``ea``: our high-c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .. import diffusion
+from ..train.dreambooth import DreamBoothTrainer, encode_class_images
 from .ea import make_target
 from .engine import AttackModels, PGDResult
 from .setlevel import attack_models, base_surrogate, pgd_over_set, results, start_run
-from ..train.dreambooth import DreamBoothTrainer, encode_class_images
 
 DEFAULTS = {"eps": 4.0, "step_size": 0.6375, "epochs": 5, "pgd_steps": 30, "lora_steps": 10, "lora_rank": 4,
             "lora_lr": 1e-4, "target": "pattern", "prior_weight": 0.1, "num_class_images": 50,

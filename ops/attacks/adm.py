@@ -21,11 +21,10 @@ Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start True,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
-from typing import Any
 
 from .engine import AttackModels, PGDResult, pgd
 

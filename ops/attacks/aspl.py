@@ -18,7 +18,8 @@ The final losses in the records are measured under the final surrogate f.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -27,7 +27,8 @@ guidance 7.5, strength 1.0, eta 1.0, sampling_prompt "" (the sampler's prompt; `
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

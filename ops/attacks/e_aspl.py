@@ -13,13 +13,14 @@ Defaults as ASPL: rounds 50, surrogate_steps 3, pgd_steps 6, eps 6.375/255, step
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .engine import AttackModels, PGDResult, project_linf
 from .aspl import aspl_round
+from .engine import AttackModels, PGDResult, project_linf
 from .setlevel import attack_models, base_surrogate, prior_images, results, start_run
 
 DEFAULT_ENSEMBLE = "CompVis/stable-diffusion-v1-4,stabilityai/stable-diffusion-2-1-base"

@@ -18,8 +18,9 @@ everywhere), ``zero`` (black, 0 everywhere), or the path of an image (resized to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

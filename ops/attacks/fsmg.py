@@ -14,7 +14,8 @@ and class halves; the loss is the instance mean + prior_loss_weight × class mea
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -28,7 +28,8 @@ step_size 0.6375/255 (the ASPL budget paper 004 compares against), influence cg,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -17,8 +17,9 @@ as the engine's ``delta_transform``), keeping δ in the subspace up to the ε cl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -4,7 +4,8 @@ Reference code: liuyixin-louis/MetaCloak (its pool generation, EoT transform lis
 here — Resize + CenterCrop, rotation in [0, θ], pool trained on the protected images — are from issue 18's review of
 that release, not re-read here). Set-level. (1) Surrogate pool: DreamBooth-train a copy of the base model on the
 clean protected images themselves (as the release does; ``--clean-dir`` is not used here) for ``pool_steps``
-steps, keeping snapshots after 0, ``pool_interval``, 2·``pool_interval`` … steps (defaults 1000 / 200: the 0, 199, …, 999 checkpoints of METHODS.md). (2) For each of ``trials`` trials and
+steps, keeping snapshots after 0, ``pool_interval``, 2·``pool_interval`` … steps (defaults 1000 / 200: the 0, 199,
+…, 999 checkpoints of METHODS.md). (2) For each of ``trials`` trials and
 each snapshot θ_k: load θ_k, then ``inner_iterations`` times do [``pgd_steps`` EoT-PGD ascent steps on the whole set
 against θ_k, then ``unroll_steps`` DreamBooth steps of θ_k on the perturbed set] — the perturbation is learned
 against models at every stage of a DreamBooth run, each one unrolled on the current poison.
@@ -23,7 +24,8 @@ MetaCloak is the most expensive attack here; ``-p inner_iterations=10`` is a ten
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

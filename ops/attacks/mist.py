@@ -21,7 +21,8 @@ cloaklab's saved PNG holds ε exactly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

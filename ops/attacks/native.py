@@ -16,8 +16,9 @@ by ``cloak poison``'s folder run (:mod:`ops.commands.poison`) and the single-ima
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,7 +25,8 @@ The weights follow Pillow's ``ImagingResample`` (``Resample.c``: centre ``(i + �
 support × max(scale, 1)``, weights normalized to sum 1), so the ``bilinear``/``bicubic``/``lanczos`` forward pass
 equals ``PIL.Image.resize`` up to Pillow's 8-bit rounding. The resize is separable and banded: a custom autograd
 function does one pass per axis (width first), each as dense blocks of 16 outputs times the contiguous input span
-they read (a matmul per block); the backward pass is the transposed blocks, added into one gradient buffer. Nothing photo-sized is stored for the backward pass beyond the
+they read (a matmul per block); the backward pass is the transposed blocks, added into one gradient buffer. Nothing
+photo-sized is stored for the backward pass beyond the
 leaf itself (the gradient buffer is photo-sized, as every PGD step's gradient is); the intermediates are
 ``(working height or photo height) × working width``.
 """
@@ -33,8 +34,8 @@ leaf itself (the gradient buffer is photo-sized, as every PGD step's gradient is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 

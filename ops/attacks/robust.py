@@ -16,7 +16,7 @@ its parameters drawn from that image's generator (so batching never changes the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

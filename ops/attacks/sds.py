@@ -20,7 +20,8 @@ Arguments (pixel units /255): eps 16, step_size 1, steps 100, random_start True;
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 from ..grouping import group_indices_by
 from ..train.dreambooth import DreamBoothConfig, DreamBoothTrainer, Surrogate, encode_class_images
 from . import SET_DEFAULTS
-from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf, \
-    report_step
+from .engine import AttackModels, LossFn, PGDResult, evaluate_loss, loss_gradient, pgd_step, project_linf, report_step
+
 
 # ------------------------------------------------------------------------------------------- the set
 class ProtectedSet:

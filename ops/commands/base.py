@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from ..errors import UsageError
 
@@ -61,7 +62,7 @@ class Settings:
         return [spec.name for spec in dataclasses.fields(cls)]
 
     @classmethod
-    def from_kwargs(cls, **values: Any) -> "Settings":
+    def from_kwargs(cls, **values: Any) -> Settings:
         """Build settings from snake_case keyword arguments (the CLI's flag names; dashes are accepted too). Where
         the command has methods (a ``params`` field), other keys are the method's parameters, checked against it;
         elsewhere an unknown key is an error naming the valid ones."""
@@ -85,7 +86,7 @@ class Settings:
         """JSON-ready settings (paths as strings, tuples as lists): what the manifest records for ``cloak rerun``."""
         return {spec.name: _plain(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
@@ -130,7 +131,7 @@ class RunSummary:
         base = self.output if self.output.is_dir() or not self.output.suffix else self.output.parent
         return [base / name for name in self.done]
 
-    def check(self) -> "RunSummary":
+    def check(self) -> RunSummary:
         """Raise :class:`PartialRun` when an input was rejected or failed (the CLI's exit 3 or 1); return self."""
         if self.exit_code:
             raise PartialRun(self)

@@ -24,7 +24,7 @@ def read_config(path: Path, command: str) -> dict[str, Any]:
             try:
                 import tomllib
             except ImportError:  # Python 3.10
-                raise UsageError(f"--config {path}: TOML needs Python 3.11 or later here; use a YAML file")
+                raise UsageError(f"--config {path}: TOML needs Python 3.11 or later here; use a YAML file") from None
             data = tomllib.loads(text)
         elif path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -35,7 +35,7 @@ def read_config(path: Path, command: str) -> dict[str, Any]:
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - a parse error of either format is the user's to fix
-        raise UsageError(f"--config {path}: cannot parse it ({type(exc).__name__}: {exc})")
+        raise UsageError(f"--config {path}: cannot parse it ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: the top level must be a table of settings")
     commands = set(COMMANDS) | {name.replace("-", "_") for name in COMMANDS} | {"report", "rerun"}

@@ -9,9 +9,10 @@ Seeds, prompt filling, pipeline loading and the sampler call are library code in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..generate import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, GenerationJob
 from ..prompts import DEFAULT_PROMPT_SET

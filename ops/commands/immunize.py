@@ -14,9 +14,10 @@ Files under OUTPUT: ``pipeline/``, ``immunized_attention.safetensors``, per stag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import UsageError
 from ..train.immunize_config import AGAINST, DEFAULT_CLASS_WORD, IMMUNIZED_NAME, ImmunizeConfig, default_token

@@ -5,10 +5,11 @@ prompts, the automatic choice, dilation) lives in :mod:`ops.masks`. Stdlib-only 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import UsageError
 from ..masks import DEFAULT_SAM_TYPE, SAM_TYPES, SELECT_MODES, MaskPrompt

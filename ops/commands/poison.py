@@ -24,13 +24,24 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ..errors import UsageError
-from .base import Event, FolderSettings, ModelSettings, Plan, RunSummary, as_input_list, attach_records, gather, \
-    no_event, plan_folder
+from .base import (
+    Event,
+    FolderSettings,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    attach_records,
+    gather,
+    no_event,
+    plan_folder,
+)
 
 TARGET_NAMES = ("pattern", "gray", "zero")  # --target keywords; anything else must be an image file
 PARAM_TRUE, PARAM_FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -354,7 +365,7 @@ class AttackRun:
 
     @classmethod
     def create(cls, attack: str, params: Mapping[str, Any], *, resolution: int, robust_transforms: Sequence[str] = (),
-               eot_samples: int = 1, jpeg_quality: int | None = None, **options: Any) -> "AttackRun":
+               eot_samples: int = 1, jpeg_quality: int | None = None, **options: Any) -> AttackRun:
         """From resolved attack parameters: ``prompt`` and ``t_range`` configure the model (``t_range`` also goes
         to set-level attacks, which train with it), ``target`` becomes the target image per batch."""
         from ..attacks import get_attack

@@ -3,12 +3,23 @@ its dry-run plan. Methods live in :mod:`ops.purify` (one module each); this modu
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .base import Event, FolderSettings, ModelSettings, Plan, RunSummary, as_input_list, attach_records, gather, \
-    no_event, plan_folder
+from .base import (
+    Event,
+    FolderSettings,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    attach_records,
+    gather,
+    no_event,
+    plan_folder,
+)
 
 
 @dataclass(frozen=True, kw_only=True)

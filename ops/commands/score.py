@@ -11,12 +11,19 @@ the run spec for ``cloak rerun`` go to ``cloak.json`` in the score file's folder
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from ..metrics import CLIP_DEFAULT, CLIPSCORE_W, DEFAULT_METRICS, DINOV2_DEFAULT, FID_DEFAULT_FEATURES, \
-    LPIPS_DEFAULT_NET
+from ..metrics import (
+    CLIP_DEFAULT,
+    CLIPSCORE_W,
+    DEFAULT_METRICS,
+    DINOV2_DEFAULT,
+    FID_DEFAULT_FEATURES,
+    LPIPS_DEFAULT_NET,
+)
 from .base import Event, Plan, RunSummary, Settings, as_input_list, no_event
 
 TABLE_TITLE = "cloak score (per concept, then dataset)"

@@ -17,13 +17,24 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import CloakError, RejectedInput, UsageError
-from .base import Event, FolderSettings, ModelSettings, Plan, RunSummary, as_input_list, attach_records, gather, \
-    no_event, plan_folder
+from .base import (
+    Event,
+    FolderSettings,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    attach_records,
+    gather,
+    no_event,
+    plan_folder,
+)
 
 PROFILES = ("loss", "grad", "mask-loss", "jpeg-hist", "spectrum")  # --profile
 MAP_TIMESTEPS = (100, 200, 300, 400, 500, 600, 700, 800, 1000)  # paper 000 Fig. 3 (1000 = the last index, 999)

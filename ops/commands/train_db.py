@@ -12,12 +12,14 @@ checkpoints is continued only with ``resume`` (``overwrite`` starts again).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import UsageError
-from ..train.presets import DREAMBOOTH as DB, LORA
+from ..train.presets import DREAMBOOTH as DB
+from ..train.presets import LORA
 from .base import Event, ModelSettings, Plan, attach_records, no_event
 from .training import SztSettings, TrainSummary, gather_instances, header, step_events, unreadable
 

@@ -9,9 +9,10 @@ example). Writes ``OUTPUT/learned_embeds.safetensors``, ``snapshots/``, ``train_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..train.presets import TEXTUAL_INVERSION as TI
 from .base import Event, ModelSettings, Plan, attach_records, no_event

@@ -4,9 +4,10 @@ The trainers and the loop are library code in :mod:`ops.train`. Stdlib only at i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from ..errors import UsageError
 from ..train.presets import MASK_MODES, PRESETS, TIMESTEP_SAMPLERS

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import structural_similarity
 
 
 def _as_unit_hwc(image) -> np.ndarray:

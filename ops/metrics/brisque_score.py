@@ -35,9 +35,9 @@ Guha, Apache License 2.0 — see ``LICENSE-brisque.txt`` next to this file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

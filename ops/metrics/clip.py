@@ -27,12 +27,13 @@ embeddings of a batch are computed once and shared by every CLIP metric of the r
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..similarity import cosine_matrix
-from . import CLIP_DEFAULT as DEFAULT_WEIGHTS, CLIPSCORE_W  # defaults stated once, in the registry
+from . import CLIP_DEFAULT as DEFAULT_WEIGHTS  # defaults stated once, in the registry
+from . import CLIPSCORE_W
 from .base import CLIP_MEAN, CLIP_STD, ImageContext, Metric, features, load_pretrained, preprocess
 
 IQA_PROMPTS = ("Good photo.", "Bad photo.")

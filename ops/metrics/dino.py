@@ -10,7 +10,7 @@ Reference embeddings are computed once per run (each reference image once, even 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

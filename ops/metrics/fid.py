@@ -13,7 +13,7 @@ the optional extra ``metrics`` (torchmetrics computes the statistics; torch-fide
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -11,8 +11,9 @@ The real backbones need the optional extra ``metrics`` (torchmetrics, torchvisio
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,9 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import ModelNotFoundError, UsageError
 from ..extras import require
-from ..models import quiet_loading
-
 from ..grouping import group_indices_by, shape_of
+from ..models import quiet_loading
 from . import LPIPS_DEFAULT_NET
 from .base import ImageContext, Metric, finite
 from .pixel import require_reference

@@ -7,7 +7,7 @@ evaluation scripts, METHODS.md).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -12,7 +12,7 @@ Backbone: :mod:`cloaklab.ops.toy.classifier` (``ops/toy/classifier.safetensors``
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

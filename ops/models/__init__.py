@@ -201,7 +201,8 @@ def quiet_libraries(enabled: bool = True):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub|accelerate|torch)\b")
+            warnings.filterwarnings("ignore",
+                                    module=r"(diffusers|transformers|peft|huggingface_hub|accelerate|torch)\b")
             yield
     finally:
         _QUIET["on"] = previous
@@ -316,7 +317,7 @@ def _load_external(model: str, dtype: Any, trust_pickle: bool, pipeline_class: A
         where = "in the Hugging Face cache" if os.environ.get("HF_HUB_OFFLINE") else "locally or on the Hub"
     try:
         return loader.from_pretrained(model, torch_dtype=dtype, safety_checker=None, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         if path.is_dir():
             raise ModelNotFoundError(f"could not load pipeline folder {model}: {str(exc).splitlines()[0]}") from None
         raise _missing(model, where) from None

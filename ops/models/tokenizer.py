@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from functools import lru_cache
+
 from .toy_weights import BUNDLED_FOLDER
 
 VOCAB_SIZE = 49408

@@ -11,7 +11,8 @@ converted to the model's [-1, 1] data scale (× 2/255), where the equation holds
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

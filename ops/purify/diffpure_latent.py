@@ -19,7 +19,8 @@ from the global RNG seeded once with 0; we work at the input size (multiple of 8
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

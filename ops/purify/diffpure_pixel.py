@@ -8,7 +8,8 @@ DDIM-like stride, faster), resize back to the input size.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

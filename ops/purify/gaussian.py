@@ -8,7 +8,8 @@ equals DiffShortcut's on the same 8-bit image.
 
 Where we differ: the input batch is float in [0, 1]; each image is rounded to 8 bits first (Pillow blurs only 8-bit
 images; the reference read 8-bit PNGs anyway), so a float input gets 8-bit precision out; ``sigma`` must be
-> 0 (issue 17: 0 is a usage error, not a silent no-op). ``sigma`` (= Pillow's ``radius``) may be set to another value; there is no kernel-size
+> 0 (issue 17: 0 is a usage error, not a silent no-op). ``sigma`` (= Pillow's ``radius``) may be set to another
+value; there is no kernel-size
 parameter (Pillow derives the extent from σ).
 """
 

@@ -12,7 +12,8 @@ run through the pixel model together; each image's windows draw noise from that 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

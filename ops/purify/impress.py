@@ -24,7 +24,8 @@ implementation of the same network; sizes that are not multiples of 8 are reflec
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ LR_FLOOR = 1e-5  # release: CosineAnnealingLR(optimizer, iters, eta_min=1e-5)
 def load_models(*, device: Any = "cpu", dtype: Any = None, model: str | None = None, trust_pickle: bool = False,
                 lpips_model: str = "vgg", **_: Any):
     from ..models import load_pipeline
-    from .models import PurifierModels, quiet_loading, load_lpips
+    from .models import PurifierModels, load_lpips, quiet_loading
 
     with quiet_loading():
         pipe = load_pipeline(model, device, dtype, trust_pickle=trust_pickle)

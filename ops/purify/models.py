@@ -18,9 +18,10 @@ Defaults (documented in docs/purify.md):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,6 @@ import torch.nn as nn
 from ..errors import ModelNotFoundError, UsageError
 from ..metrics.lpips import TinyLPIPS, load_lpips  # noqa: F401  (impress loads LPIPS here)
 from ..models import cast, quiet_loading
-
 from . import PIXEL_MODEL, STAGE2_MODEL, UPSCALER_MODEL  # noqa: F401  (defaults, kept in the stdlib registry)
 
 
@@ -37,7 +37,7 @@ class PurifierModels:
     """Networks a purifier needs, loaded once per run (fields a method does not use stay ``None``)."""
 
     pipe: Any = None  # Stable Diffusion pipeline (VAE, UNet, text encoder)
-    pixel: "PixelDiffusion | None" = None
+    pixel: PixelDiffusion | None = None
     stage2: Any = None  # PixelDiffusion (tiny) or an IF stage-II img2img pipeline
     upscaler: Any = None  # StableDiffusionUpscalePipeline
     lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -98,7 +98,7 @@ def load_pixel_model(name: str, device: Any = "cpu", dtype: Any = None) -> Pixel
         try:
             with quiet_loading():
                 pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype or torch.float32)
-        except (OSError, EnvironmentError, ValueError):
+        except (OSError, ValueError):
             raise _missing("pixel diffusion model", name, "--pixel-model") from None
         model = PixelDiffusion(pipe.unet, pipe.scheduler, int(pipe.unet.config.sample_size), name)
     model.unet = place_on(model.unet, device, dtype)
@@ -109,8 +109,13 @@ def load_pixel_model(name: str, device: Any = "cpu", dtype: Any = None) -> Pixel
 def build_tiny_upscaler(seed: int = 0):
     """A tiny random ``StableDiffusionUpscalePipeline``: 4×-downsampling VAE (scaling 0.08333 as the real one), a
     UNet on [latent ‖ low-res image] (7 channels) with the noise level as class label, the tiny CLIP text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, \
-        UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
 
     from ..models.tiny import build_tiny_pipeline
 
@@ -146,7 +151,7 @@ def load_upscaler(name: str, device: Any = "cpu", dtype: Any = None):
         try:
             with quiet_loading():
                 pipe = StableDiffusionUpscalePipeline.from_pretrained(name, torch_dtype=dtype or torch.float32)
-        except (OSError, EnvironmentError, ValueError):
+        except (OSError, ValueError):
             raise _missing("x4 upscaler", name, "--upscaler-model") from None
     pipe = place_on(pipe, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -163,7 +168,7 @@ def load_stage2(name: str, device: Any = "cpu", dtype: Any = None):
         with quiet_loading():
             pipe = IFImg2ImgSuperResolutionPipeline.from_pretrained(name, torch_dtype=dtype or torch.float32,
                                                                     safety_checker=None, watermarker=None)
-    except (OSError, EnvironmentError, ValueError):
+    except (OSError, ValueError):
         raise _missing("IF stage II model", name, "--stage2-model") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,8 @@ downscale to 1/4 (the noise is added at that size, i.e. at the upscaler's input,
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -11,7 +11,8 @@ no text, no low-res conditioning) — for tests and demos only.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

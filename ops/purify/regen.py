@@ -9,7 +9,8 @@ multiple of 8 for the VAE, mapped back). Deterministic DDIM (η = 0) after the s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -11,13 +11,22 @@ draws its noise from its own generator, so batching never changes a result.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import add_noise, decode_latents, encode_images, encode_prompts, is_flow_matching, \
-    latent_posterior, num_train_timesteps, prediction_type, signal_noise_coefficients
+from ..diffusion import (
+    add_noise,
+    decode_latents,
+    encode_images,
+    encode_prompts,
+    is_flow_matching,
+    latent_posterior,
+    num_train_timesteps,
+    prediction_type,
+    signal_noise_coefficients,
+)
 
 
 def denoise_timesteps(t_start: int, num_timesteps: int = 1000, schedule_steps: int = 50) -> list[int]:

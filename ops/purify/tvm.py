@@ -2,7 +2,8 @@
 ICLR 2018), with the settings of paper 001 App. C.1: resize to 64², drop 2% of the pixels at random (X = 1 where
 dropped), solve
 
-    min_Z ‖(1 − X) ⊙ (Z − x)‖₂ + λ · TV₂(Z),   TV₂(Z) = Σ_c Σ_i ‖Z[c, i+1, :] − Z[c, i, :]‖₂ + Σ_c Σ_j ‖Z[c, :, j+1] − Z[c, :, j]‖₂
+    min_Z ‖(1 − X) ⊙ (Z − x)‖₂ + λ · TV₂(Z),
+    TV₂(Z) = Σ_c Σ_i ‖Z[c, i+1, :] − Z[c, i, :]‖₂ + Σ_c Σ_j ‖Z[c, :, j+1] − Z[c, :, j]‖₂
 
 (Guo et al.'s row/column TV with p = 2), λ = 0.01, and upsample back to the input size. Solved with Adam (lr 0.01,
 ``iters`` steps from Z = x). Paper 001 upsamples with two super-resolution steps; we upsample bicubically.

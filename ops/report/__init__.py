@@ -75,7 +75,6 @@ def run(settings: ReportSettings) -> dict:
     atomic_write_bytes(index, page.encode("utf-8"))
     _prune_thumbnails(out, {p.name for p in thumbs.written} | _referenced(page))
     import json
-    import sys
 
     from ..manifest import _now, package_versions
     from ..provenance import command_argv

@@ -375,11 +375,15 @@ def _training_table(cell: Cell, thumbs: Thumbnails) -> str:
         return "<p>No train-ti manifest found behind these images.</p>"
     rows = []
     for entry in cell.training:
+        poisoned = (_img(thumbs.of_file(entry.poisoned), f"poisoned {entry.name} ({entry.concept})")
+                    if entry.poisoned else "— (no poison)")
+        defended = (_img(thumbs.of_array(entry.defended), f"defended {entry.name} ({entry.concept})")
+                    if entry.defended is not None else "—")
         rows.append(
             f"<tr><th scope=\"row\">{escape(entry.concept)}</th>"
             f"<td>{_img(thumbs.of_file(entry.clean), f'clean {entry.name} ({entry.concept})')}</td>"
-            f"<td>{_img(thumbs.of_file(entry.poisoned), f'poisoned {entry.name} ({entry.concept})') if entry.poisoned else '— (no poison)'}</td>"
-            f"<td>{_img(thumbs.of_array(entry.defended), f'defended {entry.name} ({entry.concept})') if entry.defended is not None else '—'}"
+            f"<td>{poisoned}</td>"
+            f"<td>{defended}"
             f"<br><span class=\"muted\">{escape(entry.defence)}</span></td></tr>")
     return ("<table class=\"training\"><thead><tr><th scope=\"col\">concept</th><th scope=\"col\">clean</th>"
             "<th scope=\"col\">poisoned</th><th scope=\"col\">defended (what training saw)</th></tr></thead>"

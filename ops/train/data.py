@@ -15,9 +15,9 @@ like the image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -133,7 +133,8 @@ def load_instance_images(items: Sequence[InputItem], resolution: int, *, jpeg_qu
                          jpeg_scale: int | None = None,
                          mask_dir: Path | None = None, dilate: int = 0, max_pixels: int | None = None,
                          rejected: list[tuple[str, str]] | None = None) -> InstanceData:
-    """Load, JPEG-compress (``jpeg_quality``, at short side ``jpeg_scale`` when given), resize/crop the instance images and their masks (``mask_dir``).
+    """Load, JPEG-compress (``jpeg_quality``, at short side ``jpeg_scale`` when given), resize/crop the instance
+    images and their masks (``mask_dir``).
 
     A mask whose size differs from its (EXIF-oriented) image is an error that names both sizes: masks are made per
     image by ``cloak mask`` and must line up pixel for pixel. Unreadable images raise :class:`RejectedInput`, or,

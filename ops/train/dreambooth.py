@@ -18,13 +18,20 @@ Two entry points:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..diffusion import diffusion_loss, encode_images, encode_prompts, latent_posterior, num_train_timesteps, \
-    sample_timesteps
+from ..diffusion import (
+    diffusion_loss,
+    encode_images,
+    encode_prompts,
+    latent_posterior,
+    num_train_timesteps,
+    sample_timesteps,
+)
 from .presets import DREAMBOOTH
 
 
@@ -59,10 +66,10 @@ class Surrogate:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_pipe(cls, pipe, name: str = "model") -> "Surrogate":
+    def from_pipe(cls, pipe, name: str = "model") -> Surrogate:
         return cls(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name)
 
-    def clone(self) -> "Surrogate":
+    def clone(self) -> Surrogate:
         """Deep copies of the trainable UNet and text encoder (f → f′ of ASPL); VAE/tokenizer/scheduler shared."""
         return Surrogate(self.vae, copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder), self.tokenizer,
                          self.scheduler, self.name, dict(self.extra))

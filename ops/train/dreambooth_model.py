@@ -32,9 +32,10 @@ poisoned instance data) — our choice, as no paper combines SZT with prior pres
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

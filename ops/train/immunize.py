@@ -39,9 +39,10 @@ import contextlib
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,10 +51,27 @@ from ..errors import CloakError
 from ..models import cast
 from . import distributed
 from .data import OBJECT_TEMPLATES, InstanceData, fill_templates
-from .immunize_config import (AGAINST, DEFAULT_CLASS_WORD, DEFAULT_TOKENS, DEFAULTS, IMMUNIZED_NAME,  # noqa: F401
-                              ImmunizeConfig, default_token)
-from .loop import (CHECKPOINT_DIR, LOG_NAME, DataOrder, TrainConfig, latent_cache, training_scheduler,
-                   check_finite, latest_checkpoint, make_optimizer, masked_step_loss)
+from .immunize_config import (  # noqa: F401
+    AGAINST,
+    DEFAULT_CLASS_WORD,
+    DEFAULT_TOKENS,
+    DEFAULTS,
+    IMMUNIZED_NAME,
+    ImmunizeConfig,
+    default_token,
+)
+from .loop import (
+    CHECKPOINT_DIR,
+    LOG_NAME,
+    DataOrder,
+    TrainConfig,
+    check_finite,
+    latent_cache,
+    latest_checkpoint,
+    make_optimizer,
+    masked_step_loss,
+    training_scheduler,
+)
 
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -386,8 +404,8 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
 
 
 def adapted_loss(pipe, state: dict[str, torch.Tensor] | None, data: InstanceData, against: str, out_dir: Path, *,
-                 steps: int, lr: float, token: str, class_word: str = DEFAULT_CLASS_WORD, instance_prompt: str | None = None,
-                 lora_rank: int = 4, seed: int = 0, draws: int = 16) -> float:
+                 steps: int, lr: float, token: str, class_word: str = DEFAULT_CLASS_WORD,
+                 instance_prompt: str | None = None, lora_rank: int = 4, seed: int = 0, draws: int = 16) -> float:
     """Adapt a copy of ``pipe`` (with the attention tensors ``state`` applied, or the plain model for ``None``) on
     ``data`` for ``steps`` steps of the shared training loop, then return :func:`adaptation_loss`. Same arguments
     → same batches, timesteps and noise for both models, so the two numbers compare directly (IMMA's check)."""

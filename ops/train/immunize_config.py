@@ -52,7 +52,7 @@ class ImmunizeConfig:
     checkpoint_every: int = 250
     log_every: int = 1
 
-    def resolved(self) -> "ImmunizeConfig":
+    def resolved(self) -> ImmunizeConfig:
         """This config with the per-method defaults filled in (and no clipping when ``clip`` is off)."""
         if self.against not in AGAINST:
             raise UsageError(f"--against {self.against!r}: choose one of {', '.join(AGAINST)}")

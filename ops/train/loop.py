@@ -50,9 +50,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -316,7 +317,7 @@ class Batch:
     prompts: list[str]
     flips: list[int]
 
-    def rows(self, part: slice | None) -> "Batch":
+    def rows(self, part: slice | None) -> Batch:
         """The samples ``part`` of this batch (all of them for ``None``)."""
         if part is None:
             return self
@@ -336,7 +337,7 @@ class RunState:
     step: int = 0
 
     @classmethod
-    def fresh(cls, config: TrainConfig, count: int) -> "RunState":
+    def fresh(cls, config: TrainConfig, count: int) -> RunState:
         flip_generator = torch.Generator().manual_seed(config.seed + FLIP_STREAM) if config.flip_p > 0 else None
         return cls(torch.Generator().manual_seed(config.seed), flip_generator, DataOrder(count),
                    torch.zeros(config.grad_bins, dtype=torch.float64),

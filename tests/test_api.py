@@ -147,3 +147,18 @@ def test_rerun_from_another_folder_finds_relative_path_settings(cli, tmp_path, p
     code, _, stderr = cli(["rerun", "../first/cloak.json", "-o", "../again/s.json"])
     assert code == 0, stderr
     assert (tmp_path / "again" / "s.json").read_bytes() == (tmp_path / "first" / "s.json").read_bytes()
+
+
+def test_the_example_of_docs_api_md_runs_as_written(tmp_path, monkeypatch):
+    """docs/api.md's first Python block is runnable: it is executed here on two photos named as it expects."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    (tmp_path / "photos").mkdir()
+    photo("astronaut", 48).save(tmp_path / "photos" / "a.png")
+    photo("coffee", 48).save(tmp_path / "photos" / "b.png")
+    monkeypatch.chdir(tmp_path)
+    code = block.replace("summary.check()", "assert summary.check() is summary")
+    exec(compile(code, "docs/api.md", "exec"), {})
+    assert sorted(p.name for p in (tmp_path / "out" / "jpeg25").glob("*.png")) == ["a.png", "b.png"]

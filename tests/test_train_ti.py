@@ -116,6 +116,8 @@ def test_szt_preset_end_to_end_then_rerun_skips(cli, concept, tmp_path):
     assert "learned_embeds.safetensors" in plan["would_write"] and any("stops" in note for note in plan["notes"])
     plan = json.loads(cli(longer + ["--dry-run", "--resume"])[1])
     assert any(note == "resume from step-000004.pt" for note in plan["notes"])
+    plan = json.loads(cli(longer + ["--dry-run", "--resume", "--overwrite"])[1])
+    assert any(note == "step-000004.pt of an earlier run is discarded" for note in plan["notes"])
 
 
 def test_resume_continues_bit_exactly(cli, concept, tmp_path):

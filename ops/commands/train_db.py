@@ -21,7 +21,15 @@ from ..errors import UsageError
 from ..train.presets import DREAMBOOTH as DB
 from ..train.presets import LORA
 from .base import Event, ModelSettings, Plan, attach_records, no_event
-from .training import SztSettings, TrainSummary, gather_instances, header, step_events, unreadable
+from .training import (
+    SztSettings,
+    TrainSummary,
+    checkpoint_notes,
+    gather_instances,
+    header,
+    step_events,
+    unreadable,
+)
 
 COMMAND = "train-db"
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -154,7 +162,6 @@ def _class_folder(settings: TrainDbSettings, output: Path) -> Path:
 def plan(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do, reading only image headers and the folder: the images, the artefacts, the class
     images still to generate, and whether checkpoints would be resumed, discarded or refused."""
-    from ..train.loop import latest_checkpoint
 
     output = Path(output)
     settings.train_config()  # the run's usage errors, without a model
@@ -173,11 +180,7 @@ def plan(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: 
         result.notes.append(f"class images in {folder}: {have} present, {missing} to generate with the base model")
         if missing:
             result.run.append(f"{folder}/ ({missing} class image(s))")
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is not None:
-        result.notes.append(f"resume from {checkpoint.name}" if settings.resume and not settings.overwrite else
-                            f"{checkpoint.name} of an earlier run is discarded" if settings.overwrite else
-                            f"{output} holds checkpoints of an earlier run: the run stops (give resume or overwrite)")
+    result.notes += checkpoint_notes(output, resume=settings.resume, overwrite=settings.overwrite)
     return result
 
 

@@ -16,7 +16,15 @@ from typing import Any
 
 from ..train.presets import TEXTUAL_INVERSION as TI
 from .base import Event, ModelSettings, Plan, attach_records, no_event
-from .training import SztSettings, TrainSummary, gather_instances, header, step_events, unreadable
+from .training import (
+    SztSettings,
+    TrainSummary,
+    checkpoint_notes,
+    gather_instances,
+    header,
+    step_events,
+    unreadable,
+)
 
 COMMAND = "train-ti"
 LOG_FILES = ("train_log.jsonl", "checkpoints/")
@@ -120,7 +128,6 @@ def plan(settings: TrainTiSettings, inputs: Sequence[str] | str | Path, output: 
     """What ``run`` would do, reading only image headers and the manifest: the images, the files it would write,
     whether a finished run is skipped or a checkpoint resumed."""
     from ..manifest import params_hash, read_manifest
-    from ..train.loop import latest_checkpoint
     from ..train.textual_inversion import EMBEDS_NAME, SNAPSHOT_DIR
 
     output = Path(output)
@@ -136,11 +143,7 @@ def plan(settings: TrainTiSettings, inputs: Sequence[str] | str | Path, output: 
     result.run = [EMBEDS_NAME, *LOG_FILES]
     if settings.snapshot_every and settings.snapshot_every < settings.steps:
         result.run.append(f"{SNAPSHOT_DIR}/ (every {settings.snapshot_every} steps)")
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is not None:
-        result.notes.append(f"resume from {checkpoint.name}" if settings.resume and not settings.overwrite else
-                            f"{checkpoint.name} of an earlier run is discarded" if settings.overwrite else
-                            f"{output} holds checkpoints of an earlier run: the run stops (give resume or overwrite)")
+    result.notes += checkpoint_notes(output, resume=settings.resume, overwrite=settings.overwrite)
     return result
 
 

@@ -107,3 +107,17 @@ def header(on_event: Event, model: str, device: Any, dtype: Any, size: int) -> N
     on_event("header", "", {"model": model, "device": device, "dtype": dtype, "size": size})
     if model_note(model):
         on_event("note", "", {"message": model_note(model)})
+
+
+def checkpoint_notes(output: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """What a training run would do with checkpoints an earlier run left in ``output`` (for ``--dry-run``)."""
+    from ..train.loop import latest_checkpoint
+
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        return []
+    if overwrite:
+        return [f"{checkpoint.name} of an earlier run is discarded"]
+    if resume:
+        return [f"resume from {checkpoint.name}"]
+    return [f"{output} holds checkpoints of an earlier run: the run stops (give resume or overwrite)"]

@@ -162,3 +162,39 @@ def test_the_example_of_docs_api_md_runs_as_written(tmp_path, monkeypatch):
     code = block.replace("summary.check()", "assert summary.check() is summary")
     exec(compile(code, "docs/api.md", "exec"), {})
     assert sorted(p.name for p in (tmp_path / "out" / "jpeg25").glob("*.png")) == ["a.png", "b.png"]
+
+
+def _outside(spec):
+    """A value just outside a :class:`ops.validate.Range` (None when the range is unbounded or a pair)."""
+    if spec.pair:
+        return None
+    if spec.low is not None:
+        return spec.low if spec.low_open else spec.low - 1
+    if spec.high is not None:
+        return spec.high if spec.high_open else spec.high + 1
+    return None
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_every_ranged_setting_rejects_a_value_outside_its_range(command, tmp_path, photos):
+    """Each numeric setting a command's range table names (ops/validate.py) is checked on the settings themselves
+    (so the Python API refuses what the CLI refuses), with the flag's name in the error."""
+    import dataclasses
+
+    import cloaklab
+    from cloaklab.ops.commands import load
+    from cloaklab.ops.errors import UsageError
+    from cloaklab.ops.validate import COMMAND_FLAGS, COMMON_FLAGS
+
+    case = CASES[command](tmp_path, photos)
+    fields = {spec.name for spec in dataclasses.fields(load(command).Settings)}
+    table = {**COMMON_FLAGS, **COMMAND_FLAGS[command.replace("-", "_")]}
+    checked = 0
+    for key, spec in table.items():
+        bad = _outside(spec)
+        if key not in fields or bad is None:
+            continue
+        with pytest.raises(UsageError, match="--" + key.replace("_", "-")):
+            cloaklab.settings(command, **{**case.api_kwargs, key: bad})
+        checked += 1
+    assert checked >= 1

@@ -24,7 +24,7 @@ import torch
 
 from . import diffusion
 from .errors import CloakError, UsageError
-from .train.textual_inversion import expand_multi_vector
+from .prompts import expand_multi_vector
 
 PROFILE_TIMESTEPS = 21  # paper 000 Fig. 4/5: 21 interspersed timesteps
 

@@ -223,7 +223,7 @@ def test_ssm_cli_loss_profile_with_clean_series(cli, tmp_path):
 
 def test_multi_vector_token_expands_to_all_its_rows():
     from cloaklab.ops.models.tokenizer import clip_tokenizer
-    from cloaklab.ops.ssm import expand_multi_vector
+    from cloaklab.ops.prompts import expand_multi_vector
 
     tokenizer = clip_tokenizer()
     tokenizer.add_tokens(["<R*>", "<R*>_1", "<R*>_2"])

@@ -28,7 +28,7 @@ import torch
 from ..errors import UsageError
 
 # the multi-vector token spelling is shared with generation and SSM: it lives in ops/prompts (imported downwards)
-from ..prompts import expand_multi_vector, expand_prompt, placeholder_tokens  # noqa: F401 - re-exported
+from ..prompts import expand_prompt, placeholder_tokens
 
 EMBEDS_NAME = "learned_embeds.safetensors"
 SNAPSHOT_DIR = "snapshots"

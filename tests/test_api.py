@@ -198,3 +198,13 @@ def test_every_ranged_setting_rejects_a_value_outside_its_range(command, tmp_pat
             cloaklab.settings(command, **{**case.api_kwargs, key: bad})
         checked += 1
     assert checked >= 1
+
+
+def test_rerun_of_a_score_file_reports_a_changed_scored_image(cli, tmp_path, photos):
+    out = tmp_path / "scores" / "s.json"
+    assert cli(["score", photos, "--ref", photos, "--metrics", "psnr", "-o", out])[0] == 0
+    code, _, stderr = cli(["rerun", out.parent / "cloak.json", "-o", tmp_path / "again" / "s.json"])
+    assert code == 0 and "changed" not in stderr
+    photo("rocket", 64).save(photos / "astronaut.png")
+    code, _, stderr = cli(["rerun", out.parent / "cloak.json", "-o", tmp_path / "third" / "s.json"])
+    assert code == 0 and "astronaut.png: its bytes changed" in stderr

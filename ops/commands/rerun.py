@@ -91,17 +91,21 @@ def changed_inputs(data: dict[str, Any], folder: Path) -> list[str]:
     """Recorded sources whose current bytes differ from their ``source_sha256`` (or that are gone)."""
     from ..io import file_sha256
 
-    changed = []
+    pairs = []
     for record in data.get("files", {}).values():
-        source, digest = record.get("source"), record.get("source_sha256")
-        if not source or not digest or record.get("status") != "done":
+        if record.get("status") != "done":
             continue
+        pairs += list((record.get("sources") or {}).items())  # a score file: every image it scored
+        if record.get("source") and record.get("source_sha256"):
+            pairs.append((record["source"], record["source_sha256"]))
+    changed = set()
+    for source, digest in pairs:
         path = Path(source) if os.path.isabs(source) else folder / source
         try:
             if file_sha256(path) != digest:
-                changed.append(f"{source}: its bytes changed since the recorded run")
+                changed.add(f"{source}: its bytes changed since the recorded run")
         except OSError:
-            changed.append(f"{source}: missing")
+            changed.add(f"{source}: missing")
     return sorted(changed)
 
 

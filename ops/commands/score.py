@@ -486,12 +486,29 @@ def write_recorded(files: dict[Path, bytes], output: Path, gathered: Gathered | 
     for path, data in files.items():
         atomic_write_bytes(path, data)
     run = {"argv": manifest.argv, **({"seconds": round(seconds, 4)} if seconds is not None else {}),
-           **({"images": images} if images is not None else {}), **({"run_spec": spec} if spec else {})}
+           **({"images": images} if images is not None else {}), **({"run_spec": spec} if spec else {}),
+           **({"sources": _source_hashes(gathered, folder)} if gathered is not None else {})}
     for index, name in enumerate(names):  # the run's details once, on the main file; the others point to it
         manifest.record(name, output=name, status="done", owned=True, error=None,
                         **(run if index == 0 else {"written_with": names[0]}))
     manifest.close()
     return names
+
+
+def _source_hashes(gathered: Gathered, folder: Path) -> dict[str, str]:
+    """sha256 of every scored and reference image, by its path relative to the record's folder where they share a
+    parent (``cloak rerun`` reports the ones that changed since)."""
+    from ..io import file_sha256
+    from ..provenance import shareable_path
+
+    hashes = {}
+    for item in [*gathered.items, *gathered.refs]:
+        path = getattr(item, "path", item)
+        try:
+            hashes[shareable_path(path, folder)] = file_sha256(Path(path))
+        except OSError:
+            continue
+    return hashes
 
 
 def _table_params(settings: ScoreSettings) -> dict[str, Any]:

@@ -170,6 +170,22 @@ def test_table_cli_names_missing_label(cli, tmp_path):
     assert code == 2 and "defense" in err
 
 
+def test_table_never_replaces_a_file_cloak_did_not_write(cli, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"metrics": ["psnr"], "labels": {"poison": "a", "defense": "b"},
+                                "dataset": {"psnr": 30.0}}))
+    args = ["score", "--table", path, "--rows", "poison", "--cols", "defense", "-o"]
+    (tmp_path / "notes.csv").write_text("mine\n")
+    code, out, err = cli([*args, tmp_path / "notes.md"])
+    assert code == 2 and "not written by cloak" in err
+    assert (tmp_path / "notes.csv").read_text() == "mine\n" and not (tmp_path / "notes.md").exists()
+    code, out, err = cli([*args, tmp_path / "table.md"])
+    assert code == 0, err
+    code, out, err = cli([*args, tmp_path / "table"])  # an earlier table is cloak's own: replaced
+    assert code == 0, err
+    assert "30.00" in (tmp_path / "table.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------- CLI, offline metrics
 @pytest.fixture
 def scored_folders(tmp_path):

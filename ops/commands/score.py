@@ -222,6 +222,7 @@ def _plan_table(settings: ScoreSettings, inputs: list[str], output: Path) -> Pla
     from ..score import table_paths
 
     inputs, manifests = split_manifests(inputs)
+    check_table_outputs(table_paths(output), inputs)
     result = Plan("score", str(output), settings.as_dict(), inputs=list(inputs),
                   notes=[f"left out {entry}: the folder's manifest, not a score file" for entry in manifests])
     for entry in inputs:
@@ -235,6 +236,20 @@ def _plan_table(settings: ScoreSettings, inputs: list[str], output: Path) -> Pla
     result.run = [path.name for path in table_paths(output)]
     result.notes.append("the .png heatmap is written only with the plot extra (matplotlib)")
     return result
+
+
+def check_table_outputs(paths: Sequence[Path], inputs: Sequence[str]) -> None:
+    """Refuse a ``--table`` output (``.md``/``.csv``/``.png``) that is an input, or that exists and is not recorded
+    as cloak's own in its folder's ``cloak.json`` (an earlier table is replaced, a user's file never)."""
+    from ..io import check_output_file
+    from ..manifest import owns_record, read_manifest
+
+    def owned(path: Path) -> bool:
+        data = read_manifest(path.parent) or {}
+        return data.get("command") == "score" and owns_record((data.get("files") or {}).get(path.name), path.name)
+
+    for path in paths:
+        check_output_file(path, [Path(entry) for entry in inputs], "--output", owned=owned)
 
 
 # -------------------------------------------------------------------------------------------------- the run
@@ -285,6 +300,7 @@ def run_table(settings: ScoreSettings, inputs: list[str], output: Path, on_event
     merged = merge_tables([Path(entry) for entry in inputs], settings.rows, settings.cols, settings.metric,
                           settings.average_row, settings.average_exclude)
     markdown, csv_path, png = table_paths(output)
+    check_table_outputs([markdown, csv_path, png], inputs)
     files = {markdown: table_markdown(merged).encode(), csv_path: table_csv(merged).encode()}
     heatmap = heatmap_png(merged)
     if heatmap is not None:

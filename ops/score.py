@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import RejectedInput, UsageError
-from .io import InputItem, atomic_write_bytes, read_image
+from .io import InputItem, read_image
 
 FLAT = "*"
 
@@ -320,25 +320,8 @@ def heatmap_png(table: dict) -> bytes | None:
     return buffer.getvalue()
 
 
-def table_heatmap(table: dict, path: Path) -> bool:
-    """Write :func:`heatmap_png` to ``path``; False (nothing written) without matplotlib."""
-    data = heatmap_png(table)
-    if data is not None:
-        atomic_write_bytes(path, data)
-    return data is not None
-
-
 def table_paths(output: Path) -> list[Path]:
     """``output`` (.md, .csv, .png, .json or a stem) → ``[stem.md, stem.csv, stem.png]``."""
     output = Path(output)
     stem = output.with_suffix("") if output.suffix.lower() in (".md", ".csv", ".png", ".json") else output
     return [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".png")]
-
-
-def write_table(table: dict, output: Path) -> list[Path]:
-    """``output`` (.md or a stem) → ``stem.md``, ``stem.csv``, ``stem.png``; returns the paths written (the PNG
-    only with matplotlib, the ``plot`` extra)."""
-    markdown, csv_path, png = table_paths(output)
-    atomic_write_bytes(markdown, table_markdown(table).encode())
-    atomic_write_bytes(csv_path, table_csv(table).encode())
-    return [markdown, csv_path] + ([png] if table_heatmap(table, png) else [])

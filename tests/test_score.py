@@ -140,7 +140,7 @@ def test_per_concept_then_dataset_averaging_is_exact():
 
 
 def test_table_merge_produces_expected_cells(tmp_path):
-    from cloaklab.ops.score import merge_tables, table_csv, table_markdown, write_table
+    from cloaklab.ops.score import heatmap_png, merge_tables, table_csv, table_markdown
 
     runs = [("clean", "nominal", 0.46), ("adm+", "nominal", 0.21), ("adm+", "szt", 0.45), ("ea", "nominal", 0.29),
             ("ea", "szt", 0.47), ("clean", "szt", 0.50)]
@@ -158,8 +158,7 @@ def test_table_merge_produces_expected_cells(tmp_path):
     assert "| adm+ | 0.21 | 0.45 |" in table_markdown(table)
     rows = list(csv.reader(io.StringIO(table_csv(table))))
     assert rows[0] == ["poison\\defense", "nominal", "szt"] and rows[2] == ["adm+", "0.210000", "0.450000"]
-    written = write_table(table, tmp_path / "table1.md")
-    with Image.open(written[2]) as heatmap:
+    with Image.open(io.BytesIO(heatmap_png(table))) as heatmap:
         assert heatmap.format == "PNG" and heatmap.size[0] > 100
 
 

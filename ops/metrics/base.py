@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ..grouping import group_indices_by, shape_of
-from ..similarity import cosine_matrix  # noqa: F401 - re-exported for the metrics' callers
 from ..validate import check_aspect
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -735,14 +735,15 @@ def _owner_gone(name: str) -> bool:
     return False
 
 
-def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
+def clean_stale_temporaries(folder: Path, max_age: float = STALE_SECONDS, *, recursive: bool = True) -> list[Path]:
     """Delete cloak's temporaries under ``folder`` left by killed runs: those of a process of this host that is gone,
     and any older than ``max_age`` seconds (a younger one of another host may belong to a run still going).
-    Symlinked folders are not entered. Returns what was removed."""
+    Symlinked folders are not entered; ``recursive=False`` looks at ``folder`` itself only (a folder cloak shares with
+    the user's files, such as a score file's). Returns what was removed."""
     removed: list[Path] = []
     cutoff = time.time() - max_age
     for parent, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        dirs[:] = [d for d in dirs if recursive and not os.path.islink(os.path.join(parent, d))]
         for name in files:
             if not _TEMP_NAMES.match(name):
                 continue

@@ -149,8 +149,9 @@ class Manifest:
 
     def __init__(self, folder: Path, command: str, params: dict[str, Any], *, seed: int | None = None,
                  model: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, clean_tree: bool = True):
         self.folder = Path(folder)
+        self.clean_tree = clean_tree  # False: a folder shared with the user's files; clean its top level only
         self.path = self.folder / MANIFEST_NAME
         self.log_dir = self.folder / LOG_DIR
         self.command = command
@@ -338,7 +339,7 @@ class Manifest:
         killed) runs logged into ``cloak.json``, and clean stale temporaries left in the folder."""
         if not self.writable:
             return
-        clean_stale_temporaries(self.folder)
+        clean_stale_temporaries(self.folder, recursive=self.clean_tree)
         spec = RUN_SPEC.get()
         if spec is not None:
             spec = {**spec, "inputs_resolved": [entry if entry == "-" else shareable_path(entry, self.folder)

@@ -185,6 +185,24 @@ def test_table_never_replaces_a_file_cloak_did_not_write(cli, tmp_path):
     assert "30.00" in (tmp_path / "table.md").read_text()
 
 
+def test_score_cleans_stale_temporaries_only_beside_its_file(cli, tmp_path):
+    """A score file's folder is shared with anything: its manifest's start cleans old temporaries there, never in
+    the folders below (a project root would be walked whole)."""
+    import os
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"metrics": ["psnr"], "labels": {"poison": "a", "defense": "b"},
+                                "dataset": {"psnr": 30.0}}))
+    (tmp_path / "elsewhere").mkdir()
+    beside, below = tmp_path / "step-000001.tmp", tmp_path / "elsewhere" / "step-000001.tmp"
+    for stale in (beside, below):
+        stale.write_bytes(b"x")
+        os.utime(stale, (1, 1))
+    code, out, err = cli(["score", "--table", path, "--rows", "poison", "--cols", "defense", "-o", tmp_path / "t"])
+    assert code == 0, err
+    assert not beside.exists() and below.read_bytes() == b"x"
+
+
 # ---------------------------------------------------------------------------------------- CLI, offline metrics
 @pytest.fixture
 def scored_folders(tmp_path):

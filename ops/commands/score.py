@@ -494,7 +494,7 @@ def write_recorded(files: dict[Path, bytes], output: Path, gathered: Gathered | 
             atomic_write_bytes(path, data)
         return names
     manifest = Manifest(folder, "score", settings.params() if not settings.table else _table_params(settings),
-                        extra={"output": output.name})
+                        extra={"output": output.name}, clean_tree=False)  # the folder may hold anything
     manifest.start_run()
     spec = manifest.data.get("run_spec")
     for name in names:

@@ -233,6 +233,20 @@ def test_rerun_replaces_its_own_report(grid, tmp_path):
     assert not stale.exists() and "psnr" in (out / "index.html").read_text()
 
 
+def test_rerun_never_prunes_through_a_symlinked_thumbs_folder(grid, tmp_path):
+    cli = grid["cli"]
+    out = tmp_path / "linked"
+    assert cli(["report", *grid["scores"], "-o", out])[0] == 0
+    elsewhere = tmp_path / "mine"
+    (out / "thumbs").rename(elsewhere)
+    (out / "thumbs").symlink_to(elsewhere, target_is_directory=True)
+    kept = elsewhere / ("0" * 20 + ".png")
+    kept.write_bytes(b"the user's")
+    code, _, err = cli(["report", *grid["scores"], "-o", out, "--metric", "ssim"])
+    assert code == 2 and "symlink" in err
+    assert kept.read_bytes() == b"the user's"
+
+
 def test_manifest_records_cwd_and_peak_memory(tmp_path):
     from cloaklab.ops.manifest import Manifest
 

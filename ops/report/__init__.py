@@ -39,6 +39,9 @@ def check_output(output: Path, inputs: Sequence[Path]) -> None:
             raise UsageError(f"--output {output} is inside the input folder {raw}: choose another folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {output} is a file: give a folder")
+    if (out / THUMB_DIR).is_symlink():  # thumbnails are written and pruned there: never in a folder it points to
+        raise UsageError(f"--output {output}: {THUMB_DIR} is a symlink; remove it (cloak does not follow links "
+                         "inside its output folder)")
     if out.is_dir() and any(out.iterdir()):
         previous = load_json(out / MANIFEST_NAME)
         if not previous or previous.get("command") != "report":

@@ -157,3 +157,36 @@ def test_onnx_needs_onnxruntime(tmp_path):
     except ImportError:
         with pytest.raises(CloakError, match="onnxruntime"):
             FaceMetric("fdfr", face_detector=str(model))
+
+
+def test_ism_and_ims_are_weighted_cosines_to_the_mean_clean_embedding():
+    """Paper 001 §5.1: ISM = cos(ArcFace(gen), mean ArcFace(clean)); IMS = 0.7·that + 0.3·the VGG-Face cosine; no face:
+    ISM left out (None), IMS −1. Fixed embeddings per (constant) image, values typed by hand."""
+    from cloaklab.ops.metrics.base import ImageContext
+    from cloaklab.ops.metrics.faces import FaceMetric
+
+    landmarks = TEMPLATE + 24.0  # the aligned 112² crop lies inside the 160² image: a constant image stays constant
+    row = [20.0, 30.0, 140.0, 150.0, 0.9, *landmarks.reshape(-1).tolist()]
+
+    def detector(pixels):  # a face on every image but the nearly black one
+        return torch.tensor([row if pixels.mean() > 0.1 else row[:4] + [0.0] + row[5:]])
+
+    def lookup(table):
+        def encode(faces):  # faces arrive as (x·255 − 127.5)/127.5 = 2x − 1
+            return torch.tensor([table[round(float((face.mean() + 1) / 2), 1)] for face in faces])
+        return encode
+
+    arcface = lookup({0.2: [1.0, 0.0], 0.4: [0.0, 2.0], 0.6: [3.0, 4.0]})
+    vggface = lookup({0.2: [1.0, 0.0], 0.4: [1.0, 0.0], 0.6: [0.0, 1.0]})
+    image = {v: torch.full((3, 160, 160), v) for v in (0.05, 0.2, 0.4, 0.6)}
+    contexts = [ImageContext("g", "p"), ImageContext("n", "p")]
+    # mean clean ArcFace [0.5, 1]: cos([3, 4], [0.5, 1]) = 5.5 / (5·√1.25) (the mean of the cosines would be 0.7)
+    ism_value = 5.5 / (5 * math.sqrt(1.25))
+    values = {}
+    for name in ("ism", "ims"):
+        metric = FaceMetric(name, arcface=arcface, vggface=vggface, face_detector=detector)
+        metric.prepare({"p": [image[0.2], image[0.4]]})
+        values[name] = metric.score([image[0.6], image[0.05]], contexts)
+    assert values["ism"][0] == pytest.approx(ism_value, abs=1e-5) and values["ism"][1] is None
+    # VGG-Face: cos([0, 1], mean [1, 0]) = 0
+    assert values["ims"] == [pytest.approx(0.7 * ism_value + 0.3 * 0.0, abs=1e-5), -1.0]

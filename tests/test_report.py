@@ -247,6 +247,24 @@ def test_rerun_never_prunes_through_a_symlinked_thumbs_folder(grid, tmp_path):
     assert kept.read_bytes() == b"the user's"
 
 
+def test_single_run_mode_reads_the_records_of_a_run_still_going(tmp_path):
+    """A run's records sit in its record log until the run ends: the report reads them as cloak score does."""
+    from cloaklab.ops.manifest import Manifest
+    from cloaklab.ops.report.model import Manifests, read_run
+
+    source, out = tmp_path / "clean.png", tmp_path / "out"
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(source)
+    out.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 104, np.uint8)).save(out / "clean.png")
+    manifest = Manifest(out, "poison", {"eps": 4})
+    manifest.start_run()
+    manifest.record("clean.png", output="clean.png", status="done", source=str(source))
+    assert "clean.png" not in json.loads((out / "cloak.json").read_text())["files"]  # only in the log so far
+    previews = read_run(out, Manifests()).previews
+    manifest.close()
+    assert [p.name for p in previews] == ["clean.png"] and previews[0].linf == pytest.approx(4, abs=1e-9)
+
+
 def test_manifest_records_cwd_and_peak_memory(tmp_path):
     from cloaklab.ops.manifest import Manifest
 

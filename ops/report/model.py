@@ -137,7 +137,8 @@ class Grid:
 
 # ------------------------------------------------------------------------------------------ manifests, argv
 class Manifests:
-    """``cloak.json`` files, read once each."""
+    """Manifests read once each: ``cloak.json`` merged with the record logs of a run still going or killed
+    (:func:`ops.manifest.read_manifest`, as ``cloak score`` reads them)."""
 
     def __init__(self) -> None:
         self._cache: dict[Path, dict | None] = {}
@@ -147,11 +148,10 @@ class Manifests:
             return None
         folder = folder.resolve()
         if folder not in self._cache:
-            try:
-                data = json.loads((folder / MANIFEST_NAME).read_text())
-                self._cache[folder] = anchor(data, folder) if isinstance(data, dict) else None
-            except (OSError, json.JSONDecodeError):
-                self._cache[folder] = None
+            from ..manifest import read_manifest
+
+            data = read_manifest(folder)
+            self._cache[folder] = anchor(data, folder) if isinstance(data, dict) else None
         return self._cache[folder]
 
     def owner(self, path: Path) -> tuple[Path | None, dict, dict]:

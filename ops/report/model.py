@@ -388,7 +388,7 @@ def defended_image(image_path: Path, train_params: dict, masks: Path | None) -> 
     """The training image after the train-ti preset's input transform, as ``(H, W, 3)`` uint8: the JPEG round trip
     of ``--preset jpeg``/``szt`` (the same :func:`load_instance_images` call training makes), and, with a loss mask,
     the area outside the (dilated) mask darkened to show what the loss ignores."""
-    import inspect
+    from pathlib import PurePosixPath
 
     import numpy as np
     from PIL import Image
@@ -399,19 +399,13 @@ def defended_image(image_path: Path, train_params: dict, masks: Path | None) -> 
     with Image.open(image_path) as opened:
         size = min(opened.size)
     resolution = max(8, (int(train_params.get("resolution") or size) // 8) * 8)
-    options = {"jpeg_quality": train_params.get("jpeg"), "dilate": int(train_params.get("dilate") or 0),
-               "mask_dir": masks if masks is not None and train_params.get("mask_mode") not in (None, "none")
-               else None, "jpeg_scale": train_params.get("jpeg_scale")}
-    accepted = inspect.signature(load_instance_images).parameters
-    options = {k: v for k, v in options.items() if k in accepted and v is not None}
-    from pathlib import PurePosixPath
-
-    data = load_instance_images([InputItem(image_path, PurePosixPath(image_path.name))], resolution, **options)
-    rgb = data.images[0] if hasattr(data, "images") else data[0]
-    array = rgb.permute(1, 2, 0).clamp(0, 1).numpy()
-    masks_out = getattr(data, "masks", None)
-    if masks_out is not None:
-        mask = masks_out[0][0].numpy()[..., None]
+    masked = masks is not None and train_params.get("mask_mode") not in (None, "none")
+    data = load_instance_images([InputItem(image_path, PurePosixPath(image_path.name))], resolution,
+                                jpeg_quality=train_params.get("jpeg"), jpeg_scale=train_params.get("jpeg_scale"),
+                                mask_dir=masks if masked else None, dilate=int(train_params.get("dilate") or 0))
+    array = data.images[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    if data.masks is not None:
+        mask = data.masks[0][0].numpy()[..., None]
         array = array * (0.3 + 0.7 * mask)
     return (array * 255).round().astype(np.uint8)
 

@@ -291,7 +291,7 @@ complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "psnr" -
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "ssim" -d "SSIM vs the reference with the same name (scikit-image, 7×7, per channel)"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "rmse" -d "root mean squared error in [0, 1] units vs the reference with the same name"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "brisque" -d "BRISQUE no-reference quality (NumPy; the brisque package's trained SVR, shipped; higher = worse, paper 004)"
-complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "fdfr" -d "face detection failure: 1 when no face is found, 0 otherwise; the mean is the FDFR (paper 004; OpenCV Haar cascade instead of RetinaFace)"
+complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "fdfr" -d "face detection failure: 1 when no face is found, 0 otherwise; the mean is the FDFR …"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "ism" -d "identity score matching: cosine of ArcFace embeddings to the mean embedding of the clean references; images without a face are excluded from the mean …"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "ims" -d "identity similarity 0.7·cos(ArcFace) + 0.3·cos(VGG-Face) to the mean clean embedding; no face → −1 (paper 001 §5.1)"
 complete -c cloak -n "__fish_seen_subcommand_from score" -l metrics -xa "toy-acc" -d "toy world: 1 when the toy classifier names the concept's shape (--class, or the majority shape of its clean references), else 0"

@@ -619,16 +619,6 @@ def quantize(rgb: torch.Tensor, like: LoadedImage) -> np.ndarray:
     return out
 
 
-def dequantize(array: np.ndarray, like: LoadedImage) -> torch.Tensor:
-    """Inverse of :func:`quantize` for the colour planes (alpha dropped), as ``(3, H, W)`` float in [0, 1]."""
-    import torch
-
-    planes = array[..., :-1] if like.alpha is not None else array
-    values = planes.astype(np.float32) / like.max_value
-    tensor = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-    return tensor.expand(3, -1, -1).clone() if tensor.shape[0] == 1 else tensor
-
-
 def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
     """Encode a quantized array as PNG bytes in the input's kind of mode, with its ICC profile."""
     if like.bits == 16 and array.shape[2] > 1:

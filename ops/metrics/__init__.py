@@ -112,8 +112,10 @@ register(MetricSpec("brisque", "brisque_score", "BRISQUE no-reference quality (N
                     "shipped ops/metrics/brisque_svr.safetensors (from brisque 0.2.0)",
                     True, False))
 register(MetricSpec("fdfr", "faces", "face detection failure: 1 when no face is found, 0 otherwise; the mean is "
-                    "the FDFR (paper 004; OpenCV Haar cascade instead of RetinaFace)", "single",
-                    "OpenCV Haar cascade (frontal face)", "bundled with opencv (cv2.data)", True, False))
+                    "the FDFR (paper 004 uses RetinaFace: --face-detector FILE; default the offline OpenCV Haar "
+                    "cascade)", "single",
+                    "OpenCV Haar cascade (frontal face), or RetinaFace with --face-detector",
+                    "Haar bundled with opencv (cv2.data); RetinaFace: your file", True, False))
 register(MetricSpec("ism", "faces", "identity score matching: cosine of ArcFace embeddings to the mean embedding "
                     "of the clean references; images without a face are excluded from the mean (paper 004)", "set",
                     "ArcFace (ONNX via onnxruntime)", "insightface antelopev2 glintr100.onnx (user-supplied)",

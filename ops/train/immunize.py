@@ -71,6 +71,7 @@ from .loop import (
     make_optimizer,
     masked_step_loss,
     training_scheduler,
+    truncate_log,
 )
 
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
@@ -273,12 +274,8 @@ def _resume(stage: _Stage, out_dir: Path, config: ImmunizeConfig, data: Instance
     stage.generator.set_state(state["generator"])
     stage.order.order, stage.order.position = state["order"], state["position"]
     step = int(state["step"])
-    if not distributed.is_main():
-        return step
-    log_path = out_dir / LOG_NAME
-    kept = [line for line in log_path.read_text().splitlines() if line.strip()
-            and json.loads(line)["step"] <= step] if log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+    if distributed.is_main():
+        truncate_log(out_dir / LOG_NAME, step)
     return step
 
 

@@ -258,7 +258,8 @@ def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: t
                          "--overwrite to start again")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of the train log ``path`` up to ``step`` (a resumed run continues from its checkpoint)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -483,7 +484,7 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     resumed_from = _resume(out_dir, trainable, optimizer, state, config, data) if resume else None
     if writer:
         if resumed_from is not None:
-            _truncate_log(log_path, resumed_from)
+            truncate_log(log_path, resumed_from)
         else:
             log_path.write_text("")
 

@@ -61,7 +61,7 @@ from .. import diffusion
 from ..errors import CloakError, UsageError
 from . import distributed
 from .data import InstanceData
-from .presets import MASK_MODES
+from .presets import MASK_MODES, TEXTUAL_INVERSION
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
@@ -85,24 +85,26 @@ class Trainable(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: Textual Inversion of paper 000 §5.1.2)."""
+    """Hyper-parameters of one run (defaults: Textual Inversion of paper 000 §5.1.2, :data:`.presets.TEXTUAL_INVERSION`
+    — except ``weight_decay`` and ``flip_p``, off here; ``cloak train-ti`` passes the diffusers TI example's 1e-2 and
+    0.5 from there)."""
 
-    steps: int = 5000
-    batch_size: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 0
+    steps: int = TEXTUAL_INVERSION["steps"]
+    batch_size: int = TEXTUAL_INVERSION["batch_size"]
+    lr: float = TEXTUAL_INVERSION["lr"]
+    warmup_steps: int = TEXTUAL_INVERSION["warmup_steps"]
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_epsilon: float = 1e-8
-    grad_accumulation: int = 1
+    grad_accumulation: int = TEXTUAL_INVERSION["grad_accumulation"]
     max_grad_norm: float | None = None
     seed: int = 0
     t_sampler: str = "uniform"
     t_param: float | None = None
     mask_mode: str = "none"
     sample_latents: bool = True
-    checkpoint_every: int = 500
-    snapshot_every: int = 500
+    checkpoint_every: int = TEXTUAL_INVERSION["checkpoint_every"]
+    snapshot_every: int = TEXTUAL_INVERSION["snapshot_every"]
     log_every: int = 1
     log_grad_by_t: bool = False
     grad_bins: int = 10

@@ -226,11 +226,12 @@ def test_shares_of_a_split_batch_add_up_to_the_batch(fresh_tiny_pipe, monkeypatc
     assert parts[0] + parts[1] == pytest.approx(full, rel=1e-5)
     assert parts[0] != pytest.approx(parts[1], rel=1e-3)
 
-    mean, std = loop.latent_cache(pipe.vae, images, pipe.unet.device)
+    cache = loop.LatentCache(*loop.latent_cache(pipe.vae, images, pipe.unet.device), None)
 
     def adaptation(part):
-        return immunize._adaptation_loss(pipe, scheduler, ti, ["a photo of a <R*>"], mean, std, loop.DataOrder(2), 2,
-                                         True, torch.Generator().manual_seed(5), part)
+        draw = loop.TrainConfig(batch_size=2, seed=5)
+        return immunize._adaptation_loss(pipe, scheduler, ti, ["a photo of a <R*>"], cache,
+                                         loop.RunState.fresh(draw, 2), draw, part)
 
     full_loss, full_t = adaptation(None)
     (first, first_t), (second, second_t) = adaptation(slice(0, 1)), adaptation(slice(1, 2))

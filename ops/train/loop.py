@@ -381,14 +381,10 @@ def draw_batch(cache: LatentCache, state: RunState, prompts: list[str], config: 
                  [int(flip) for flip in flips] if flips is not None else [])
 
 
-def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig,
-                         generator: torch.Generator, part: slice | None) -> torch.Tensor:
-    """Step 3: the loss of this process's ``part`` of ``batch`` (all of it for ``None``), backward (÷ the
-    accumulation steps). Returns the values to log — ``[loss]`` or ``[loss, Σ err·M, Σ M, Σ err·(1−M), Σ(1−M)]``
-    with masks — as this process's share, so that their sum over the processes is the whole batch's.
-
-    One process: ``loss = mean over the batch + trainable.extra_loss``. Data-parallel: ``Σ over the rows ÷ batch
-    + the rows' share of the extra loss``, whose sum over the processes is the same number."""
+def batch_loss(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig, generator: torch.Generator,
+               part: slice | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Batch]:
+    """The scalar loss of this process's ``part`` of ``batch`` (all of it for ``None``; see
+    :func:`micro_batch_backward`), with the prediction, target and rows it was computed on."""
     mine = batch.rows(part)
     text, unet_kwargs = trainable.condition(mine.prompts)
     loss, prediction, target = masked_step_loss(unet, scheduler, mine.latents, text, mine.timesteps.to(unet.device),
@@ -401,6 +397,18 @@ def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, co
         extra = trainable.extra_loss(generator, part)
     if extra is not None:
         loss = loss + extra
+    return loss, prediction, target, mine
+
+
+def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig,
+                         generator: torch.Generator, part: slice | None) -> torch.Tensor:
+    """Step 3: the loss of this process's ``part`` of ``batch`` (all of it for ``None``), backward (÷ the
+    accumulation steps). Returns the values to log — ``[loss]`` or ``[loss, Σ err·M, Σ M, Σ err·(1−M), Σ(1−M)]``
+    with masks — as this process's share, so that their sum over the processes is the whole batch's.
+
+    One process: ``loss = mean over the batch + trainable.extra_loss``. Data-parallel: ``Σ over the rows ÷ batch
+    + the rows' share of the extra loss``, whose sum over the processes is the same number."""
+    loss, prediction, target, mine = batch_loss(unet, scheduler, trainable, batch, config, generator, part)
     (loss / config.grad_accumulation).backward()
     readback = loss.detach().float().reshape(1)
     if mine.masks is not None:

@@ -62,7 +62,6 @@ from .immunize_config import (  # noqa: F401
     default_token,
 )
 from .loop import (
-    CHECKPOINT_DIR,
     LOG_NAME,
     DataOrder,
     LatentCache,
@@ -76,6 +75,7 @@ from .loop import (
     make_optimizer,
     training_scheduler,
     truncate_log,
+    write_checkpoint,
 )
 
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
@@ -363,18 +363,12 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
 def _save_checkpoint(out_dir: Path, step: int, trainable, defended: dict[str, torch.Tensor], inner_opt, outer_opt,
                      generator: torch.Generator, order: DataOrder, config: ImmunizeConfig, data: InstanceData,
                      adaptation: list[str]) -> None:
-    path = out_dir / CHECKPOINT_DIR / f"step-{step:06d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "attention": {k: v.detach().cpu().clone() for k, v in defended.items()},
              "inner_optimizer": inner_opt.state_dict(), "outer_optimizer": outer_opt.state_dict(),
              "generator": generator.get_state(), "order": list(order.order), "position": order.position,
              "config": config.resume_key(), "names": list(data.names), "adaptation": adaptation}
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
-    for old in sorted(path.parent.glob("step-*.pt"))[:-2]:
-        old.unlink()
+    write_checkpoint(out_dir, step, state)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -592,14 +592,19 @@ def _write_final(out_dir: Path, trainable: Trainable, state: RunState, config: T
 def _save_checkpoint(out_dir: Path, step: int, trainable: Trainable, optimizer, generator: torch.Generator,
                      order: DataOrder, bins: torch.Tensor, counts: torch.Tensor, config: TrainConfig,
                      data: InstanceData, flip_generator: torch.Generator | None = None) -> None:
-    path = _checkpoint_path(out_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "order": list(order.order),
              "position": order.position, "grad_bins": bins, "grad_counts": counts, "config": config.resume_key(),
              "names": list(data.names)}
     if flip_generator is not None:
         state["flip_generator"] = flip_generator.get_state()
+    write_checkpoint(out_dir, step, state)
+
+
+def write_checkpoint(out_dir: Path, step: int, state: dict[str, Any]) -> None:
+    """Save ``state`` atomically as ``out_dir/checkpoints/step-NNNNNN.pt`` and keep only the last two checkpoints."""
+    path = _checkpoint_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)

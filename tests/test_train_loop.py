@@ -335,3 +335,15 @@ def test_micro_batch_loss_is_the_batch_mean_and_a_rows_share_is_its_sum_over_the
     assert second == pytest.approx(float(per_sample[1]) / 2 + 0.125, rel=1e-5)
     _, half_grad = run(None, accumulation=2)
     assert half_grad == pytest.approx(full_grad / 2, rel=1e-5) and abs(full_grad) > 1e-6
+
+
+def test_checkpoint_pruning_keeps_the_last_two_and_never_deletes_a_file_cloak_did_not_name(tmp_path):
+    from cloaklab.ops.train.loop import CHECKPOINT_DIR, latest_checkpoint, write_checkpoint
+
+    folder = tmp_path / CHECKPOINT_DIR
+    folder.mkdir()
+    (folder / "step-mine.pt").write_text("a user's file")
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step, {"step": step})
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002.pt", "step-000003.pt", "step-mine.pt"]
+    assert latest_checkpoint(tmp_path) == folder / "step-000003.pt"  # the user's file is not resumed from

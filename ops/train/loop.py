@@ -215,12 +215,13 @@ def _checkpoint_path(out_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
+    found = [path for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
+             if OWN_FILE_NAMES.match(path.name)]
     return found[-1] if found else None
 
 
 # the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
-OWN_FILE_NAMES = re.compile(r"^step-\d{6}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
+OWN_FILE_NAMES = re.compile(r"^step-\d{6,}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
 
 
 def refuse_foreign_outputs(out_dir: Path, names: Sequence[str], owned: bool) -> None:
@@ -608,7 +609,8 @@ def write_checkpoint(out_dir: Path, step: int, state: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
-    for old in sorted(path.parent.glob("step-*.pt"))[:-2]:  # keep the last two
+    own = [found for found in sorted(path.parent.glob("step-*.pt")) if OWN_FILE_NAMES.match(found.name)]
+    for old in own[:-2]:  # keep the last two; a file cloak did not name this way stays
         old.unlink()
 
 

@@ -269,3 +269,17 @@ def test_python_m_cloaklab_is_cloak_and_refuses_commands_that_do_not_train(tmp_p
     done = subprocess.run([sys.executable, "-m", "cloaklab", "--version"], check=False, capture_output=True, text=True,
                           env=env)
     assert done.returncode == 0 and done.stdout.startswith("cloak ")
+
+
+def test_default_threads_are_shared_by_the_launchers_processes_on_a_machine(tmp_path, monkeypatch):
+    """Each of torchrun's processes would otherwise take every allowed CPU (4 processes × 8 threads on 8 CPUs)."""
+    from cloaklab.ops.device import default_threads
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cpus = set(range(8))
+    assert default_threads(str(tmp_path), affinity=cpus) == 8
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two machines of 4 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads(str(tmp_path), affinity=cpus) == 2
+    assert default_threads(str(tmp_path), affinity={0, 1}) == 1  # never below one

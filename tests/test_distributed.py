@@ -226,11 +226,12 @@ def test_shares_of_a_split_batch_add_up_to_the_batch(fresh_tiny_pipe, monkeypatc
     assert parts[0] + parts[1] == pytest.approx(full, rel=1e-5)
     assert parts[0] != pytest.approx(parts[1], rel=1e-3)
 
-    mean, std = loop.latent_cache(pipe.vae, images, pipe.unet.device)
+    cache = loop.LatentCache(*loop.latent_cache(pipe.vae, images, pipe.unet.device), None)
 
     def adaptation(part):
-        return immunize._adaptation_loss(pipe, scheduler, ti, ["a photo of a <R*>"], mean, std, loop.DataOrder(2), 2,
-                                         True, torch.Generator().manual_seed(5), part)
+        draw = loop.TrainConfig(batch_size=2, seed=5)
+        return immunize._adaptation_loss(pipe, scheduler, ti, ["a photo of a <R*>"], cache,
+                                         loop.RunState.fresh(draw, 2), draw, part)
 
     full_loss, full_t = adaptation(None)
     (first, first_t), (second, second_t) = adaptation(slice(0, 1)), adaptation(slice(1, 2))
@@ -268,3 +269,17 @@ def test_python_m_cloaklab_is_cloak_and_refuses_commands_that_do_not_train(tmp_p
     done = subprocess.run([sys.executable, "-m", "cloaklab", "--version"], check=False, capture_output=True, text=True,
                           env=env)
     assert done.returncode == 0 and done.stdout.startswith("cloak ")
+
+
+def test_default_threads_are_shared_by_the_launchers_processes_on_a_machine(tmp_path, monkeypatch):
+    """Each of torchrun's processes would otherwise take every allowed CPU (4 processes × 8 threads on 8 CPUs)."""
+    from cloaklab.ops.device import default_threads
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cpus = set(range(8))
+    assert default_threads(str(tmp_path), affinity=cpus) == 8
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two machines of 4 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads(str(tmp_path), affinity=cpus) == 2
+    assert default_threads(str(tmp_path), affinity={0, 1}) == 1  # never below one

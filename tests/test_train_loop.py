@@ -290,3 +290,60 @@ def test_interrupt_checkpoints_the_last_step_and_resume_matches(tmp_path):
         run(tmp_path / "cut", ctrl_c)
     assert (tmp_path / "cut" / "checkpoints" / "step-000003.pt").exists()
     assert torch.equal(run(tmp_path / "cut", resume=True), full)
+
+
+def test_micro_batch_loss_is_the_batch_mean_and_a_rows_share_is_its_sum_over_the_batch(fresh_tiny_pipe):
+    """One process: mean over the batch of ‖ε̂ − ε‖² (mean over C, H, W) + the extra loss; a data-parallel
+    process's rows: Σ over its rows ÷ the batch + the rows' extra share; the backward divides by the accumulation
+    steps. Expected values by hand: q(z_t | z_0) and the UNet call written out in plain torch."""
+    from cloaklab.ops.train import loop
+
+    pipe = fresh_tiny_pipe
+    unet, scheduler = pipe.unet, loop.training_scheduler(pipe)
+    unet.requires_grad_(False)
+    make = torch.Generator().manual_seed(11)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=make), torch.randn(2, 4, 8, 8, generator=make)
+    embeddings = {"p0": torch.randn(1, 77, 32, generator=make), "p1": torch.randn(1, 77, 32, generator=make)}
+    timesteps = torch.tensor([123, 801])
+
+    class Stub:
+        def __init__(self):
+            self.delta = torch.zeros((), requires_grad=True)
+
+        def condition(self, prompts):
+            return torch.cat([embeddings[p] for p in prompts]) + self.delta, {}
+
+        def extra_loss(self, generator, rows=None):
+            return torch.tensor(0.25) if rows is None else torch.tensor(0.25 * (rows.stop - rows.start) / 2)
+
+    def run(part, accumulation=1):
+        stub = Stub()
+        config = TrainConfig(batch_size=2, grad_accumulation=accumulation)
+        batch = loop.Batch(latents, None, timesteps, noise, ["p0", "p1"], [])
+        value = loop.micro_batch_backward(unet, scheduler, stub, batch, config, torch.Generator(), part)
+        return float(value[0]), float(stub.delta.grad)
+
+    with torch.no_grad():
+        abar = scheduler.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
+        text = torch.cat([embeddings["p0"], embeddings["p1"]])
+        prediction = unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, timesteps,
+                          encoder_hidden_states=text).sample
+        per_sample = (prediction - noise).pow(2).mean((1, 2, 3))
+    full, full_grad = run(None)
+    assert full == pytest.approx(float(per_sample.mean()) + 0.25, rel=1e-5)
+    second, _ = run(slice(1, 2))
+    assert second == pytest.approx(float(per_sample[1]) / 2 + 0.125, rel=1e-5)
+    _, half_grad = run(None, accumulation=2)
+    assert half_grad == pytest.approx(full_grad / 2, rel=1e-5) and abs(full_grad) > 1e-6
+
+
+def test_checkpoint_pruning_keeps_the_last_two_and_never_deletes_a_file_cloak_did_not_name(tmp_path):
+    from cloaklab.ops.train.loop import CHECKPOINT_DIR, latest_checkpoint, write_checkpoint
+
+    folder = tmp_path / CHECKPOINT_DIR
+    folder.mkdir()
+    (folder / "step-mine.pt").write_text("a user's file")
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step, {"step": step})
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002.pt", "step-000003.pt", "step-mine.pt"]
+    assert latest_checkpoint(tmp_path) == folder / "step-000003.pt"  # the user's file is not resumed from

@@ -55,6 +55,11 @@ def local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+def local_world() -> int:
+    """How many of them run on this machine (``LOCAL_WORLD_SIZE``; 1 without a launcher)."""
+    return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
 def is_main() -> bool:
     """Whether this process writes the outputs (rank 0, or the only process)."""
     return rank() == 0

@@ -28,10 +28,10 @@ from ..diffusion import (
     diffusion_loss,
     encode_images,
     encode_prompts,
-    latent_posterior,
     num_train_timesteps,
     sample_timesteps,
 )
+from .loop import latent_cache
 from .presets import DREAMBOOTH
 
 
@@ -215,10 +215,9 @@ class DreamBoothTrainer:
         return [self.step(instance_images) for _ in range(steps)]
 
 
-@torch.no_grad()
 def encode_class_images(vae, class_images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled VAE posterior ``(mean, std)`` (float32) of the class images ``(M, 3, H, W)``, encoded once so every
-    step only draws ``mean + std · n``; pass it as ``class_posterior`` to share it between trainers."""
-    parts = [latent_posterior(vae, c.to(vae.device, torch.float32)) for c in class_images.split(chunk)]
-    return torch.cat([m for m, _ in parts]).float(), torch.cat([s for _, s in parts]).float()
+    step only draws ``mean + std · n``; pass it as ``class_posterior`` to share it between trainers. The training
+    loop's own posterior cache (:func:`.loop.latent_cache`) on the VAE's device."""
+    return latent_cache(vae, class_images.float(), vae.device, chunk)
 

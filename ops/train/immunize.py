@@ -28,9 +28,10 @@ concepts are immunized sequentially, each stage starting from the previous stage
 
 Reuse: the adaptation methods are the training core's :class:`~.loop.Trainable` objects
 (:class:`~.textual_inversion.TextualInversion`, :class:`~.dreambooth_model.DreamBoothModel` with or without LoRA),
-the loss is :func:`~.loop.masked_step_loss` (→ :mod:`ops.diffusion`), batches are drawn exactly as
-:func:`~.loop.train` draws them (seeded :class:`~.loop.DataOrder`, one CPU generator), and the optimizers come from
-:func:`~.loop.make_optimizer`. Only the alternation (two optimizers, the sign of the outer step) is new here.
+batches are drawn and their loss reduced by :func:`~.loop.train`'s own :func:`~.loop.draw_batch` and
+:func:`~.loop.batch_loss` (seeded :class:`~.loop.DataOrder`, one CPU generator; → :mod:`ops.diffusion`), and the
+optimizers come from :func:`~.loop.make_optimizer`. Only the alternation (two optimizers, the sign of the outer
+step) is new here.
 """
 
 from __future__ import annotations
@@ -61,16 +62,20 @@ from .immunize_config import (  # noqa: F401
     default_token,
 )
 from .loop import (
-    CHECKPOINT_DIR,
     LOG_NAME,
     DataOrder,
+    LatentCache,
+    RunState,
     TrainConfig,
+    batch_loss,
     check_finite,
+    draw_batch,
     latent_cache,
     latest_checkpoint,
     make_optimizer,
-    masked_step_loss,
     training_scheduler,
+    truncate_log,
+    write_checkpoint,
 )
 
 ATTENTION_KEYS = ("to_q", "to_k", "to_v", "to_out")
@@ -180,33 +185,22 @@ def make_adaptation(work, against: str, *, token: str, class_word: str, instance
     return Adaptation(DreamBoothModel(work, settings, batch_size=batch_size), [prompt], work)
 
 
-def _adaptation_loss(work, scheduler, trainable, prompts: list[str], mean: torch.Tensor, std: torch.Tensor,
-                     order: DataOrder, batch_size: int, sample_latents: bool, generator: torch.Generator,
-                     part: slice | None = None) -> tuple[torch.Tensor, list[int]]:
-    """One batch of the adaptation loss and its timesteps, with the random draws in :func:`~.loop.train`'s
-    order. ``part`` (a data-parallel process's rows): the whole batch is drawn, the loss is those rows' share
-    ``Σ rows ÷ batch_size`` (the shares of all processes add up to the batch mean); the timesteps are all of them."""
-    device = work.unet.device
-    index = order.next(batch_size, generator)
-    batch_mean, batch_std = mean[index], std[index]
-    latent_noise = torch.randn(batch_mean.shape, generator=generator) if sample_latents else None
-    timesteps = diffusion.sample_timesteps(batch_size, num_timesteps=diffusion.num_train_timesteps(scheduler),
-                                           generator=generator)
-    noise = torch.randn(batch_mean.shape, generator=generator).to(device)
-    choice = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
-    latents = batch_mean + batch_std * latent_noise.to(device) if latent_noise is not None else batch_mean
-    chosen = [prompts[i] for i in choice]
-    rows = part if part is not None else slice(None)
-    text, unet_kwargs = trainable.condition(chosen[rows])
-    loss, _, _ = masked_step_loss(work.unet, scheduler, latents[rows], text, timesteps[rows].to(device), noise[rows],
-                                  "none", None, **unet_kwargs)
-    if part is None:
-        loss = loss.mean()
-        extra = trainable.extra_loss(generator)
-    else:
-        loss = loss.sum() / batch_size
-        extra = trainable.extra_loss(generator, part)
-    return (loss + extra if extra is not None else loss), timesteps.tolist()
+def _draws(batch_size: int, sample_latents: bool, seed: int, count: int) -> tuple[TrainConfig, RunState]:
+    """The batch settings and random streams of the adaptation's batches: :func:`~.loop.train`'s own (uniform t,
+    no masks, no flips; one CPU generator seeded ``seed`` and the data order over ``count`` images)."""
+    draw = TrainConfig(batch_size=batch_size, sample_latents=sample_latents, seed=seed)
+    return draw, RunState.fresh(draw, count)
+
+
+def _adaptation_loss(work, scheduler, trainable, prompts: list[str], cache: LatentCache, state: RunState,
+                     draw: TrainConfig, part: slice | None = None) -> tuple[torch.Tensor, list[int]]:
+    """One batch of the adaptation loss and its timesteps, drawn and reduced by :func:`~.loop.train`'s own
+    :func:`~.loop.draw_batch` and :func:`~.loop.batch_loss`. ``part`` (a data-parallel process's rows): the whole
+    batch is drawn, the loss is those rows' share ``Σ rows ÷ batch_size`` (the shares of all processes add up to the
+    batch mean); the timesteps are all of them."""
+    batch = draw_batch(cache, state, prompts, draw, diffusion.num_train_timesteps(scheduler), work.unet.device)
+    loss = batch_loss(work.unet, scheduler, trainable, batch, draw, state.generator, part)[0]
+    return loss, batch.timesteps.tolist()
 
 
 def _optimizer(params: list[torch.Tensor], lr: float, config: ImmunizeConfig):
@@ -226,10 +220,9 @@ class _Stage:
     inner_opt: Any
     outer_opt: Any
     scheduler: Any
-    mean: torch.Tensor
-    std: torch.Tensor
-    generator: torch.Generator
-    order: DataOrder
+    cache: LatentCache
+    draw: TrainConfig  # the batch settings of :func:`~.loop.draw_batch`
+    state: RunState  # the generator and data order (the grad-by-t bins are unused)
 
     @property
     def outer_params(self) -> list[torch.Tensor]:
@@ -249,9 +242,9 @@ def _build_stage(pipe, data: InstanceData, config: ImmunizeConfig, *, token: str
     inner_opt = _optimizer(inner_params, config.lr, config)
     outer_opt = _optimizer(list(defended.values()), config.defence_lr, config)
     scheduler = training_scheduler(work)
-    mean, std = latent_cache(work.vae, data.images, work.unet.device)
-    return _Stage(work, adaptation, defended, inner_params, inner_opt, outer_opt, scheduler, mean, std,
-                  torch.Generator().manual_seed(config.seed), DataOrder(len(data)))
+    cache = LatentCache(*latent_cache(work.vae, data.images, work.unet.device), None)
+    draw, state = _draws(config.batch_size, config.sample_latents, config.seed, len(data))
+    return _Stage(work, adaptation, defended, inner_params, inner_opt, outer_opt, scheduler, cache, draw, state)
 
 
 def _resume(stage: _Stage, out_dir: Path, config: ImmunizeConfig, data: InstanceData, adaptation_key: list[str]
@@ -270,15 +263,11 @@ def _resume(stage: _Stage, out_dir: Path, config: ImmunizeConfig, data: Instance
     apply_attention_state(stage.work.unet, state["attention"])
     stage.inner_opt.load_state_dict(state["inner_optimizer"])
     stage.outer_opt.load_state_dict(state["outer_optimizer"])
-    stage.generator.set_state(state["generator"])
-    stage.order.order, stage.order.position = state["order"], state["position"]
+    stage.state.generator.set_state(state["generator"])
+    stage.state.order.order, stage.state.order.position = state["order"], state["position"]
     step = int(state["step"])
-    if not distributed.is_main():
-        return step
-    log_path = out_dir / LOG_NAME
-    kept = [line for line in log_path.read_text().splitlines() if line.strip()
-            and json.loads(line)["step"] <= step] if log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+    if distributed.is_main():
+        truncate_log(out_dir / LOG_NAME, step)
     return step
 
 
@@ -298,8 +287,7 @@ def _alternate(stage: _Stage, config: ImmunizeConfig, phase: str, part: slice | 
                          else (stage.outer_params, stage.outer_opt))
     optimizer.zero_grad(set_to_none=True)
     loss, timesteps = _adaptation_loss(stage.work, stage.scheduler, stage.adaptation.trainable,
-                                       stage.adaptation.prompts, stage.mean, stage.std, stage.order,
-                                       config.batch_size, config.sample_latents, stage.generator, part)
+                                       stage.adaptation.prompts, stage.cache, stage.state, stage.draw, part)
     (loss if phase == "inner" else -loss).backward()
     distributed.all_reduce_grads(params)
     if config.max_grad_norm is not None:
@@ -363,7 +351,8 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
             if writer and ((config.checkpoint_every and step % config.checkpoint_every == 0) or at_stop
                            or step == config.steps):
                 _save_checkpoint(out_dir, step, stage.adaptation.trainable, stage.defended, stage.inner_opt,
-                                 stage.outer_opt, stage.generator, stage.order, config, data, adaptation_key)
+                                 stage.outer_opt, stage.state.generator, stage.state.order, config, data,
+                                 adaptation_key)
             if on_progress is not None:
                 on_progress(step, config.steps, record)
     state = {name: value.detach().float().cpu().clone() for name, value in stage.defended.items()}
@@ -374,18 +363,12 @@ def immunize(pipe, data: InstanceData, config: ImmunizeConfig, out_dir: Path, *,
 def _save_checkpoint(out_dir: Path, step: int, trainable, defended: dict[str, torch.Tensor], inner_opt, outer_opt,
                      generator: torch.Generator, order: DataOrder, config: ImmunizeConfig, data: InstanceData,
                      adaptation: list[str]) -> None:
-    path = out_dir / CHECKPOINT_DIR / f"step-{step:06d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "attention": {k: v.detach().cpu().clone() for k, v in defended.items()},
              "inner_optimizer": inner_opt.state_dict(), "outer_optimizer": outer_opt.state_dict(),
              "generator": generator.get_state(), "order": list(order.order), "position": order.position,
              "config": config.resume_key(), "names": list(data.names), "adaptation": adaptation}
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
-    for old in sorted(path.parent.glob("step-*.pt"))[:-2]:
-        old.unlink()
+    write_checkpoint(out_dir, step, state)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -395,10 +378,9 @@ def adaptation_loss(work, trainable, prompts: list[str], data: InstanceData, *, 
     """Mean adaptation loss over ``draws`` fixed (image, t, noise, prompt) draws — the same draws for any model,
     so an immunized and a plain model adapted alike can be compared (higher = the concept is learnt worse)."""
     scheduler = training_scheduler(work)
-    mean, std = latent_cache(work.vae, data.images, work.unet.device)
-    generator = torch.Generator().manual_seed(seed)
-    order = DataOrder(len(data))
-    values = [float(_adaptation_loss(work, scheduler, trainable, prompts, mean, std, order, 1, False, generator)[0])
+    cache = LatentCache(*latent_cache(work.vae, data.images, work.unet.device), None)
+    draw, state = _draws(1, False, seed, len(data))
+    values = [float(_adaptation_loss(work, scheduler, trainable, prompts, cache, state, draw)[0])
               for _ in range(draws)]
     return sum(values) / len(values)
 

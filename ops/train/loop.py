@@ -61,7 +61,7 @@ from .. import diffusion
 from ..errors import CloakError, UsageError
 from . import distributed
 from .data import InstanceData
-from .presets import MASK_MODES
+from .presets import MASK_MODES, TEXTUAL_INVERSION
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
@@ -85,24 +85,26 @@ class Trainable(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: Textual Inversion of paper 000 §5.1.2)."""
+    """Hyper-parameters of one run (defaults: Textual Inversion of paper 000 §5.1.2, :data:`.presets.TEXTUAL_INVERSION`
+    — except ``weight_decay`` and ``flip_p``, off here; ``cloak train-ti`` passes the diffusers TI example's 1e-2 and
+    0.5 from there)."""
 
-    steps: int = 5000
-    batch_size: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 0
+    steps: int = TEXTUAL_INVERSION["steps"]
+    batch_size: int = TEXTUAL_INVERSION["batch_size"]
+    lr: float = TEXTUAL_INVERSION["lr"]
+    warmup_steps: int = TEXTUAL_INVERSION["warmup_steps"]
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_epsilon: float = 1e-8
-    grad_accumulation: int = 1
+    grad_accumulation: int = TEXTUAL_INVERSION["grad_accumulation"]
     max_grad_norm: float | None = None
     seed: int = 0
     t_sampler: str = "uniform"
     t_param: float | None = None
     mask_mode: str = "none"
     sample_latents: bool = True
-    checkpoint_every: int = 500
-    snapshot_every: int = 500
+    checkpoint_every: int = TEXTUAL_INVERSION["checkpoint_every"]
+    snapshot_every: int = TEXTUAL_INVERSION["snapshot_every"]
     log_every: int = 1
     log_grad_by_t: bool = False
     grad_bins: int = 10
@@ -213,12 +215,13 @@ def _checkpoint_path(out_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
+    found = [path for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
+             if OWN_FILE_NAMES.match(path.name)]
     return found[-1] if found else None
 
 
 # the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
-OWN_FILE_NAMES = re.compile(r"^step-\d{6}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
+OWN_FILE_NAMES = re.compile(r"^step-\d{6,}\.(pt|tmp)$|^learned_embeds-step-\d{6}\.safetensors(\.tmp)?$")
 
 
 def refuse_foreign_outputs(out_dir: Path, names: Sequence[str], owned: bool) -> None:
@@ -258,7 +261,8 @@ def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool, extra: t
                          "--overwrite to start again")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of the train log ``path`` up to ``step`` (a resumed run continues from its checkpoint)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -378,14 +382,10 @@ def draw_batch(cache: LatentCache, state: RunState, prompts: list[str], config: 
                  [int(flip) for flip in flips] if flips is not None else [])
 
 
-def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig,
-                         generator: torch.Generator, part: slice | None) -> torch.Tensor:
-    """Step 3: the loss of this process's ``part`` of ``batch`` (all of it for ``None``), backward (÷ the
-    accumulation steps). Returns the values to log — ``[loss]`` or ``[loss, Σ err·M, Σ M, Σ err·(1−M), Σ(1−M)]``
-    with masks — as this process's share, so that their sum over the processes is the whole batch's.
-
-    One process: ``loss = mean over the batch + trainable.extra_loss``. Data-parallel: ``Σ over the rows ÷ batch
-    + the rows' share of the extra loss``, whose sum over the processes is the same number."""
+def batch_loss(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig, generator: torch.Generator,
+               part: slice | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Batch]:
+    """The scalar loss of this process's ``part`` of ``batch`` (all of it for ``None``; see
+    :func:`micro_batch_backward`), with the prediction, target and rows it was computed on."""
     mine = batch.rows(part)
     text, unet_kwargs = trainable.condition(mine.prompts)
     loss, prediction, target = masked_step_loss(unet, scheduler, mine.latents, text, mine.timesteps.to(unet.device),
@@ -398,6 +398,18 @@ def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, co
         extra = trainable.extra_loss(generator, part)
     if extra is not None:
         loss = loss + extra
+    return loss, prediction, target, mine
+
+
+def micro_batch_backward(unet, scheduler, trainable: Trainable, batch: Batch, config: TrainConfig,
+                         generator: torch.Generator, part: slice | None) -> torch.Tensor:
+    """Step 3: the loss of this process's ``part`` of ``batch`` (all of it for ``None``), backward (÷ the
+    accumulation steps). Returns the values to log — ``[loss]`` or ``[loss, Σ err·M, Σ M, Σ err·(1−M), Σ(1−M)]``
+    with masks — as this process's share, so that their sum over the processes is the whole batch's.
+
+    One process: ``loss = mean over the batch + trainable.extra_loss``. Data-parallel: ``Σ over the rows ÷ batch
+    + the rows' share of the extra loss``, whose sum over the processes is the same number."""
+    loss, prediction, target, mine = batch_loss(unet, scheduler, trainable, batch, config, generator, part)
     (loss / config.grad_accumulation).backward()
     readback = loss.detach().float().reshape(1)
     if mine.masks is not None:
@@ -483,7 +495,7 @@ def train(pipe, trainable: Trainable, data: InstanceData, prompts: list[str], co
     resumed_from = _resume(out_dir, trainable, optimizer, state, config, data) if resume else None
     if writer:
         if resumed_from is not None:
-            _truncate_log(log_path, resumed_from)
+            truncate_log(log_path, resumed_from)
         else:
             log_path.write_text("")
 
@@ -581,18 +593,24 @@ def _write_final(out_dir: Path, trainable: Trainable, state: RunState, config: T
 def _save_checkpoint(out_dir: Path, step: int, trainable: Trainable, optimizer, generator: torch.Generator,
                      order: DataOrder, bins: torch.Tensor, counts: torch.Tensor, config: TrainConfig,
                      data: InstanceData, flip_generator: torch.Generator | None = None) -> None:
-    path = _checkpoint_path(out_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "order": list(order.order),
              "position": order.position, "grad_bins": bins, "grad_counts": counts, "config": config.resume_key(),
              "names": list(data.names)}
     if flip_generator is not None:
         state["flip_generator"] = flip_generator.get_state()
+    write_checkpoint(out_dir, step, state)
+
+
+def write_checkpoint(out_dir: Path, step: int, state: dict[str, Any]) -> None:
+    """Save ``state`` atomically as ``out_dir/checkpoints/step-NNNNNN.pt`` and keep only the last two checkpoints."""
+    path = _checkpoint_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
-    for old in sorted(path.parent.glob("step-*.pt"))[:-2]:  # keep the last two
+    own = [found for found in sorted(path.parent.glob("step-*.pt")) if OWN_FILE_NAMES.match(found.name)]
+    for old in own[:-2]:  # keep the last two; a file cloak did not name this way stays
         old.unlink()
 
 

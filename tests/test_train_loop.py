@@ -347,3 +347,13 @@ def test_checkpoint_pruning_keeps_the_last_two_and_never_deletes_a_file_cloak_di
         write_checkpoint(tmp_path, step, {"step": step})
     assert sorted(p.name for p in folder.iterdir()) == ["step-000002.pt", "step-000003.pt", "step-mine.pt"]
     assert latest_checkpoint(tmp_path) == folder / "step-000003.pt"  # the user's file is not resumed from
+
+
+def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path):
+    from cloaklab.ops.train.loop import CHECKPOINT_DIR, latest_checkpoint, write_checkpoint
+
+    for step in (999_998, 999_999, 1_000_000):
+        write_checkpoint(tmp_path, step, {"step": step})
+    folder = tmp_path / CHECKPOINT_DIR
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1000000.pt", "step-999999.pt"]  # the last two kept
+    assert latest_checkpoint(tmp_path) == folder / "step-1000000.pt"

@@ -215,9 +215,15 @@ def _checkpoint_path(out_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = [path for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
-             if OWN_FILE_NAMES.match(path.name)]
+    found = own_checkpoints(Path(out_dir) / CHECKPOINT_DIR)
     return found[-1] if found else None
+
+
+def own_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints a run wrote in ``folder`` (names ``step-NNNNNN.pt``), in step order — by number, so step
+    1,000,000 comes after step 999,999; files cloak did not name this way are never listed."""
+    found = [path for path in Path(folder).glob("step-*.pt") if OWN_FILE_NAMES.match(path.name)]
+    return sorted(found, key=lambda path: int(path.stem.removeprefix("step-")))
 
 
 # the files a training run writes in its checkpoint and snapshot folders (and nothing else is deleted)
@@ -609,8 +615,7 @@ def write_checkpoint(out_dir: Path, step: int, state: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
-    own = [found for found in sorted(path.parent.glob("step-*.pt")) if OWN_FILE_NAMES.match(found.name)]
-    for old in own[:-2]:  # keep the last two; a file cloak did not name this way stays
+    for old in own_checkpoints(path.parent)[:-2]:  # keep the last two; a file cloak did not name this way stays
         old.unlink()
 
 

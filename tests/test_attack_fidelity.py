@@ -252,3 +252,18 @@ def test_da_sampler_is_ddim_with_eta_one_typed_out(monkeypatch):
         sigma = ((1 - prev) / (1 - abar[t]) * (1 - abar[t] / prev)).sqrt()
         z = prev.sqrt() * z / abar[t].sqrt() + sigma * torch.randn(3, 4, 4, generator=g).double()
     torch.testing.assert_close(out.double(), z, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_sample_encodes_a_draw_from_the_vae_posterior(tiny_pipe, images):
+    """``latent_sample``: s·(μ + σ·n) with μ, σ from diffusers' own ``vae.encode`` and n each image's first draw
+    (typed from fresh generators of the same seeds); without it, s·μ."""
+    models = engine.AttackModels(tiny_pipe, latent_sample=True)
+    with torch.no_grad():
+        got = models.encode(images, gens(2))
+        posterior = tiny_pipe.vae.encode(images * 2 - 1).latent_dist
+    n = torch.stack([torch.randn(tuple(posterior.mean.shape[1:]), generator=g) for g in gens(2)]).to(images.device)
+    scale = tiny_pipe.vae.config.scaling_factor
+    assert float(posterior.std.min()) > 1e-3
+    torch.testing.assert_close(got, (posterior.mean + posterior.std * n) * scale, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.AttackModels(tiny_pipe).encode(images, gens(2)), posterior.mean * scale)

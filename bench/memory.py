@@ -28,7 +28,7 @@ import json, resource, sys, time
 import torch  # noqa: F401 - part of the baseline, as in any cloak run
 from cloaklab.cli.main import app
 from cloaklab.ops.purify import get_purifier
-from cloaklab.ops.purify import run  # noqa: F401
+from cloaklab.ops.commands import purify as purify_command  # noqa: F401 - the folder runner, in the baseline
 get_purifier(sys.argv[1]).load()
 # Lazy one-time imports (torch.optim pulls in ~170 MB of modules on first use) belong to the baseline, not the image.
 torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)

@@ -37,10 +37,13 @@ def encode_images(vae, images: torch.Tensor, *, sample: bool = False,
     return (latents - shift) * vae.config.scaling_factor
 
 
-def latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_posterior(vae, images: torch.Tensor, *, device: torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(B, 3, H, W)`` in [0, 1] → scaled posterior ``(mean, std)`` of the VAE, so a trainer can cache them
-    and draw ``mean + std · n`` per step (the same law as ``latent_dist.sample()``) without re-running the encoder."""
-    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+    and draw ``mean + std · n`` per step (the same law as ``latent_dist.sample()``) without re-running the encoder.
+    ``device``/``dtype``: the VAE's, when the caller knows them (as :func:`encode_images`)."""
+    device, dtype = device or vae.device, dtype or vae.dtype
+    posterior = vae.encode((images * 2 - 1).to(device, dtype)).latent_dist
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
 

@@ -210,3 +210,60 @@ def test_da_sampler_keeps_gradients_on_saturated_pixels(monkeypatch, tiny_pipe, 
     assert float(outside.float().mean()) > 0.2
     (grad,) = torch.autograd.grad(out[outside].sum(), x)
     assert grad.abs().sum() > 0
+
+
+def test_da_l2_projection_radius_is_half_l2_eps_on_the_unit_range(monkeypatch, pinned, images):
+    """l2_eps is in PhotoGuard's [-1, 1] units: ‖δ‖₂ ≤ l2_eps/2 on [0, 1]. With the identity sampler the direction is
+    toward grey; one step of l2_step 2 (1.0 on [0, 1]) overshoots the radius l2_eps 1 → 0.5, so δ = −0.5·d."""
+    models, _, _ = pinned
+    monkeypatch.setattr(da, "sample", lambda models_, x, generators, **kw: x * 2 - 1)
+    grey = torch.full_like(images, 0.5)
+    out = da.attack(images, models=models, generators=gens(2), targets=grey, eps=255.0, l2_eps=1.0, l2_step=2.0,
+                    steps=1, grad_samples=1, eval_draws=0).images
+    direction = (images - 0.5) / (images - 0.5).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(out, (images - 0.5 * direction).clamp(0, 1), atol=1e-5)
+
+
+def test_da_sampler_is_ddim_with_eta_one_typed_out(monkeypatch):
+    """PhotoGuard's 4-step DDIM run with η = 1, typed out with a UNet that predicts ε̂ = 0 (so x̂0 = z_t/√ᾱ_t) and an
+    identity encoder/decoder: z ← √ᾱ_751 z0 + √(1−ᾱ_751) n₀, then z ← √ᾱ_prev·z/√ᾱ_t + σ_t n_k at t = 751, 501,
+    251, 1 (SD's steps_offset 1, ᾱ_prev of the last step = ᾱ_0), σ_t² = (1−ᾱ_prev)/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_prev),
+    n from the image's generator in draw order. SD's scaled-linear betas typed here."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              clip_sample=False, set_alpha_to_one=False)
+    fake = SimpleNamespace(
+        scheduler=scheduler, dtype=torch.float32, vae=None, encode=lambda x: x,
+        text_embeddings=lambda batch, prompt="": torch.zeros(batch, 1, 1),
+        unet=lambda z, t, encoder_hidden_states=None: SimpleNamespace(sample=torch.zeros_like(z)))
+    monkeypatch.setattr(da.diffusion, "decode_latents", lambda vae, z, clamp=True: (z + 1) / 2)
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    out = da.sample(fake, x, [torch.Generator().manual_seed(5)], sampling_steps=4, strength=1.0, eta=1.0)
+
+    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - beta, 0)
+    g = torch.Generator().manual_seed(5)
+    z = abar[751].sqrt() * x.double() + (1 - abar[751]).sqrt() * torch.randn(3, 4, 4, generator=g).double()
+    for t in (751, 501, 251, 1):
+        prev = abar[t - 250] if t > 250 else abar[0]
+        sigma = ((1 - prev) / (1 - abar[t]) * (1 - abar[t] / prev)).sqrt()
+        z = prev.sqrt() * z / abar[t].sqrt() + sigma * torch.randn(3, 4, 4, generator=g).double()
+    torch.testing.assert_close(out.double(), z, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_sample_encodes_a_draw_from_the_vae_posterior(tiny_pipe, images):
+    """``latent_sample``: s·(μ + σ·n) with μ, σ from diffusers' own ``vae.encode`` and n each image's first draw
+    (typed from fresh generators of the same seeds); without it, s·μ."""
+    models = engine.AttackModels(tiny_pipe, latent_sample=True)
+    with torch.no_grad():
+        got = models.encode(images, gens(2))
+        posterior = tiny_pipe.vae.encode(images * 2 - 1).latent_dist
+    n = torch.stack([torch.randn(tuple(posterior.mean.shape[1:]), generator=g) for g in gens(2)]).to(images.device)
+    scale = tiny_pipe.vae.config.scaling_factor
+    assert float(posterior.std.min()) > 1e-3
+    torch.testing.assert_close(got, (posterior.mean + posterior.std * n) * scale, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.AttackModels(tiny_pipe).encode(images, gens(2)), posterior.mean * scale)

@@ -200,6 +200,14 @@ def test_dct_is_orthonormal_and_lowpass_keeps_the_block():
     assert float(lowfreq.highfreq_energy(low, 0.25).max()) < 1e-12
 
 
+def test_lowfreq_block_rounds_eta_times_the_side_up():
+    """m_η keeps the top-left ⌈ηH⌉ × ⌈ηW⌉ coefficients (paper 004 §3: ηd × ηd; our sizes need not make ηd whole):
+    η 0.25 on 10 × 13 keeps 3 × 4, typed here."""
+    expected = torch.zeros(10, 13)
+    expected[:3, :4] = 1
+    assert torch.equal(lowfreq.lowfreq_mask(10, 13, 0.25), expected)
+
+
 def test_lf_attack_perturbation_lives_in_the_low_frequency_block(models, small):
     spec = get_attack("lf-adm+")
     assert spec.base == "adm+" and spec.defaults["lf_ratio"] == 0.25

@@ -605,3 +605,20 @@ def test_set_level_pgd_steps_go_the_papers_way(name, overrides, ascent, spy, pip
     run_attack(name, pipe, class_dir, **overrides)
     steps = [data for kind, data in spy if kind == "pgd"]
     assert steps and all(kw["ascent"] is ascent for _, kw in steps)
+
+
+def test_metacloak_blur_equals_torchvisions_gaussian_blur_k7_with_the_drawn_sigma():
+    """MetaCloak's EoT blur is torchvision's GaussianBlur(kernel_size=7, sigma=(0.1, 2.0)): σ = 0.1 + 1.9·u₀ with
+    u₀ the generator's first draw (typed here from a fresh generator of the same seed), reflect padding; the flip
+    follows the second draw. The expected image comes from torchvision, not from our kernel."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from cloaklab.ops.attacks.metacloak import metacloak_transform
+
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for seed in range(4):
+        out = metacloak_transform(x, [torch.Generator().manual_seed(seed)])
+        u = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
+        expected = gaussian_blur(x, kernel_size=[7, 7], sigma=[0.1 + 1.9 * u[0]] * 2)
+        expected = expected.flip(-1) if u[1] < 0.5 else expected
+        assert torch.allclose(out, expected, atol=1e-5), seed

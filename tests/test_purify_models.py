@@ -146,6 +146,29 @@ def test_diffpure_latent_default_is_diffshortcuts_stochastic_ddpm_on_every_step(
     assert (first - other).abs().max() > 1e-3
 
 
+def test_diffpure_latent_default_noises_a_posterior_sample_of_the_vae(tiny_pipe, monkeypatch):
+    """DiffShortcut ``diffpure_main.py`` encodes with ``latent_dist.sample()``: the latent handed to ``add_noise`` is
+    s·(μ + σ·n), μ and σ read here from diffusers' own ``vae.encode`` and n the image generator's first draw (typed
+    from a fresh generator of the same seed), not the posterior mean."""
+    captured = []
+    original = sdedit_module.add_noise
+
+    def add_noise(scheduler, latents, noise, timesteps):
+        captured.append(latents.detach().clone())
+        return original(scheduler, latents, noise, timesteps)
+
+    monkeypatch.setattr(sdedit_module, "add_noise", add_noise)
+    image = torch.stack([photo_tensor("astronaut", 16)])
+    run("diffpure-latent", image, PurifierModels(pipe=tiny_pipe), seeds=(3,), steps=50, eta=1.0)
+    vae = tiny_pipe.vae
+    with torch.no_grad():
+        posterior = vae.encode(image * 2 - 1).latent_dist
+    n = torch.randn(tuple(posterior.mean.shape[1:]), generator=torch.Generator().manual_seed(3))[None]
+    expected = (posterior.mean + posterior.std * n) * vae.config.scaling_factor
+    assert float(posterior.std.min()) > 1e-3  # the sample differs measurably from the mean
+    torch.testing.assert_close(captured[0], expected.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_ddpm_posterior_step_typed_out_on_fixed_draws():
     """One η = 1 step from t to t − 1 is DDPM's posterior q(x_{t−1} | x_t, x̂0) (Ho et al. 2020 Eq. 6–7), with SD's
     scaled-linear betas typed here: mean = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x̂0 + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t,

@@ -281,11 +281,9 @@ class AttackModels:
         if self.view is not None and self.view.applies(images):
             images = self.view(images, generators)
         if self.latent_sample and generators is not None:
-            posterior = self.vae.encode((images * 2 - 1).to(self._vae_device, self._vae_dtype)).latent_dist
-            eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
-            latents = posterior.mean + posterior.std * eps.to(posterior.mean.device, posterior.mean.dtype)
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            return ((latents - shift) * self.vae.config.scaling_factor).float()
+            mean, std = diffusion.latent_posterior(self.vae, images, device=self._vae_device, dtype=self._vae_dtype)
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+            return (mean + std * eps.to(mean.device, mean.dtype)).float()
         return diffusion.encode_images(self.vae, images, device=self._vae_device, dtype=self._vae_dtype).float()
 
     def draw(self, latents: torch.Tensor, generators: Sequence[torch.Generator]

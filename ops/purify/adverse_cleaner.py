@@ -1,6 +1,10 @@
 """AdverseCleaner (lllyasviel, 2023): 64 iterations of an OpenCV bilateral filter (d 5, σ_color 8, σ_space 8) on the
-8-bit image, then 4 iterations of a guided filter (He et al. 2010) that uses the *input* as a colour guide
-(radius 4, eps 16 on the 0–255 scale) to restore edges.
+8-bit image as float32 (0–255, no rounding between iterations), then 4 iterations of a guided filter (He et al.
+2010) that uses the *input* as a colour guide (radius 4, eps 16 on the 0–255 scale) to restore edges.
+
+Reference: lllyasviel/AdverseCleaner ``clean.py`` (``cv2.imread(...).astype(np.float32)``, ``cv2.bilateralFilter(y,
+5, 8, 8)`` × 64, ``cv2.ximgproc.guidedFilter(img, y, 4, 16)`` × 4). Where we differ: the release writes
+``y.clip(0, 255).astype(np.uint8)`` (truncation); we return the clipped float result and the writer rounds it.
 
 The original calls ``cv2.ximgproc.guidedFilter`` (opencv-contrib); cloaklab depends on the plain OpenCV wheel, so
 the colour guided filter is implemented here with box filters (same formula: per-window linear model
@@ -71,11 +75,9 @@ def purify(images: torch.Tensor, *, bilateral_iters: int = 64, guided_iters: int
             scaled = np.clip(image[channel].numpy(), 0, 1, dtype=np.float32) * np.float32(255)
             original[..., channel] = np.rint(scaled, out=scaled)
             del scaled
-        smoothed = original.copy()
+        result = original.astype(np.float32)  # the release filters a float32 copy: no rounding between iterations
         for _ in range(bilateral_iters):
-            smoothed = cv2.bilateralFilter(smoothed, 5, 8, 8)
-        result = smoothed.astype(np.float32)
-        del smoothed
+            result = cv2.bilateralFilter(result, 5, 8, 8)
         for _ in range(guided_iters):
             guided_filter_inplace(original, result, radius, eps)
         del original

@@ -317,3 +317,22 @@ def test_training_recipe_calibrates_latents_and_continues_a_saved_model(tmp_path
     for name, param in pipe.vae.state_dict().items():
         assert torch.equal(param, cont.vae.state_dict()[name])
     assert not all(torch.equal(param, cont.unet.state_dict()[name]) for name, param in pipe.unet.state_dict().items())
+
+
+def test_the_toy_trainer_never_replaces_a_folder_it_did_not_write(tmp_path):
+    from cloaklab.ops.errors import UsageError
+    from cloaklab.ops.toy.train import check_replaceable
+
+    check_replaceable(tmp_path / "missing")  # nothing there: fine
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "a.png").write_bytes(b"user data")
+    with pytest.raises(UsageError, match="not a toy model"):
+        check_replaceable(mine)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError):
+        check_replaceable(tmp_path / "file")
+    toy = tmp_path / "weights"
+    toy.mkdir()
+    (toy / "toy_train.json").write_text("{}")
+    check_replaceable(toy)  # an earlier output of the script may be replaced

@@ -224,11 +224,26 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, info
         requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".tmp")
+    check_replaceable(out)
+    check_replaceable(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "toy_train.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace ``folder`` unless it is missing or a toy model this script wrote (it holds
+    ``toy_train.json``): ``--out`` must never delete a folder of the user's."""
+    from ..errors import UsageError
+
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir() or not (folder / "toy_train.json").is_file():
+        raise UsageError(f"{folder} exists and is not a toy model written by this script (no toy_train.json); "
+                         "choose another --out or move it away")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,3 +208,21 @@ def test_rerun_of_a_score_file_reports_a_changed_scored_image(cli, tmp_path, pho
     photo("rocket", 64).save(photos / "astronaut.png")
     code, _, stderr = cli(["rerun", out.parent / "cloak.json", "-o", tmp_path / "third" / "s.json"])
     assert code == 0 and "astronaut.png: its bytes changed" in stderr
+
+
+def test_dry_run_header_check_rejects_what_the_run_would(tmp_path):
+    """``header_problem`` (every command's --dry-run) judges size limits from the header: the pixel limit is a strict
+    ``>``, the side limit a strict ``<``, and a file Pillow cannot open is unreadable."""
+    from PIL import Image
+
+    from cloaklab.ops.commands.base import header_problem
+
+    Image.new("RGB", (8, 4)).save(tmp_path / "small.png")
+    (tmp_path / "text.png").write_text("not an image")
+    assert header_problem(tmp_path / "small.png") is None
+    assert header_problem(tmp_path / "small.png", max_pixels=32) is None
+    assert header_problem(tmp_path / "small.png", max_pixels=31) == "image is 8x4, more than --max-pixels 31"
+    assert header_problem(tmp_path / "small.png", min_size=4) is None
+    assert header_problem(tmp_path / "small.png", min_size=5) == ("image is 8x4; this method needs at least 5 px "
+                                                                  "per side")
+    assert header_problem(tmp_path / "text.png") == "not a readable image (UnidentifiedImageError)"

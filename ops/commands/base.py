@@ -239,15 +239,12 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
     name clashes, outputs cloak does not own, unreadable or too-small files are rejected; a file whose record has
     the same parameter hash and source bytes is skipped as done. ``params`` must be what the run records as its
     manifest parameters (their hash decides resume)."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS, file_sha256, safe_join
+    from ..io import file_sha256, safe_join
     from ..manifest import owns_record, params_hash, read_manifest
 
     plan = Plan(command, str(output), settings.as_dict(), model=model, notes=list(notes))
     data = read_manifest(Path(output)) or {"files": {}}
     digest_of_run = params_hash({"command": command, **params})
-    limit = max_pixels or DEFAULT_MAX_PIXELS
     for item in items:
         plan.inputs.append(str(item.path))
         out_rel = PurePosixPath(item.output_rel).as_posix()
@@ -272,7 +269,7 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
                 digest_of_run and record.get("source_sha256") == digest and target.exists()):
             plan.skipped.append(out_rel)
             continue
-        reason = _header_problem(Image, item.path, min_size, limit)
+        reason = header_problem(item.path, min_size, max_pixels)
         if reason:
             plan.rejected.append((str(item.path), reason))
             continue
@@ -280,10 +277,16 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
     return plan
 
 
-def _header_problem(image_module: Any, path: Path, min_size: int, max_pixels: int) -> str | None:
-    """Why the runner would reject ``path`` judging from its header only (no pixels are decoded)."""
+def header_problem(path: Path, min_size: int = 1, max_pixels: int | None = None) -> str | None:
+    """Why the runner would reject ``path`` judging from its header only (no pixels are decoded); ``max_pixels``
+    ``None`` = :data:`ops.io.DEFAULT_MAX_PIXELS`."""
+    from PIL import Image
+
+    from ..io import DEFAULT_MAX_PIXELS
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     try:
-        with image_module.open(path) as image:
+        with Image.open(path) as image:
             width, height = image.size
     except Exception as exc:  # noqa: BLE001 - anything Pillow cannot open is rejected when the run decodes it
         return f"not a readable image ({type(exc).__name__})"

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..train.immunize_config import AGAINST, DEFAULT_CLASS_WORD, IMMUNIZED_NAME, ImmunizeConfig, default_token
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, no_event
+from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, header_problem, no_event
 
 _STAGE = ImmunizeConfig()  # the method's defaults (the per-method lr table stays behind lr=None)
 PIPELINE_DIR = "pipeline"
@@ -200,12 +200,8 @@ def _foreign_output(files: dict[str, Any], output: Path) -> str | None:
 # ------------------------------------------------------------------------------------------------ dry run
 def plan(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do, reading only image headers, model configs and the manifest."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
     from ..manifest import params_hash, read_manifest
     from ..train.loop import latest_checkpoint
-    from .base import _header_problem
 
     output = Path(output)
     concepts, notes = collect_concepts(settings, as_input_list(inputs), output)
@@ -221,14 +217,13 @@ def plan(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output:
     if not settings.overwrite and _finished(files, digest, output):
         result.skipped += [IMMUNIZED_NAME, PIPELINE_DIR]
         return result
-    limit = settings.max_pixels or DEFAULT_MAX_PIXELS
     for concept in concepts:
         weights = concept.weights.relative_to(output).as_posix()
         if not settings.overwrite and _stage_finished(files, digest, concept):
             result.skipped.append(weights)
             continue
         for item in concept.items:  # what the stage's loader would reject, judging from the headers
-            reason = _header_problem(Image, item.path, 1, limit)
+            reason = header_problem(item.path, max_pixels=settings.max_pixels)
             if reason:
                 result.rejected.append((str(item.path), reason))
         if not settings.resume and not settings.overwrite and latest_checkpoint(concept.folder) is not None:

@@ -43,6 +43,7 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    header_problem,
     no_event,
     plan_folder,
 )
@@ -175,16 +176,11 @@ def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path
 
 def _plan_profile(settings: SsmSettings, items: Sequence[Any], output: Path, model: str, size: int,
                   notes: list[str]) -> Plan:
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
-    from .base import _header_problem
-
     _check_profile_inputs(settings)
     result = Plan("ssm", str(output), settings.as_dict(), model=model, notes=notes)
     for item in items:
         result.inputs.append(str(item.path))
-        reason = _header_problem(Image, item.path, 1, settings.max_pixels or DEFAULT_MAX_PIXELS)
+        reason = header_problem(item.path, max_pixels=settings.max_pixels)
         if reason:
             result.rejected.append((str(item.path), reason))
     result.run = [f"profile-{settings.profile}.json", f"profile-{settings.profile}.png"]

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from ..errors import UsageError
 from ..train.presets import MASK_MODES, PRESETS, TIMESTEP_SAMPLERS
-from .base import Event, RunSummary, Settings, _header_problem, as_input_list, gather
+from .base import Event, RunSummary, Settings, as_input_list, gather, header_problem
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,13 +77,9 @@ def gather_instances(inputs: Any, output: Path, recursive: bool) -> tuple[list[A
 
 def unreadable(items: Sequence[Any], max_pixels: int | None) -> list[tuple[str, str]]:
     """The inputs the run would reject judging from their headers (dry run: no pixel decoded)."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
-
     found = []
     for item in items:
-        reason = _header_problem(Image, item.path, 1, max_pixels or DEFAULT_MAX_PIXELS)
+        reason = header_problem(item.path, max_pixels=max_pixels)
         if reason:
             found.append((item.rel.as_posix(), reason))
     return found

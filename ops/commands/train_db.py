@@ -22,6 +22,7 @@ from ..train.presets import DREAMBOOTH as DB
 from ..train.presets import LORA
 from .base import Event, ModelSettings, Plan, attach_records, no_event
 from .training import (
+    Instances,
     SztSettings,
     TrainSummary,
     checkpoint_notes,
@@ -123,26 +124,6 @@ class TrainDbSettings(SztSettings, ModelSettings):
 Settings = TrainDbSettings
 
 
-@dataclass
-class _Job:
-    """What the run and its plan both resolve before any model loads."""
-
-    items: list[Any]
-    notes: list[str]
-    model: str
-    record: dict[str, Any]
-    resolution: int
-
-
-def _resolve(settings: TrainDbSettings, inputs: Any, output: Path) -> _Job:
-    from ..models import check_available, default_model, model_info, native_resolution
-
-    items, notes = gather_instances(inputs, output, settings.recursive)
-    model = settings.model or default_model()
-    check_available(model)  # a missing model: one line, and no output folder left behind
-    return _Job(items, notes, model, model_info(model).as_dict(), settings.resolution or native_resolution(model))
-
-
 def _artefacts(settings: TrainDbSettings) -> list[str]:
     """The final artefacts a finished run writes."""
     from ..train.dreambooth_model import LORA_WEIGHTS, PIPELINE_DIR
@@ -165,7 +146,7 @@ def plan(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: 
 
     output = Path(output)
     settings.train_config()  # the run's usage errors, without a model
-    job = _resolve(settings, inputs, output)
+    job = gather_instances(settings, inputs, output)
     result = Plan("train_db", str(output), settings.as_dict(), model=job.model, notes=list(job.notes))
     result.inputs = [str(item.path) for item in job.items]
     result.rejected = unreadable(job.items, settings.max_pixels)
@@ -195,7 +176,7 @@ def run(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: P
     output = Path(output)
     on_event = on_event or no_event
     config = settings.train_config()
-    job = _resolve(settings, inputs, output)
+    job = gather_instances(settings, inputs, output)
     spec = settings.trainer()
     instance_prompt, class_prompt = spec.prompts()
     mode = settings.resolved()
@@ -215,7 +196,7 @@ def run(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: P
         manifest.close()  # merge this run's records into cloak.json, whatever the outcome
 
 
-def _run(settings: TrainDbSettings, job: _Job, spec: Any, config: Any, output: Path, manifest: Any, device: Any,
+def _run(settings: TrainDbSettings, job: Instances, spec: Any, config: Any, output: Path, manifest: Any, device: Any,
          pipe: Any, on_event: Event) -> TrainSummary:
     from ..models import load_pipeline
     from ..train.dreambooth_model import LORA_WEIGHTS, PIPELINE_DIR

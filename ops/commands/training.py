@@ -69,10 +69,28 @@ class TrainSummary(RunSummary):
                 "resumed_from": self.resumed_from, "seconds": self.seconds}
 
 
-def gather_instances(inputs: Any, output: Path, recursive: bool) -> tuple[list[Any], list[str]]:
-    """The training images (every input, no shards: one run learns from all of them) and the collection notes."""
-    items, notes, _ = gather(as_input_list(inputs), output, recursive=recursive, shard=None)
-    return items, notes
+@dataclass
+class Instances:
+    """What a training run and its plan both resolve before any model loads: the training images (every input, no
+    shards: one run learns from all of them), the collection notes, the model, its manifest record and the working
+    size."""
+
+    items: list[Any]
+    notes: list[str]
+    model: str
+    record: dict[str, Any]
+    resolution: int
+
+
+def gather_instances(settings: Any, inputs: Any, output: Path) -> Instances:
+    """The :class:`Instances` of ``settings`` (its ``recursive``, ``model`` and ``resolution``); a missing model
+    raises its one-line error here, before an output folder is made."""
+    from ..models import check_available, default_model, model_info, native_resolution
+
+    items, notes, _ = gather(as_input_list(inputs), output, recursive=settings.recursive, shard=None)
+    model = settings.model or default_model()
+    check_available(model)
+    return Instances(items, notes, model, model_info(model).as_dict(), settings.resolution or native_resolution(model))
 
 
 def unreadable(items: Sequence[Any], max_pixels: int | None) -> list[tuple[str, str]]:

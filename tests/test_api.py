@@ -226,3 +226,18 @@ def test_dry_run_header_check_rejects_what_the_run_would(tmp_path):
     assert header_problem(tmp_path / "small.png", min_size=5) == ("image is 8x4; this method needs at least 5 px "
                                                                   "per side")
     assert header_problem(tmp_path / "text.png") == "not a readable image (UnidentifiedImageError)"
+
+
+@pytest.mark.parametrize("command", ["purify", "mask"])
+def test_a_collection_note_reaches_on_event(command, tmp_path, photos):
+    """What collecting the inputs noticed (here: a subfolder skipped without --recursive) is a ``note`` event of the
+    run, as the CLI prints it."""
+    import cloaklab
+
+    (photos / "more").mkdir()
+    events = []
+    kwargs = {"purify": {"method": "jpeg"}, "mask": {"sam_type": "tiny", "device": "cpu", "center": True}}[command]
+    getattr(cloaklab, command)(photos, tmp_path / "out", on_event=lambda kind, name, info: events.append((kind, info)),
+                               **kwargs)
+    notes = [info["message"] for kind, info in events if kind == "note"]
+    assert any("1 subfolder(s) skipped (use --recursive)" in note for note in notes), notes

@@ -219,8 +219,10 @@ def as_input_list(inputs: str | Path | Iterable[str | Path]) -> list[str]:
     return [str(entry) for entry in inputs]
 
 
-def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str | None, stdin: Any = None):
-    """Collect, check and shard the inputs of a folder command: ``(items after sharding, notes, shard spec)``.
+def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str | None, stdin: Any = None,
+           on_event: Event | None = None):
+    """Collect, check and shard the inputs of a folder command: ``(items after sharding, notes, shard spec)``;
+    with ``on_event`` (a run) each note is also reported as a ``note`` event.
 
     Refuses (usage error) an OUTPUT inside an input folder or any output path that resolves to an input."""
     from ..io import check_output_location, check_outputs, collect_inputs, parse_shard, select_shard
@@ -229,6 +231,8 @@ def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str |
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, stdin if stdin is not None else sys.stdin)
     check_outputs(output, items)
+    for note in notes if on_event is not None else ():
+        on_event("note", "", {"message": note})
     return select_shard(items, shard_spec), notes, shard_spec
 
 

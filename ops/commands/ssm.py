@@ -239,9 +239,8 @@ def run(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path 
     given = as_input_list(inputs)
     if is_train_log_run(settings, given):
         return run_train_logs(settings, given, output, on_event)
-    items, notes, shard_spec = gather(given, output, recursive=settings.recursive, shard=settings.shard)
-    for note in notes:
-        on_event("note", "", {"message": note})
+    items, notes, shard_spec = gather(given, output, recursive=settings.recursive, shard=settings.shard,
+                                      on_event=on_event)
     if settings.profile:
         _check_profile_inputs(settings)
     model = load_model(settings, pipe)

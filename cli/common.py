@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from cloaklab.ops.commands import COMMANDS
+
 # OpenMP threads that spin while waiting for work burn the cores another thread (or another process on a shared
 # machine) needs: measured on the shared 2-core machine, toy poison at --threads 2 took 82 s with libgomp's default
 # wait policy and 30 s with PASSIVE (1 thread: 18 s). libgomp reads this when torch loads, which the CLI does after
@@ -91,7 +93,7 @@ Config = Annotated[Path | None, typer.Option("--config", metavar="FILE", show_de
 RUN_FLAGS = {"threads": Threads, "quiet": Quiet, "verbose": Verbose, "dry_run": DryRun, "config": Config}
 # --dry-run and --config belong to the nine commands (ops/commands); report and rerun do not take them.
 PLAN_FLAGS = ("dry_run", "config")
-RUN_COMMANDS = ("poison", "purify", "mask", "train_ti", "train_db", "generate", "score", "ssm", "immunize")
+RUN_COMMANDS = tuple(COMMANDS.values())  # their function names (train_ti)
 
 
 def _with_run_flags(function: Callable, wrapper: Callable) -> None:

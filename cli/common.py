@@ -263,9 +263,9 @@ class Reporter:
     One reporter serves a whole command: file events (``on_event(kind, name, info)`` from the folder runners:
     ``start``/``done``/``skip``/``reject``/``error``/``warn``, and ``step`` with ``{"step", "total"}`` for the inner
     PGD/sampling steps of the current file; ``header``, ``note`` and ``info`` — a progress line ``{"message"}``;
-    ``text`` and ``table`` for result text and tables such as score's means), and training steps through
-    :meth:`steps`. ``--quiet`` silences the header and the progress (warnings, notes, errors and the closing summary
-    still print)."""
+    ``text`` and ``table`` for result text and tables such as score's means; training runs report their steps as
+    ``step`` events too). ``--quiet`` silences the header and the progress (warnings, notes, errors and the closing
+    summary still print)."""
 
     def __init__(self, command: str, quiet: bool | None = None):
         from rich.console import Console
@@ -433,16 +433,6 @@ class Reporter:
             eta = rate * (total - step) + files_after * rate * total
             timing = f"{rate:.2f} s/step · ETA {_clock(eta)}"
         self.line(f"{self.command}:{label} step {step}/{total}{where}{extra} · {timing}")
-
-    def steps(self, label: str | None = None, describe: Callable[[dict], str] | None = None
-              ) -> Callable[[int, int, dict], None]:
-        """An ``on_progress(step, total, record)`` callback for training loops (the running loss by default)."""
-        describe = describe or (lambda record: f"loss {record['loss']:.4f}" if "loss" in record else "")
-
-        def update(step: int, total: int, record: dict) -> None:
-            self.step(step, total, label or "", describe(record))
-
-        return update
 
     def summary(self, summary: Any, output: Path, as_json: bool) -> int:
         """Print the closing summary (stderr) and the data line (stdout); return the exit code."""

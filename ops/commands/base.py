@@ -77,11 +77,6 @@ class Settings:
             known["params"] = {**dict(known.get("params") or {}), **extra}
         return cls(**known)
 
-    @classmethod
-    def path_fields(cls) -> list[str]:
-        """Fields that name files or folders (their type mentions ``Path``)."""
-        return [spec.name for spec in dataclasses.fields(cls) if "Path" in str(spec.type)]
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings, tuples as lists): what the manifest records for ``cloak rerun``."""
         return {spec.name: _plain(getattr(self, spec.name)) for spec in dataclasses.fields(self)}

@@ -241,3 +241,20 @@ def test_a_collection_note_reaches_on_event(command, tmp_path, photos):
                                **kwargs)
     notes = [info["message"] for kind, info in events if kind == "note"]
     assert any("1 subfolder(s) skipped (use --recursive)" in note for note in notes), notes
+
+
+@pytest.mark.parametrize("command", ["poison", "ssm", "generate"])
+def test_dry_run_notes_a_model_the_run_could_not_load(command, tmp_path, photos):
+    """A --dry-run with a model that is not on this machine still plans, and says the run would stop; with a model
+    that is there it says nothing of the kind."""
+    import cloaklab
+
+    missing = str(tmp_path / "no-such-model")
+    extra = {"ssm": {"prompt": "a photo of a dog", "token": ["dog"]}}.get(command, {})
+    inputs = [] if command == "generate" else photos
+    for model, expected in ((missing, True), ("tiny", False)):
+        plan = cloaklab.plan(command, inputs, tmp_path / "out", model=model, **extra)
+        stops = [note for note in plan.notes if note.startswith("the run would stop: ")]
+        assert bool(stops) is expected, plan.notes
+        assert not stops or missing in stops[0]
+    assert not (tmp_path / "out").exists()

@@ -296,6 +296,19 @@ def header_problem(path: Path, min_size: int = 1, max_pixels: int | None = None)
     return None
 
 
+def model_problems(model: str) -> list[str]:
+    """The dry-run note for a model the run could not load from this machine (``[]`` when it can):
+    :func:`ops.models.check_available`'s one line, without loading anything."""
+    from ..errors import ModelNotFoundError
+    from ..models import check_available
+
+    try:
+        check_available(model)
+    except ModelNotFoundError as exc:
+        return [f"the run would stop: {exc}"]
+    return []
+
+
 # ------------------------------------------------------------------------------------------ shared setting groups
 @dataclass(frozen=True, kw_only=True)
 class FolderSettings(Settings):

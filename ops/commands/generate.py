@@ -16,7 +16,7 @@ from typing import Any
 
 from ..generate import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, GenerationJob
 from ..prompts import DEFAULT_PROMPT_SET
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, attach_records, no_event
+from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, attach_records, model_problems, no_event
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,20 +155,15 @@ def manifest_params(settings: GenerateSettings, resolution: int, dtype: Any) -> 
 def plan(settings: GenerateSettings, inputs: Any, output: Path | str) -> Plan:
     """What ``run`` would do, reading only the prompt file, the embedding's header and the manifest."""
     from ..device import resolve_device, resolve_dtype
-    from ..errors import ModelNotFoundError
-    from ..manifest import params_hash, read_manifest
-    from ..models import check_available
+    from ..manifest import owns_record, params_hash, read_manifest
 
     output = Path(output)
     jobs = plan_jobs_of(settings, inputs)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     digest = params_hash({"command": "generate", **manifest_params(settings, jobs.resolution, dtype)})
     result = Plan("generate", str(output), settings.as_dict(), model=settings.model_name(),
-                  notes=[f"token {jobs.token!r}, {jobs.count} image(s) per prompt, {jobs.resolution} px"])
-    try:
-        check_available(settings.model_name())
-    except ModelNotFoundError as exc:
-        result.notes.append(f"the run would stop: {exc}")
+                  notes=[f"token {jobs.token!r}, {jobs.count} image(s) per prompt, {jobs.resolution} px",
+                         *model_problems(settings.model_name())])
     files = (read_manifest(output) or {}).get("files", {})
     for job in jobs.jobs:
         result.inputs.append(f"{job.name}: {job.prompt} (seed {job.seed})")
@@ -176,7 +171,7 @@ def plan(settings: GenerateSettings, inputs: Any, output: Path | str) -> Plan:
         target = output / job.name
         if not settings.overwrite and _record_is_done(record, job, digest) and target.exists():
             result.skipped.append(job.name)
-        elif target.exists() and not _owned(record, job.name):
+        elif target.exists() and not owns_record(record, job.name):
             result.rejected.append((job.name, f"{target} exists and was not written by cloak"))
         else:
             result.run.append(job.name)
@@ -319,12 +314,6 @@ def _record_is_done(record: dict | None, job: GenerationJob, digest: str) -> boo
     return bool(record and record.get("status") == "done" and record.get("params_hash") == digest
                 and record.get("prompt") == job.prompt and record.get("seed") == job.seed
                 and record.get("negative_prompt") == job.negative_prompt)
-
-
-def _owned(record: dict | None, name: str) -> bool:
-    from ..manifest import owns_record
-
-    return owns_record(record, name)
 
 
 def _job_fields(job: GenerationJob) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    model_problems,
     no_event,
     plan_folder,
 )
@@ -221,19 +222,13 @@ def resolve(settings: PoisonSettings) -> Resolved:
 # --------------------------------------------------------------------------------------------------- dry run
 def plan(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do, reading only headers, masks' presence and the manifest."""
-    from ..errors import ModelNotFoundError
-    from ..models import check_available
-
     output = Path(output)
     items, notes, _ = gather(as_input_list(inputs), output, recursive=settings.recursive, shard=settings.shard)
     load_masks(settings.mask, items)  # a missing per-file mask is the run's usage error too
     run = resolve(settings)
-    try:
-        check_available(run.model)
-    except ModelNotFoundError as exc:
-        notes = [*notes, f"the run would stop here: {exc}"]
     return plan_folder("poison", settings, items, output, run.manifest_params, overwrite=settings.overwrite,
-                       model=run.model, notes=notes, min_size=8, max_pixels=settings.max_pixels)
+                       model=run.model, notes=[*notes, *model_problems(run.model)], min_size=8,
+                       max_pixels=settings.max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------ run

@@ -44,6 +44,7 @@ from .base import (
     attach_records,
     gather,
     header_problem,
+    model_problems,
     no_event,
     plan_folder,
 )
@@ -151,7 +152,7 @@ def _text(path: Path | None) -> str | None:
 # ------------------------------------------------------------------------------------------------------ plan
 def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do: inputs, outputs, skips and rejections from headers, configs and the manifest only."""
-    from ..models import default_model
+    from ..models import default_model, native_resolution
 
     output = Path(output)
     given = as_input_list(inputs)
@@ -163,8 +164,8 @@ def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path
                     notes=[f"Fig. 6 from {len(given)} training log(s); no model loads"])
     items, notes, _ = gather(given, output, recursive=settings.recursive, shard=settings.shard)
     model = settings.model or default_model()
-    notes = [*notes, *_model_problems(model)]
-    size = settings.resolution or _native_size(model)
+    notes = [*notes, *model_problems(model)]
+    size = settings.resolution or native_resolution(model)
     if settings.profile:
         return _plan_profile(settings, items, output, model, size, notes)
     steps = schedule_timesteps(settings, _schedule_length(model))
@@ -188,23 +189,6 @@ def _plan_profile(settings: SsmSettings, items: Sequence[Any], output: Path, mod
              else "21 equally spaced from 0 to the last")
     result.notes.append(f"one {settings.profile} profile over the readable images at {size} px, timesteps {steps}")
     return result
-
-
-def _model_problems(model: str) -> list[str]:
-    from ..errors import ModelNotFoundError
-    from ..models import check_available
-
-    try:
-        check_available(model)
-    except ModelNotFoundError as exc:
-        return [f"the run would stop: {exc}"]
-    return []
-
-
-def _native_size(model: str) -> int:
-    from ..models import native_resolution
-
-    return native_resolution(model)
 
 
 def _schedule_length(model: str) -> int:

@@ -258,3 +258,19 @@ def test_dry_run_notes_a_model_the_run_could_not_load(command, tmp_path, photos)
         assert bool(stops) is expected, plan.notes
         assert not stops or missing in stops[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_immunize_leaves_a_users_pipeline_tmp_alone(tmp_path, photos):
+    """The pipeline folder is saved under a fresh temporary name: a file of the user's named OUTPUT/pipeline.tmp
+    (or anything else cloak did not write) survives the run (docs/contract.md)."""
+    import cloaklab
+
+    from .api_cases.immunize import make
+
+    out = tmp_path / "out"
+    (out / "pipeline.tmp").mkdir(parents=True)
+    (out / "pipeline.tmp" / "mine.txt").write_text("keep")
+    summary = cloaklab.immunize(photos, out, **make(tmp_path, photos).api_kwargs)
+    assert summary.exit_code == 0 and (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "pipeline.tmp" / "mine.txt").read_text() == "keep"
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(".pipeline")) == []

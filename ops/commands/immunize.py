@@ -373,6 +373,7 @@ def save_immunized(pipe: Any, state: dict[str, Any], output: Path, against: str,
     """Write ``immunized_attention.safetensors`` and ``pipeline/`` (the base model with ``state`` swapped into its
     UNet; the folder is replaced atomically). Returns the base attention tensors and how many tensors changed."""
     import shutil
+    import tempfile
 
     import torch
 
@@ -383,12 +384,16 @@ def save_immunized(pipe: Any, state: dict[str, Any], output: Path, against: str,
     save_attention_state(state, output / IMMUNIZED_NAME, {"against": against, "model": model,
                                                           "concepts": ",".join(concept_names)})
     apply_attention_state(pipe.unet, state)
+    # a fresh name, so no file or folder of the user's (an OUTPUT/pipeline.tmp, a symlink there) is deleted or
+    # written through; removed again if saving fails
+    temporary = Path(tempfile.mkdtemp(prefix=f".{PIPELINE_DIR}.", suffix=".tmp", dir=output))
     try:
-        temporary = output / f"{PIPELINE_DIR}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
         pipe.save_pretrained(str(temporary), safe_serialization=True)
         shutil.rmtree(output / PIPELINE_DIR, ignore_errors=True)
         temporary.replace(output / PIPELINE_DIR)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     finally:
         apply_attention_state(pipe.unet, base)  # a pipeline passed in leaves as it came
     return base, changed

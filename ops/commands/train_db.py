@@ -251,6 +251,7 @@ def check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -
     import json
 
     from ..errors import CloakError
+    from ..io import atomic_write_bytes
     from ..train import distributed
     from ..train.loop import CHECKPOINT_DIR
 
@@ -267,7 +268,7 @@ def check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -
     if not distributed.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    atomic_write_bytes(path, (json.dumps(current, indent=2) + "\n").encode())
 
 
 def class_latents(pipe, spec: Any, out_dir: Path, class_dir: Path | None, *, model_record: dict[str, Any],

@@ -274,3 +274,19 @@ def test_immunize_leaves_a_users_pipeline_tmp_alone(tmp_path, photos):
     assert summary.exit_code == 0 and (out / "pipeline" / "model_index.json").is_file()
     assert (out / "pipeline.tmp" / "mine.txt").read_text() == "keep"
     assert sorted(path.name for path in out.iterdir() if path.name.startswith(".pipeline")) == []
+
+
+@pytest.mark.parametrize("command", ["poison", "immunize", "generate", "train_ti", "train_db"])
+def test_a_run_starts_with_its_header_then_the_models_note(command, tmp_path, photos):
+    """The first events of a model run: the header (model, device, dtype, size), then the note that ``tiny`` has
+    random weights — once."""
+    import cloaklab
+
+    case = CASES[command](tmp_path, photos)
+    events = []
+    getattr(cloaklab, command.replace("-", "_"))(case.inputs, tmp_path / "out" / case.output,
+                                                 on_event=lambda kind, name, info: events.append((kind, info)),
+                                                 **case.api_kwargs)
+    assert events[0][0] == "header" and events[0][1]["model"] == "tiny"
+    assert events[1][0] == "note" and "random weights" in events[1][1]["message"]
+    assert sum("random weights" in info.get("message", "") for _, info in events) == 1

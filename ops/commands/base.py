@@ -296,6 +296,16 @@ def header_problem(path: Path, min_size: int = 1, max_pixels: int | None = None)
     return None
 
 
+def header(on_event: Event, model: str, device: Any, dtype: Any, size: Any, notes: Iterable[str] = ()) -> None:
+    """The run's first line (model, device, dtype, working size), then the model's note, if it has one, and
+    ``notes`` (what collecting the inputs noticed), each a ``note`` event."""
+    from ..models import model_note
+
+    on_event("header", "", {"model": model, "device": device, "dtype": dtype, "size": size})
+    for note in ([model_note(model)] if model_note(model) else []) + list(notes):
+        on_event("note", "", {"message": note})
+
+
 def model_problems(model: str) -> list[str]:
     """The dry-run note for a model the run could not load from this machine (``[]`` when it can):
     :func:`ops.models.check_available`'s one line, without loading anything."""

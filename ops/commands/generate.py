@@ -16,7 +16,17 @@ from typing import Any
 
 from ..generate import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, GenerationJob
 from ..prompts import DEFAULT_PROMPT_SET
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, attach_records, model_problems, no_event
+from .base import (
+    Event,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    attach_records,
+    header,
+    model_problems,
+    no_event,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,7 +196,7 @@ def run(settings: GenerateSettings, inputs: Any, output: Path | str, *, on_event
     from ..device import resolve_device, resolve_dtype
     from ..io import shard_label
     from ..manifest import Manifest
-    from ..models import check_available, model_note
+    from ..models import check_available
 
     output = Path(output)
     on_event = on_event or no_event
@@ -201,9 +211,7 @@ def run(settings: GenerateSettings, inputs: Any, output: Path | str, *, on_event
                         extra={"device": str(device), "batch_size": settings.batch_size,
                                "shard": shard_label(jobs.shard), "prompts": settings.prompts,
                                "num_per_prompt": jobs.count, "token": jobs.token})
-    on_event("header", "", {"model": model_name, "device": device, "dtype": dtype, "size": jobs.resolution})
-    if model_note(model_name):
-        on_event("note", "", {"message": model_note(model_name)})
+    header(on_event, model_name, device, dtype, jobs.resolution)
     summary = generate_folder(pipe, jobs.jobs, output, manifest, settings=sampler_settings(settings, jobs.resolution),
                               batch_size=settings.batch_size, overwrite=settings.overwrite, on_event=on_event)
     summary.output = output

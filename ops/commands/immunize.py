@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..train.immunize_config import AGAINST, DEFAULT_CLASS_WORD, IMMUNIZED_NAME, ImmunizeConfig, default_token
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, header_problem, no_event
+from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, header, header_problem, no_event
 
 _STAGE = ImmunizeConfig()  # the method's defaults (the per-method lr table stays behind lr=None)
 PIPELINE_DIR = "pipeline"
@@ -264,12 +264,9 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
 def _run(settings: ImmunizeSettings, concepts: Sequence[Concept], notes: list[str], model_name: str,
          resolution: int, record: dict[str, Any], device: Any, dtype: Any, manifest: Any, output: Path, pipe: Any,
          on_event: Event) -> ImmunizeSummary:
-    from ..models import model_note
     from ..train import distributed
 
-    on_event("header", "", {"model": model_name, "device": device, "dtype": dtype, "size": resolution})
-    for note in ([model_note(model_name)] if model_note(model_name) else []) + notes:
-        on_event("note", "", {"message": note})
+    header(on_event, model_name, device, dtype, resolution, notes)
     summary = ImmunizeSummary(output=output, notes=list(notes), pipeline=output / PIPELINE_DIR,
                               weights=output / IMMUNIZED_NAME)
     if not settings.overwrite and _finished(manifest.files, manifest.hash, output):

@@ -39,6 +39,7 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    header,
     model_problems,
     no_event,
     plan_folder,
@@ -241,7 +242,7 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
     with nothing left to do loads nothing)."""
     from ..io import shard_label
     from ..manifest import Manifest
-    from ..models import check_available, default_model, model_note
+    from ..models import check_available, default_model
 
     output = Path(output)
     on_event = on_event or no_event
@@ -254,10 +255,7 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
                         extra={"device": str(resolved.device), "batch_size": settings.batch_size,
                                "shard": shard_label(shard_spec), "preview": settings.preview,
                                "checkpointing": settings.checkpointing})
-    on_event("header", "", {"model": resolved.model, "device": resolved.device, "dtype": resolved.dtype,
-                            "size": resolved.resolution or "native"})
-    for note in ([model_note(resolved.model)] if model_note(resolved.model) else []) + list(notes):
-        on_event("note", "", {"message": note})
+    header(on_event, resolved.model, resolved.device, resolved.dtype, resolved.resolution or "native", notes)
     if settings.preset:
         from ..attacks import ARTIST_PRESET
 

@@ -20,14 +20,13 @@ from typing import Any
 from ..errors import UsageError
 from ..train.presets import DREAMBOOTH as DB
 from ..train.presets import LORA
-from .base import Event, ModelSettings, Plan, attach_records, no_event
+from .base import Event, ModelSettings, Plan, attach_records, header, no_event
 from .training import (
     Instances,
     SztSettings,
     TrainSummary,
     checkpoint_notes,
     gather_instances,
-    header,
     step_events,
     unreadable,
 )
@@ -206,9 +205,7 @@ def _run(settings: TrainDbSettings, job: Instances, spec: Any, config: Any, outp
                            owned=manifest.data.get("training") is not None)
     manifest.start_run()
     precision = "fp32" if spec.mixed_precision == "no" else f"fp32 + {spec.mixed_precision} autocast"
-    header(on_event, job.model, device, precision, job.resolution)
-    for note in job.notes:
-        on_event("note", "", {"message": note})
+    header(on_event, job.model, device, precision, job.resolution, job.notes)
     if pipe is None:
         pipe = load_pipeline(job.model, device, None, trust_pickle=settings.trust_pickle)
     summary = TrainSummary(output=output, notes=list(job.notes))

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..train.presets import TEXTUAL_INVERSION as TI
-from .base import Event, ModelSettings, Plan, attach_records, no_event
+from .base import Event, ModelSettings, Plan, attach_records, header, no_event
 from .training import (
     Instances,
     SztSettings,
     TrainSummary,
     checkpoint_notes,
     gather_instances,
-    header,
     step_events,
     unreadable,
 )
@@ -165,9 +164,7 @@ def _run(settings: TrainTiSettings, job: _Job, config: Any, output: Path, manife
          pipe: Any, on_event: Event) -> TrainSummary:
     from ..train.textual_inversion import EMBEDS_NAME
 
-    header(on_event, job.model, device, dtype, job.resolution)
-    for note in job.notes:
-        on_event("note", "", {"message": note})
+    header(on_event, job.model, device, dtype, job.resolution, job.notes)
     summary = TrainSummary(output=output, notes=list(job.notes))
     if _finished(settings, manifest.files.get(EMBEDS_NAME, {}), manifest.hash, output):
         on_event("note", "", {"message": f"{output / EMBEDS_NAME} already trained with these settings "

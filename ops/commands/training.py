@@ -114,15 +114,6 @@ def step_events(on_event: Event, describe=None):
     return update
 
 
-def header(on_event: Event, model: str, device: Any, dtype: Any, size: int) -> None:
-    """The run's first line (model, device, dtype, working size) and the model's note, if it has one."""
-    from ..models import model_note
-
-    on_event("header", "", {"model": model, "device": device, "dtype": dtype, "size": size})
-    if model_note(model):
-        on_event("note", "", {"message": model_note(model)})
-
-
 def checkpoint_notes(output: Path, *, resume: bool, overwrite: bool) -> list[str]:
     """What a training run would do with checkpoints an earlier run left in ``output`` (for ``--dry-run``)."""
     from ..train.loop import latest_checkpoint

@@ -276,7 +276,7 @@ def test_immunize_leaves_a_users_pipeline_tmp_alone(tmp_path, photos):
     assert sorted(path.name for path in out.iterdir() if path.name.startswith(".pipeline")) == []
 
 
-@pytest.mark.parametrize("command", ["poison", "immunize", "generate", "train_ti", "train_db"])
+@pytest.mark.parametrize("command", ["poison", "immunize", "generate", "train_ti", "train_db", "ssm"])
 def test_a_run_starts_with_its_header_then_the_models_note(command, tmp_path, photos):
     """The first events of a model run: the header (model, device, dtype, size), then the note that ``tiny`` has
     random weights — once."""

@@ -43,6 +43,7 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    header,
     header_problem,
     model_problems,
     no_event,
@@ -228,7 +229,7 @@ def run(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path 
     if settings.profile:
         _check_profile_inputs(settings)
     model = load_model(settings, pipe)
-    on_event("header", "", {"model": model.name, "device": model.device, "dtype": model.dtype, "size": model.size})
+    header(on_event, model.name, model.device, model.dtype, model.size)
     extra = {"device": str(model.device), "shard": shard_label(shard_spec)}
     summary = (run_profile if settings.profile else run_maps)(settings, model, items, output, extra, on_event)
     summary.output, summary.notes = output, [*notes, *summary.notes]

@@ -306,6 +306,17 @@ def header(on_event: Event, model: str, device: Any, dtype: Any, size: Any, note
         on_event("note", "", {"message": note})
 
 
+def resolve_model(settings: Any) -> tuple[str, int, dict[str, Any]]:
+    """The model's name, the working resolution (``settings.resolution`` or the model's own) and the manifest's
+    model record, nothing loaded; a model that cannot be found is its one-line error now, before an output folder
+    is made."""
+    from ..models import check_available, default_model, model_info, native_resolution
+
+    name = settings.model or default_model()
+    check_available(name)
+    return name, settings.resolution or native_resolution(name), model_info(name).as_dict()
+
+
 def model_problems(model: str) -> list[str]:
     """The dry-run note for a model the run could not load from this machine (``[]`` when it can):
     :func:`ops.models.check_available`'s one line, without loading anything."""

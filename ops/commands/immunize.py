@@ -21,7 +21,18 @@ from typing import Any
 
 from ..errors import UsageError
 from ..train.immunize_config import AGAINST, DEFAULT_CLASS_WORD, IMMUNIZED_NAME, ImmunizeConfig, default_token
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, header, header_problem, no_event
+from .base import (
+    Event,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    gather,
+    header,
+    header_problem,
+    no_event,
+    resolve_model,
+)
 
 _STAGE = ImmunizeConfig()  # the method's defaults (the per-method lr table stays behind lr=None)
 PIPELINE_DIR = "pipeline"
@@ -151,16 +162,6 @@ def collect_concepts(settings: ImmunizeSettings, inputs: Sequence[str], output: 
     return concepts, notes
 
 
-def _model(settings: ImmunizeSettings) -> tuple[str, int, dict[str, Any]]:
-    """The model's name, the working resolution and the manifest's model record (nothing is loaded; a model that
-    cannot be found is one line now, before an output folder is made)."""
-    from ..models import check_available, default_model, model_info, native_resolution
-
-    name = settings.model or default_model()
-    check_available(name)
-    return name, settings.resolution or native_resolution(name), model_info(name).as_dict()
-
-
 def manifest_params(settings: ImmunizeSettings, concepts: Sequence[Concept], resolution: int,
                     record: dict[str, Any]) -> dict[str, Any]:
     """The output-relevant parameters (their hash decides what a rerun skips)."""
@@ -205,7 +206,7 @@ def plan(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output:
 
     output = Path(output)
     concepts, notes = collect_concepts(settings, as_input_list(inputs), output)
-    model, resolution, record = _model(settings)
+    model, resolution, record = resolve_model(settings)
     result = Plan("immunize", str(output), settings.as_dict(), model=model, notes=list(notes))
     files = (read_manifest(output) or {}).get("files", {})
     digest = params_hash({"command": "immunize", **manifest_params(settings, concepts, resolution, record)})
@@ -248,7 +249,7 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
     output = Path(output)
     on_event = on_event or no_event
     concepts, notes = collect_concepts(settings, as_input_list(inputs), output)
-    model_name, resolution, record = _model(settings)
+    model_name, resolution, record = resolve_model(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     manifest = Manifest(output, "immunize", manifest_params(settings, concepts, resolution, record),

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from ..errors import UsageError
 from ..train.presets import MASK_MODES, PRESETS, TIMESTEP_SAMPLERS
-from .base import Event, RunSummary, Settings, as_input_list, gather, header_problem
+from .base import Event, RunSummary, Settings, as_input_list, gather, header_problem, resolve_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,13 +84,10 @@ class Instances:
 
 def gather_instances(settings: Any, inputs: Any, output: Path) -> Instances:
     """The :class:`Instances` of ``settings`` (its ``recursive``, ``model`` and ``resolution``); a missing model
-    raises its one-line error here, before an output folder is made."""
-    from ..models import check_available, default_model, model_info, native_resolution
-
+    raises its one-line error here, before an output folder is made (:func:`.base.resolve_model`)."""
     items, notes, _ = gather(as_input_list(inputs), output, recursive=settings.recursive, shard=None)
-    model = settings.model or default_model()
-    check_available(model)
-    return Instances(items, notes, model, model_info(model).as_dict(), settings.resolution or native_resolution(model))
+    model, resolution, record = resolve_model(settings)
+    return Instances(items, notes, model, record, resolution)
 
 
 def unreadable(items: Sequence[Any], max_pixels: int | None) -> list[tuple[str, str]]:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from cloaklab.ops.commands import COMMANDS
+
 # OpenMP threads that spin while waiting for work burn the cores another thread (or another process on a shared
 # machine) needs: measured on the shared 2-core machine, toy poison at --threads 2 took 82 s with libgomp's default
 # wait policy and 30 s with PASSIVE (1 thread: 18 s). libgomp reads this when torch loads, which the CLI does after
@@ -91,7 +93,7 @@ Config = Annotated[Path | None, typer.Option("--config", metavar="FILE", show_de
 RUN_FLAGS = {"threads": Threads, "quiet": Quiet, "verbose": Verbose, "dry_run": DryRun, "config": Config}
 # --dry-run and --config belong to the nine commands (ops/commands); report and rerun do not take them.
 PLAN_FLAGS = ("dry_run", "config")
-RUN_COMMANDS = ("poison", "purify", "mask", "train_ti", "train_db", "generate", "score", "ssm", "immunize")
+RUN_COMMANDS = tuple(COMMANDS.values())  # their function names (train_ti)
 
 
 def _with_run_flags(function: Callable, wrapper: Callable) -> None:
@@ -261,9 +263,9 @@ class Reporter:
     One reporter serves a whole command: file events (``on_event(kind, name, info)`` from the folder runners:
     ``start``/``done``/``skip``/``reject``/``error``/``warn``, and ``step`` with ``{"step", "total"}`` for the inner
     PGD/sampling steps of the current file; ``header``, ``note`` and ``info`` — a progress line ``{"message"}``;
-    ``text`` and ``table`` for result text and tables such as score's means), and training steps through
-    :meth:`steps`. ``--quiet`` silences the header and the progress (warnings, notes, errors and the closing summary
-    still print)."""
+    ``text`` and ``table`` for result text and tables such as score's means; training runs report their steps as
+    ``step`` events too). ``--quiet`` silences the header and the progress (warnings, notes, errors and the closing
+    summary still print)."""
 
     def __init__(self, command: str, quiet: bool | None = None):
         from rich.console import Console
@@ -431,16 +433,6 @@ class Reporter:
             eta = rate * (total - step) + files_after * rate * total
             timing = f"{rate:.2f} s/step · ETA {_clock(eta)}"
         self.line(f"{self.command}:{label} step {step}/{total}{where}{extra} · {timing}")
-
-    def steps(self, label: str | None = None, describe: Callable[[dict], str] | None = None
-              ) -> Callable[[int, int, dict], None]:
-        """An ``on_progress(step, total, record)`` callback for training loops (the running loss by default)."""
-        describe = describe or (lambda record: f"loss {record['loss']:.4f}" if "loss" in record else "")
-
-        def update(step: int, total: int, record: dict) -> None:
-            self.step(step, total, label or "", describe(record))
-
-        return update
 
     def summary(self, summary: Any, output: Path, as_json: bool) -> int:
         """Print the closing summary (stderr) and the data line (stdout); return the exit code."""

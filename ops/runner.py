@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .commands.base import RunSummary
+from .commands.base import Event, RunSummary, no_event
 from .errors import CloakError, RejectedInput
 from .grouping import group_indices_by
 from .io import (
@@ -50,13 +50,6 @@ class ProcessedImage:
     like: LoadedImage | None = None  # write in this image's format instead of the input's (e.g. binary masks)
 
 
-Event = Callable[[str, str, dict], None]
-
-
-def _no_event(kind: str, name: str, info: dict) -> None:
-    return None
-
-
 def process_folder(
     items: Sequence[InputItem],
     out_dir: Path,
@@ -69,7 +62,7 @@ def process_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 1,
     verify: Callable[[ImageJob, np.ndarray], dict[str, Any]] | None = None,
-    on_event: Event = _no_event,
+    on_event: Event = no_event,
     accept: Callable[[LoadedImage], None] | None = None,
 ) -> RunSummary:
     """Run ``process`` over ``items`` and write ``OUT/<rel>.png`` for each, recording everything in ``manifest``.

@@ -208,3 +208,85 @@ def test_rerun_of_a_score_file_reports_a_changed_scored_image(cli, tmp_path, pho
     photo("rocket", 64).save(photos / "astronaut.png")
     code, _, stderr = cli(["rerun", out.parent / "cloak.json", "-o", tmp_path / "third" / "s.json"])
     assert code == 0 and "astronaut.png: its bytes changed" in stderr
+
+
+def test_dry_run_header_check_rejects_what_the_run_would(tmp_path):
+    """``header_problem`` (every command's --dry-run) judges size limits from the header: the pixel limit is a strict
+    ``>``, the side limit a strict ``<``, and a file Pillow cannot open is unreadable."""
+    from PIL import Image
+
+    from cloaklab.ops.commands.base import header_problem
+
+    Image.new("RGB", (8, 4)).save(tmp_path / "small.png")
+    (tmp_path / "text.png").write_text("not an image")
+    assert header_problem(tmp_path / "small.png") is None
+    assert header_problem(tmp_path / "small.png", max_pixels=32) is None
+    assert header_problem(tmp_path / "small.png", max_pixels=31) == "image is 8x4, more than --max-pixels 31"
+    assert header_problem(tmp_path / "small.png", min_size=4) is None
+    assert header_problem(tmp_path / "small.png", min_size=5) == ("image is 8x4; this method needs at least 5 px "
+                                                                  "per side")
+    assert header_problem(tmp_path / "text.png") == "not a readable image (UnidentifiedImageError)"
+
+
+@pytest.mark.parametrize("command", ["purify", "mask"])
+def test_a_collection_note_reaches_on_event(command, tmp_path, photos):
+    """What collecting the inputs noticed (here: a subfolder skipped without --recursive) is a ``note`` event of the
+    run, as the CLI prints it."""
+    import cloaklab
+
+    (photos / "more").mkdir()
+    events = []
+    kwargs = {"purify": {"method": "jpeg"}, "mask": {"sam_type": "tiny", "device": "cpu", "center": True}}[command]
+    getattr(cloaklab, command)(photos, tmp_path / "out", on_event=lambda kind, name, info: events.append((kind, info)),
+                               **kwargs)
+    notes = [info["message"] for kind, info in events if kind == "note"]
+    assert any("1 subfolder(s) skipped (use --recursive)" in note for note in notes), notes
+
+
+@pytest.mark.parametrize("command", ["poison", "ssm", "generate"])
+def test_dry_run_notes_a_model_the_run_could_not_load(command, tmp_path, photos):
+    """A --dry-run with a model that is not on this machine still plans, and says the run would stop; with a model
+    that is there it says nothing of the kind."""
+    import cloaklab
+
+    missing = str(tmp_path / "no-such-model")
+    extra = {"ssm": {"prompt": "a photo of a dog", "token": ["dog"]}}.get(command, {})
+    inputs = [] if command == "generate" else photos
+    for model, expected in ((missing, True), ("tiny", False)):
+        plan = cloaklab.plan(command, inputs, tmp_path / "out", model=model, **extra)
+        stops = [note for note in plan.notes if note.startswith("the run would stop: ")]
+        assert bool(stops) is expected, plan.notes
+        assert not stops or missing in stops[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_immunize_leaves_a_users_pipeline_tmp_alone(tmp_path, photos):
+    """The pipeline folder is saved under a fresh temporary name: a file of the user's named OUTPUT/pipeline.tmp
+    (or anything else cloak did not write) survives the run (docs/contract.md)."""
+    import cloaklab
+
+    from .api_cases.immunize import make
+
+    out = tmp_path / "out"
+    (out / "pipeline.tmp").mkdir(parents=True)
+    (out / "pipeline.tmp" / "mine.txt").write_text("keep")
+    summary = cloaklab.immunize(photos, out, **make(tmp_path, photos).api_kwargs)
+    assert summary.exit_code == 0 and (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "pipeline.tmp" / "mine.txt").read_text() == "keep"
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(".pipeline")) == []
+
+
+@pytest.mark.parametrize("command", ["poison", "immunize", "generate", "train_ti", "train_db", "ssm"])
+def test_a_run_starts_with_its_header_then_the_models_note(command, tmp_path, photos):
+    """The first events of a model run: the header (model, device, dtype, size), then the note that ``tiny`` has
+    random weights — once."""
+    import cloaklab
+
+    case = CASES[command](tmp_path, photos)
+    events = []
+    getattr(cloaklab, command.replace("-", "_"))(case.inputs, tmp_path / "out" / case.output,
+                                                 on_event=lambda kind, name, info: events.append((kind, info)),
+                                                 **case.api_kwargs)
+    assert events[0][0] == "header" and events[0][1]["model"] == "tiny"
+    assert events[1][0] == "note" and "random weights" in events[1][1]["message"]
+    assert sum("random weights" in info.get("message", "") for _, info in events) == 1

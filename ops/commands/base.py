@@ -77,11 +77,6 @@ class Settings:
             known["params"] = {**dict(known.get("params") or {}), **extra}
         return cls(**known)
 
-    @classmethod
-    def path_fields(cls) -> list[str]:
-        """Fields that name files or folders (their type mentions ``Path``)."""
-        return [spec.name for spec in dataclasses.fields(cls) if "Path" in str(spec.type)]
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings, tuples as lists): what the manifest records for ``cloak rerun``."""
         return {spec.name: _plain(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
@@ -219,8 +214,10 @@ def as_input_list(inputs: str | Path | Iterable[str | Path]) -> list[str]:
     return [str(entry) for entry in inputs]
 
 
-def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str | None, stdin: Any = None):
-    """Collect, check and shard the inputs of a folder command: ``(items after sharding, notes, shard spec)``.
+def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str | None, stdin: Any = None,
+           on_event: Event | None = None):
+    """Collect, check and shard the inputs of a folder command: ``(items after sharding, notes, shard spec)``;
+    with ``on_event`` (a run) each note is also reported as a ``note`` event.
 
     Refuses (usage error) an OUTPUT inside an input folder or any output path that resolves to an input."""
     from ..io import check_output_location, check_outputs, collect_inputs, parse_shard, select_shard
@@ -229,6 +226,8 @@ def gather(inputs: Sequence[str], output: Path, *, recursive: bool, shard: str |
     check_output_location(inputs, output)
     items, notes = collect_inputs(inputs, recursive, stdin if stdin is not None else sys.stdin)
     check_outputs(output, items)
+    for note in notes if on_event is not None else ():
+        on_event("note", "", {"message": note})
     return select_shard(items, shard_spec), notes, shard_spec
 
 
@@ -239,15 +238,12 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
     name clashes, outputs cloak does not own, unreadable or too-small files are rejected; a file whose record has
     the same parameter hash and source bytes is skipped as done. ``params`` must be what the run records as its
     manifest parameters (their hash decides resume)."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS, file_sha256, safe_join
+    from ..io import file_sha256, safe_join
     from ..manifest import owns_record, params_hash, read_manifest
 
     plan = Plan(command, str(output), settings.as_dict(), model=model, notes=list(notes))
     data = read_manifest(Path(output)) or {"files": {}}
     digest_of_run = params_hash({"command": command, **params})
-    limit = max_pixels or DEFAULT_MAX_PIXELS
     for item in items:
         plan.inputs.append(str(item.path))
         out_rel = PurePosixPath(item.output_rel).as_posix()
@@ -272,7 +268,7 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
                 digest_of_run and record.get("source_sha256") == digest and target.exists()):
             plan.skipped.append(out_rel)
             continue
-        reason = _header_problem(Image, item.path, min_size, limit)
+        reason = header_problem(item.path, min_size, max_pixels)
         if reason:
             plan.rejected.append((str(item.path), reason))
             continue
@@ -280,10 +276,16 @@ def plan_folder(command: str, settings: Settings, items: Sequence[Any], output: 
     return plan
 
 
-def _header_problem(image_module: Any, path: Path, min_size: int, max_pixels: int) -> str | None:
-    """Why the runner would reject ``path`` judging from its header only (no pixels are decoded)."""
+def header_problem(path: Path, min_size: int = 1, max_pixels: int | None = None) -> str | None:
+    """Why the runner would reject ``path`` judging from its header only (no pixels are decoded); ``max_pixels``
+    ``None`` = :data:`ops.io.DEFAULT_MAX_PIXELS`."""
+    from PIL import Image
+
+    from ..io import DEFAULT_MAX_PIXELS
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     try:
-        with image_module.open(path) as image:
+        with Image.open(path) as image:
             width, height = image.size
     except Exception as exc:  # noqa: BLE001 - anything Pillow cannot open is rejected when the run decodes it
         return f"not a readable image ({type(exc).__name__})"
@@ -292,6 +294,40 @@ def _header_problem(image_module: Any, path: Path, min_size: int, max_pixels: in
     if min(width, height) < min_size:
         return f"image is {width}x{height}; this method needs at least {min_size} px per side"
     return None
+
+
+def header(on_event: Event, model: str, device: Any, dtype: Any, size: Any, notes: Iterable[str] = ()) -> None:
+    """The run's first line (model, device, dtype, working size), then the model's note, if it has one, and
+    ``notes`` (what collecting the inputs noticed), each a ``note`` event."""
+    from ..models import model_note
+
+    on_event("header", "", {"model": model, "device": device, "dtype": dtype, "size": size})
+    for note in ([model_note(model)] if model_note(model) else []) + list(notes):
+        on_event("note", "", {"message": note})
+
+
+def resolve_model(settings: Any) -> tuple[str, int, dict[str, Any]]:
+    """The model's name, the working resolution (``settings.resolution`` or the model's own) and the manifest's
+    model record, nothing loaded; a model that cannot be found is its one-line error now, before an output folder
+    is made."""
+    from ..models import check_available, default_model, model_info, native_resolution
+
+    name = settings.model or default_model()
+    check_available(name)
+    return name, settings.resolution or native_resolution(name), model_info(name).as_dict()
+
+
+def model_problems(model: str) -> list[str]:
+    """The dry-run note for a model the run could not load from this machine (``[]`` when it can):
+    :func:`ops.models.check_available`'s one line, without loading anything."""
+    from ..errors import ModelNotFoundError
+    from ..models import check_available
+
+    try:
+        check_available(model)
+    except ModelNotFoundError as exc:
+        return [f"the run would stop: {exc}"]
+    return []
 
 
 # ------------------------------------------------------------------------------------------ shared setting groups

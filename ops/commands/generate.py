@@ -16,7 +16,17 @@ from typing import Any
 
 from ..generate import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, GenerationJob
 from ..prompts import DEFAULT_PROMPT_SET
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, attach_records, no_event
+from .base import (
+    Event,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    attach_records,
+    header,
+    model_problems,
+    no_event,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,20 +165,15 @@ def manifest_params(settings: GenerateSettings, resolution: int, dtype: Any) -> 
 def plan(settings: GenerateSettings, inputs: Any, output: Path | str) -> Plan:
     """What ``run`` would do, reading only the prompt file, the embedding's header and the manifest."""
     from ..device import resolve_device, resolve_dtype
-    from ..errors import ModelNotFoundError
-    from ..manifest import params_hash, read_manifest
-    from ..models import check_available
+    from ..manifest import owns_record, params_hash, read_manifest
 
     output = Path(output)
     jobs = plan_jobs_of(settings, inputs)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     digest = params_hash({"command": "generate", **manifest_params(settings, jobs.resolution, dtype)})
     result = Plan("generate", str(output), settings.as_dict(), model=settings.model_name(),
-                  notes=[f"token {jobs.token!r}, {jobs.count} image(s) per prompt, {jobs.resolution} px"])
-    try:
-        check_available(settings.model_name())
-    except ModelNotFoundError as exc:
-        result.notes.append(f"the run would stop: {exc}")
+                  notes=[f"token {jobs.token!r}, {jobs.count} image(s) per prompt, {jobs.resolution} px",
+                         *model_problems(settings.model_name())])
     files = (read_manifest(output) or {}).get("files", {})
     for job in jobs.jobs:
         result.inputs.append(f"{job.name}: {job.prompt} (seed {job.seed})")
@@ -176,7 +181,7 @@ def plan(settings: GenerateSettings, inputs: Any, output: Path | str) -> Plan:
         target = output / job.name
         if not settings.overwrite and _record_is_done(record, job, digest) and target.exists():
             result.skipped.append(job.name)
-        elif target.exists() and not _owned(record, job.name):
+        elif target.exists() and not owns_record(record, job.name):
             result.rejected.append((job.name, f"{target} exists and was not written by cloak"))
         else:
             result.run.append(job.name)
@@ -191,7 +196,7 @@ def run(settings: GenerateSettings, inputs: Any, output: Path | str, *, on_event
     from ..device import resolve_device, resolve_dtype
     from ..io import shard_label
     from ..manifest import Manifest
-    from ..models import check_available, model_note
+    from ..models import check_available
 
     output = Path(output)
     on_event = on_event or no_event
@@ -206,9 +211,7 @@ def run(settings: GenerateSettings, inputs: Any, output: Path | str, *, on_event
                         extra={"device": str(device), "batch_size": settings.batch_size,
                                "shard": shard_label(jobs.shard), "prompts": settings.prompts,
                                "num_per_prompt": jobs.count, "token": jobs.token})
-    on_event("header", "", {"model": model_name, "device": device, "dtype": dtype, "size": jobs.resolution})
-    if model_note(model_name):
-        on_event("note", "", {"message": model_note(model_name)})
+    header(on_event, model_name, device, dtype, jobs.resolution)
     summary = generate_folder(pipe, jobs.jobs, output, manifest, settings=sampler_settings(settings, jobs.resolution),
                               batch_size=settings.batch_size, overwrite=settings.overwrite, on_event=on_event)
     summary.output = output
@@ -319,12 +322,6 @@ def _record_is_done(record: dict | None, job: GenerationJob, digest: str) -> boo
     return bool(record and record.get("status") == "done" and record.get("params_hash") == digest
                 and record.get("prompt") == job.prompt and record.get("seed") == job.seed
                 and record.get("negative_prompt") == job.negative_prompt)
-
-
-def _owned(record: dict | None, name: str) -> bool:
-    from ..manifest import owns_record
-
-    return owns_record(record, name)
 
 
 def _job_fields(job: GenerationJob) -> dict[str, Any]:

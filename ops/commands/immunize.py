@@ -21,7 +21,18 @@ from typing import Any
 
 from ..errors import UsageError
 from ..train.immunize_config import AGAINST, DEFAULT_CLASS_WORD, IMMUNIZED_NAME, ImmunizeConfig, default_token
-from .base import Event, ModelSettings, Plan, RunSummary, as_input_list, gather, no_event
+from .base import (
+    Event,
+    ModelSettings,
+    Plan,
+    RunSummary,
+    as_input_list,
+    gather,
+    header,
+    header_problem,
+    no_event,
+    resolve_model,
+)
 
 _STAGE = ImmunizeConfig()  # the method's defaults (the per-method lr table stays behind lr=None)
 PIPELINE_DIR = "pipeline"
@@ -151,16 +162,6 @@ def collect_concepts(settings: ImmunizeSettings, inputs: Sequence[str], output: 
     return concepts, notes
 
 
-def _model(settings: ImmunizeSettings) -> tuple[str, int, dict[str, Any]]:
-    """The model's name, the working resolution and the manifest's model record (nothing is loaded; a model that
-    cannot be found is one line now, before an output folder is made)."""
-    from ..models import check_available, default_model, model_info, native_resolution
-
-    name = settings.model or default_model()
-    check_available(name)
-    return name, settings.resolution or native_resolution(name), model_info(name).as_dict()
-
-
 def manifest_params(settings: ImmunizeSettings, concepts: Sequence[Concept], resolution: int,
                     record: dict[str, Any]) -> dict[str, Any]:
     """The output-relevant parameters (their hash decides what a rerun skips)."""
@@ -200,16 +201,12 @@ def _foreign_output(files: dict[str, Any], output: Path) -> str | None:
 # ------------------------------------------------------------------------------------------------ dry run
 def plan(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do, reading only image headers, model configs and the manifest."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
     from ..manifest import params_hash, read_manifest
     from ..train.loop import latest_checkpoint
-    from .base import _header_problem
 
     output = Path(output)
     concepts, notes = collect_concepts(settings, as_input_list(inputs), output)
-    model, resolution, record = _model(settings)
+    model, resolution, record = resolve_model(settings)
     result = Plan("immunize", str(output), settings.as_dict(), model=model, notes=list(notes))
     files = (read_manifest(output) or {}).get("files", {})
     digest = params_hash({"command": "immunize", **manifest_params(settings, concepts, resolution, record)})
@@ -221,14 +218,13 @@ def plan(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output:
     if not settings.overwrite and _finished(files, digest, output):
         result.skipped += [IMMUNIZED_NAME, PIPELINE_DIR]
         return result
-    limit = settings.max_pixels or DEFAULT_MAX_PIXELS
     for concept in concepts:
         weights = concept.weights.relative_to(output).as_posix()
         if not settings.overwrite and _stage_finished(files, digest, concept):
             result.skipped.append(weights)
             continue
         for item in concept.items:  # what the stage's loader would reject, judging from the headers
-            reason = _header_problem(Image, item.path, 1, limit)
+            reason = header_problem(item.path, max_pixels=settings.max_pixels)
             if reason:
                 result.rejected.append((str(item.path), reason))
         if not settings.resume and not settings.overwrite and latest_checkpoint(concept.folder) is not None:
@@ -253,7 +249,7 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
     output = Path(output)
     on_event = on_event or no_event
     concepts, notes = collect_concepts(settings, as_input_list(inputs), output)
-    model_name, resolution, record = _model(settings)
+    model_name, resolution, record = resolve_model(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     manifest = Manifest(output, "immunize", manifest_params(settings, concepts, resolution, record),
@@ -269,12 +265,9 @@ def run(settings: ImmunizeSettings, inputs: Sequence[str] | str | Path, output: 
 def _run(settings: ImmunizeSettings, concepts: Sequence[Concept], notes: list[str], model_name: str,
          resolution: int, record: dict[str, Any], device: Any, dtype: Any, manifest: Any, output: Path, pipe: Any,
          on_event: Event) -> ImmunizeSummary:
-    from ..models import model_note
     from ..train import distributed
 
-    on_event("header", "", {"model": model_name, "device": device, "dtype": dtype, "size": resolution})
-    for note in ([model_note(model_name)] if model_note(model_name) else []) + notes:
-        on_event("note", "", {"message": note})
+    header(on_event, model_name, device, dtype, resolution, notes)
     summary = ImmunizeSummary(output=output, notes=list(notes), pipeline=output / PIPELINE_DIR,
                               weights=output / IMMUNIZED_NAME)
     if not settings.overwrite and _finished(manifest.files, manifest.hash, output):
@@ -378,6 +371,7 @@ def save_immunized(pipe: Any, state: dict[str, Any], output: Path, against: str,
     """Write ``immunized_attention.safetensors`` and ``pipeline/`` (the base model with ``state`` swapped into its
     UNet; the folder is replaced atomically). Returns the base attention tensors and how many tensors changed."""
     import shutil
+    import tempfile
 
     import torch
 
@@ -388,12 +382,16 @@ def save_immunized(pipe: Any, state: dict[str, Any], output: Path, against: str,
     save_attention_state(state, output / IMMUNIZED_NAME, {"against": against, "model": model,
                                                           "concepts": ",".join(concept_names)})
     apply_attention_state(pipe.unet, state)
+    # a fresh name, so no file or folder of the user's (an OUTPUT/pipeline.tmp, a symlink there) is deleted or
+    # written through; removed again if saving fails
+    temporary = Path(tempfile.mkdtemp(prefix=f".{PIPELINE_DIR}.", suffix=".tmp", dir=output))
     try:
-        temporary = output / f"{PIPELINE_DIR}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
         pipe.save_pretrained(str(temporary), safe_serialization=True)
         shutil.rmtree(output / PIPELINE_DIR, ignore_errors=True)
         temporary.replace(output / PIPELINE_DIR)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     finally:
         apply_attention_state(pipe.unet, base)  # a pipeline passed in leaves as it came
     return base, changed

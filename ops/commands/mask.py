@@ -168,9 +168,7 @@ def run(settings: MaskSettings, inputs: Sequence[str] | str | Path, output: Path
     output = Path(output)
     on_event = on_event or no_event
     items, notes, shard_spec = gather(as_input_list(inputs), output, recursive=settings.recursive,
-                                      shard=settings.shard)
-    for note in notes:
-        on_event("note", "", {"message": note})
+                                      shard=settings.shard, on_event=on_event)
     require_sam()
     if sam is None and settings.sam_type != "tiny":
         find_sam_checkpoint(settings.sam_type, _checkpoint(settings))

@@ -39,6 +39,8 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    header,
+    model_problems,
     no_event,
     plan_folder,
 )
@@ -221,19 +223,13 @@ def resolve(settings: PoisonSettings) -> Resolved:
 # --------------------------------------------------------------------------------------------------- dry run
 def plan(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do, reading only headers, masks' presence and the manifest."""
-    from ..errors import ModelNotFoundError
-    from ..models import check_available
-
     output = Path(output)
     items, notes, _ = gather(as_input_list(inputs), output, recursive=settings.recursive, shard=settings.shard)
     load_masks(settings.mask, items)  # a missing per-file mask is the run's usage error too
     run = resolve(settings)
-    try:
-        check_available(run.model)
-    except ModelNotFoundError as exc:
-        notes = [*notes, f"the run would stop here: {exc}"]
     return plan_folder("poison", settings, items, output, run.manifest_params, overwrite=settings.overwrite,
-                       model=run.model, notes=notes, min_size=8, max_pixels=settings.max_pixels)
+                       model=run.model, notes=[*notes, *model_problems(run.model)], min_size=8,
+                       max_pixels=settings.max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -246,7 +242,7 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
     with nothing left to do loads nothing)."""
     from ..io import shard_label
     from ..manifest import Manifest
-    from ..models import check_available, default_model, model_note
+    from ..models import check_available, default_model
 
     output = Path(output)
     on_event = on_event or no_event
@@ -259,10 +255,7 @@ def run(settings: PoisonSettings, inputs: Sequence[str] | str | Path, output: Pa
                         extra={"device": str(resolved.device), "batch_size": settings.batch_size,
                                "shard": shard_label(shard_spec), "preview": settings.preview,
                                "checkpointing": settings.checkpointing})
-    on_event("header", "", {"model": resolved.model, "device": resolved.device, "dtype": resolved.dtype,
-                            "size": resolved.resolution or "native"})
-    for note in ([model_note(resolved.model)] if model_note(resolved.model) else []) + list(notes):
-        on_event("note", "", {"message": note})
+    header(on_event, resolved.model, resolved.device, resolved.dtype, resolved.resolution or "native", notes)
     if settings.preset:
         from ..attacks import ARTIST_PRESET
 

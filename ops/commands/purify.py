@@ -81,9 +81,7 @@ def run(settings: PurifySettings, inputs: Sequence[str] | str | Path, output: Pa
     output = Path(output)
     on_event = on_event or no_event
     items, notes, shard_spec = gather(as_input_list(inputs), output, recursive=settings.recursive,
-                                      shard=settings.shard)
-    for note in notes:
-        on_event("note", "", {"message": note})
+                                      shard=settings.shard, on_event=on_event)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     params, record = _manifest_params(settings)

@@ -24,7 +24,7 @@ from ..metrics import (
     FID_DEFAULT_FEATURES,
     LPIPS_DEFAULT_NET,
 )
-from .base import Event, Plan, RunSummary, Settings, as_input_list, no_event
+from .base import Event, Plan, RunSummary, Settings, as_input_list, header_problem, no_event
 
 TABLE_TITLE = "cloak score (per concept, then dataset)"
 
@@ -185,19 +185,13 @@ def plan(settings: ScoreSettings, inputs: Sequence[str] | str | Path, output: Pa
     output = Path(output)
     if settings.table:
         return _plan_table(settings, as_input_list(inputs), output)
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
-    from .base import _header_problem
-
     gathered = gather_images(settings, as_input_list(inputs), output)
     backbones = {name: settings.backbone(name) for name in settings.params()["metrics"]}
     result = Plan("score", str(output), settings.as_dict(), notes=list(gathered.notes),
                   model=", ".join(f"{name}: {net}" for name, net in backbones.items() if net) or None)
-    limit = settings.max_pixels or DEFAULT_MAX_PIXELS
     for item in gathered.items:
         result.inputs.append(str(item.path))
-        reason = _header_problem(Image, item.path, 1, limit)
+        reason = header_problem(item.path, max_pixels=settings.max_pixels)
         if reason:
             result.rejected.append((item.rel.as_posix(), reason))
     result.run = [output.name] + ([_relative(settings.csv, output.parent)] if settings.csv else [])

@@ -43,6 +43,9 @@ from .base import (
     as_input_list,
     attach_records,
     gather,
+    header,
+    header_problem,
+    model_problems,
     no_event,
     plan_folder,
 )
@@ -150,7 +153,7 @@ def _text(path: Path | None) -> str | None:
 # ------------------------------------------------------------------------------------------------------ plan
 def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path | str) -> Plan:
     """What ``run`` would do: inputs, outputs, skips and rejections from headers, configs and the manifest only."""
-    from ..models import default_model
+    from ..models import default_model, native_resolution
 
     output = Path(output)
     given = as_input_list(inputs)
@@ -162,8 +165,8 @@ def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path
                     notes=[f"Fig. 6 from {len(given)} training log(s); no model loads"])
     items, notes, _ = gather(given, output, recursive=settings.recursive, shard=settings.shard)
     model = settings.model or default_model()
-    notes = [*notes, *_model_problems(model)]
-    size = settings.resolution or _native_size(model)
+    notes = [*notes, *model_problems(model)]
+    size = settings.resolution or native_resolution(model)
     if settings.profile:
         return _plan_profile(settings, items, output, model, size, notes)
     steps = schedule_timesteps(settings, _schedule_length(model))
@@ -175,16 +178,11 @@ def plan(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path
 
 def _plan_profile(settings: SsmSettings, items: Sequence[Any], output: Path, model: str, size: int,
                   notes: list[str]) -> Plan:
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
-    from .base import _header_problem
-
     _check_profile_inputs(settings)
     result = Plan("ssm", str(output), settings.as_dict(), model=model, notes=notes)
     for item in items:
         result.inputs.append(str(item.path))
-        reason = _header_problem(Image, item.path, 1, settings.max_pixels or DEFAULT_MAX_PIXELS)
+        reason = header_problem(item.path, max_pixels=settings.max_pixels)
         if reason:
             result.rejected.append((str(item.path), reason))
     result.run = [f"profile-{settings.profile}.json", f"profile-{settings.profile}.png"]
@@ -192,23 +190,6 @@ def _plan_profile(settings: SsmSettings, items: Sequence[Any], output: Path, mod
              else "21 equally spaced from 0 to the last")
     result.notes.append(f"one {settings.profile} profile over the readable images at {size} px, timesteps {steps}")
     return result
-
-
-def _model_problems(model: str) -> list[str]:
-    from ..errors import ModelNotFoundError
-    from ..models import check_available
-
-    try:
-        check_available(model)
-    except ModelNotFoundError as exc:
-        return [f"the run would stop: {exc}"]
-    return []
-
-
-def _native_size(model: str) -> int:
-    from ..models import native_resolution
-
-    return native_resolution(model)
 
 
 def _schedule_length(model: str) -> int:
@@ -243,13 +224,12 @@ def run(settings: SsmSettings, inputs: Sequence[str] | str | Path, output: Path 
     given = as_input_list(inputs)
     if is_train_log_run(settings, given):
         return run_train_logs(settings, given, output, on_event)
-    items, notes, shard_spec = gather(given, output, recursive=settings.recursive, shard=settings.shard)
-    for note in notes:
-        on_event("note", "", {"message": note})
+    items, notes, shard_spec = gather(given, output, recursive=settings.recursive, shard=settings.shard,
+                                      on_event=on_event)
     if settings.profile:
         _check_profile_inputs(settings)
     model = load_model(settings, pipe)
-    on_event("header", "", {"model": model.name, "device": model.device, "dtype": model.dtype, "size": model.size})
+    header(on_event, model.name, model.device, model.dtype, model.size)
     extra = {"device": str(model.device), "shard": shard_label(shard_spec)}
     summary = (run_profile if settings.profile else run_maps)(settings, model, items, output, extra, on_event)
     summary.output, summary.notes = output, [*notes, *summary.notes]

@@ -20,13 +20,13 @@ from typing import Any
 from ..errors import UsageError
 from ..train.presets import DREAMBOOTH as DB
 from ..train.presets import LORA
-from .base import Event, ModelSettings, Plan, attach_records, no_event
+from .base import Event, ModelSettings, Plan, attach_records, header, no_event
 from .training import (
+    Instances,
     SztSettings,
     TrainSummary,
     checkpoint_notes,
     gather_instances,
-    header,
     step_events,
     unreadable,
 )
@@ -123,26 +123,6 @@ class TrainDbSettings(SztSettings, ModelSettings):
 Settings = TrainDbSettings
 
 
-@dataclass
-class _Job:
-    """What the run and its plan both resolve before any model loads."""
-
-    items: list[Any]
-    notes: list[str]
-    model: str
-    record: dict[str, Any]
-    resolution: int
-
-
-def _resolve(settings: TrainDbSettings, inputs: Any, output: Path) -> _Job:
-    from ..models import check_available, default_model, model_info, native_resolution
-
-    items, notes = gather_instances(inputs, output, settings.recursive)
-    model = settings.model or default_model()
-    check_available(model)  # a missing model: one line, and no output folder left behind
-    return _Job(items, notes, model, model_info(model).as_dict(), settings.resolution or native_resolution(model))
-
-
 def _artefacts(settings: TrainDbSettings) -> list[str]:
     """The final artefacts a finished run writes."""
     from ..train.dreambooth_model import LORA_WEIGHTS, PIPELINE_DIR
@@ -165,7 +145,7 @@ def plan(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: 
 
     output = Path(output)
     settings.train_config()  # the run's usage errors, without a model
-    job = _resolve(settings, inputs, output)
+    job = gather_instances(settings, inputs, output)
     result = Plan("train_db", str(output), settings.as_dict(), model=job.model, notes=list(job.notes))
     result.inputs = [str(item.path) for item in job.items]
     result.rejected = unreadable(job.items, settings.max_pixels)
@@ -195,7 +175,7 @@ def run(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: P
     output = Path(output)
     on_event = on_event or no_event
     config = settings.train_config()
-    job = _resolve(settings, inputs, output)
+    job = gather_instances(settings, inputs, output)
     spec = settings.trainer()
     instance_prompt, class_prompt = spec.prompts()
     mode = settings.resolved()
@@ -215,7 +195,7 @@ def run(settings: TrainDbSettings, inputs: Sequence[str] | str | Path, output: P
         manifest.close()  # merge this run's records into cloak.json, whatever the outcome
 
 
-def _run(settings: TrainDbSettings, job: _Job, spec: Any, config: Any, output: Path, manifest: Any, device: Any,
+def _run(settings: TrainDbSettings, job: Instances, spec: Any, config: Any, output: Path, manifest: Any, device: Any,
          pipe: Any, on_event: Event) -> TrainSummary:
     from ..models import load_pipeline
     from ..train.dreambooth_model import LORA_WEIGHTS, PIPELINE_DIR
@@ -225,9 +205,7 @@ def _run(settings: TrainDbSettings, job: _Job, spec: Any, config: Any, output: P
                            owned=manifest.data.get("training") is not None)
     manifest.start_run()
     precision = "fp32" if spec.mixed_precision == "no" else f"fp32 + {spec.mixed_precision} autocast"
-    header(on_event, job.model, device, precision, job.resolution)
-    for note in job.notes:
-        on_event("note", "", {"message": note})
+    header(on_event, job.model, device, precision, job.resolution, job.notes)
     if pipe is None:
         pipe = load_pipeline(job.model, device, None, trust_pickle=settings.trust_pickle)
     summary = TrainSummary(output=output, notes=list(job.notes))
@@ -270,6 +248,7 @@ def check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -
     import json
 
     from ..errors import CloakError
+    from ..io import atomic_write_bytes
     from ..train import distributed
     from ..train.loop import CHECKPOINT_DIR
 
@@ -286,7 +265,7 @@ def check_run_settings(out_dir: Path, current: dict[str, Any], resuming: bool) -
     if not distributed.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    atomic_write_bytes(path, (json.dumps(current, indent=2) + "\n").encode())
 
 
 def class_latents(pipe, spec: Any, out_dir: Path, class_dir: Path | None, *, model_record: dict[str, Any],

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..train.presets import TEXTUAL_INVERSION as TI
-from .base import Event, ModelSettings, Plan, attach_records, no_event
+from .base import Event, ModelSettings, Plan, attach_records, header, no_event
 from .training import (
+    Instances,
     SztSettings,
     TrainSummary,
     checkpoint_notes,
     gather_instances,
-    header,
     step_events,
     unreadable,
 )
@@ -64,28 +64,18 @@ Settings = TrainTiSettings
 
 
 @dataclass
-class _Job:
-    """What the run and its plan both resolve before any model loads."""
+class _Job(Instances):
+    """What the run and its plan both resolve before any model loads: the instances and the TI specifics."""
 
-    items: list[Any]
-    notes: list[str]
-    model: str
-    record: dict[str, Any]
-    resolution: int
     templates: tuple[str, ...]
     szt: dict[str, Any]
     params: dict[str, Any]  # the manifest's parameters: their hash decides whether a finished run is skipped
 
 
 def _resolve(settings: TrainTiSettings, inputs: Any, output: Path) -> _Job:
-    from ..models import check_available, default_model, model_info, native_resolution
     from ..train.data import TEMPLATE_SETS, load_templates
 
-    items, notes = gather_instances(inputs, output, settings.recursive)
-    model = settings.model or default_model()
-    check_available(model)  # a missing model: one line, and no output folder left behind
-    record = model_info(model).as_dict()
-    resolution = settings.resolution or native_resolution(model)
+    found = gather_instances(settings, inputs, output)
     templates = load_templates(settings.templates)
     szt = settings.szt()
     params = {"token": settings.token, "init_token": settings.init_token, "num_vectors": settings.num_vectors,
@@ -95,10 +85,10 @@ def _resolve(settings: TrainTiSettings, inputs: Any, output: Path) -> _Job:
               "flip_p": settings.flip_p, "weight_decay": settings.weight_decay, "steps": settings.steps,
               "lr": settings.lr, "warmup_steps": settings.warmup_steps,
               "grad_accumulation": settings.grad_accumulation, "batch_size": settings.batch_size,
-              "resolution": resolution, "mean_latents": settings.mean_latents,
-              "masks": str(settings.masks) if settings.masks else None, "model": record,
-              "inputs": [item.rel.as_posix() for item in items]}
-    return _Job(items, notes, model, record, resolution, templates, szt, params)
+              "resolution": found.resolution, "mean_latents": settings.mean_latents,
+              "masks": str(settings.masks) if settings.masks else None, "model": found.record,
+              "inputs": [item.rel.as_posix() for item in found.items]}
+    return _Job(**vars(found), templates=templates, szt=szt, params=params)
 
 
 def _finished(settings: TrainTiSettings, record: dict[str, Any], digest: str, output: Path) -> bool:
@@ -174,9 +164,7 @@ def _run(settings: TrainTiSettings, job: _Job, config: Any, output: Path, manife
          pipe: Any, on_event: Event) -> TrainSummary:
     from ..train.textual_inversion import EMBEDS_NAME
 
-    header(on_event, job.model, device, dtype, job.resolution)
-    for note in job.notes:
-        on_event("note", "", {"message": note})
+    header(on_event, job.model, device, dtype, job.resolution, job.notes)
     summary = TrainSummary(output=output, notes=list(job.notes))
     if _finished(settings, manifest.files.get(EMBEDS_NAME, {}), manifest.hash, output):
         on_event("note", "", {"message": f"{output / EMBEDS_NAME} already trained with these settings "

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from ..errors import UsageError
 from ..train.presets import MASK_MODES, PRESETS, TIMESTEP_SAMPLERS
-from .base import Event, RunSummary, Settings, _header_problem, as_input_list, gather
+from .base import Event, RunSummary, Settings, as_input_list, gather, header_problem, resolve_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,21 +69,32 @@ class TrainSummary(RunSummary):
                 "resumed_from": self.resumed_from, "seconds": self.seconds}
 
 
-def gather_instances(inputs: Any, output: Path, recursive: bool) -> tuple[list[Any], list[str]]:
-    """The training images (every input, no shards: one run learns from all of them) and the collection notes."""
-    items, notes, _ = gather(as_input_list(inputs), output, recursive=recursive, shard=None)
-    return items, notes
+@dataclass
+class Instances:
+    """What a training run and its plan both resolve before any model loads: the training images (every input, no
+    shards: one run learns from all of them), the collection notes, the model, its manifest record and the working
+    size."""
+
+    items: list[Any]
+    notes: list[str]
+    model: str
+    record: dict[str, Any]
+    resolution: int
+
+
+def gather_instances(settings: Any, inputs: Any, output: Path) -> Instances:
+    """The :class:`Instances` of ``settings`` (its ``recursive``, ``model`` and ``resolution``); a missing model
+    raises its one-line error here, before an output folder is made (:func:`.base.resolve_model`)."""
+    items, notes, _ = gather(as_input_list(inputs), output, recursive=settings.recursive, shard=None)
+    model, resolution, record = resolve_model(settings)
+    return Instances(items, notes, model, record, resolution)
 
 
 def unreadable(items: Sequence[Any], max_pixels: int | None) -> list[tuple[str, str]]:
     """The inputs the run would reject judging from their headers (dry run: no pixel decoded)."""
-    from PIL import Image
-
-    from ..io import DEFAULT_MAX_PIXELS
-
     found = []
     for item in items:
-        reason = _header_problem(Image, item.path, 1, max_pixels or DEFAULT_MAX_PIXELS)
+        reason = header_problem(item.path, max_pixels=max_pixels)
         if reason:
             found.append((item.rel.as_posix(), reason))
     return found
@@ -98,15 +109,6 @@ def step_events(on_event: Event, describe=None):
         on_event("step", "", {"step": step, "total": total, "text": describe(record)})
 
     return update
-
-
-def header(on_event: Event, model: str, device: Any, dtype: Any, size: int) -> None:
-    """The run's first line (model, device, dtype, working size) and the model's note, if it has one."""
-    from ..models import model_note
-
-    on_event("header", "", {"model": model, "device": device, "dtype": dtype, "size": size})
-    if model_note(model):
-        on_event("note", "", {"message": model_note(model)})
 
 
 def checkpoint_notes(output: Path, *, resume: bool, overwrite: bool) -> list[str]:

@@ -9,7 +9,6 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -27,7 +26,6 @@ class Case:
     api_kwargs: dict[str, Any]
     bad: tuple[str, Any, str]
     output: str = "out"
-    prepare: Callable[[Path], None] | None = None  # runs before each run (e.g. a training folder)
     ignore: tuple[str, ...] = field(default=("cloak.json", "cloak.json.d", ".cloak.json.lock"))
 
 

@@ -194,9 +194,9 @@ def _plan_profile(settings: SsmSettings, items: Sequence[Any], output: Path, mod
 
 def _schedule_length(model: str) -> int:
     """``num_train_timesteps`` from the scheduler config on disk (no model loads), else :data:`DEFAULT_SCHEDULE`."""
-    from ..models import _config_file
+    from ..models import config_file
 
-    found = _config_file(model, "scheduler/scheduler_config.json")
+    found = config_file(model, "scheduler/scheduler_config.json")
     try:
         return int(json.loads(found.read_text()).get("num_train_timesteps", DEFAULT_SCHEDULE)) if found \
             else DEFAULT_SCHEDULE

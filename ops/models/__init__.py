@@ -82,7 +82,7 @@ BUILTIN_RESOLUTIONS = {"tiny": 64, "toy": 64, "sd15-shaped": 512}
 FALLBACK_RESOLUTION = 512  # SD 1.x, the default family (single-file checkpoints carry no config)
 
 
-def _config_file(model: str, name: str) -> Path | None:
+def config_file(model: str, name: str) -> Path | None:
     """``<subfolder>/config.json`` of a local diffusers folder or of a Hub id in the local cache (no network)."""
     path = Path(model)
     if path.is_dir():
@@ -121,7 +121,7 @@ def native_resolution(model: Any) -> int:
         return BUILTIN_RESOLUTIONS[model]
     if model.endswith("/"):
         model = model.rstrip("/")
-    unet_file, vae_file = _config_file(model, "unet/config.json"), _config_file(model, "vae/config.json")
+    unet_file, vae_file = config_file(model, "unet/config.json"), config_file(model, "vae/config.json")
     if unet_file is not None:
         try:
             sample = json.loads(unet_file.read_text()).get("sample_size")
@@ -159,7 +159,7 @@ def check_available(model: str) -> None:
             PICKLE_SUFFIXES | {".safetensors"}):
         raise _missing(model, "on disk")
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "ON", "YES", "yes", "on") \
-            and _config_file(model, "model_index.json") is None:
+            and config_file(model, "model_index.json") is None:
         raise _missing(model, "in the Hugging Face cache")
 
 
